@@ -1,0 +1,270 @@
+"""The typed run config: one YAML file (or command-line flags) describes a whole run.
+
+Every field carries one description; the same text is the YAML documentation and the `--help` of
+its command-line flag. Unknown keys are refused with the closest valid key. After validation the
+typed object is passed along; nothing writes runtime state back into it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import TunesmithError
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: str | None = Field(None, description="Training data file: JSONL, JSON, CSV or Parquet.")
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Record format; 'auto' detects it from the fields of the first record."
+    )
+    test_path: str | None = Field(
+        None, description="Held-out test file; without it, test_fraction of the data is split off."
+    )
+    test_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of the data held out for testing when test_path is unset."
+    )
+    max_length: int = Field(
+        1024, gt=8, description="Longest tokenized example; longer ones are truncated and counted."
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="Which tokens carry loss: only assistant/completion tokens, or every token.",
+    )
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="LoRA rank: the width of the low-rank update matrices.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get LoRA: 'all-linear' or a comma-separated list such as q_proj,v_proj.",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all-linear":
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class TrainConfig(Section):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated into one optimizer step.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming up the lr.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm to this; null disables clipping.")
+    seed: int = Field(42, description="Seed for data order, splitting, dropout and initialisation.")
+    log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every this many steps.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Compute dtype: bf16 autocast over fp32 weights, fp32, or auto (bf16 where the CPU "
+        "or GPU has native bf16 support).",
+    )
+
+
+class EvalConfig(Section):
+    limit: int | None = Field(50, gt=0, description="Test examples to generate for the comparison; null for all.")
+    max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per answer.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together.")
+    metrics: list[Literal["exact_match", "json_valid", "json_fields"]] = Field(
+        ["exact_match"], description="Metrics for the base-versus-tuned comparison."
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="Run name; defaults to the last part of out, else 'run'.")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Base model: 'gemma-3-270m' (embedded), a Hugging Face hub id, a local directory "
+        "or a .gguf file.",
+    )
+    method: Literal["lora", "full"] = Field("lora", description="Fine-tuning technique.")
+    out: str | None = Field(None, description="Run directory; defaults to runs/<name>.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template; defaults to the tokenizer's, else tunesmith's plain template.",
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the examples come from.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method: lora).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-versus-tuned comparison.")
+
+    @model_validator(mode="after")
+    def _name_from_out(self) -> RunConfig:
+        if self.name is None:
+            object.__setattr__(self, "name", Path(self.out).name if self.out else "run")
+        if self.out is None:
+            object.__setattr__(self, "out", str(Path("runs") / str(self.name)))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(str(self.out))
+
+
+# Short command-line flags for the fields people set most; every field also has --section.field.
+FLAG_ALIASES = {"data.path": "--data"}
+
+
+def leaf_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every settable field as (dotted path, pydantic FieldInfo), sections expanded."""
+    leaves = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            leaves.extend(leaf_fields(annotation, f"{prefix}{name}."))
+        else:
+            leaves.append((f"{prefix}{name}", info))
+    return leaves
+
+
+def flag_names(dotted: str, unique_leaves: set[str]) -> list[str]:
+    """Command-line flags for a field: the alias or bare name where unambiguous, and --section.field."""
+    leaf = dotted.rsplit(".", 1)[-1]
+    flags = []
+    if dotted in FLAG_ALIASES:
+        flags.append(FLAG_ALIASES[dotted])
+    elif "." not in dotted or leaf in unique_leaves:
+        flags.append("--" + leaf.replace("_", "-"))
+    if "." in dotted:
+        flags.append("--" + dotted)
+    return flags
+
+
+def unique_leaf_names() -> set[str]:
+    counts: dict[str, int] = {}
+    for dotted, _ in leaf_fields():
+        leaf = dotted.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    top = set(RunConfig.model_fields)
+    return {leaf for leaf, n in counts.items() if n == 1 and leaf not in top}
+
+
+def choices(info: Any) -> list[str]:
+    """The allowed values of a Literal field (also inside an Optional or list), for help texts."""
+    found: list[str] = []
+    stack = [info.annotation]
+    while stack:
+        annotation = stack.pop()
+        if get_origin(annotation) is Literal:
+            found.extend(str(arg) for arg in get_args(annotation))
+        else:
+            stack.extend(get_args(annotation))
+    return found
+
+
+def parse_value(text: str, info: Any = None) -> Any:
+    """Turn a command-line value into YAML's reading of it (numbers, booleans, null, lists).
+
+    Plain text fields keep the text as typed, so a Jinja template or a path is never read as YAML.
+    """
+    if info is not None and info.annotation in (str, str | None):
+        return None if text in ("null", "None") and info.annotation is not str else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise TunesmithError(f"--set {dotted}: '{part}' is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `key.path=value` overrides (the --set flag) to a raw config tree."""
+    for item in overrides:
+        if "=" not in item:
+            raise TunesmithError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=1e-4.")
+        key, _, value = item.partition("=")
+        set_dotted(tree, key.strip(), parse_value(value.strip()))
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        annotation = model.model_fields.get(str(part))
+        if annotation is None or not (
+            isinstance(annotation.annotation, type) and issubclass(annotation.annotation, BaseModel)
+        ):
+            break
+        model = annotation.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    dotted = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else "valid keys here: " + ", ".join(valid)
+        return f"{dotted}: unknown key; {hint}"
+    return f"{dotted}: {error['msg']} (got {error.get('input')!r})"
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw config tree; every problem is reported with its dotted key."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(err)}" for err in exc.errors())
+        raise TunesmithError(f"{source} has {exc.error_count()} problem(s):\n{problems}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TunesmithError(f"Config file {path} not found. Pass a YAML file, or use flags such as --model.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TunesmithError(f"{path}{where}: not valid YAML ({exc}).") from None
+    if not isinstance(tree, dict):
+        raise TunesmithError(f"{path}: the top level must be a mapping of keys such as model:, data:, train:.")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply --set overrides and validate."""
+    tree = read_config_file(path) if path else {}
+    apply_overrides(tree, overrides or [])
+    return build_config(tree, source=str(path) if path else "command line")
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

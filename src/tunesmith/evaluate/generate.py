@@ -1,0 +1,99 @@
+"""Load a finished run (tuned or base) and generate answers with the run's own chat rendering.
+
+Prompts are rendered by data/tokenize.py's renderer with the template saved in the run, so the model
+sees at inference exactly the prefix it learned to answer in training.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import RunConfig, build_config, read_config_file
+from tunesmith.data.formats import Message
+from tunesmith.data.tokenize import prompt_ids
+from tunesmith.errors import TunesmithError
+from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+
+
+@dataclass
+class LoadedRun:
+    config: RunConfig
+    model: Any
+    tokenizer: Any
+    tuned: bool
+
+    def base_only(self):
+        """Context in which an adapter run answers as its base model (no second copy in memory)."""
+        if self.config.method == "lora" and self.tuned:
+            return self.model.disable_adapter()
+        return nullcontext()
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise TunesmithError(f"{run_dir} is not a tunesmith run (no config.yaml). Pass a directory under runs/.")
+    return build_config(read_config_file(path), source=str(path))
+
+
+def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
+    """The run's tuned model (or its base model with base=True) and the run's tokenizer."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    weights = run_dir / ("adapter" if config.method == "lora" else "model")
+    if not base and not weights.is_dir():
+        raise TunesmithError(f"{run_dir} has no {weights.name}/ yet: training has not finished. Use --base or train first.")
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    if config.method == "full" and not base:
+        model = load_model(str(weights))
+    else:
+        model = load_model(resolve_model_path(config.model))
+        if not base:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(weights))
+    model.eval()
+    return LoadedRun(config, model, tokenizer, tuned=not base)
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[tuple[Message, ...]],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    progress: Any = None,
+) -> list[str]:
+    """Greedy answers to each conversation prefix, generated in left-padded batches."""
+    encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            ids = encoded[index]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row, index in enumerate(chunk):
+            answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(chunk))
+    return answers

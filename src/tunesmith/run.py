@@ -1,0 +1,251 @@
+"""The pipeline from one config: data, split, tokenize, method, train, save; then base-versus-tuned.
+
+Each stage is a function that takes typed arguments and returns a result object; the CLI only
+prints them. A run directory is never reused or overwritten unless the caller passes overwrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+import tunesmith
+from tunesmith.config import RunConfig, dump_config
+from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
+from tunesmith.data.tokenize import tokenize_all, use_chat_template
+from tunesmith.errors import TunesmithError
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    method: str
+    format: str
+    train_examples: int
+    test_examples: int
+    trainable_params: int
+    total_params: int
+    steps: int
+    epochs: float
+    final_loss: float
+    first_loss: float
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    tokenize: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompareSummary:
+    run_dir: str
+    items: int
+    metrics: dict[str, dict[str, float]]
+    examples: list[dict[str, str]]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_rev() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(tunesmith.__file__).parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def manifest(config: RunConfig, data_files: list[Path]) -> dict[str, Any]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "tunesmith": tunesmith.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "git_rev": _git_rev(),
+        "seed": config.train.seed,
+        "data": {str(p): sha256_file(p) for p in data_files},
+        "hardware": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise TunesmithError(
+                f"Run directory {run_dir} already exists. Choose another --out, or pass --overwrite to replace it."
+            )
+        shutil.rmtree(run_dir)
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+
+
+def split_data(config: RunConfig) -> tuple[list[Conversation], list[Conversation], str, list[Path]]:
+    """Training and test conversations: test_path when given, else a seeded test_fraction split."""
+    if not config.data.path:
+        raise TunesmithError("No training data: set data.path in the config or pass --data FILE.")
+    train, fmt = read_conversations(config.data.path, config.data.format)
+    files = [Path(config.data.path)]
+    if config.data.test_path:
+        test, _ = read_conversations(config.data.test_path, config.data.format)
+        files.append(Path(config.data.test_path))
+    else:
+        shuffled = train[:]
+        random.Random(config.train.seed).shuffle(shuffled)
+        n_test = int(round(len(shuffled) * config.data.test_fraction))
+        test, train = shuffled[:n_test], shuffled[n_test:]
+    if not train:
+        raise TunesmithError(f"{config.data.path}: no examples left for training after the test split.")
+    return train, test, fmt, files
+
+
+def save_atomic(target: Path, write) -> None:
+    """Write a directory under a temporary name, then rename it into place."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    partial.rename(target)
+
+
+def train_run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
+    """Run every training stage for one config and leave a complete run directory behind."""
+    from tunesmith.methods import apply_method, count_parameters
+    from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+    from tunesmith.train.loop import fit
+
+    console = console or Console(stderr=True)
+    run_dir = config.run_dir
+    train, test, fmt, files = split_data(config)
+    prepare_run_dir(run_dir, overwrite)
+    write_jsonl(run_dir / "data" / "train.jsonl", train)
+    write_jsonl(run_dir / "data" / "test.jsonl", test)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    info = manifest(config, files)
+    (run_dir / "manifest.json").write_text(json.dumps(info | {"status": "running"}, indent=2))
+
+    console.print(f"[bold]Model[/] {config.model}  [bold]method[/] {config.method}  [bold]run[/] {run_dir}")
+    source = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(source)
+    template = use_chat_template(tokenizer, config.chat_template)
+    examples, stats = tokenize_all(tokenizer, train, config.data.max_length, config.data.train_on)
+    token_report = stats.summary()
+    (run_dir / "data" / "tokenize.json").write_text(json.dumps(token_report, indent=2))
+    console.print(
+        f"{fmt} data: {len(train)} train / {len(test)} test examples, {token_report['tokens']} tokens; "
+        f"{stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped (no answer left)"
+    )
+
+    model = load_model(source)
+    model, _ = apply_method(model, config)
+    trainable, total = count_parameters(model)
+    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    result = fit(model, examples, config.train, tokenizer.pad_token_id, run_dir / "metrics.jsonl", console)
+
+    model.eval()
+    weights = run_dir / ("adapter" if config.method == "lora" else "model")
+
+    def write_weights(path: Path) -> None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    save_atomic(weights, write_weights)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    (run_dir / "chat_template.jinja").write_text(template)
+    summary = TrainSummary(
+        run_dir=str(run_dir),
+        method=config.method,
+        format=fmt,
+        train_examples=len(train),
+        test_examples=len(test),
+        trainable_params=trainable,
+        total_params=total,
+        steps=result.steps,
+        epochs=result.epochs,
+        final_loss=result.final_loss,
+        first_loss=result.history[0]["loss"],
+        tokens=result.tokens,
+        seconds=round(result.seconds, 2),
+        tokens_per_second=round(result.tokens_per_second, 2),
+        tokenize=token_report,
+    )
+    (run_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    (run_dir / "manifest.json").write_text(
+        json.dumps(info | {"status": "completed", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2)
+    )
+    return summary
+
+
+def compare_run(run_dir: str | Path, limit: int | None = None, console: Console | None = None) -> CompareSummary:
+    """Generate on the run's test split with the base and the tuned model and score both."""
+    from tunesmith.data.formats import read_conversations
+    from tunesmith.evaluate.generate import generate, load_run
+    from tunesmith.evaluate.metrics import score
+
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    loaded = load_run(run_dir)
+    settings = loaded.config.eval
+    test, _ = read_conversations(run_dir / "data" / "test.jsonl", "chat")
+    test = [c for c in test if c.reference is not None][: limit or settings.limit]
+    if not test:
+        raise TunesmithError(f"{run_dir}: the test split is empty; set data.test_fraction or data.test_path.")
+    prompts = [c.prompt_messages for c in test]
+    references = [str(c.reference) for c in test]
+    outputs: dict[str, list[str]] = {}
+    with Progress(console=console, disable=not console.is_terminal) as progress:
+        for label in ("base", "tuned"):
+            task = progress.add_task(f"generate ({label})", total=len(prompts))
+            context = loaded.base_only() if label == "base" else nullcontext()
+            with context:
+                outputs[label] = generate(
+                    loaded.model, loaded.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                    progress=lambda n, task=task: progress.advance(task, n),
+                )
+    scores = {label: score(settings.metrics, outputs[label], references) for label in outputs}
+    metrics = {
+        name: {label: round(sum(scores[label][name]) / len(test), 4) for label in ("base", "tuned")}
+        for name in settings.metrics
+    }
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    rows = [
+        {"line": c.line, "prompt": c.prompt_messages[-1].content, "reference": ref, "base": b, "tuned": t}
+        for c, ref, b, t in zip(test, references, outputs["base"], outputs["tuned"])
+    ]
+    with (eval_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary = CompareSummary(str(run_dir), len(test), metrics, rows[:3])
+    (eval_dir / "compare.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary

@@ -1,0 +1,55 @@
+"""Next-token loss computed only where tokens carry loss, without materialising the full logits.
+
+With a 262k-token vocabulary the logits of a batch dwarf the model's activations. The output layer
+runs only on the hidden states that predict a loss token, in chunks that are recomputed in the
+backward pass, so peak memory holds one chunk of logits at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def answer_loss_sum(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    softcap: float | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Summed cross-entropy of predicting labels[t + 1] from hidden[t] wherever that label is not IGNORE."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    selected = hidden[:, :-1][keep]
+    wanted = targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, wanted.numel(), chunk_size):
+        piece = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, selected[piece], wanted[piece], head, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(selected[piece], wanted[piece], head, softcap)
+    return total
+
+
+def model_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the decoder, then the chunked answer-only loss; works for plain and PEFT-wrapped causal LMs."""
+    decoder = model.get_decoder()
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return answer_loss_sum(hidden, batch["labels"], model.get_output_embeddings(), softcap)

@@ -1,0 +1,97 @@
+"""Tiny random models and tokenizers built in-process: no network, no files outside the test's tmp dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CORPUS = [
+    "The patient reports chest pain and shortness of breath.",
+    "Summarise the note as a JSON record with age, sex and diagnosis.",
+    "### User:\n### Assistant:\n{\"age\": 54, \"sex\": \"F\"}",
+    "hello world, the quick brown fox jumps over the lazy dog 0123456789",
+]
+
+
+def build_tokenizer(chat_template: str | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(CORPUS * 5, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved 2-layer Llama and its tokenizer, loadable as `model: <dir>`."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat_records(n: int) -> list[dict]:
+    """A learnable toy task: answer a colour question with a fixed JSON record."""
+    colours = ["red", "green", "blue", "black", "white", "pink"]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"colour {colours[i % 6]} item {i}"},
+                {"role": "assistant", "content": json.dumps({"colour": colours[i % 6]})},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
