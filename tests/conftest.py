@@ -10,7 +10,7 @@ import pytest
 CORPUS = [
     "The patient reports chest pain and shortness of breath.",
     "Summarise the note as a JSON record with age, sex and diagnosis.",
-    "### User:\n### Assistant:\n{\"age\": 54, \"sex\": \"F\"}",
+    '### User:\n### Assistant:\n{"age": 54, "sex": "F"}',
     "hello world, the quick brown fox jumps over the lazy dog 0123456789",
 ]
 
@@ -29,9 +29,7 @@ def build_tokenizer(chat_template: str | None = None):
         show_progress=False,
     )
     core.train_from_iterator(CORPUS * 5, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chat_template:
         tokenizer.chat_template = chat_template
     return tokenizer

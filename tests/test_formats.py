@@ -35,11 +35,15 @@ def test_alpaca_input_joins_the_instruction(tmp_path):
 
 
 def test_sharegpt_system_turn_and_multi_turn(tmp_path):
-    record = {"conversations": [
-        {"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
-        {"from": "human", "value": "bye"}, {"from": "gpt", "value": "ciao"},
-    ]}
+    record = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "hello"},
+            {"from": "human", "value": "bye"},
+            {"from": "gpt", "value": "ciao"},
+        ]
+    }
     (conversation,), _ = read_conversations(write_jsonl(tmp_path / "d.jsonl", [record]))
     assert [m.role for m in conversation.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert conversation.reference == "ciao"
@@ -78,14 +82,14 @@ def test_format_can_be_forced(tmp_path):
 def test_every_bad_line_is_reported(tmp_path):
     good = RECORDS["chat"]
     lines = [
-        json.dumps(good),                                                       # 1 ok
-        "{not json",                                                            # 2
+        json.dumps(good),  # 1 ok
+        "{not json",  # 2
         json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),  # 3 no answer
-        json.dumps(good),                                                       # 4 ok
+        json.dumps(good),  # 4 ok
         json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}),  # 5
         json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}),  # 6
         json.dumps({"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "y"}]}),  # 7
-        json.dumps({"messages": "hello"}),                                      # 8
+        json.dumps({"messages": "hello"}),  # 8
     ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -93,8 +97,14 @@ def test_every_bad_line_is_reported(tmp_path):
         read_conversations(path)
     message = str(caught.value)
     assert "6 bad record(s)" in message
-    for line, words in [(2, "invalid JSON"), (3, "end with an assistant"), (5, "unknown role 'wizard'"),
-                        (6, "answer is empty"), (7, "must be a string"), (8, "non-empty list")]:
+    for line, words in [
+        (2, "invalid JSON"),
+        (3, "end with an assistant"),
+        (5, "unknown role 'wizard'"),
+        (6, "answer is empty"),
+        (7, "must be a string"),
+        (8, "non-empty list"),
+    ]:
         assert f"bad.jsonl:{line}: " in message and words in message, (line, words)
     assert "bad.jsonl:1:" not in message and "bad.jsonl:4:" not in message
 

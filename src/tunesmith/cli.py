@@ -31,14 +31,18 @@ from tunesmith.config import (
 )
 from tunesmith.errors import TunesmithError
 
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML run config (optional: every field is also a flag below).")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="Override one config field by its dotted key, e.g. --set train.lr=1e-4 (repeatable).",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
@@ -123,7 +127,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tunesmith.run import compare_run, train_run
 
     trained = train_run(config_from_args(args), overwrite=args.overwrite, console=err)
-    err.print(f"Trained {trained.steps} steps in {trained.seconds:.0f}s; loss {trained.first_loss:.3f} -> {trained.final_loss:.3f}")
+    err.print(
+        f"Trained {trained.steps} steps in {trained.seconds:.0f}s; "
+        f"loss {trained.first_loss:.3f} -> {trained.final_loss:.3f}"
+    )
     compared = compare_run(trained.run_dir, console=err)
     if args.json:
         _print_json({"train": asdict(trained), "compare": asdict(compared)})
@@ -145,9 +152,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_run(args.run, base=args.base)
     answers = generate(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens, args.batch_size)
     if args.json:
-        _print_json([{"prompt": p[-1].content, "answer": a} for p, a in zip(prompts, answers)])
+        _print_json([{"prompt": p[-1].content, "answer": a} for p, a in zip(prompts, answers, strict=True)])
     else:
-        for messages, answer in zip(prompts, answers):
+        for messages, answer in zip(prompts, answers, strict=True):
             if len(prompts) > 1:
                 out.print(f"[bold]> {messages[-1].content}[/]")
             out.print(answer, highlight=False)
@@ -161,7 +168,9 @@ def _read_prompt_file(path: Path) -> list[Any]:
     if path.suffix.lower() in (".txt", ""):
         if not path.is_file():
             raise TunesmithError(f"Prompt file {path} not found.")
-        return [Conversation(messages=(Message("user", line),)) for line in path.read_text().splitlines() if line.strip()]
+        return [
+            Conversation(messages=(Message("user", line),)) for line in path.read_text().splitlines() if line.strip()
+        ]
     conversations = []
     for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not raw.strip():
@@ -176,7 +185,7 @@ def _read_prompt_file(path: Path) -> list[Any]:
             turns = tuple(Message(m["role"], m["content"]) for m in record["messages"])
             conversations.append(Conversation(messages=turns, line=number))
         else:
-            raise TunesmithError(f"{path}:{number}: expected {{\"prompt\": ...}} or {{\"messages\": [...]}}.")
+            raise TunesmithError(f'{path}:{number}: expected {{"prompt": ...}} or {{"messages": [...]}}.')
     return conversations
 
 
@@ -195,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
-        "train", help="Train from a config or flags; writes a run directory.",
+        "train",
+        help="Train from a config or flags; writes a run directory.",
         description="Train a model. Example: tunesmith train --model M --data D --method lora --max-steps 50 "
         "--out runs/x, or tunesmith train config.yaml --set train.lr=1e-4.",
     )
@@ -203,22 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     run = sub.add_parser(
-        "run", help="Train, then compare base and tuned model on the held-out test split.",
+        "run",
+        help="Train, then compare base and tuned model on the held-out test split.",
         description="The whole pipeline from one config: train, then generate on the test split with the "
         "base and the tuned model and print the comparison.",
     )
     _add_config_options(run)
     run.set_defaults(func=cmd_run)
 
-    compare = sub.add_parser("compare", help="Score base and tuned model on a run's test split.",
-                             description="Generate on a run's test split with base and tuned model and score both.")
+    compare = sub.add_parser(
+        "compare",
+        help="Score base and tuned model on a run's test split.",
+        description="Generate on a run's test split with base and tuned model and score both.",
+    )
     compare.add_argument("run", help="Run directory, e.g. runs/quickstart.")
     compare.add_argument("--limit", type=int, default=None, help="Test examples to use [default: eval.limit].")
     compare.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
     compare.set_defaults(func=cmd_compare)
 
-    gen = sub.add_parser("generate", help="Generate with a run's tuned (or base) model.",
-                         description="Generate answers with the same chat rendering as training.")
+    gen = sub.add_parser(
+        "generate",
+        help="Generate with a run's tuned (or base) model.",
+        description="Generate answers with the same chat rendering as training.",
+    )
     gen.add_argument("run", help="Run directory, e.g. runs/quickstart.")
     gen.add_argument("--prompt", help="One user message to answer.")
     gen.add_argument("--prompts", help="File of prompts: JSONL with prompt or messages, or one prompt per .txt line.")

@@ -34,9 +34,7 @@ class DataConfig(Section):
     test_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of the data held out for testing when test_path is unset."
     )
-    max_length: int = Field(
-        1024, gt=8, description="Longest tokenized example; longer ones are truncated and counted."
-    )
+    max_length: int = Field(1024, gt=8, description="Longest tokenized example; longer ones are truncated and counted.")
     train_on: Literal["assistant", "all"] = Field(
         "assistant",
         description="Which tokens carry loss: only assistant/completion tokens, or every token.",
@@ -67,9 +65,7 @@ class TrainConfig(Section):
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated into one optimizer step.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming up the lr.")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate decay after warmup."
-    )
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm to this; null disables clipping.")
     seed: int = Field(42, description="Seed for data order, splitting, dropout and initialisation.")
@@ -101,8 +97,7 @@ class RunConfig(Section):
     name: str | None = Field(None, description="Run name; defaults to the last part of out, else 'run'.")
     model: str = Field(
         DEFAULT_MODEL,
-        description="Base model: 'gemma-3-270m' (embedded), a Hugging Face hub id, a local directory "
-        "or a .gguf file.",
+        description="Base model: 'gemma-3-270m' (embedded), a Hugging Face hub id, a local directory or a .gguf file.",
     )
     method: Literal["lora", "full"] = Field("lora", description="Fine-tuning technique.")
     out: str | None = Field(None, description="Run directory; defaults to runs/<name>.")

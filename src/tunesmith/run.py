@@ -67,7 +67,10 @@ def sha256_file(path: Path) -> str:
 def _git_rev() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(tunesmith.__file__).parent,
         )
         return out.stdout.strip() or None
@@ -229,7 +232,11 @@ def compare_run(run_dir: str | Path, limit: int | None = None, console: Console 
             context = loaded.base_only() if label == "base" else nullcontext()
             with context:
                 outputs[label] = generate(
-                    loaded.model, loaded.tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                    loaded.model,
+                    loaded.tokenizer,
+                    prompts,
+                    settings.max_new_tokens,
+                    settings.batch_size,
                     progress=lambda n, task=task: progress.advance(task, n),
                 )
     scores = {label: score(settings.metrics, outputs[label], references) for label in outputs}
@@ -241,7 +248,7 @@ def compare_run(run_dir: str | Path, limit: int | None = None, console: Console 
     eval_dir.mkdir(exist_ok=True)
     rows = [
         {"line": c.line, "prompt": c.prompt_messages[-1].content, "reference": ref, "base": b, "tuned": t}
-        for c, ref, b, t in zip(test, references, outputs["base"], outputs["tuned"])
+        for c, ref, b, t in zip(test, references, outputs["base"], outputs["tuned"], strict=True)
     ]
     with (eval_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for row in rows:

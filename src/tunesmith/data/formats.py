@@ -70,8 +70,7 @@ class Problems:
         shown = "\n".join(f"  {self.path}:{line}: {msg}" for line, msg in self.items[:MAX_REPORTED])
         more = f"\n  ... and {len(self.items) - MAX_REPORTED} more" if len(self.items) > MAX_REPORTED else ""
         raise TunesmithError(
-            f"{self.path}: {len(self.items)} bad record(s):\n{shown}{more}\n"
-            "Fix or remove these records and run again."
+            f"{self.path}: {len(self.items)} bad record(s):\n{shown}{more}\nFix or remove these records and run again."
         )
 
 
@@ -96,7 +95,7 @@ def iter_raw_records(path: Path, problems: Problems) -> Iterator[tuple[int, Any]
         if isinstance(records, dict) and isinstance(records.get("data"), list):
             records = records["data"]
         if not isinstance(records, list):
-            problems.add(1, "a .json data file must hold a list of records (or {\"data\": [...]})")
+            problems.add(1, 'a .json data file must hold a list of records (or {"data": [...]})')
             return
         # Record numbers are 1-based positions in the list; JSON has no reliable line per record.
         yield from enumerate(records, start=1)
@@ -112,9 +111,7 @@ def iter_raw_records(path: Path, problems: Problems) -> Iterator[tuple[int, Any]
         for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
             yield number, row
     else:
-        raise TunesmithError(
-            f"{path}: unsupported file type '{suffix}'. Use .jsonl, .json, .csv, .tsv or .parquet."
-        )
+        raise TunesmithError(f"{path}: unsupported file type '{suffix}'. Use .jsonl, .json, .csv, .tsv or .parquet.")
 
 
 def _decode_json_cells(row: dict[str, Any]) -> dict[str, Any]:

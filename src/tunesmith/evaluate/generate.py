@@ -47,7 +47,9 @@ def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
     config = read_run_config(run_dir)
     weights = run_dir / ("adapter" if config.method == "lora" else "model")
     if not base and not weights.is_dir():
-        raise TunesmithError(f"{run_dir} has no {weights.name}/ yet: training has not finished. Use --base or train first.")
+        raise TunesmithError(
+            f"{run_dir} has no {weights.name}/ yet: training has not finished. Use --base or train first."
+        )
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
     if config.method == "full" and not base:
         model = load_model(str(weights))

@@ -36,4 +36,4 @@ METRICS = {"exact_match": exact_match, "json_valid": json_valid, "json_fields": 
 
 def score(names: list[str], predictions: list[str], references: list[str]) -> dict[str, list[float]]:
     """Per-item scores for each named metric."""
-    return {name: [METRICS[name](p, r) for p, r in zip(predictions, references)] for name in names}
+    return {name: [METRICS[name](p, r) for p, r in zip(predictions, references, strict=True)] for name in names}

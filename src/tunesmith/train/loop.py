@@ -159,7 +159,9 @@ def fit(
                 if metrics_file and (step % settings.log_every == 0 or step == total_steps):
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                status = f"loss {step_loss:.4f} lr {lr:.2e} gnorm {grad_norm or 0:.3f} {record['tokens_per_s']:.0f} tok/s"
+                status = (
+                    f"loss {step_loss:.4f} lr {lr:.2e} gnorm {grad_norm or 0:.3f} {record['tokens_per_s']:.0f} tok/s"
+                )
                 progress.update(task, advance=1, status=status)
                 if not live and (step == 1 or step == total_steps or step % max(1, total_steps // 20) == 0):
                     console.print(f"step {step}/{total_steps} {status}", highlight=False)

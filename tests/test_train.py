@@ -1,0 +1,159 @@
+import torch
+
+from tunesmith.config import LoraConfig, TrainConfig
+from tunesmith.data.formats import read_conversations
+from tunesmith.data.tokenize import tokenize_all, use_chat_template
+from tunesmith.methods.full import apply_full
+from tunesmith.methods.lora import apply_lora
+from tunesmith.train.batching import batch_order, collate
+from tunesmith.train.loop import fit, plan_steps
+from tunesmith.train.loss import answer_loss_sum, model_loss_sum
+
+from .conftest import build_model, build_tokenizer
+
+
+def examples_for(chat_file, tokenizer):
+    use_chat_template(tokenizer, None)
+    conversations, _ = read_conversations(chat_file)
+    examples, _ = tokenize_all(tokenizer, conversations, max_length=128)
+    return examples
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_chunked_answer_loss_equals_the_full_logits_loss(chat_file):
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer))
+    batch = collate(examples_for(chat_file, tokenizer)[:4], tokenizer.pad_token_id)
+    reference = model(**batch).loss
+    reference.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    n_loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    ours = answer_loss_sum(hidden, batch["labels"], model.get_output_embeddings(), chunk_size=7) / n_loss_tokens
+    ours.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        assert torch.allclose(model_loss_sum(model, batch) / n_loss_tokens, reference, rtol=1e-5)
+
+
+def test_softcap_is_applied():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 5, 8)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.tensor([[-100, 3, 4, -100, 5]])
+    logits = torch.tanh(head(hidden[0, [0, 1, 3]]) / 2.0) * 2.0
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([3, 4, 5]), reduction="sum")
+    torch.testing.assert_close(answer_loss_sum(hidden, labels, head, softcap=2.0), expected)
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    lengths = [5, 50, 7, 8, 90, 3, 12, 40, 41, 6]
+    batches = batch_order(lengths, batch_size=3, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert batch_order(lengths, 3, seed=1) == batches and batch_order(lengths, 3, seed=2) != batches
+
+
+def test_lora_trains_only_adapter_parameters(chat_file):
+    tokenizer = build_tokenizer()
+    model, trainable = apply_lora(build_model(len(tokenizer)), LoraConfig(r=4, alpha=8, dropout=0.0))
+    before = snapshot(model)
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable_names and all("lora_" in n for n in trainable_names)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable_names)
+    # lora_B starts at zero, so lora_A only moves from the second step on: train 3 steps.
+    result = fit(
+        model,
+        examples_for(chat_file, tokenizer),
+        TrainConfig(max_steps=3, batch_size=4, lr=1e-2),
+        tokenizer.pad_token_id,
+    )
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(parameter, before[name])
+        assert changed == (name in trainable_names), name
+    assert result.steps == 3 and len(result.history) == 3
+
+
+def test_full_fine_tuning_changes_every_weight(chat_file):
+    tokenizer = build_tokenizer()
+    model, trainable = apply_full(build_model(len(tokenizer)))
+    before = snapshot(model)
+    assert trainable == sum(p.numel() for p in model.parameters())
+    fit(
+        model,
+        examples_for(chat_file, tokenizer),
+        TrainConfig(max_steps=2, batch_size=4, lr=1e-3),
+        tokenizer.pad_token_id,
+    )
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    # Embedding rows of tokens never seen get no gradient but still move through AdamW's update only when
+    # the gradient is non-zero; the matrices themselves must all move.
+    assert unchanged == []
+
+
+def test_training_lowers_the_loss_and_logs_each_step(chat_file, tmp_path):
+    tokenizer = build_tokenizer()
+    model, _ = apply_full(build_model(len(tokenizer)))
+    metrics = tmp_path / "metrics.jsonl"
+    result = fit(
+        model,
+        examples_for(chat_file, tokenizer),
+        TrainConfig(max_steps=30, batch_size=8, lr=5e-3, warmup_ratio=0.1),
+        tokenizer.pad_token_id,
+        metrics,
+    )
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == 30
+    assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(result.history[0])
+    assert result.history[0]["lr"] < result.history[3]["lr"]  # warmup
+
+
+def test_gradient_accumulation_equals_one_large_batch(chat_file):
+    tokenizer = build_tokenizer()
+    examples = examples_for(chat_file, tokenizer)[:8]
+    finals = []
+    for batch_size, accum in [(8, 1), (4, 2)]:
+        model, _ = apply_full(build_model(len(tokenizer), seed=3))
+        settings = TrainConfig(
+            max_steps=1, batch_size=batch_size, grad_accum=accum, lr=1e-2, warmup_ratio=0.0, max_grad_norm=None
+        )
+        fit(model, examples, settings, tokenizer.pad_token_id)
+        finals.append(snapshot(model))
+    for name in finals[0]:
+        torch.testing.assert_close(finals[0][name], finals[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_steps_from_epochs_and_max_steps():
+    assert plan_steps(10, TrainConfig(epochs=2, grad_accum=2)) == 10
+    assert plan_steps(10, TrainConfig(epochs=2, max_steps=3)) == 3
+    assert plan_steps(1, TrainConfig(epochs=0.1)) == 1
+
+
+def test_saved_adapter_reloads_with_identical_logits(chat_file, tmp_path):
+    from peft import PeftModel
+
+    tokenizer = build_tokenizer()
+    model, _ = apply_lora(build_model(len(tokenizer), seed=5), LoraConfig(r=4, alpha=8, dropout=0.0))
+    fit(
+        model,
+        examples_for(chat_file, tokenizer),
+        TrainConfig(max_steps=3, batch_size=4, lr=1e-2),
+        tokenizer.pad_token_id,
+    )
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(build_model(len(tokenizer), seed=5), tmp_path / "adapter").eval()
+    batch = collate(examples_for(chat_file, tokenizer)[:3], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(expected, got)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
