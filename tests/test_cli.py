@@ -12,33 +12,16 @@ from .conftest import chat_records, write_jsonl
 pytestmark = pytest.mark.slow
 
 
+def train_args(model_dir, data, out, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), *extra]
+
+
 @pytest.fixture
 def trained_run(tmp_path, tiny_model_dir, chat_file):
     out = tmp_path / "runs" / "x"
-    code = main(
-        [
-            "train",
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(chat_file),
-            "--method",
-            "lora",
-            "--max-steps",
-            "4",
-            "--out",
-            str(out),
-            "--train.batch_size",
-            "4",
-            "--lr",
-            "1e-2",
-            "--test-fraction",
-            "0.25",
-            "--set",
-            "eval.max_new_tokens=8",
-        ]
-    )
-    assert code == 0
+    extra = ["--method", "lora", "--max-steps", "4", "--train.batch_size", "4", "--lr", "1e-2"]
+    extra += ["--test-fraction", "0.25", "--set", "eval.max_new_tokens=8"]
+    assert main(train_args(tiny_model_dir, chat_file, out, *extra)) == 0
     return out
 
 
@@ -77,17 +60,7 @@ def test_train_writes_a_complete_run_directory(trained_run, tiny_model_dir):
 
 def test_existing_run_is_not_overwritten_without_the_flag(trained_run, tiny_model_dir, chat_file, capsys):
     before = (trained_run / "adapter" / "adapter_model.safetensors").read_bytes()
-    args = [
-        "train",
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(chat_file),
-        "--max-steps",
-        "1",
-        "--out",
-        str(trained_run),
-    ]
+    args = train_args(tiny_model_dir, chat_file, trained_run, "--max-steps", "1")
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert (trained_run / "adapter" / "adapter_model.safetensors").read_bytes() == before
@@ -120,25 +93,7 @@ def test_compare_scores_base_and_tuned(trained_run, capsys):
 
 def test_full_fine_tuning_run_saves_a_model(tmp_path, tiny_model_dir, chat_file, capsys):
     out = tmp_path / "full"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(chat_file),
-                "--method",
-                "full",
-                "--max-steps",
-                "2",
-                "--out",
-                str(out),
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(tiny_model_dir, chat_file, out, "--method", "full", "--max-steps", "2", "--json")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["trainable_params"] == summary["total_params"] > 0
     assert (out / "model" / "config.json").is_file() and not (out / "adapter").exists()
