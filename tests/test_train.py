@@ -112,7 +112,7 @@ def test_training_lowers_the_loss_and_logs_each_step(chat_file, tmp_path):
     assert len(lines) == 30
     assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(result.history[0])
-    assert result.history[0]["lr"] < result.history[3]["lr"]  # warmup
+    assert 0 < result.history[0]["lr"] < result.history[2]["lr"]  # warmup from above zero
 
 
 def test_gradient_accumulation_equals_one_large_batch(chat_file):
@@ -157,3 +157,14 @@ def test_saved_adapter_reloads_with_identical_logits(chat_file, tmp_path):
     assert torch.equal(expected, got)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lr_schedule_warms_up_from_above_zero_and_decays():
+    from tunesmith.train.loop import lr_factor
+
+    cosine = [lr_factor(s, 2, 10, "cosine") for s in range(10)]
+    assert cosine[:3] == [1 / 3, 2 / 3, 1.0]
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:], strict=False)) and cosine[-1] > 0
+    linear = [lr_factor(s, 0, 4, "linear") for s in range(4)]
+    assert linear == [1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(7, 2, 10, "constant") == 1.0

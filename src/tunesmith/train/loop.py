@@ -42,14 +42,30 @@ class TrainResult:
 def use_bf16(setting: str) -> bool:
     """bf16 compute only where asked, or (auto) on a GPU that supports it.
 
-    On CPU, auto stays fp32: measured here, a bf16-autocast LoRA step on Gemma 3 270M ran more than
-    20x slower than fp32 in eager PyTorch, even on a CPU with AVX-512 BF16.
+    On CPU, auto stays fp32: measured here (2-core AVX-512 BF16 CPU, torch 2.13), a LoRA step of
+    Gemma 3 270M on 8 x 128 tokens took 13 s in fp32 and had not finished after 280 s under bf16 autocast.
     """
     if setting == "bf16":
         return True
     if setting == "fp32":
         return False
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Share of the peak lr at a 0-based step: linear warmup that never starts at zero, then decay.
+
+    The first step already learns (1 / (warmup + 1) of the peak), and decay stops just short of
+    zero at the last step, so no step is spent with lr 0.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
 
 
 def plan_steps(n_batches: int, settings: TrainConfig) -> int:
@@ -77,7 +93,6 @@ def fit(
 ) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     if not examples:
         raise TunesmithError("No training examples are left after tokenization; check data.max_length.")
@@ -89,11 +104,9 @@ def fit(
     total_steps = plan_steps(n_batches, settings)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if settings.schedule == "constant" else settings.schedule,
-        optimizer,
-        num_warmup_steps=int(settings.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+    warmup = int(settings.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total_steps, settings.schedule)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
