@@ -195,6 +195,135 @@ def _prompt_of(conversation: Any) -> tuple:
     return messages[:-1] if messages and messages[-1].role == "assistant" else messages
 
 
+def print_check(report: Any) -> None:
+    verdict = "[green]no errors[/]" if report.ok else f"[red]{len(report.errors)} error(s)[/]"
+    out.print(
+        f"[bold]{report.path}[/]: {report.examples} examples ({report.format}), {verdict}, "
+        f"{len(report.warnings)} warning(s)"
+    )
+    for error in report.errors[:50]:
+        where = f"line {error['line']}" if error["line"] else "file"
+        out.print(f"  [red]error[/] {where}: {escape(error['message'])}", highlight=False)
+    for warning in report.warnings:
+        out.print(f"  [yellow]{warning['code']}[/]: {escape(warning['message'])}", highlight=False)
+    if report.token_lengths:
+        t = report.token_lengths
+        out.print(
+            f"  tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
+            f"{t['truncated']} over {t['max_length']}"
+        )
+    if report.class_balance:
+        out.print("  classes: " + ", ".join(f"{k}: {v}" for k, v in report.class_balance.items()))
+    d = report.diversity
+    out.print(
+        f"  diversity: distinct-1 {d.get('distinct_1')}, distinct-2 {d.get('distinct_2')}, largest "
+        f"near-duplicate cluster {d.get('largest_near_duplicate_cluster_share', 0):.1%} of the data"
+    )
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from tunesmith.data.check import CheckOptions, check_data
+
+    tokenizer = None
+    if args.model:
+        from tunesmith.data.tokenize import use_chat_template
+        from tunesmith.models import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(args.model))
+        use_chat_template(tokenizer, None)
+    options = CheckOptions(
+        max_length=args.max_length,
+        near_threshold=args.near_threshold,
+        imbalance_ratio=args.imbalance_ratio,
+        label_field=args.label_field,
+    )
+    report = check_data(args.data, args.format, tokenizer, options, args.against)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print_check(report)
+    return 0 if report.ok else 1
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from tunesmith.data.split import split_file
+
+    result = split_file(
+        args.data,
+        args.out,
+        args.val,
+        args.test,
+        args.seed,
+        args.stratify,
+        args.format,
+        args.near_threshold,
+        args.overwrite,
+    )
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        out.print(
+            f"Split into {result.out}: "
+            + ", ".join(f"{k} {v}" for k, v in result.counts.items())
+            + f"; {result.groups_kept_together} duplicate group(s) kept inside one split; leakage "
+            + ", ".join(f"{k}: {v['exact']} exact / {v['near_duplicate']} near" for k, v in result.leakage.items())
+        )
+    return 0
+
+
+def _add_data_commands(sub: Any) -> None:
+    data = sub.add_parser(
+        "data",
+        help="Check, split and review training data.",
+        description="The data quality gate: check, split and review a data file.",
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    fmt_help = "Record format; auto detects it [default: auto]."
+    near_help = "Jaccard similarity (word 5-grams) at which two examples count as near duplicates [default: 0.8]."
+
+    check = data_sub.add_parser(
+        "check",
+        help="Report errors, duplicates, conflicts, lengths, balance, diversity, hygiene, leakage.",
+        description="Check a data file before training. Exit status: 0 no errors (warnings allowed), 1 errors, "
+        "2 the file cannot be read.",
+    )
+    check.add_argument("data", help="Data file (JSONL, JSON, CSV or Parquet).")
+    check.add_argument("--model", help="Model whose tokenizer and chat template measure token lengths.")
+    check.add_argument(
+        "--max-length", type=int, default=1024, help="Token limit for truncation counts [default: 1024]."
+    )
+    check.add_argument("--label-field", help="Record field holding the class label (else detected from answers).")
+    check.add_argument("--against", help="Another data file (e.g. the test split) to measure leakage against.")
+    check.add_argument("--format", default="auto", help=fmt_help)
+    check.add_argument("--near-threshold", type=float, default=0.8, help=near_help)
+    check.add_argument(
+        "--imbalance-ratio",
+        type=float,
+        default=3.0,
+        help="Largest/smallest class ratio above which to warn [default: 3.0].",
+    )
+    check.add_argument("--json", action="store_true", help="Print the report as JSON on stdout.")
+    check.set_defaults(func=cmd_data_check)
+
+    split = data_sub.add_parser(
+        "split",
+        help="Split into train/val/test, duplicates kept together, classes stratified.",
+        description="Deterministic, group-aware, stratified split. Writes train.jsonl, val.jsonl, test.jsonl "
+        "and split.json (row hashes, counts, leakage).",
+    )
+    split.add_argument("data", help="Data file to split.")
+    split.add_argument("--out", required=True, help="Directory for the split files.")
+    split.add_argument("--val", type=float, default=0.1, help="Share for validation [default: 0.1].")
+    split.add_argument("--test", type=float, default=0.1, help="Share for test [default: 0.1].")
+    split.add_argument("--stratify", help="Record field holding the class label (else detected from answers).")
+    split.add_argument("--seed", type=int, default=42, help="Seed; the same seed gives the same split [default: 42].")
+    split.add_argument("--format", default="auto", help=fmt_help)
+    split.add_argument("--near-threshold", type=float, default=0.8, help=near_help)
+    split.add_argument("--overwrite", action="store_true", help="Replace split files already in --out.")
+    split.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    split.set_defaults(func=cmd_data_split)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunesmith",
@@ -244,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=8, help="Prompts generated together [default: 8].")
     gen.add_argument("--json", action="store_true", help="Print prompts and answers as JSON on stdout.")
     gen.set_defaults(func=cmd_generate)
+    _add_data_commands(sub)
     return parser
 
 

@@ -204,8 +204,17 @@ def normalise(record: Any, fmt: str, line: int) -> Conversation:
     return Conversation(messages=tuple(messages), line=line)
 
 
-def read_conversations(path: str | Path, fmt: str = "auto") -> tuple[list[Conversation], str]:
-    """Read a data file into Conversations and the format used; every bad record is reported at once."""
+@dataclass
+class ParsedFile:
+    """Every good record of a file as a Conversation, and every bad one as a problem."""
+
+    conversations: list[Conversation]
+    format: str
+    problems: Problems
+
+
+def parse_file(path: str | Path, fmt: str = "auto") -> ParsedFile:
+    """Read a data file without stopping at bad records; raises only when the file cannot be read at all."""
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"Data file {path} not found. Check data.path (or --data).")
@@ -226,10 +235,16 @@ def read_conversations(path: str | Path, fmt: str = "auto") -> tuple[list[Conver
             conversations.append(normalise(record, chosen, line))
         except ValueError as exc:
             problems.add(line, str(exc))
-    problems.raise_if_any()
-    if not conversations:
+    return ParsedFile(conversations, str(chosen or fmt), problems)
+
+
+def read_conversations(path: str | Path, fmt: str = "auto") -> tuple[list[Conversation], str]:
+    """Read a data file into Conversations and the format used; every bad record is reported at once."""
+    parsed = parse_file(path, fmt)
+    parsed.problems.raise_if_any()
+    if not parsed.conversations:
         raise TunesmithError(f"{path}: no records found. Add at least one example.")
-    return conversations, str(chosen)
+    return parsed.conversations, parsed.format
 
 
 def write_jsonl(path: Path, conversations: list[Conversation]) -> None:

@@ -1,0 +1,384 @@
+"""The data quality gate: find what would waste a fine-tune before any compute is spent.
+
+Reports format errors, size, exact and near duplicates, conflicting answers, token lengths, class
+balance, diversity, hygiene (short answers, template leftovers, PII) and leakage against another
+file, each with line numbers and a suggested fix. It reads data and never changes it.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.formats import Conversation, Problems, iter_raw_records, parse_file
+from tunesmith.data.similarity import (
+    clusters_from_pairs,
+    exact_clusters,
+    near_duplicate_pairs,
+    near_duplicates_across,
+    ngram_overlaps,
+    normalise_text,
+    words,
+)
+
+MIN_EXAMPLES = 10
+RECOMMENDED_EXAMPLES = 500
+SHORT_ANSWER_CHARS = 3
+MAX_EXAMPLE_LINES = 5
+TEMPLATE_MARKERS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "[INST]",
+    "[/INST]",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<s>",
+    "</s>",
+    "### Instruction:",
+    "### Response:",
+    "### Assistant:",
+]
+PII_PATTERNS = {
+    "email": re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b"),
+    "phone": re.compile(r"(?<!\d)(?:\+\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)"),
+    "card_number": re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"),
+}
+
+
+@dataclass
+class CheckOptions:
+    max_length: int = 1024
+    near_threshold: float = 0.8
+    imbalance_ratio: float = 3.0
+    label_field: str | None = None
+    train_on: str = "assistant"
+
+
+@dataclass
+class CheckReport:
+    path: str
+    format: str
+    examples: int
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    exact_duplicates: list[list[int]] = field(default_factory=list)
+    near_duplicates: list[list[int]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    token_lengths: dict[str, Any] | None = None
+    class_balance: dict[str, int] | None = None
+    diversity: dict[str, Any] = field(default_factory=dict)
+    hygiene: dict[str, Any] = field(default_factory=dict)
+    leakage: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def warn(self, code: str, message: str) -> None:
+        self.warnings.append({"code": code, "message": message})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prompt_text(conversation: Conversation) -> str:
+    if conversation.text is not None:
+        return ""
+    return "\n".join(m.content for m in conversation.prompt_messages)
+
+
+def answer_text(conversation: Conversation) -> str:
+    return conversation.text if conversation.text is not None else str(conversation.reference or "")
+
+
+def full_text(conversation: Conversation) -> str:
+    if conversation.text is not None:
+        return conversation.text
+    return "\n".join(m.content for m in conversation.messages)
+
+
+def _lines(conversations: list[Conversation], indices: list[int]) -> list[int]:
+    return sorted(conversations[i].line for i in indices)
+
+
+def _shown(lines: list[int]) -> str:
+    head = ", ".join(str(n) for n in lines[:MAX_EXAMPLE_LINES])
+    return head + (f" (+{len(lines) - MAX_EXAMPLE_LINES} more)" if len(lines) > MAX_EXAMPLE_LINES else "")
+
+
+def check_duplicates(report: CheckReport, conversations: list[Conversation], options: CheckOptions) -> None:
+    texts = [full_text(c) for c in conversations]
+    report.exact_duplicates = sorted(_lines(conversations, g) for g in exact_clusters(texts))
+    if report.exact_duplicates:
+        extra = sum(len(g) - 1 for g in report.exact_duplicates)
+        report.warn(
+            "exact_duplicates",
+            f"{extra} exact duplicate(s) in {len(report.exact_duplicates)} cluster(s), e.g. lines "
+            f"{_shown(report.exact_duplicates[0])}. Keep one of each: duplicates overfit and leak across splits.",
+        )
+    near = clusters_from_pairs(len(texts), near_duplicate_pairs(texts, options.near_threshold))
+    exact_sets = {tuple(g) for g in report.exact_duplicates}
+    report.near_duplicates = [
+        lines for lines in (_lines(conversations, g) for g in near) if tuple(lines) not in exact_sets
+    ]
+    if report.near_duplicates:
+        report.warn(
+            "near_duplicates",
+            f"{sum(len(g) for g in report.near_duplicates)} examples in {len(report.near_duplicates)} near-duplicate "
+            f"cluster(s) (Jaccard >= {options.near_threshold}), largest at lines {_shown(report.near_duplicates[0])}. "
+            "Keep one per cluster or vary them; `tunesmith data split` keeps each cluster inside one split.",
+        )
+    largest = max((len(g) for g in near), default=1)
+    report.diversity["largest_near_duplicate_cluster_share"] = round(largest / max(1, len(texts)), 4)
+
+
+def check_conflicts(report: CheckReport, conversations: list[Conversation]) -> None:
+    answers: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for c in conversations:
+        if c.text is None:
+            answers[normalise_text(prompt_text(c))][normalise_text(answer_text(c))].append(c.line)
+    for prompt, by_answer in answers.items():
+        if len(by_answer) > 1:
+            report.conflicts.append(
+                {
+                    "prompt": prompt[:120],
+                    "lines": sorted(n for ls in by_answer.values() for n in ls),
+                    "answers": len(by_answer),
+                }
+            )
+    if report.conflicts:
+        report.warn(
+            "conflicts",
+            f"{len(report.conflicts)} prompt(s) have different answers, "
+            f"e.g. lines {_shown(report.conflicts[0]['lines'])}. "
+            "Pick the right answer, or add the context that decides between them.",
+        )
+
+
+def check_token_lengths(
+    report: CheckReport, conversations: list[Conversation], tokenizer: Any, options: CheckOptions
+) -> None:
+    from tunesmith.data.tokenize import tokenize_conversation
+
+    lengths, truncated, lost = [], [], []
+    for c in conversations:
+        example = tokenize_conversation(tokenizer, c, options.train_on)
+        lengths.append(len(example))
+        if len(example) > options.max_length:
+            truncated.append(c.line)
+            if sum(example.loss_mask[1 : options.max_length]) == 0:
+                lost.append(c.line)
+    if not lengths:
+        return
+    ordered = sorted(lengths)
+    report.token_lengths = {
+        "min": ordered[0],
+        "median": statistics.median(ordered),
+        "p95": ordered[int(0.95 * (len(ordered) - 1))],
+        "max": ordered[-1],
+        "truncated": len(truncated),
+        "answer_lost": len(lost),
+        "max_length": options.max_length,
+    }
+    if truncated:
+        report.warn(
+            "truncation",
+            f"{len(truncated)} example(s) exceed max_length {options.max_length} tokens and will be truncated "
+            f"(lines {_shown(truncated)}). Raise data.max_length or shorten them.",
+        )
+    if lost:
+        report.warn(
+            "answer_lost",
+            f"{len(lost)} example(s) would lose their whole answer to truncation (lines {_shown(lost)}); "
+            "they will be dropped. Shorten their prompts or raise data.max_length.",
+        )
+
+
+def labels_of(path: Path, conversations: list[Conversation], options: CheckOptions) -> dict[int, str] | None:
+    """Line -> class label: from label_field, or the answers when they take few distinct values."""
+    if options.label_field:
+        wanted = {c.line for c in conversations}
+        found = {}
+        for line, record in iter_raw_records(path, Problems(path)):
+            if line in wanted and isinstance(record, dict) and record.get(options.label_field) is not None:
+                found[line] = str(record[options.label_field])
+        return found
+    answers = {c.line: normalise_text(answer_text(c)) for c in conversations if c.text is None}
+    distinct = set(answers.values())
+    if len(answers) >= 20 and 2 <= len(distinct) <= min(20, len(answers) // 5):
+        return answers
+    return None
+
+
+def check_balance(report: CheckReport, labels: dict[int, str] | None, options: CheckOptions) -> None:
+    if not labels:
+        return
+    counts = Counter(labels.values())
+    report.class_balance = dict(counts.most_common())
+    ratio = max(counts.values()) / min(counts.values())
+    report.diversity["imbalance_ratio"] = round(ratio, 3)
+    if ratio > options.imbalance_ratio:
+        (top, top_n), (low, low_n) = counts.most_common()[0], counts.most_common()[-1]
+        report.warn(
+            "class_imbalance",
+            f"classes are imbalanced {ratio:.1f}:1 ('{top}' {top_n} vs '{low}' {low_n}; "
+            f"limit {options.imbalance_ratio}:1). "
+            "Add examples of the rare classes, downsample the common ones, or split with --stratify.",
+        )
+
+
+def check_diversity(report: CheckReport, conversations: list[Conversation], labelled: bool) -> None:
+    prompts = [words(prompt_text(c)) for c in conversations if c.text is None] or [
+        words(c.text or "") for c in conversations
+    ]
+    unigrams = [w for p in prompts for w in p]
+    bigrams = [tuple(p[i : i + 2]) for p in prompts for i in range(len(p) - 1)]
+    report.diversity["distinct_1"] = round(len(set(unigrams)) / max(1, len(unigrams)), 4)
+    report.diversity["distinct_2"] = round(len(set(bigrams)) / max(1, len(bigrams)), 4)
+    prefixes = Counter(" ".join(p[:5]) for p in prompts if p)
+    report.diversity["top_prompt_prefixes"] = [{"prefix": k, "count": n} for k, n in prefixes.most_common(5)]
+    if not labelled:
+        by_answer: dict[str, set[str]] = defaultdict(set)
+        for c in conversations:
+            if c.text is None:
+                by_answer[normalise_text(answer_text(c))].add(normalise_text(prompt_text(c)))
+        repeated = sorted(((a, len(p)) for a, p in by_answer.items() if len(p) >= 3), key=lambda x: -x[1])
+        report.diversity["repeated_answers"] = [{"answer": a[:80], "prompts": n} for a, n in repeated[:5]]
+        if repeated:
+            report.warn(
+                "repeated_answers",
+                f"{len(repeated)} answer(s) are given to 3 or more different prompts (e.g. '{repeated[0][0][:60]}' x"
+                f"{repeated[0][1]}). The model may learn to give them regardless of the prompt; vary them.",
+            )
+    share = report.diversity.get("largest_near_duplicate_cluster_share", 0)
+    if len(prompts) >= 50 and (report.diversity["distinct_2"] < 0.05 or share > 0.1):
+        report.warn(
+            "low_diversity",
+            f"prompts are repetitive (distinct-2 {report.diversity['distinct_2']}, largest near-duplicate cluster "
+            f"{share:.0%} of the data). Add examples that cover the variety of real use.",
+        )
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char) * (2 if index % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def check_hygiene(report: CheckReport, conversations: list[Conversation]) -> None:
+    short = [c.line for c in conversations if c.text is None and len(answer_text(c).strip()) < SHORT_ANSWER_CHARS]
+    markers: dict[str, list[int]] = defaultdict(list)
+    pii: dict[str, list[int]] = defaultdict(list)
+    for c in conversations:
+        text = full_text(c)
+        for marker in TEMPLATE_MARKERS:
+            if marker in text:
+                markers[marker].append(c.line)
+        for kind, pattern in PII_PATTERNS.items():
+            for match in pattern.finditer(text):
+                if kind != "card_number" or _luhn(re.sub(r"\D", "", match.group())):
+                    pii[kind].append(c.line)
+                    break
+    report.hygiene = {
+        "short_answers": {"count": len(short), "lines": short[:20]},
+        "template_markers": {m: {"count": len(ls), "lines": ls[:20]} for m, ls in markers.items()},
+        "pii": {k: {"count": len(ls), "lines": ls[:20]} for k, ls in pii.items()},
+    }
+    if short:
+        report.warn(
+            "short_answers",
+            f"{len(short)} answer(s) shorter than {SHORT_ANSWER_CHARS} characters (lines "
+            f"{_shown(short)}). Check they are complete.",
+        )
+    for marker, lines in markers.items():
+        report.warn(
+            "template_markers",
+            f"'{marker}' appears in {len(lines)} example(s) (lines {_shown(lines)}): a "
+            "leftover chat-template marker. Remove it; tunesmith adds the template itself.",
+        )
+    for kind, lines in pii.items():
+        report.warn(
+            "pii",
+            f"{len(lines)} example(s) contain what looks like a {kind.replace('_', ' ')} (lines "
+            f"{_shown(lines)}). Remove or mask personal data before training.",
+        )
+
+
+def check_leakage(
+    report: CheckReport,
+    conversations: list[Conversation],
+    other: list[Conversation],
+    other_path: str,
+    options: CheckOptions,
+) -> None:
+    texts, others = [full_text(c) for c in conversations], [full_text(c) for c in other]
+    other_keys = {normalise_text(t) for t in others}
+    exact = [c.line for c, t in zip(conversations, texts, strict=True) if normalise_text(t) in other_keys]
+    near = sorted({conversations[i].line for i, _ in near_duplicates_across(texts, others, options.near_threshold)})
+    ngram = [conversations[i].line for i in ngram_overlaps(texts, others)]
+    report.leakage = {
+        "against": other_path,
+        "exact": {"count": len(exact), "lines": exact},
+        "near_duplicate": {"count": len(near), "lines": near},
+        "ngram": {"count": len(ngram), "lines": ngram},
+    }
+    if exact or near or ngram:
+        report.warn(
+            "leakage",
+            f"{len(exact)} exact, {len(near)} near-duplicate and {len(ngram)} n-gram overlap(s) with {other_path} "
+            f"(lines {_shown(sorted(set(exact + near + ngram)))}). Remove them from one file, or re-split with "
+            "`tunesmith data split`.",
+        )
+
+
+def check_data(
+    path: str | Path,
+    fmt: str = "auto",
+    tokenizer: Any = None,
+    options: CheckOptions | None = None,
+    against: str | Path | None = None,
+) -> CheckReport:
+    """Run every check on one data file. Raises TunesmithError only if the file cannot be read."""
+    options = options or CheckOptions()
+    path = Path(path)
+    parsed = parse_file(path, fmt)
+    conversations = parsed.conversations
+    report = CheckReport(path=str(path), format=parsed.format, examples=len(conversations) + len(parsed.problems.items))
+    report.errors = [{"line": line, "message": message} for line, message in parsed.problems.items]
+    if report.examples < MIN_EXAMPLES:
+        report.errors.append(
+            {
+                "line": 0,
+                "message": f"only {report.examples} examples; at least {MIN_EXAMPLES} are "
+                "needed to fine-tune. Add more examples.",
+            }
+        )
+    elif len(conversations) < RECOMMENDED_EXAMPLES:
+        report.warn(
+            "small_dataset",
+            f"{len(conversations)} valid examples; significant improvements usually need "
+            f"{RECOMMENDED_EXAMPLES}-1000+ examples.",
+        )
+    if not conversations:
+        return report
+    check_duplicates(report, conversations, options)
+    check_conflicts(report, conversations)
+    if tokenizer is not None:
+        check_token_lengths(report, conversations, tokenizer, options)
+    labels = labels_of(path, conversations, options)
+    check_balance(report, labels, options)
+    check_diversity(report, conversations, labelled=bool(labels))
+    check_hygiene(report, conversations)
+    if against is not None:
+        other = parse_file(against, fmt).conversations
+        check_leakage(report, conversations, other, str(against), options)
+    return report

@@ -1,0 +1,160 @@
+"""Split one data file into train, validation and test without leakage.
+
+Exact and near-duplicate clusters are kept inside one split (group-aware), classes keep their
+proportions (stratified), and the same seed gives the same split. The leakage between the written
+splits is measured and stored with them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.check import CheckOptions, full_text, labels_of
+from tunesmith.data.formats import Conversation, Problems, iter_raw_records, parse_file
+from tunesmith.data.similarity import (
+    UnionFind,
+    exact_clusters,
+    near_duplicate_pairs,
+    near_duplicates_across,
+    normalise_text,
+    text_hash,
+)
+from tunesmith.errors import TunesmithError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitResult:
+    out: str
+    counts: dict[str, int]
+    class_counts: dict[str, dict[str, int]] | None
+    groups_kept_together: int
+    leakage: dict[str, dict[str, int]]
+
+
+def group_indices(texts: list[str], threshold: float) -> list[list[int]]:
+    """Groups of indices that must share a split: exact and near duplicates, transitively."""
+    union = UnionFind(len(texts))
+    for cluster in exact_clusters(texts):
+        for other in cluster[1:]:
+            union.union(cluster[0], other)
+    for a, b in near_duplicate_pairs(texts, threshold):
+        union.union(a, b)
+    return union.groups()
+
+
+def assign_groups(
+    groups: list[list[int]], labels: list[str | None], fractions: dict[str, float], seed: int
+) -> dict[str, list[int]]:
+    """Place whole groups into splits so each split's size and class mix follow the fractions.
+
+    Within each class (the majority label of a group), groups are shuffled with the seed and the
+    smaller splits are filled up to (never past) their share of that class; the rest go to train.
+    """
+    rng = random.Random(seed)
+    by_class: dict[str, list[list[int]]] = defaultdict(list)
+    for group in groups:
+        majority = Counter(labels[i] for i in group).most_common(1)[0][0]
+        by_class[str(majority)].append(group)
+    assigned: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for name in sorted(by_class):
+        class_groups = by_class[name]
+        rng.shuffle(class_groups)
+        total = sum(len(g) for g in class_groups)
+        targets = {split: round(total * fractions[split]) for split in ("test", "val")}
+        filled = {"test": 0, "val": 0}
+        for group in class_groups:
+            split = next((s for s in ("test", "val") if filled[s] + len(group) <= targets[s]), "train")
+            if split != "train":
+                filled[split] += len(group)
+            assigned[split].extend(group)
+    return {name: sorted(indices) for name, indices in assigned.items()}
+
+
+def _leakage(splits: dict[str, list[Conversation]], threshold: float) -> dict[str, dict[str, int]]:
+    train_texts = [full_text(c) for c in splits["train"]]
+    train_keys = {normalise_text(t) for t in train_texts}
+    report = {}
+    for name in ("val", "test"):
+        texts = [full_text(c) for c in splits[name]]
+        report[name] = {
+            "exact": sum(normalise_text(t) in train_keys for t in texts),
+            "near_duplicate": len({i for i, _ in near_duplicates_across(texts, train_texts, threshold)}),
+        }
+    return report
+
+
+def split_conversations(
+    conversations: list[Conversation],
+    val: float,
+    test: float,
+    seed: int,
+    labels: dict[int, str] | None = None,
+    threshold: float = 0.8,
+) -> tuple[dict[str, list[Conversation]], int]:
+    """Train/val/test Conversations and how many multi-example groups were kept together."""
+    if val < 0 or test < 0 or val + test >= 1:
+        raise TunesmithError(f"--val {val} and --test {test} must be >= 0 and add up to less than 1.")
+    texts = [full_text(c) for c in conversations]
+    groups = group_indices(texts, threshold)
+    label_list = [labels.get(c.line) if labels else None for c in conversations]
+    assigned = assign_groups(groups, label_list, {"val": val, "test": test}, seed)
+    splits = {name: [conversations[i] for i in indices] for name, indices in assigned.items()}
+    return splits, sum(1 for g in groups if len(g) > 1)
+
+
+def split_file(
+    path: str | Path,
+    out: str | Path,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 42,
+    stratify: str | None = None,
+    fmt: str = "auto",
+    threshold: float = 0.8,
+    overwrite: bool = False,
+) -> SplitResult:
+    """Write train.jsonl, val.jsonl, test.jsonl (the original records) and split.json to out."""
+    path, out = Path(path), Path(out)
+    written = [out / f"{name}.jsonl" for name in SPLITS] + [out / "split.json"]
+    if any(p.exists() for p in written) and not overwrite:
+        raise TunesmithError(f"{out} already holds a split. Choose another --out, or pass --overwrite.")
+    parsed = parse_file(path, fmt)
+    parsed.problems.raise_if_any()
+    conversations = parsed.conversations
+    labels = labels_of(path, conversations, CheckOptions(label_field=stratify))
+    if stratify and not labels:
+        raise TunesmithError(f"{path}: no record has the field '{stratify}' given to --stratify.")
+    splits, together = split_conversations(conversations, val, test, seed, labels, threshold)
+    raw = {line: record for line, record in iter_raw_records(path, Problems(path))}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        with (out / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+            for c in splits[name]:
+                handle.write(json.dumps(raw.get(c.line, c.to_record()), ensure_ascii=False) + "\n")
+    class_counts = (
+        {name: dict(Counter(labels[c.line] for c in splits[name] if c.line in labels)) for name in SPLITS}
+        if labels
+        else None
+    )
+    result = SplitResult(
+        out=str(out),
+        counts={name: len(splits[name]) for name in SPLITS},
+        class_counts=class_counts,
+        groups_kept_together=together,
+        leakage=_leakage(splits, threshold),
+    )
+    summary: dict[str, Any] = asdict(result) | {
+        "source": str(path),
+        "seed": seed,
+        "fractions": {"val": val, "test": test},
+        "row_hashes": {name: [text_hash(full_text(c)) for c in splits[name]] for name in SPLITS},
+    }
+    (out / "split.json").write_text(json.dumps(summary, indent=2))
+    return result
