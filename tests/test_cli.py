@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 def train_args(model_dir, data, out, *extra):
-    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), *extra]
+    # The toy files are small, so the data check's size warning is allowed through.
+    base = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    return [*base, "--allow-warnings", "true", *extra]
 
 
 @pytest.fixture
@@ -105,9 +107,20 @@ def test_user_errors_print_without_a_traceback(tmp_path, capsys):
     bad.write_text('{"messages": []}\n{oops\n')
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl:1:" in err and "bad.jsonl:2:" in err and "Traceback" not in err
+    assert "line 1: 'messages' must be a non-empty list" in err and "line 2: invalid JSON" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "r").exists()
     assert main(["train", "--max-steps", "1", "--out", str(tmp_path / "r")]) == 2
     assert "--data" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a tunesmith run" in capsys.readouterr().err
+
+
+def test_data_check_warnings_stop_the_run_unless_allowed(tmp_path, tiny_model_dir, chat_file, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(chat_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "small_dataset" in err and "data.allow_warnings" in err and not out.exists()
+    assert main(train_args(tiny_model_dir, chat_file, out, "--max-steps", "1")) == 0
+    check = json.loads((out / "data" / "check.json").read_text())
+    assert check["examples"] == 40 and check["warnings"][0]["code"] == "small_dataset"

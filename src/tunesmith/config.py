@@ -35,6 +35,12 @@ class DataConfig(Section):
         0.1, ge=0.0, lt=1.0, description="Share of the data held out for testing when test_path is unset."
     )
     max_length: int = Field(1024, gt=8, description="Longest tokenized example; longer ones are truncated and counted.")
+    allow_warnings: bool = Field(
+        False, description="Train even when the data check finds warnings; errors always stop the run."
+    )
+    near_threshold: float = Field(
+        0.8, gt=0.0, le=1.0, description="Jaccard similarity at which examples count as near duplicates."
+    )
     train_on: Literal["assistant", "all"] = Field(
         "assistant",
         description="Which tokens carry loss: only assistant/completion tokens, or every token.",

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import time
@@ -24,6 +23,7 @@ from rich.progress import Progress
 
 import tunesmith
 from tunesmith.config import RunConfig, dump_config
+from tunesmith.data.check import CheckReport
 from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
 from tunesmith.data.tokenize import tokenize_all, use_chat_template
 from tunesmith.errors import TunesmithError
@@ -114,23 +114,45 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
 
 
-def split_data(config: RunConfig) -> tuple[list[Conversation], list[Conversation], str, list[Path]]:
-    """Training and test conversations: test_path when given, else a seeded test_fraction split."""
+def gate_data(config: RunConfig) -> CheckReport:
+    """Run the data check; stop on errors always, and on warnings unless data.allow_warnings."""
+    from tunesmith.data.check import CheckOptions, check_data
+
     if not config.data.path:
         raise TunesmithError("No training data: set data.path in the config or pass --data FILE.")
-    train, fmt = read_conversations(config.data.path, config.data.format)
-    files = [Path(config.data.path)]
+    options = CheckOptions(max_length=config.data.max_length, near_threshold=config.data.near_threshold)
+    report = check_data(config.data.path, config.data.format, None, options, against=config.data.test_path)
+    problems = [f"line {e['line']}: {e['message']}" for e in report.errors]
+    if not config.data.allow_warnings:
+        problems += [f"{w['code']}: {w['message']}" for w in report.warnings]
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:30])
+        hint = "Fix the data (see `tunesmith data check`)"
+        if not report.errors:
+            hint += ", or set data.allow_warnings: true (--set data.allow_warnings=true) to train anyway"
+        raise TunesmithError(f"The data check of {config.data.path} stopped the run:\n{listed}\n{hint}.")
+    return report
+
+
+def split_data(config: RunConfig) -> tuple[list[Conversation], list[Conversation], str, list[Path]]:
+    """Training and test conversations: test_path when given, else a group-aware, stratified split."""
+    from tunesmith.data.check import CheckOptions, labels_of
+    from tunesmith.data.split import split_conversations
+
+    path = Path(str(config.data.path))
+    conversations, fmt = read_conversations(path, config.data.format)
+    files = [path]
     if config.data.test_path:
         test, _ = read_conversations(config.data.test_path, config.data.format)
         files.append(Path(config.data.test_path))
-    else:
-        shuffled = train[:]
-        random.Random(config.train.seed).shuffle(shuffled)
-        n_test = int(round(len(shuffled) * config.data.test_fraction))
-        test, train = shuffled[:n_test], shuffled[n_test:]
-    if not train:
-        raise TunesmithError(f"{config.data.path}: no examples left for training after the test split.")
-    return train, test, fmt, files
+        return conversations, test, fmt, files
+    labels = labels_of(path, conversations, CheckOptions())
+    splits, _ = split_conversations(
+        conversations, 0.0, config.data.test_fraction, config.train.seed, labels, config.data.near_threshold
+    )
+    if not splits["train"]:
+        raise TunesmithError(f"{path}: no examples left for training after the test split.")
+    return splits["train"], splits["test"], fmt, files
 
 
 def save_atomic(target: Path, write) -> None:
@@ -149,8 +171,10 @@ def train_run(config: RunConfig, overwrite: bool = False, console: Console | Non
 
     console = console or Console(stderr=True)
     run_dir = config.run_dir
+    report = gate_data(config)
     train, test, fmt, files = split_data(config)
     prepare_run_dir(run_dir, overwrite)
+    (run_dir / "data" / "check.json").write_text(json.dumps(report.to_dict(), indent=2))
     write_jsonl(run_dir / "data" / "train.jsonl", train)
     write_jsonl(run_dir / "data" / "test.jsonl", test)
     (run_dir / "config.yaml").write_text(dump_config(config))

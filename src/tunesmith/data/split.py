@@ -63,17 +63,22 @@ def assign_groups(
         majority = Counter(labels[i] for i in group).most_common(1)[0][0]
         by_class[str(majority)].append(group)
     assigned: dict[str, list[int]] = {name: [] for name in SPLITS}
+    seen = 0
+    given = {"test": 0, "val": 0}
     for name in sorted(by_class):
         class_groups = by_class[name]
         rng.shuffle(class_groups)
-        total = sum(len(g) for g in class_groups)
-        targets = {split: round(total * fractions[split]) for split in ("test", "val")}
+        seen += sum(len(g) for g in class_groups)
+        # Cumulative rounding: each class gets its share within one example, and the totals stay exact.
+        targets = {split: round(seen * fractions[split]) - given[split] for split in ("test", "val")}
         filled = {"test": 0, "val": 0}
         for group in class_groups:
             split = next((s for s in ("test", "val") if filled[s] + len(group) <= targets[s]), "train")
             if split != "train":
                 filled[split] += len(group)
             assigned[split].extend(group)
+        for split in filled:
+            given[split] += filled[split]
     return {name: sorted(indices) for name, indices in assigned.items()}
 
 
