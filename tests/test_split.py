@@ -17,7 +17,9 @@ def labelled_records(n=200):
     records = []
     for i in range(n):
         label = "bug" if i % 4 == 0 else "feature"  # 25% / 75%
-        records.append(chat(f"ticket {i}: the {['app', 'api', 'ui', 'db'][i % 4]} case {i * 31 % 97} varies {i}", label))
+        records.append(
+            chat(f"ticket {i}: the {['app', 'api', 'ui', 'db'][i % 4]} case {i * 31 % 97} varies {i}", label)
+        )
     return records
 
 

@@ -29,6 +29,7 @@ from tunesmith.config import (
     set_dotted,
     unique_leaf_names,
 )
+from tunesmith.data.review import KEYS_HELP as KEYS_DOC
 from tunesmith.errors import TunesmithError
 
 err = Console(stderr=True, soft_wrap=True)
@@ -271,6 +272,54 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_review(args: argparse.Namespace) -> int:
+    from rich.panel import Panel
+
+    from tunesmith.data import review as rv
+
+    data = Path(args.data)
+    if args.apply:
+        summary = rv.apply_review(data, Path(args.out) if args.out else None, args.overwrite)
+        if args.json:
+            _print_json(asdict(summary))
+        else:
+            out.print(
+                f"Wrote {summary.written}: verdicts {summary.verdicts}; acceptance by class "
+                f"{summary.acceptance_by_class}. The original {data} is unchanged."
+            )
+        return 0
+    if args.import_sheet:
+        count = rv.import_sheet(data, Path(args.import_sheet))
+        out.print(f"Imported {count} verdict(s) into {rv.verdict_path(data)}.")
+        return 0
+    items = rv.sample_items(data, args.sample, args.seed, args.label_field)
+    if args.export:
+        count = rv.export_sheet(data, items, Path(args.export))
+        out.print(
+            f"Exported {count} example(s) to {args.export}: fill verdict (accept/reject/edit), note and "
+            f"edited_answer, then run: tunesmith data review {data} --import {args.export}"
+        )
+        return 0
+
+    def show(item: Any, position: int, total: int) -> None:
+        body = f"[bold]prompt[/]\n{escape(rv.prompt_text(item.conversation))}\n\n[bold]answer[/]\n" + escape(
+            rv.answer_text(item.conversation)
+        )
+        label = f"  class {item.label}" if item.label else ""
+        out.print(Panel(body, title=f"{position}/{total}  line {item.conversation.line}{label}"))
+
+    recorded = rv.review(data, items, input, show, lambda text: out.print(text, highlight=False))
+    summary = rv.summarise(data, items)
+    if args.json:
+        _print_json(asdict(summary))
+    else:
+        out.print(
+            f"Recorded {recorded} verdict(s) in {rv.verdict_path(data)}; {summary.remaining} of "
+            f"{summary.sampled} sampled left. Run again to resume, or --apply to write the cleaned data."
+        )
+    return 0
+
+
 def _add_data_commands(sub: Any) -> None:
     data = sub.add_parser(
         "data",
@@ -322,6 +371,33 @@ def _add_data_commands(sub: Any) -> None:
     split.add_argument("--overwrite", action="store_true", help="Replace split files already in --out.")
     split.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
     split.set_defaults(func=cmd_data_split)
+
+    review = data_sub.add_parser(
+        "review",
+        help="Review a sample by hand: accept, reject or edit; resumable.",
+        description="Show a class-stratified sample one example at a time. Verdicts go to <data>.review.jsonl "
+        "beside the data (the data file is never changed); run again to resume. " + KEYS_DOC,
+    )
+    review.add_argument("data", help="Data file to review.")
+    review.add_argument("--sample", type=int, default=50, help="Examples to sample for review [default: 50].")
+    review.add_argument("--seed", type=int, default=42, help="Seed of the sample [default: 42].")
+    review.add_argument("--label-field", help="Record field holding the class label (else detected from answers).")
+    review.add_argument(
+        "--apply",
+        action="store_true",
+        help="Write the cleaned data (rejects removed, edits applied) and a summary; no review.",
+    )
+    review.add_argument("--out", help="With --apply: output file [default: <data>.reviewed.jsonl].")
+    review.add_argument("--overwrite", action="store_true", help="With --apply: replace an existing output file.")
+    review.add_argument("--export", metavar="SHEET.csv", help="Write the sample to a spreadsheet for someone else.")
+    review.add_argument(
+        "--import",
+        dest="import_sheet",
+        metavar="SHEET.csv",
+        help="Record the verdicts filled in an exported spreadsheet.",
+    )
+    review.add_argument("--json", action="store_true", help="Print the summary as JSON on stdout.")
+    review.set_defaults(func=cmd_data_review)
 
 
 def build_parser() -> argparse.ArgumentParser:

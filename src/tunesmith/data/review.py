@@ -1,0 +1,270 @@
+"""Human review of a data sample: accept, reject or edit each example, resumable, stored beside the data.
+
+Verdicts are appended to `<data>.review.jsonl` (the last verdict for an example wins), so a review can
+stop and resume at any point and never touches the data file itself. `apply_review` writes the cleaned
+copy to a new file; a spreadsheet export/import lets someone else do the review.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of, prompt_text
+from tunesmith.data.formats import Conversation, Problems, iter_raw_records, parse_file
+from tunesmith.data.similarity import text_hash
+from tunesmith.errors import TunesmithError
+
+VERDICTS = ("accept", "reject", "edit")
+KEYS_HELP = (
+    "keys: a = accept | r = reject | e = edit the answer (type it, end with an empty line) | s = skip | "
+    "q = quit and resume later | text after the key is kept as a note, e.g. 'r wrong units'"
+)
+SHEET_COLUMNS = ["line", "hash", "label", "prompt", "answer", "verdict", "note", "edited_answer"]
+
+
+@dataclass
+class ReviewItem:
+    conversation: Conversation
+    hash: str
+    label: str | None
+
+
+@dataclass
+class ReviewSummary:
+    data: str
+    sampled: int
+    reviewed: int
+    remaining: int
+    verdicts: dict[str, int]
+    acceptance_by_class: dict[str, float]
+    written: str | None = None
+
+
+def verdict_path(data: Path) -> Path:
+    return data.with_name(data.stem + ".review.jsonl")
+
+
+def load_verdicts(data: Path) -> dict[str, dict[str, Any]]:
+    """Latest verdict per example hash."""
+    path = verdict_path(data)
+    verdicts: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if raw.strip():
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    raise TunesmithError(f"{path}:{number}: not valid JSON; fix or delete that line.") from None
+                verdicts[entry["hash"]] = entry
+    return verdicts
+
+
+def record_verdict(data: Path, item: ReviewItem, verdict: str, note: str = "", edited: str | None = None) -> None:
+    if verdict not in VERDICTS:
+        raise TunesmithError(f"unknown verdict {verdict!r}; use one of {', '.join(VERDICTS)}.")
+    entry = {
+        "hash": item.hash,
+        "line": item.conversation.line,
+        "label": item.label,
+        "verdict": verdict,
+        "note": note,
+        "edited_answer": edited,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with verdict_path(data).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def sample_items(data: Path, size: int, seed: int, label_field: str | None = None) -> list[ReviewItem]:
+    """A seeded sample stratified by class: each class in proportion, at least one example each."""
+    parsed = parse_file(data)
+    parsed.problems.raise_if_any()
+    labels = labels_of(data, parsed.conversations, CheckOptions(label_field=label_field)) or {}
+    by_class: dict[str, list[Conversation]] = defaultdict(list)
+    for c in parsed.conversations:
+        by_class[labels.get(c.line, "")].append(c)
+    rng = random.Random(seed)
+    total = len(parsed.conversations)
+    chosen: list[Conversation] = []
+    for name in sorted(by_class):
+        members = by_class[name][:]
+        rng.shuffle(members)
+        chosen.extend(members[: max(1, round(size * len(members) / total))])
+    rng.shuffle(chosen)
+    return [ReviewItem(c, text_hash(full_text(c)), labels.get(c.line)) for c in chosen[:size]]
+
+
+def review(
+    data: Path,
+    items: list[ReviewItem],
+    read_line: Callable[[str], str],
+    show: Callable[[ReviewItem, int, int], None],
+    say: Callable[[str], None],
+) -> int:
+    """Ask for a verdict on each unreviewed item; returns how many were recorded. Stops at 'q' or end of input."""
+    done = load_verdicts(data)
+    pending = [item for item in items if item.hash not in done]
+    say(KEYS_HELP)
+    recorded = 0
+    for position, item in enumerate(pending, start=1):
+        show(item, position, len(pending))
+        while True:
+            try:
+                answer = read_line("verdict> ").strip()
+            except EOFError:
+                return recorded
+            key, _, note = answer.partition(" ")
+            if key == "q":
+                return recorded
+            if key in ("a", "r"):
+                record_verdict(data, item, "accept" if key == "a" else "reject", note)
+            elif key == "e":
+                lines = []
+                while True:
+                    try:
+                        line = read_line("new answer> ")
+                    except EOFError:
+                        break
+                    if not line.strip():
+                        break
+                    lines.append(line)
+                if not lines:
+                    say("No new answer typed; the example is unchanged. Choose again.")
+                    continue
+                record_verdict(data, item, "edit", note, "\n".join(lines))
+            elif key != "s":
+                say(KEYS_HELP)
+                continue
+            recorded += key != "s"
+            break
+    return recorded
+
+
+def with_answer(record: dict[str, Any], fmt: str, answer: str) -> dict[str, Any]:
+    """A copy of a raw record whose (last) answer is replaced, in the record's own format."""
+    record = json.loads(json.dumps(record))
+    if fmt in ("chat", "sharegpt"):
+        key, role_key, content_key, roles = (
+            ("messages", "role", "content", {"assistant"})
+            if fmt == "chat"
+            else ("conversations", "from", "value", {"gpt", "assistant"})
+        )
+        turns = record[key]
+        last = max(i for i, t in enumerate(turns) if t.get(role_key) in roles)
+        turns[last][content_key] = answer
+    else:
+        record[{"alpaca": "output", "prompt_completion": "completion", "text": "text"}[fmt]] = answer
+    return record
+
+
+def summarise(data: Path, items: list[ReviewItem]) -> ReviewSummary:
+    verdicts = load_verdicts(data)
+    sampled = {item.hash for item in items}
+    counts = Counter(v["verdict"] for h, v in verdicts.items() if h in sampled)
+    per_class: dict[str, list[bool]] = defaultdict(list)
+    for h, v in verdicts.items():
+        if h in sampled:
+            per_class[str(v.get("label") or "all")].append(v["verdict"] != "reject")
+    return ReviewSummary(
+        data=str(data),
+        sampled=len(items),
+        reviewed=sum(counts.values()),
+        remaining=len(sampled - set(verdicts)),
+        verdicts=dict(counts),
+        acceptance_by_class={k: round(sum(v) / len(v), 4) for k, v in sorted(per_class.items())},
+    )
+
+
+def apply_review(data: Path, out: Path | None = None, overwrite: bool = False) -> ReviewSummary:
+    """Write the data without rejected examples and with edits applied, plus a summary beside it."""
+    out = out or data.with_name(data.stem + ".reviewed.jsonl")
+    if out.resolve() == data.resolve():
+        raise TunesmithError("--apply never writes over the data file; choose another --out.")
+    if out.exists() and not overwrite:
+        raise TunesmithError(f"{out} exists. Choose another --out, or pass --overwrite.")
+    parsed = parse_file(data)
+    parsed.problems.raise_if_any()
+    verdicts = load_verdicts(data)
+    raw = dict(iter_raw_records(data, Problems(data)))
+    kept = 0
+    with out.open("w", encoding="utf-8") as handle:
+        for c in parsed.conversations:
+            verdict = verdicts.get(text_hash(full_text(c)), {})
+            if verdict.get("verdict") == "reject":
+                continue
+            record = raw[c.line]
+            if verdict.get("verdict") == "edit":
+                record = with_answer(record, parsed.format, verdict["edited_answer"])
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            kept += 1
+    items = [
+        ReviewItem(c, text_hash(full_text(c)), v.get("label"))
+        for c in parsed.conversations
+        if (v := verdicts.get(text_hash(full_text(c))))
+    ]
+    summary = summarise(data, items)
+    summary.written = str(out)
+    summary_path = out.with_name(out.stem + ".summary.json")
+    summary_path.write_text(
+        json.dumps(summary.__dict__ | {"kept": kept, "source_examples": len(parsed.conversations)}, indent=2)
+    )
+    return summary
+
+
+def export_sheet(data: Path, items: list[ReviewItem], sheet: Path) -> int:
+    verdicts = load_verdicts(data)
+    with sheet.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SHEET_COLUMNS)
+        writer.writeheader()
+        for item in items:
+            v = verdicts.get(item.hash, {})
+            writer.writerow(
+                {
+                    "line": item.conversation.line,
+                    "hash": item.hash,
+                    "label": item.label or "",
+                    "prompt": prompt_text(item.conversation),
+                    "answer": answer_text(item.conversation),
+                    "verdict": v.get("verdict", ""),
+                    "note": v.get("note", ""),
+                    "edited_answer": v.get("edited_answer") or "",
+                }
+            )
+    return len(items)
+
+
+def import_sheet(data: Path, sheet: Path) -> int:
+    """Record the verdicts filled in a spreadsheet exported by export_sheet; blank verdicts are skipped."""
+    parsed = parse_file(data)
+    by_hash = {text_hash(full_text(c)): c for c in parsed.conversations}
+    imported = 0
+    with sheet.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(SHEET_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise TunesmithError(f"{sheet}: missing column(s) {', '.join(sorted(missing))}; export a sheet first.")
+        for row in reader:
+            verdict = row["verdict"].strip().lower()
+            if not verdict:
+                continue
+            if verdict not in VERDICTS:
+                raise TunesmithError(f"{sheet}:{reader.line_num}: verdict {verdict!r}; use accept, reject or edit.")
+            conversation = by_hash.get(row["hash"])
+            if conversation is None:
+                raise TunesmithError(
+                    f"{sheet}:{reader.line_num}: no example of {data} has this hash; the data changed since the export."
+                )
+            if verdict == "edit" and not row["edited_answer"].strip():
+                raise TunesmithError(f"{sheet}:{reader.line_num}: verdict edit needs an edited_answer.")
+            item = ReviewItem(conversation, row["hash"], row["label"] or None)
+            record_verdict(data, item, verdict, row["note"], row["edited_answer"] if verdict == "edit" else None)
+            imported += 1
+    return imported
