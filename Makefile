@@ -21,8 +21,8 @@ demo: env
 # Set up with the test tools and run lint plus every test (slow end-to-end ones included).
 test: env
 	$(PIP) -e ".[dev]"
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples bench
 	$(BIN)/python -m pytest
 
 lint: env
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples bench

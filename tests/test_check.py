@@ -54,6 +54,12 @@ def test_clean_file_has_no_errors_and_no_warnings_but_size(tmp_path):
     assert report.hygiene["pii"] == {} and report.hygiene["template_markers"] == {}
 
 
+def test_large_clean_file_finds_nothing_at_all(tmp_path):
+    report = check_data(write_jsonl(tmp_path / "d.jsonl", clean_records(600)), tokenizer=_tokenizer())
+    assert report.errors == [] and report.warnings == []
+    assert report.exact_duplicates == [] and report.near_duplicates == [] and report.conflicts == []
+
+
 def _tokenizer():
     tokenizer = build_tokenizer()
     use_chat_template(tokenizer, None)
@@ -208,3 +214,13 @@ def test_other_file_types_are_checked(tmp_path, suffix):
     (tmp_path / f"d{suffix}").write_text(rows + "question 0 about otter,answer 0\n")
     report = check_data(tmp_path / f"d{suffix}")
     assert report.exact_duplicates == [[2, 14]]
+
+
+def test_low_diversity_when_one_near_duplicate_cluster_dominates(tmp_path):
+    records = clean_records(60)
+    long = " ".join(f"gecko{i} basks" for i in range(40))
+    for i in range(8):
+        records[i * 7] = chat(f"{long} variant {i}", "a gecko basks on warm stones all afternoon")
+    report = check_data(write_jsonl(tmp_path / "d.jsonl", records))
+    assert report.diversity["largest_near_duplicate_cluster_share"] == round(8 / 60, 4)
+    assert "low_diversity" in codes(report)
