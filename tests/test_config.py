@@ -31,7 +31,7 @@ def test_unknown_keys_are_named_with_the_closest_valid_key(tmp_path):
 
 
 def test_bad_values_name_the_field(tmp_path):
-    with pytest.raises(TunesmithError, match=r"method: Input should be 'lora' or 'full'.*'qlora2'"):
+    with pytest.raises(TunesmithError, match=r"method: Input should be 'lora', 'qlora', 'dora', 'adapter' or 'full'.*'qlora2'"):
         load_config(write(tmp_path, "method: qlora2\n"))
     with pytest.raises(TunesmithError, match=r"train.lr: Input should be greater than 0"):
         load_config(overrides=["train.lr=-1"])
@@ -92,7 +92,7 @@ def test_help_documents_every_field(capsys):
         "Peak learning rate of AdamW",
         "--max-steps",
         "--data PATH",
-        "One of: lora, full",
+        "One of: lora, qlora, dora, adapter, full",
         "--eval.batch_size",
         "LoRA rank",
     ]:

@@ -64,6 +64,31 @@ class LoraConfig(Section):
         return value
 
 
+class QloraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Dtype the 4-bit weights are dequantized to for each matmul (bf16 on GPUs)."
+    )
+
+
+class AdapterConfig(Section):
+    reduction_factor: int = Field(
+        16, gt=0, description="Bottleneck width is hidden_size / reduction_factor (Houlsby/Pfeiffer adapters)."
+    )
+    placement: Literal["attention", "mlp", "both"] = Field(
+        "both", description="Insert adapters after the attention block, the MLP block, or both."
+    )
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="Non-linearity inside the bottleneck.")
+
+
+class FullConfig(Section):
+    freeze_embeddings: bool = Field(False, description="Keep the input embeddings (and a tied output layer) frozen.")
+    top_k_layers: int | None = Field(
+        None, gt=0, description="Train only the top k transformer layers (plus the final norm and output layer)."
+    )
+
+
 class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -105,14 +130,21 @@ class RunConfig(Section):
         DEFAULT_MODEL,
         description="Base model: 'gemma-3-270m' (embedded), a Hugging Face hub id, a local directory or a .gguf file.",
     )
-    method: Literal["lora", "full"] = Field("lora", description="Fine-tuning technique.")
+    method: Literal["lora", "qlora", "dora", "adapter", "full"] = Field(
+        "lora",
+        description="Fine-tuning technique: lora (recommended start), qlora (4-bit base + LoRA), dora "
+        "(weight-decomposed LoRA), adapter (bottleneck layers), full (every weight).",
+    )
     out: str | None = Field(None, description="Run directory; defaults to runs/<name>.")
     chat_template: str | None = Field(
         None,
         description="Jinja chat template; defaults to the tokenizer's, else tunesmith's plain template.",
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Where the examples come from.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method: lora).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (methods lora, qlora, dora).")
+    qlora: QloraConfig = Field(default_factory=QloraConfig, description="4-bit base settings (method: qlora).")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Bottleneck adapters (method: adapter).")
+    full: FullConfig = Field(default_factory=FullConfig, description="Full fine-tuning options (method: full).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-versus-tuned comparison.")
 
@@ -123,6 +155,11 @@ class RunConfig(Section):
         if self.out is None:
             object.__setattr__(self, "out", str(Path("runs") / str(self.name)))
         return self
+
+    @property
+    def uses_peft(self) -> bool:
+        """Whether the run saves a PEFT adapter (adapter/) rather than a full model (model/)."""
+        return self.method in ("lora", "qlora", "dora")
 
     @property
     def run_dir(self) -> Path:

@@ -89,12 +89,15 @@ def load_tokenizer(source: str) -> Any:
     return tokenizer
 
 
-def load_model(source: str, dtype: Any = None) -> Any:
+def load_model(source: str, dtype: Any = None, quantization: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    extra = {"quantization_config": quantization, "device_map": "cpu"} if quantization is not None else {}
+    if quantization is not None and torch.cuda.is_available():
+        extra["device_map"] = {"": 0}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra)
     except OSError as exc:
         raise TunesmithError(
             f"Cannot load model '{source}': {exc}\nUse 'gemma-3-270m', a local model directory, a .gguf file, "

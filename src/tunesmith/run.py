@@ -165,8 +165,8 @@ def save_atomic(target: Path, write) -> None:
 
 def train_run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
     """Run every training stage for one config and leave a complete run directory behind."""
-    from tunesmith.methods import apply_method, count_parameters
-    from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+    from tunesmith.methods import apply_method, count_parameters, load_base, save_trained, weights_dir
+    from tunesmith.models import load_tokenizer, resolve_model_path
     from tunesmith.train.loop import fit
 
     console = console or Console(stderr=True)
@@ -193,17 +193,16 @@ def train_run(config: RunConfig, overwrite: bool = False, console: Console | Non
         f"{stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped (no answer left)"
     )
 
-    model = load_model(source)
-    model, _ = apply_method(model, config)
+    model, _ = apply_method(load_base(config, source), config)
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     result = fit(model, examples, config.train, tokenizer.pad_token_id, run_dir / "metrics.jsonl", console)
 
     model.eval()
-    weights = run_dir / ("adapter" if config.method == "lora" else "model")
+    weights = weights_dir(config, run_dir)
 
     def write_weights(path: Path) -> None:
-        model.save_pretrained(path)
+        save_trained(model, config, path)
         tokenizer.save_pretrained(path)
 
     save_atomic(weights, write_weights)
@@ -242,6 +241,7 @@ def compare_run(run_dir: str | Path, limit: int | None = None, console: Console 
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
+    base = loaded if loaded.shares_base else load_run(run_dir, base=True)
     settings = loaded.config.eval
     test, _ = read_conversations(run_dir / "data" / "test.jsonl", "chat")
     test = [c for c in test if c.reference is not None][: limit or settings.limit]
@@ -253,10 +253,10 @@ def compare_run(run_dir: str | Path, limit: int | None = None, console: Console 
     with Progress(console=console, disable=not console.is_terminal) as progress:
         for label in ("base", "tuned"):
             task = progress.add_task(f"generate ({label})", total=len(prompts))
-            context = loaded.base_only() if label == "base" else nullcontext()
-            with context:
+            model = base if label == "base" else loaded
+            with model.base_only() if label == "base" else nullcontext():
                 outputs[label] = generate(
-                    loaded.model,
+                    model.model,
                     loaded.tokenizer,
                     prompts,
                     settings.max_new_tokens,

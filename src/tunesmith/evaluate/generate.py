@@ -17,7 +17,8 @@ from tunesmith.config import RunConfig, build_config, read_config_file
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.errors import TunesmithError
-from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+from tunesmith.methods import load_base, load_trained, weights_dir
+from tunesmith.models import load_tokenizer, resolve_model_path
 
 
 @dataclass
@@ -27,9 +28,14 @@ class LoadedRun:
     tokenizer: Any
     tuned: bool
 
+    @property
+    def shares_base(self) -> bool:
+        """A PEFT model can answer as its base by switching the adapter off, without a second copy."""
+        return self.config.uses_peft
+
     def base_only(self):
-        """Context in which an adapter run answers as its base model (no second copy in memory)."""
-        if self.config.method == "lora" and self.tuned:
+        """Context in which this model answers as the base model."""
+        if self.config.uses_peft and self.tuned:
             return self.model.disable_adapter()
         return nullcontext()
 
@@ -45,20 +51,14 @@ def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
     """The run's tuned model (or its base model with base=True) and the run's tokenizer."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    weights = run_dir / ("adapter" if config.method == "lora" else "model")
+    weights = weights_dir(config, run_dir)
     if not base and not weights.is_dir():
         raise TunesmithError(
             f"{run_dir} has no {weights.name}/ yet: training has not finished. Use --base or train first."
         )
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    if config.method == "full" and not base:
-        model = load_model(str(weights))
-    else:
-        model = load_model(resolve_model_path(config.model))
-        if not base:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(weights))
+    source = resolve_model_path(config.model)
+    model = load_base(config, source) if base else load_trained(config, source, weights)
     model.eval()
     return LoadedRun(config, model, tokenizer, tuned=not base)
 

@@ -1,25 +1,84 @@
 """Fine-tuning techniques. Each turns a loaded base model into the model to train by composition.
 
-Every technique returns the model and its trainable-parameter count; none copies a model class.
+Every technique returns the model and its trainable-parameter count; none copies a model class. This
+module also knows, per technique, how the base is loaded (QLoRA quantizes it), how the trained part is
+saved and loaded back, and how it merges into the base where merging is defined.
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 from tunesmith.config import RunConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import adapter as bottleneck
 from tunesmith.methods.full import apply_full
 from tunesmith.methods.lora import apply_lora
 
 
+def load_base(config: RunConfig, source: str) -> Any:
+    """The base model as the method needs it: 4-bit for QLoRA, full precision otherwise."""
+    from tunesmith.models import load_model
+
+    if config.method == "qlora":
+        from tunesmith.methods.qlora import quantization_config
+
+        return load_model(source, quantization=quantization_config(config.qlora))
+    return load_model(source)
+
+
 def apply_method(model: Any, config: RunConfig) -> tuple[Any, int]:
-    if config.method == "lora":
-        return apply_lora(model, config.lora)
-    return apply_full(model)
+    if config.method in ("lora", "qlora", "dora"):
+        return apply_lora(model, config.lora, dora=config.method == "dora")
+    if config.method == "adapter":
+        return bottleneck.apply_adapters(model, config.adapter)
+    return apply_full(model, config.full)
+
+
+def weights_dir(config: RunConfig, run_dir: Path) -> Path:
+    return run_dir / ("model" if config.method == "full" else "adapter")
+
+
+def save_trained(model: Any, config: RunConfig, path: Path) -> None:
+    """PEFT format for LoRA/QLoRA/DoRA, bottleneck weights for adapters, a full checkpoint for full."""
+    if config.method == "adapter":
+        bottleneck.save_adapters(model, config.adapter, path)
+    else:
+        model.save_pretrained(path)
+
+
+def load_trained(config: RunConfig, source: str, path: Path) -> Any:
+    """The trained model of a run: base plus its saved adapter, or the saved full model."""
+    from tunesmith.models import load_model
+
+    if config.method == "full":
+        return load_model(str(path))
+    model = load_base(config, source)
+    if config.method == "adapter":
+        return bottleneck.load_adapters(model, path)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(path))
+
+
+def merge(model: Any, config: RunConfig) -> Any:
+    """Fold a LoRA/DoRA/QLoRA update into the base weights (QLoRA: into the dequantized base)."""
+    if not config.uses_peft:
+        raise TunesmithError(f"method {config.method}: merging is only defined for lora, qlora and dora.")
+    if config.method == "qlora":
+        from tunesmith.methods.qlora import DTYPES, dequantize_linears
+
+        dequantize_linears(model, DTYPES[config.qlora.compute_dtype])
+    return model.merge_and_unload()
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; 4-bit weights count as their logical number of values."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
     return trainable, total

@@ -1,4 +1,8 @@
-"""LoRA through PEFT: low-rank update matrices on chosen linear layers, the base weights frozen."""
+"""LoRA and DoRA through PEFT: low-rank update matrices on chosen linear layers, the base weights frozen.
+
+DoRA (weight-decomposed LoRA) adds a trained magnitude vector per output feature on top of the same
+low-rank direction update; QLoRA is LoRA over a 4-bit base (see qlora.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 from tunesmith.config import LoraConfig
 
 
-def apply_lora(model: Any, settings: LoraConfig) -> tuple[Any, int]:
+def apply_lora(model: Any, settings: LoraConfig, dora: bool = False) -> tuple[Any, int]:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -16,6 +20,7 @@ def apply_lora(model: Any, settings: LoraConfig) -> tuple[Any, int]:
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
+        use_dora=dora,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
