@@ -124,3 +124,15 @@ def test_data_check_warnings_stop_the_run_unless_allowed(tmp_path, tiny_model_di
     assert main(train_args(tiny_model_dir, chat_file, out, "--max-steps", "1")) == 0
     check = json.loads((out / "data" / "check.json").read_text())
     assert check["examples"] == 40 and check["warnings"][0]["code"] == "small_dataset"
+
+
+@pytest.mark.parametrize("method", ["qlora", "dora", "adapter"])
+def test_other_methods_train_compare_and_generate(method, tmp_path, tiny_model_dir, chat_file, capsys):
+    out = tmp_path / method
+    args = ["--method", method, "--max-steps", "2", "--set", "eval.max_new_tokens=3", "--json"]
+    assert main(train_args(tiny_model_dir, chat_file, out, *args)) == 0
+    assert (out / "adapter").is_dir()
+    capsys.readouterr()
+    assert main(["compare", str(out), "--limit", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == 2
+    assert main(["generate", str(out), "--prompt", "colour red", "--max-new-tokens", "3"]) == 0

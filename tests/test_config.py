@@ -31,7 +31,9 @@ def test_unknown_keys_are_named_with_the_closest_valid_key(tmp_path):
 
 
 def test_bad_values_name_the_field(tmp_path):
-    with pytest.raises(TunesmithError, match=r"method: Input should be 'lora', 'qlora', 'dora', 'adapter' or 'full'.*'qlora2'"):
+    with pytest.raises(
+        TunesmithError, match=r"method: Input should be 'lora', 'qlora', 'dora', 'adapter' or 'full'.*'qlora2'"
+    ):
         load_config(write(tmp_path, "method: qlora2\n"))
     with pytest.raises(TunesmithError, match=r"train.lr: Input should be greater than 0"):
         load_config(overrides=["train.lr=-1"])

@@ -63,15 +63,19 @@ def load_trained(config: RunConfig, source: str, path: Path) -> Any:
     return PeftModel.from_pretrained(model, str(path))
 
 
-def merge(model: Any, config: RunConfig) -> Any:
-    """Fold a LoRA/DoRA/QLoRA update into the base weights (QLoRA: into the dequantized base)."""
+def merged_model(config: RunConfig, source: str, path: Path) -> Any:
+    """The base with a saved LoRA/DoRA/QLoRA update folded into its weights (QLoRA: the dequantized base)."""
     if not config.uses_peft:
         raise TunesmithError(f"method {config.method}: merging is only defined for lora, qlora and dora.")
+    from peft import PeftModel
+
+    base = load_base(config, source)
     if config.method == "qlora":
         from tunesmith.methods.qlora import DTYPES, dequantize_linears
 
-        dequantize_linears(model, DTYPES[config.qlora.compute_dtype])
-    return model.merge_and_unload()
+        # The update was learned against the 4-bit weights, so it is merged into exactly those, dequantized.
+        dequantize_linears(base, DTYPES[config.qlora.compute_dtype])
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
