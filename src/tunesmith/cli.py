@@ -320,6 +320,137 @@ def cmd_data_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_prices(path: str | None) -> dict[str, float]:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        prices = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TunesmithError(f"--prices {path}: cannot read it ({exc}).") from None
+    if not isinstance(prices, dict) or not all(isinstance(v, (int, float)) for v in prices.values()):
+        raise TunesmithError(
+            f"--prices {path}: expected a mapping of device name to USD per hour, e.g. 'H100 80GB: 2.1'."
+        )
+    return {str(k): float(v) for k, v in prices.items()}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import os
+
+    from transformers import AutoConfig
+
+    from tunesmith.models import resolve_model_path
+    from tunesmith.plan.estimate import DEVICES, GIB, Shape, Workload, estimate, recommend
+
+    config = config_from_args(args)
+    source = resolve_model_path(config.model)
+    shape = Shape.from_config(AutoConfig.from_pretrained(source))
+    seq_len, answer_share, tokens = args.seq_len, 0.5, args.tokens
+    if config.data.path and not tokens:
+        from tunesmith.data.formats import read_conversations
+        from tunesmith.data.tokenize import tokenize_all, use_chat_template
+        from tunesmith.models import load_tokenizer
+
+        tokenizer = load_tokenizer(source)
+        use_chat_template(tokenizer, config.chat_template)
+        examples, stats = tokenize_all(
+            tokenizer,
+            read_conversations(config.data.path, config.data.format)[0],
+            config.data.max_length,
+            config.data.train_on,
+        )
+        lengths = sorted(len(e) for e in examples)
+        seq_len = seq_len or lengths[int(0.95 * (len(lengths) - 1))]
+        answer_share = sum(sum(e.loss_mask) for e in examples) / max(1, sum(lengths))
+        per_step = config.train.batch_size * config.train.grad_accum * sum(lengths) / len(lengths)
+        tokens = config.train.max_steps * per_step if config.train.max_steps else sum(lengths) * config.train.epochs
+    seq_len = seq_len or config.data.max_length
+    tokens = tokens or 1e6
+    work = Workload(
+        method=config.method,
+        lora_r=config.lora.r,
+        adapter_reduction=config.adapter.reduction_factor,
+        batch_size=config.train.batch_size,
+        seq_len=seq_len,
+        answer_share=answer_share,
+        tokens=tokens,
+        gradient_checkpointing=args.gradient_checkpointing,
+        weight_dtype=args.weight_dtype,
+    )
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    cpu = {"memory_gib": ram, "tflops": args.cpu_tflops, "usd_per_hour": 0.0}
+    result = estimate(shape, work, args.utilization, _load_prices(args.prices), cpu)
+    if args.gpu and args.gpu not in DEVICES:
+        raise TunesmithError(
+            f"--gpu {args.gpu!r} is not in the device table: {', '.join(DEVICES)}; or use --gpu-memory."
+        )
+    device = args.gpu or (f"{args.gpu_memory:g} GB device" if args.gpu_memory else "RTX 4090 24GB")
+    capacity = (args.gpu_memory * 1e9) if args.gpu_memory else DEVICES[device]["memory_gib"] * GIB
+    advice = recommend(shape, work, device, capacity)
+    report: dict[str, Any] = {
+        "model": config.model,
+        "method": config.method,
+        "workload": work.__dict__,
+        "estimate": {
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "memory_bytes": result.memory_bytes,
+            "params": result.params,
+            "trainable_params": result.trainable_params,
+            "flops": result.flops,
+            "hours": {k: v["hours"] for k, v in result.devices.items()},
+            "cost_usd": {k: v["cost_usd"] for k, v in result.devices.items()},
+        },
+        "fits": {k: v["fits"] for k, v in result.devices.items()},
+        "devices": result.devices,
+        "recommendation": advice,
+    }
+    if args.measure:
+        from tunesmith.plan.measure import measure
+
+        measured = measure(config, source, work, args.measure_steps)
+        measured["estimate_error"] = round(result.peak_memory_bytes / measured["peak_memory_bytes"] - 1, 4)
+        report["measured"] = measured
+    if args.json:
+        _print_json(report)
+        return 0
+    out.print(
+        f"[bold]{config.model}[/]: {result.params / 1e6:,.1f}M parameters, {config.method} trains "
+        f"{result.trainable_params / 1e6:,.2f}M; batch {work.batch_size} x {work.seq_len} tokens; "
+        f"{tokens:,.0f} training tokens; {result.flops:.3g} FLOPs"
+    )
+    memory = Table(title="Peak training memory (estimate)")
+    memory.add_column("part")
+    memory.add_column("GiB", justify="right")
+    for part, size in result.memory_bytes.items():
+        memory.add_row(part, f"{size / GIB:.2f}")
+    memory.add_row("[bold]total", f"[bold]{result.peak_memory_bytes / GIB:.2f}")
+    out.print(memory)
+    devices = Table(title=f"Devices (at {args.utilization:.0%} utilisation)")
+    for column in ("device", "fits", "devices needed", "hours", "cost USD"):
+        devices.add_column(column, justify="left" if column == "device" else "right")
+    for name, row in result.devices.items():
+        devices.add_row(
+            name,
+            "yes" if row["fits"] else "no",
+            str(row["devices_needed"] or "-"),
+            f"{row['hours']:.3g}",
+            "-" if row["cost_usd"] is None else f"{row['cost_usd']:.2f}",
+        )
+    out.print(devices)
+    out.print(f"[bold]Recommendation for {device}:[/] {advice['method'] or 'none'}")
+    for reason in advice["reasons"]:
+        out.print(f"  - {reason}")
+    if args.measure:
+        m = report["measured"]
+        out.print(
+            f"[bold]Measured[/] ({m['steps']} steps on {m['device']}): peak {m['peak_memory_bytes'] / GIB:.2f} GiB "
+            f"(estimate {m['estimate_error']:+.0%}), {m['tokens_per_second']:.0f} tokens/s"
+        )
+    return 0
+
+
 def _add_data_commands(sub: Any) -> None:
     data = sub.add_parser(
         "data",
@@ -450,6 +581,42 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="Print prompts and answers as JSON on stdout.")
     gen.set_defaults(func=cmd_generate)
     _add_data_commands(sub)
+
+    plan = sub.add_parser(
+        "plan",
+        help="Estimate memory, time and cost before training; recommend a technique.",
+        description="Estimate peak memory (weights, gradients, optimizer, activations, loss buffers), FLOPs, "
+        "time and cost per device from the model's config alone, and recommend a technique for your GPU. "
+        "--measure runs a few real steps here to check the estimate.",
+    )
+    _add_config_options(plan)
+    plan.add_argument("--tokens", type=float, help="Training tokens in total (instead of counting --data).")
+    plan.add_argument("--seq-len", type=int, help="Tokens per sequence [default: p95 of the data, else max_length].")
+    plan.add_argument("--gpu", help="Device to recommend for, a name from the device table [default: RTX 4090 24GB].")
+    plan.add_argument("--gpu-memory", type=float, help="Recommend for a device with this many GB instead.")
+    plan.add_argument("--gradient-checkpointing", action="store_true", help="Estimate with activation checkpointing.")
+    plan.add_argument(
+        "--weight-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="Dtype of the base weights; tunesmith loads fp32 today [default: fp32].",
+    )
+    plan.add_argument(
+        "--utilization",
+        type=float,
+        default=0.4,
+        help="Share of peak FLOP/s reached (MFU) for time and cost [default: 0.4].",
+    )
+    plan.add_argument(
+        "--cpu-tflops",
+        type=float,
+        default=0.16,
+        help="This machine's matmul speed in TFLOP/s (2-core AVX-512 fp32: 0.16) [default: 0.16].",
+    )
+    plan.add_argument("--prices", help="YAML mapping device name -> USD per hour, overriding the table.")
+    plan.add_argument("--measure", action="store_true", help="Run a few real training steps here and report them.")
+    plan.add_argument("--measure-steps", type=int, default=3, help="Steps of the --measure probe [default: 3].")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
