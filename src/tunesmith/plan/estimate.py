@@ -206,13 +206,14 @@ def recommend(shape: Shape, work: Workload, device: str, capacity_bytes: float) 
     reasons = []
     fitting: dict[str, tuple[int, bool]] = {}
     for method in ("full", "lora", "qlora"):
-        for checkpointing in (False, True):
-            for batch in (16, 8, 4, 2, 1):
+        # The largest batch that fits; at equal batch, without checkpointing (it costs ~30% more compute).
+        for batch in (16, 8, 4, 2, 1):
+            for checkpointing in (False, True):
                 trial = Workload(
                     **(asdict(work) | {"method": method, "batch_size": batch, "gradient_checkpointing": checkpointing})
                 )
                 if estimate(shape, trial).peak_memory_bytes <= capacity_bytes * USABLE:
-                    fitting.setdefault(method, (batch, checkpointing))
+                    fitting[method] = (batch, checkpointing)
                     break
             if method in fitting:
                 break
