@@ -451,6 +451,62 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask(question: str, choices: tuple[str, ...]) -> str:
+    while True:
+        answer = input(f"{question} [{'/'.join(choices)}] ").strip().lower()
+        if answer in choices:
+            return answer
+        out.print(f"Please answer one of: {', '.join(choices)}")
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from tunesmith.plan.advise import NEEDS, Situation, decide, gather_evidence
+
+    need, changes, fits = args.need, args.knowledge_changes, args.knowledge_in_context
+    if need is None and sys.stdin.isatty():
+        need = _ask("What must the model learn: a style, an output format, a behaviour, or knowledge?", NEEDS)
+        if need == "knowledge":
+            changes = _ask("Does that knowledge change often?", ("yes", "no")) == "yes"
+            fits = _ask("Could the relevant facts be retrieved and put into the prompt?", ("yes", "no")) == "yes"
+    situation = Situation(
+        need=need or "format",
+        knowledge_changes=changes,
+        knowledge_fits_context=fits,
+        examples=args.examples or 0,
+        latency_critical=args.latency_critical,
+        private=args.private,
+    )
+    evidence = None
+    if args.data:
+        from tunesmith.data.formats import read_conversations
+        from tunesmith.data.tokenize import use_chat_template
+        from tunesmith.models import load_model, load_tokenizer, resolve_model_path
+
+        source = resolve_model_path(args.model)
+        tokenizer = load_tokenizer(source)
+        use_chat_template(tokenizer, None)
+        situation.examples = situation.examples or len(read_conversations(args.data)[0])
+        evidence = gather_evidence(
+            args.data,
+            load_model(source).eval(),
+            tokenizer,
+            args.metric,
+            args.k,
+            args.sample,
+            args.target,
+            args.seed,
+            args.max_new_tokens,
+        )
+    advice = decide(situation, evidence)
+    if args.json:
+        _print_json(asdict(advice))
+        return 0
+    out.print(f"[bold]Recommendation: {advice.recommendation}[/]")
+    for reason in advice.reasons:
+        out.print(f"  - {reason}", highlight=False)
+    return 0
+
+
 def _add_data_commands(sub: Any) -> None:
     data = sub.add_parser(
         "data",
@@ -617,6 +673,41 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--measure", action="store_true", help="Run a few real training steps here and report them.")
     plan.add_argument("--measure-steps", type=int, default=3, help="Steps of the --measure probe [default: 3].")
     plan.set_defaults(func=cmd_plan)
+
+    advise = sub.add_parser(
+        "advise",
+        help="Should you fine-tune, use RAG, or prompt? With evidence from your data.",
+        description="Recommend fine-tuning, retrieval (RAG), prompting, or collecting more data, with reasons. "
+        "Asks when run in a terminal without --need. With --data, runs the base model zero-shot and few-shot "
+        "on held-out examples and reports the headroom.",
+    )
+    advise.add_argument(
+        "--need", choices=["style", "format", "behaviour", "knowledge"], help="What the model must learn."
+    )
+    advise.add_argument("--knowledge-changes", action="store_true", help="The knowledge changes often.")
+    advise.add_argument(
+        "--knowledge-in-context",
+        action="store_true",
+        help="The relevant facts can be retrieved and put into the prompt.",
+    )
+    advise.add_argument("--examples", type=int, help="Labelled examples available [default: counted from --data].")
+    advise.add_argument("--latency-critical", action="store_true", help="Latency or per-request cost matters.")
+    advise.add_argument("--private", action="store_true", help="Data may not leave your infrastructure.")
+    advise.add_argument("--data", help="Examples to measure zero-shot and few-shot performance on.")
+    advise.add_argument("--model", default="gemma-3-270m", help="Base model for the evidence [default: gemma-3-270m].")
+    advise.add_argument(
+        "--metric",
+        default="exact_match",
+        choices=["exact_match", "json_valid", "json_fields"],
+        help="Task metric [default: exact_match].",
+    )
+    advise.add_argument("--target", type=float, default=0.8, help="Score that counts as solved [default: 0.8].")
+    advise.add_argument("--k", type=int, default=3, help="Examples in the few-shot prompt [default: 3].")
+    advise.add_argument("--sample", type=int, default=20, help="Held-out examples to score [default: 20].")
+    advise.add_argument("--seed", type=int, default=42, help="Seed of the sample [default: 42].")
+    advise.add_argument("--max-new-tokens", type=int, default=64, help="Most tokens per answer [default: 64].")
+    advise.add_argument("--json", action="store_true", help="Print the advice as JSON on stdout.")
+    advise.set_defaults(func=cmd_advise)
     return parser
 
 

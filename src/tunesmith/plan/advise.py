@@ -1,0 +1,146 @@
+"""Should this task be fine-tuned, solved with retrieval (RAG), or with prompting? With evidence where possible.
+
+The criteria follow the guide: fine-tune for a style, format or behaviour (or knowledge) that prompting
+cannot give; if the knowledge can be supplied as context, fine-tuning is probably not needed. With data
+and a model, the base model is run zero-shot and few-shot on held-out examples, and the measured
+headroom decides between "prompting is enough" and "fine-tune".
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.formats import Conversation, Message, read_conversations
+
+NEEDS = ("style", "format", "behaviour", "knowledge")
+
+
+@dataclass
+class Situation:
+    need: str = "format"  # what the model must learn
+    knowledge_changes: bool = False  # the knowledge changes often (prices, docs, tickets)
+    knowledge_fits_context: bool = False  # the needed facts can be retrieved and put in the prompt
+    examples: int = 0  # labelled examples available
+    latency_critical: bool = False
+    private: bool = False  # data may not leave the organisation
+
+
+@dataclass
+class Evidence:
+    metric: str
+    items: int
+    zero_shot: float
+    few_shot: float
+    k: int
+    target: float
+    predictions: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def prompting_enough(self) -> bool:
+        return max(self.zero_shot, self.few_shot) >= self.target
+
+
+@dataclass
+class Advice:
+    recommendation: str  # fine-tune | rag | prompting | collect-data
+    reasons: list[str]
+    evidence: dict[str, Any] | None = None
+
+
+def decide(situation: Situation, evidence: Evidence | None = None) -> Advice:
+    reasons: list[str] = []
+    if situation.need == "knowledge" and (situation.knowledge_changes or situation.knowledge_fits_context):
+        why = "changes often" if situation.knowledge_changes else "can be supplied as context"
+        reasons.append(
+            f"the knowledge {why}: retrieval (RAG) keeps answers current without retraining, "
+            "so fine-tuning is probably not needed"
+        )
+        if evidence is not None:
+            reasons.append(_evidence_line(evidence))
+        return Advice("rag", reasons, _as_dict(evidence))
+    if evidence is not None and evidence.prompting_enough:
+        reasons.append(_evidence_line(evidence))
+        reasons.append(
+            "few-shot prompting already meets the target: fine-tuning is probably unnecessary; "
+            "fine-tune later only to cut prompt length (latency, cost) or to go further"
+        )
+        return Advice("prompting", reasons, _as_dict(evidence))
+    if situation.need in ("style", "format", "behaviour"):
+        reasons.append(f"a {situation.need} is learned from examples better than it is described in a prompt")
+    else:
+        reasons.append(
+            "stable knowledge the base model lacks and that cannot be put in the prompt is a case for fine-tuning"
+        )
+    if evidence is not None:
+        reasons.append(_evidence_line(evidence))
+    if situation.latency_critical:
+        reasons.append("a tuned model needs no few-shot examples in the prompt: shorter prompts, lower latency")
+    if situation.private:
+        reasons.append("a fine-tuned open model runs on your own hardware, so data never leaves it")
+    if situation.examples and situation.examples < 100:
+        reasons.append(
+            f"only {situation.examples} examples: start with few-shot prompting and collect 500-1000+ "
+            "examples; significant gains from fine-tuning usually need that many"
+        )
+        return Advice("collect-data", reasons, _as_dict(evidence))
+    if situation.examples and situation.examples < 500:
+        reasons.append(
+            f"{situation.examples} examples is enough to start with LoRA; 500-1000+ usually give significant gains"
+        )
+    return Advice("fine-tune", reasons, _as_dict(evidence))
+
+
+def _as_dict(evidence: Evidence | None) -> dict[str, Any] | None:
+    return None if evidence is None else asdict(evidence) | {"prompting_enough": evidence.prompting_enough}
+
+
+def _evidence_line(evidence: Evidence) -> str:
+    best = max(evidence.zero_shot, evidence.few_shot)
+    return (
+        f"measured on {evidence.items} held-out examples: {evidence.metric} zero-shot {evidence.zero_shot:.2f}, "
+        f"{evidence.k}-shot {evidence.few_shot:.2f}; target {evidence.target:.2f}, headroom "
+        f"{evidence.target - best:+.2f} to the target and {1 - best:.2f} to perfect"
+    )
+
+
+def few_shot_prompt(question: Conversation, shots: list[Conversation]) -> tuple[Message, ...]:
+    """The question's prompt preceded by k solved examples as earlier turns of the same conversation."""
+    turns: list[Message] = []
+    for shot in shots:
+        turns.extend(shot.prompt_messages)
+        turns.append(Message("assistant", str(shot.reference)))
+    return (*turns, *question.prompt_messages)
+
+
+def gather_evidence(
+    data: str | Path,
+    model: Any,
+    tokenizer: Any,
+    metric: str = "exact_match",
+    k: int = 3,
+    sample: int = 20,
+    target: float = 0.8,
+    seed: int = 42,
+    max_new_tokens: int = 64,
+) -> Evidence:
+    """Score the base model zero-shot and k-shot on a seeded sample; shots come from outside the sample."""
+    from tunesmith.evaluate.generate import generate
+    from tunesmith.evaluate.metrics import METRICS
+
+    conversations = [c for c in read_conversations(data)[0] if c.reference is not None]
+    rng = random.Random(seed)
+    rng.shuffle(conversations)
+    held_out, pool = conversations[:sample], conversations[sample:] or conversations[:k]
+    references = [str(c.reference) for c in held_out]
+    zero = generate(model, tokenizer, [c.prompt_messages for c in held_out], max_new_tokens)
+    few = generate(
+        model, tokenizer, [few_shot_prompt(c, rng.sample(pool, min(k, len(pool)))) for c in held_out], max_new_tokens
+    )
+    score = METRICS[metric]
+    zero_score = sum(score(p, r) for p, r in zip(zero, references, strict=True)) / len(held_out)
+    few_score = sum(score(p, r) for p, r in zip(few, references, strict=True)) / len(held_out)
+    rows = [{"reference": r, "zero_shot": z, "few_shot": f} for r, z, f in zip(references, zero, few, strict=True)]
+    return Evidence(metric, len(held_out), round(zero_score, 4), round(few_score, 4), k, target, rows[:5])
