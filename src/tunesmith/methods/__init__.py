@@ -25,6 +25,10 @@ def load_base(config: RunConfig, source: str) -> Any:
     if config.method == "qlora":
         from tunesmith.methods.qlora import quantization_config
 
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TunesmithError("method qlora needs bitsandbytes: pip install bitsandbytes.") from None
         return load_model(source, quantization=quantization_config(config.qlora))
     return load_model(source)
 
