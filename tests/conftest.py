@@ -35,24 +35,22 @@ def build_tokenizer(chat_template: str | None = None):
     return tokenizer
 
 
-def build_model(vocab_size: int, seed: int = 0):
+def build_model(vocab_size: int, seed: int = 0, **shape):
+    """A random Llama; 2 layers of width 32 unless `shape` overrides LlamaConfig fields."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
+    defaults = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
         tie_word_embeddings=False,
     )
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **(defaults | shape))
     return LlamaForCausalLM(config)
 
 

@@ -89,20 +89,12 @@ def test_devices_needed_none_when_activations_alone_overflow():
 
 @pytest.mark.slow
 def test_plan_cli_measures_a_small_model_within_25_percent(tmp_path, capsys):
-    from transformers import LlamaForCausalLM
+    from .conftest import build_model, build_tokenizer
 
-    from .conftest import build_tokenizer
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        num_hidden_layers=4,
-        intermediate_size=1408,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
+    shape = dict(
+        hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=8
     )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    build_model(32000, **shape).save_pretrained(tmp_path / "m")
     build_tokenizer().save_pretrained(tmp_path / "m")
     args = [
         "plan",
