@@ -27,6 +27,7 @@ from tunesmith.data.check import CheckReport
 from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
 from tunesmith.data.tokenize import tokenize_all, use_chat_template
 from tunesmith.errors import TunesmithError
+from tunesmith.files import save_atomic
 
 
 @dataclass
@@ -153,14 +154,6 @@ def split_data(config: RunConfig) -> tuple[list[Conversation], list[Conversation
     if not splits["train"]:
         raise TunesmithError(f"{path}: no examples left for training after the test split.")
     return splits["train"], splits["test"], fmt, files
-
-
-def save_atomic(target: Path, write) -> None:
-    """Write a directory under a temporary name, then rename it into place."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    write(partial)
-    partial.rename(target)
 
 
 def train_run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
