@@ -168,3 +168,38 @@ def test_lr_schedule_warms_up_from_above_zero_and_decays():
     linear = [lr_factor(s, 0, 4, "linear") for s in range(4)]
     assert linear == [1.0, 0.75, 0.5, 0.25]
     assert lr_factor(7, 2, 10, "constant") == 1.0
+
+
+def test_packed_batch_gives_the_unpacked_loss_and_gradients(chat_file):
+    from tunesmith.train.batching import pack
+
+    tokenizer = build_tokenizer()
+    examples = examples_for(chat_file, tokenizer)[:6]
+    results = []
+    for batch in (collate(examples, tokenizer.pad_token_id), pack(examples, tokenizer.pad_token_id, row_tokens=100)):
+        model = build_model(len(tokenizer), seed=11)
+        batch = {k: v for k, v in batch.items() if k != "real_tokens"}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss = model_loss_sum(model, batch) / n
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, batch))
+    (unpacked_loss, unpacked_grads, padded), (packed_loss, packed_grads, packed) = results
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # several examples share a row
+    torch.testing.assert_close(packed_loss, unpacked_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in unpacked_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packing_restarts_positions_and_never_predicts_across_examples(chat_file):
+    from tunesmith.train.batching import pack
+
+    tokenizer = build_tokenizer()
+    examples = examples_for(chat_file, tokenizer)[:3]
+    batch = pack(examples, tokenizer.pad_token_id, row_tokens=1000)
+    assert batch["input_ids"].shape[0] == 1
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    ordered = sorted(examples, key=len, reverse=True)
+    assert starts == [0, len(ordered[0]), len(ordered[0]) + len(ordered[1])]
+    for start in starts:
+        assert batch["labels"][0, start] == -100
+    assert int(batch["real_tokens"].sum()) == sum(len(e) for e in examples)

@@ -95,6 +95,11 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated into one optimizer step.")
+    packing: bool = Field(
+        True,
+        description="Lay a batch's examples end to end in rows of data.max_length tokens, attention kept "
+        "inside each example (no padding); false pads each example to the batch's longest.",
+    )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming up the lr.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")

@@ -189,7 +189,15 @@ def train_run(config: RunConfig, overwrite: bool = False, console: Console | Non
     model, _ = apply_method(load_base(config, source), config)
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    result = fit(model, examples, config.train, tokenizer.pad_token_id, run_dir / "metrics.jsonl", console)
+    result = fit(
+        model,
+        examples,
+        config.train,
+        tokenizer.pad_token_id,
+        run_dir / "metrics.jsonl",
+        console,
+        row_tokens=config.data.max_length,
+    )
 
     model.eval()
     weights = weights_dir(config, run_dir)

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunesmith.config import TrainConfig
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import TunesmithError
-from tunesmith.train.batching import batch_order, collate
+from tunesmith.train.batching import batch_order, collate, pack
 from tunesmith.train.loss import model_loss_sum
 
 
@@ -73,13 +73,14 @@ def plan_steps(n_batches: int, settings: TrainConfig) -> int:
     return settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
 
 
-def micro_batches(examples: list[TokenizedExample], settings: TrainConfig, pad_id: int):
+def micro_batches(examples: list[TokenizedExample], settings: TrainConfig, pad_id: int, row_tokens: int):
     """Endless stream of batches, reshuffled each epoch with the run's seed."""
     lengths = [len(e) for e in examples]
     epoch = 0
     while True:
         for indices in batch_order(lengths, settings.batch_size, settings.seed + epoch):
-            yield collate([examples[i] for i in indices], pad_id)
+            chosen = [examples[i] for i in indices]
+            yield pack(chosen, pad_id, row_tokens) if settings.packing else collate(chosen, pad_id)
         epoch += 1
 
 
@@ -90,6 +91,7 @@ def fit(
     pad_id: int,
     metrics_path: Path | None = None,
     console: Console | None = None,
+    row_tokens: int = 1024,
 ) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -111,7 +113,7 @@ def fit(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
 
-    stream = micro_batches(examples, settings, pad_id)
+    stream = micro_batches(examples, settings, pad_id, row_tokens)
     history: list[dict[str, Any]] = []
     tokens_seen = 0
     started = time.perf_counter()
@@ -135,10 +137,10 @@ def fit(
                 batches = [next(stream) for _ in range(settings.grad_accum)]
                 # Normalise by the answer tokens of the whole step, so accumulation equals one large batch.
                 loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                real_tokens = sum(int(b.get("real_tokens", b.get("attention_mask")).sum()) for b in batches)
                 step_loss = 0.0
                 for batch in batches:
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "real_tokens"}
                     with accelerator.autocast():
                         loss = model_loss_sum(model, batch) / loss_tokens
                     accelerator.backward(loss)

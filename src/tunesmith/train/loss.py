@@ -50,8 +50,10 @@ def answer_loss_sum(
 def model_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run the decoder, then the chunked answer-only loss; works for plain and PEFT-wrapped causal LMs."""
     decoder = model.get_decoder()
-    hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
+    if "position_ids" in batch:  # packed: no mask, so transformers derives a block-diagonal one from positions
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return answer_loss_sum(hidden, batch["labels"], model.get_output_embeddings(), softcap)
