@@ -96,9 +96,9 @@ class TrainConfig(Section):
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated into one optimizer step.")
     packing: bool = Field(
-        True,
+        False,
         description="Lay a batch's examples end to end in rows of data.max_length tokens, attention kept "
-        "inside each example (no padding); false pads each example to the batch's longest.",
+        "inside each example (no padding); pays when lengths vary a lot. False: length-grouped padding.",
     )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming up the lr.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
