@@ -2,6 +2,7 @@
 
     pip install -c constraints.txt -e ".[bench]"
     python bench/train_speed.py --steps 20                 # small random Llama (~20M params, 32k vocab)
+    python bench/train_speed.py --model gemma-3-270m --steps 4 --only tunesmith trl   # the quickstart model
 
 Each contender runs in its own subprocess (so peak RSS is its own) on the same chat dataset of varied
 lengths: LoRA r=16 on all linear layers, 8 examples per step, max length 512, fp32, constant lr.
@@ -104,7 +105,10 @@ def run_trl(model_dir: Path, train: Path, test: Path, steps: int, packing: bool)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from tunesmith.data.tokenize import use_chat_template
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    use_chat_template(tokenizer, None)  # the same rendering as tunesmith (Gemma's GGUF tokenizer has none)
     rows = [json.loads(line)["messages"] for line in train.read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": m[:1], "completion": m[1:]} for m in rows])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -145,9 +149,6 @@ def run_trl(model_dir: Path, train: Path, test: Path, steps: int, packing: bool)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-    from tunesmith.data.tokenize import use_chat_template
-
-    use_chat_template(tokenizer, None)
     return {"tokens": counted["tokens"], "seconds": seconds, "loss": held_out_loss(trainer.model, tokenizer, test)}
 
 
@@ -173,22 +174,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per contender [default: 20].")
     parser.add_argument("--examples", type=int, default=400, help="Training examples [default: 400].")
     parser.add_argument("--only", nargs="*", choices=sorted(CONTENDERS), help="Run only these contenders.")
+    parser.add_argument("--model", help="Use this model (e.g. gemma-3-270m) instead of the small random Llama.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         base = Path(args.dir)
-        worker(args.worker, base / "model", base / "train.jsonl", base / "test.jsonl", args.steps)
+        model_dir = Path(args.model) if args.model else base / "model"
+        worker(args.worker, model_dir, base / "train.jsonl", base / "test.jsonl", args.steps)
         return
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        make_model(base / "model")
+        extra = []
+        if args.model:
+            from tunesmith.models import resolve_model_path
+
+            extra = ["--model", resolve_model_path(args.model)]
+        else:
+            make_model(base / "model")
         make_data(base / "train.jsonl", args.examples, seed=1)
         make_data(base / "test.jsonl", 64, seed=2)
         results = {}
         for name in args.only or list(CONTENDERS):
             done = subprocess.run(
-                [sys.executable, __file__, "--worker", name, "--dir", tmp, "--steps", str(args.steps)],
+                [sys.executable, __file__, "--worker", name, "--dir", tmp, "--steps", str(args.steps), *extra],
                 capture_output=True,
                 text=True,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ def build_model(vocab_size: int, seed: int = 0, **shape):
     )
     config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **(defaults | shape))
     return LlamaForCausalLM(config)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep the tokenize and model caches of every test inside the test's own temporary directory."""
+    os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("tunesmith-cache"))
 
 
 @pytest.fixture(scope="session")

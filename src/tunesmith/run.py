@@ -25,7 +25,7 @@ import tunesmith
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.data.check import CheckReport
 from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
-from tunesmith.data.tokenize import tokenize_all, use_chat_template
+from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TunesmithError
 from tunesmith.files import save_atomic
 
@@ -158,8 +158,9 @@ def split_data(config: RunConfig) -> tuple[list[Conversation], list[Conversation
 
 def train_run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
     """Run every training stage for one config and leave a complete run directory behind."""
+    from tunesmith.data.cache import cached_tokenize
     from tunesmith.methods import apply_method, count_parameters, load_base, save_trained, weights_dir
-    from tunesmith.models import load_tokenizer, resolve_model_path
+    from tunesmith.models import cache_root, load_tokenizer, resolve_model_path
     from tunesmith.train.loop import fit
 
     console = console or Console(stderr=True)
@@ -178,12 +179,15 @@ def train_run(config: RunConfig, overwrite: bool = False, console: Console | Non
     source = resolve_model_path(config.model)
     tokenizer = load_tokenizer(source)
     template = use_chat_template(tokenizer, config.chat_template)
-    examples, stats = tokenize_all(tokenizer, train, config.data.max_length, config.data.train_on)
+    examples, stats, hit = cached_tokenize(
+        tokenizer, train, config.data.max_length, config.data.train_on, cache_root() / "tokenized"
+    )
     token_report = stats.summary()
     (run_dir / "data" / "tokenize.json").write_text(json.dumps(token_report, indent=2))
     console.print(
         f"{fmt} data: {len(train)} train / {len(test)} test examples, {token_report['tokens']} tokens; "
         f"{stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped (no answer left)"
+        + (" [tokenized cache hit]" if hit else "")
     )
 
     model, _ = apply_method(load_base(config, source), config)

@@ -1,0 +1,76 @@
+"""Tokenize once and keep the result on disk, memory-mapped, for every later run on the same data.
+
+The key covers everything that changes the tokens: the conversations, the tokenizer's full
+definition, the chat template, max_length and train_on. A changed tokenizer or template therefore
+never reuses a stale cache. Entries are written atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunesmith.data.formats import Conversation
+from tunesmith.data.tokenize import TokenizedExample, TokenizeStats, tokenize_all
+
+VERSION = "1"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the tokenizer's complete definition (vocabulary, merges, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:
+        definition = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    specials = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
+    return hashlib.sha256((definition + specials).encode()).hexdigest()
+
+
+def cache_key(conversations: list[Conversation], tokenizer: Any, max_length: int, train_on: str) -> str:
+    digest = hashlib.sha256()
+    for part in (VERSION, tokenizer_fingerprint(tokenizer), tokenizer.chat_template or "", str(max_length), train_on):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    for conversation in conversations:
+        digest.update(json.dumps(conversation.to_record(), sort_keys=True).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
+
+
+def cached_tokenize(
+    tokenizer: Any, conversations: list[Conversation], max_length: int, train_on: str, root: Path
+) -> tuple[list[TokenizedExample], TokenizeStats, bool]:
+    """tokenize_all, served from `root/<key>/` when present; returns (examples, stats, hit)."""
+    entry = root / cache_key(conversations, tokenizer, max_length, train_on)
+    if (entry / "stats.json").is_file():
+        ids = np.load(entry / "ids.npy", mmap_mode="r")
+        mask = np.load(entry / "mask.npy", mmap_mode="r")
+        offsets = np.load(entry / "offsets.npy")
+        lines = np.load(entry / "lines.npy")
+        examples = [
+            TokenizedExample(ids[a:b].tolist(), mask[a:b].tolist(), int(line))
+            for a, b, line in zip(offsets[:-1], offsets[1:], lines, strict=True)
+        ]
+        stats = TokenizeStats(**json.loads((entry / "stats.json").read_text()))
+        return examples, stats, True
+    examples, stats = tokenize_all(tokenizer, conversations, max_length, train_on)
+    partial = entry.with_name(f"{entry.name}.{os.getpid()}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    offsets = np.cumsum([0] + [len(e) for e in examples], dtype=np.int64)
+    np.save(partial / "ids.npy", np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32))
+    np.save(partial / "mask.npy", np.fromiter((m for e in examples for m in e.loss_mask), dtype=np.uint8))
+    np.save(partial / "offsets.npy", offsets)
+    np.save(partial / "lines.npy", np.array([e.line for e in examples], dtype=np.int64))
+    (partial / "stats.json").write_text(json.dumps(stats.__dict__))
+    try:
+        partial.rename(entry)
+    except OSError:  # another process wrote the same entry first; theirs is identical
+        shutil.rmtree(partial, ignore_errors=True)
+    return examples, stats, False
