@@ -27,7 +27,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES = 0.5 + 0.127 / 8  # 4-bit values plus double-quantized block constants (~0.127 bit/value)
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable value
 GRAD_BYTES = 4  # fp32 gradients of trainable values
-LOSS_CHUNK = 1024  # tokens per chunk of the output layer in train/loss.py
 
 
 @dataclass(frozen=True)
@@ -143,9 +142,12 @@ def activation_bytes(shape: Shape, work: Workload) -> int:
 
 
 def loss_bytes(shape: Shape, work: Workload) -> int:
-    """The chunked output layer for one chunk of loss tokens, fp32, while its backward runs: the recomputed
-    logits, the saved log-softmax, the gradient of each, and the softmax temporary (5 vocab-wide rows)."""
-    loss_tokens = min(LOSS_CHUNK, max(1, int(work.batch_size * work.seq_len * work.answer_share)))
+    """The chunked output layer (train/loss.py) for one chunk of loss tokens, fp32, while its backward
+    runs: the recomputed logits, the saved log-softmax, the gradient of each, and the softmax temporary
+    (5 vocab-wide rows)."""
+    from tunesmith.train.loss import chunk_tokens
+
+    loss_tokens = min(chunk_tokens(shape.vocab), max(1, int(work.batch_size * work.seq_len * work.answer_share)))
     return 5 * loss_tokens * shape.vocab * 4
 
 

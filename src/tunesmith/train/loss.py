@@ -14,6 +14,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
+CHUNK_BYTES = 256 * 2**20  # fp32 logits held per chunk: 256 tokens of a 262k vocabulary, 2048 of 32k
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Loss tokens per output-layer chunk, so one chunk's logits stay near CHUNK_BYTES whatever the vocabulary."""
+    return max(16, CHUNK_BYTES // (4 * vocab_size))
 
 
 def _chunk_loss(
@@ -30,7 +36,7 @@ def answer_loss_sum(
     labels: torch.Tensor,
     head: torch.nn.Module,
     softcap: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of predicting labels[t + 1] from hidden[t] wherever that label is not IGNORE."""
     targets = labels[:, 1:]
@@ -38,6 +44,7 @@ def answer_loss_sum(
     selected = hidden[:, :-1][keep]
     wanted = targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
+    chunk_size = chunk_size or chunk_tokens(head.weight.shape[0])
     for start in range(0, wanted.numel(), chunk_size):
         piece = slice(start, start + chunk_size)
         if torch.is_grad_enabled():
