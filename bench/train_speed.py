@@ -5,7 +5,9 @@
     python bench/train_speed.py --model gemma-3-270m --steps 4 --only tunesmith trl   # the quickstart model
 
 Each contender runs in its own subprocess (so peak RSS is its own) on the same chat dataset of varied
-lengths: LoRA r=16 on all linear layers, 8 examples per step, max length 512, fp32, constant lr.
+lengths: LoRA r=16 on all linear layers, 8 examples per step, max length 512, fp32 (or --bf16 autocast
+for all), constant lr. Each runs its own defaults otherwise: TRL with gradient checkpointing (its
+default), tunesmith with gradient checkpointing and memory release (its defaults).
 Printed per contender: real (non-padding) tokens/s, peak RSS, held-out answer loss after training
 (measured the same way for all), and the ratios tunesmith / contender.
 """
@@ -30,6 +32,7 @@ WORDS = (
     "the a of and with for in on at by from to is was were has have had"
 ).split()
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+BF16 = {"on": False}  # set in each worker from --bf16: bf16 autocast compute over fp32 weights for every contender
 
 
 def make_data(path: Path, n: int, seed: int) -> None:
@@ -92,7 +95,13 @@ def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing:
     examples, _ = tokenize_all(tokenizer, read_conversations(train)[0], 512)
     model, _ = apply_lora(load_model(str(model_dir)), LoraConfig(**LORA))
     settings = TrainConfig(
-        max_steps=steps, batch_size=8, lr=1e-3, warmup_ratio=0.0, schedule="constant", packing=packing
+        max_steps=steps,
+        batch_size=8,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        schedule="constant",
+        packing=packing,
+        dtype="bf16" if BF16["on"] else "fp32",
     )
     result = fit(model, examples, settings, tokenizer.pad_token_id, console=Console(quiet=True), row_tokens=512)
     return {"tokens": result.tokens, "seconds": result.seconds, "loss": held_out_loss(model, tokenizer, test)}
@@ -135,7 +144,7 @@ def run_trl(model_dir: Path, train: Path, test: Path, steps: int, packing: bool)
             max_length=512,
             packing=packing,
             padding_free=packing,
-            bf16=False,
+            bf16=BF16["on"],
             use_cpu=True,
             seed=42,
             dataloader_num_workers=0,
@@ -175,9 +184,11 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=400, help="Training examples [default: 400].")
     parser.add_argument("--only", nargs="*", choices=sorted(CONTENDERS), help="Run only these contenders.")
     parser.add_argument("--model", help="Use this model (e.g. gemma-3-270m) instead of the small random Llama.")
+    parser.add_argument("--bf16", action="store_true", help="bf16 compute for every contender (TRL's bf16=True).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    BF16["on"] = args.bf16
     if args.worker:
         base = Path(args.dir)
         model_dir = Path(args.model) if args.model else base / "model"
@@ -197,7 +208,8 @@ def main() -> None:
         results = {}
         for name in args.only or list(CONTENDERS):
             done = subprocess.run(
-                [sys.executable, __file__, "--worker", name, "--dir", tmp, "--steps", str(args.steps), *extra],
+                [sys.executable, __file__, "--worker", name, "--dir", tmp, "--steps", str(args.steps), *extra]
+                + (["--bf16"] if args.bf16 else []),
                 capture_output=True,
                 text=True,
             )

@@ -376,7 +376,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seq_len=seq_len,
         answer_share=answer_share,
         tokens=tokens,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=config.train.gradient_checkpointing,
         weight_dtype=args.weight_dtype,
     )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
@@ -650,7 +650,6 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=int, help="Tokens per sequence [default: p95 of the data, else max_length].")
     plan.add_argument("--gpu", help="Device to recommend for, a name from the device table [default: RTX 4090 24GB].")
     plan.add_argument("--gpu-memory", type=float, help="Recommend for a device with this many GB instead.")
-    plan.add_argument("--gradient-checkpointing", action="store_true", help="Estimate with activation checkpointing.")
     plan.add_argument(
         "--weight-dtype",
         choices=["fp32", "bf16"],

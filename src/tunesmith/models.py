@@ -90,11 +90,13 @@ def load_tokenizer(source: str) -> Any:
     return tokenizer
 
 
-def load_model(source: str, dtype: Any = None, quantization: Any = None) -> Any:
+def load_model(source: str, dtype: Any = None, quantization: Any = None, attention: str | None = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     extra = {"quantization_config": quantization, "device_map": "cpu"} if quantization is not None else {}
+    if attention:
+        extra["attn_implementation"] = attention
     if quantization is not None and torch.cuda.is_available():
         extra["device_map"] = {"": 0}
     try:

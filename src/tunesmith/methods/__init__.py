@@ -21,7 +21,9 @@ from tunesmith.methods.lora import apply_lora
 def load_base(config: RunConfig, source: str) -> Any:
     """The base model as the method needs it: 4-bit for QLoRA, full precision otherwise."""
     from tunesmith.models import load_model
+    from tunesmith.train.speed import attention_implementation
 
+    attention = attention_implementation(config.train.attention)
     if config.method == "qlora":
         from tunesmith.methods.qlora import quantization_config
 
@@ -29,8 +31,8 @@ def load_base(config: RunConfig, source: str) -> Any:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise TunesmithError("method qlora needs bitsandbytes: pip install bitsandbytes.") from None
-        return load_model(source, quantization=quantization_config(config.qlora))
-    return load_model(source)
+        return load_model(source, quantization=quantization_config(config.qlora), attention=attention)
+    return load_model(source, attention=attention)
 
 
 def apply_method(model: Any, config: RunConfig) -> tuple[Any, int]:

@@ -23,6 +23,7 @@ from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import TunesmithError
 from tunesmith.train.batching import batch_order, collate, pack
 from tunesmith.train.loss import model_loss_sum
+from tunesmith.train.speed import memory_releaser, prepare_model
 
 
 @dataclass
@@ -110,8 +111,12 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total_steps, settings.schedule)
     )
+    model = prepare_model(model, settings)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
+    releaser = memory_releaser(settings, accelerator.device)
+    if releaser:
+        releaser.attach(model)
 
     stream = micro_batches(examples, settings, pad_id, row_tokens)
     history: list[dict[str, Any]] = []
@@ -157,6 +162,8 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if releaser:
+                    releaser.release()
                 tokens_seen += real_tokens
                 elapsed = time.perf_counter() - started
                 record = {
@@ -184,6 +191,8 @@ def fit(
     finally:
         if metrics_file:
             metrics_file.close()
+        if releaser:
+            releaser.detach()
     seconds = time.perf_counter() - started
     return TrainResult(
         steps=total_steps,

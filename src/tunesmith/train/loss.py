@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
-CHUNK_BYTES = 256 * 2**20  # fp32 logits held per chunk: 256 tokens of a 262k vocabulary, 2048 of 32k
+# fp32 logits held per chunk: 64 tokens of a 262k vocabulary, 512 of 32k. 64 MiB measured as fast as
+# 256 MiB on Gemma 3 270M (CPU) and lowered its peak RSS by ~0.6 GiB (logits, softmax and their grads).
+CHUNK_BYTES = 64 * 2**20
 
 
 def chunk_tokens(vocab_size: int) -> int:

@@ -1,0 +1,81 @@
+"""The speed and memory switches change memory and time, never the numbers."""
+
+import pytest
+import torch
+
+from tunesmith.config import LoraConfig, TrainConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.methods.lora import apply_lora
+from tunesmith.train.batching import collate
+from tunesmith.train.loss import model_loss_sum
+from tunesmith.train.speed import MemoryReleaser, attention_implementation, memory_releaser, prepare_model
+
+from .conftest import build_model, build_tokenizer
+from .test_train import examples_for
+
+
+def loss_and_grads(chat_file, **switches):
+    tokenizer = build_tokenizer()
+    batch = collate(examples_for(chat_file, tokenizer)[:4], tokenizer.pad_token_id)
+    batch = {k: v for k, v in batch.items() if k != "real_tokens"}
+    model, _ = apply_lora(build_model(len(tokenizer), seed=5), LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero; give it values so its gradient path is exercised
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    model = prepare_model(model, TrainConfig(**switches))
+    model.train()
+    releaser = MemoryReleaser()
+    releaser.attach(model)
+    try:
+        loss = model_loss_sum(model, batch)
+        loss.backward()
+    finally:
+        releaser.detach()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, model
+
+
+def test_gradient_checkpointing_and_memory_release_keep_loss_and_gradients(chat_file):
+    plain_loss, plain_grads, plain = loss_and_grads(chat_file, gradient_checkpointing=False)
+    ckpt_loss, ckpt_grads, checkpointed = loss_and_grads(chat_file, gradient_checkpointing=True)
+    decoder = checkpointed.get_decoder()
+    assert all(layer.gradient_checkpointing for layer in decoder.layers)
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in plain.get_decoder().layers)
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    assert set(ckpt_grads) == set(plain_grads) and len(plain_grads) > 0
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_memory_releaser_hooks_every_layer_and_detaches(tiny_model_dir):
+    model = build_model(300)
+    releaser = MemoryReleaser()
+    assert releaser.available  # glibc on these machines
+    calls = []
+    releaser.release = lambda: calls.append(1)
+    releaser.attach(model)
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert len(calls) == len(model.get_decoder().layers)
+    releaser.detach()
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert len(calls) == len(model.get_decoder().layers)
+
+
+def test_memory_release_is_on_for_cpu_in_auto_and_obeys_off():
+    cpu = torch.device("cpu")
+    assert memory_releaser(TrainConfig(), cpu) is not None
+    assert memory_releaser(TrainConfig(release_memory="off"), cpu) is None
+    assert memory_releaser(TrainConfig(), torch.device("meta")) is None  # auto: only when training on CPU
+    assert memory_releaser(TrainConfig(release_memory="on"), torch.device("meta")) is not None
+
+
+def test_gpu_only_switches_fail_clearly_without_a_gpu():
+    assert attention_implementation("auto") == "sdpa"
+    assert attention_implementation("eager") == "eager"
+    if not torch.cuda.is_available():
+        with pytest.raises(TunesmithError, match="flash-attn"):
+            attention_implementation("flash_attention_2")
+        with pytest.raises(TunesmithError, match="liger"):
+            prepare_model(build_model(300), TrainConfig(gradient_checkpointing=False, liger_kernels=True))
