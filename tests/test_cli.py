@@ -38,7 +38,10 @@ def test_train_writes_a_complete_run_directory(trained_run, tiny_model_dir):
         "chat_template.jinja",
         "train_summary.json",
         "data/train.jsonl",
+        "data/val.jsonl",
         "data/test.jsonl",
+        "loss.png",
+        "checkpoints/step-000004/trainable.safetensors",
         "data/tokenize.json",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
@@ -46,10 +49,13 @@ def test_train_writes_a_complete_run_directory(trained_run, tiny_model_dir):
     ]:
         assert (trained_run / name).is_file(), name
     assert not list(trained_run.glob("*.partial"))
-    assert len((trained_run / "data" / "train.jsonl").read_text().splitlines()) == 30
+    assert len((trained_run / "data" / "train.jsonl").read_text().splitlines()) == 28
+    assert len((trained_run / "data" / "val.jsonl").read_text().splitlines()) == 2
     assert len((trained_run / "data" / "test.jsonl").read_text().splitlines()) == 10
     metrics = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics if m["type"] == "train"] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics if m["type"] == "val"] == [1, 2, 3, 4]  # ten times per run, at most every step
+    assert all(m["val_loss"] > 0 for m in metrics if m["type"] == "val")
     manifest = json.loads((trained_run / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["torch"] == torch.__version__
     assert len(next(iter(manifest["data"].values()))) == 64
@@ -67,7 +73,8 @@ def test_existing_run_is_not_overwritten_without_the_flag(trained_run, tiny_mode
     assert "already exists" in capsys.readouterr().err
     assert (trained_run / "adapter" / "adapter_model.safetensors").read_bytes() == before
     assert main(args + ["--overwrite"]) == 0
-    assert len((trained_run / "metrics.jsonl").read_text().splitlines()) == 1
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1]
 
 
 def test_generate_tuned_and_base(trained_run, tmp_path, capsys):

@@ -50,7 +50,22 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
     group = parser.add_argument_group("config fields (override the config file)")
     unique = unique_leaf_names()
+    group.add_argument(
+        "--resume",
+        dest="field:resume",
+        nargs="?",
+        const="true",
+        default=argparse.SUPPRESS,
+        metavar="auto",
+        help="Continue the run in --out from its last complete checkpoint (after a crash, kill or Ctrl-C), "
+        "skipping data already seen; '--resume auto' resumes when there is a checkpoint and starts fresh otherwise.",
+    )
+    group.add_argument(
+        "--quiet", action="store_true", help="Plain log lines instead of the live progress bar (also when not a TTY)."
+    )
     for dotted, info in leaf_fields():
+        if dotted == "resume":
+            continue
         default = info.get_default(call_default_factory=True)
         allowed = choices(info)
         one_of = f" One of: {', '.join(allowed)}." if allowed else ""
@@ -79,10 +94,26 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> Any:
+    """train_run from the command line; an interrupt exits 130/143 with the command that resumes."""
+    from tunesmith.errors import TrainingInterrupted
     from tunesmith.run import train_run
 
-    summary = train_run(config_from_args(args), overwrite=args.overwrite, console=err)
+    try:
+        return train_run(config_from_args(args), overwrite=args.overwrite, console=err, live=not args.quiet)
+    except TrainingInterrupted as stop:
+        words = [w for w in sys.argv[1:] if w not in ("--overwrite", "--resume")]
+        saved = f"Checkpoint: {stop.checkpoint}. " if stop.checkpoint else ""
+        err.print(
+            f"[yellow]Stopped after step {stop.step}.[/] {saved}Resume with:\n  tunesmith {' '.join(words)} --resume",
+            highlight=False,
+        )
+        raise SystemExit(stop.exit_code) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+
+    summary = _train(args)
     if args.json:
         _print_json(asdict(summary))
     else:
@@ -125,9 +156,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tunesmith.run import compare_run, train_run
+    from tunesmith.run import compare_run
 
-    trained = train_run(config_from_args(args), overwrite=args.overwrite, console=err)
+    trained = _train(args)
     err.print(
         f"Trained {trained.steps} steps in {trained.seconds:.0f}s; "
         f"loss {trained.first_loss:.3f} -> {trained.final_loss:.3f}"
@@ -137,6 +168,76 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_json({"train": asdict(trained), "compare": asdict(compared)})
     else:
         print_comparison(compared)
+    return 0
+
+
+def _runs_table(found: list[dict[str, Any]], root: str) -> Table:
+    table = Table(title=f"Runs in {root}")
+    for column in ("name", "model", "method", "status", "steps", "best val", "started"):
+        table.add_column(column, justify="right" if column in ("steps", "best val") else "left")
+    for run in found:
+        best = run["best"]
+        shown = f"{best['metric']} {best['value']:.4f} @{best['step']}" if best and best["value"] is not None else "-"
+        table.add_row(
+            run["name"],
+            str(run["model"]),
+            str(run["method"]),
+            run["status"],
+            str(run["steps"]),
+            shown,
+            str(run["started"] or "-"),
+        )
+    return table
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from tunesmith.runs import describe, find_runs, resolve_run
+
+    if args.action == "show":
+        if not args.name:
+            raise TunesmithError("tunesmith runs show NAME: give the run's name or directory.")
+        run = describe(resolve_run(args.name, Path(args.dir)))
+        if args.json:
+            _print_json(run)
+            return 0
+        for key in ("name", "dir", "model", "method", "status", "steps", "loss", "best", "started", "checkpoints"):
+            out.print(f"[bold]{key:12}[/] {run[key]}", highlight=False)
+        for key in ("seed", "git_rev", "finished", "resumed"):
+            if key in run["manifest"]:
+                out.print(f"[bold]{key:12}[/] {run['manifest'][key]}", highlight=False)
+        if (Path(run["dir"]) / "loss.png").is_file():
+            out.print(f"[bold]{'loss curves':12}[/] {Path(run['dir']) / 'loss.png'}", highlight=False)
+        return 0
+    found = find_runs(Path(args.dir))
+    if args.json:
+        _print_json([{k: v for k, v in r.items() if k != "manifest"} for r in found])
+    elif not found:
+        out.print(f"No runs in {args.dir}. Start one with: tunesmith train CONFIG")
+    else:
+        out.print(_runs_table(found, args.dir))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from tunesmith.runs import follow, resolve_run
+
+    run_dir = resolve_run(args.run, Path(args.dir))
+    for record in follow(run_dir, args.interval):
+        if args.json:
+            print(json.dumps(record), flush=True)
+        elif record.get("type") == "val":
+            shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+            out.print(f"step {record['step']:>6} [cyan]val[/] {shown}" + (" (best)" if record.get("best") else ""))
+        elif record.get("type") == "event":
+            out.print(f"step {record['step']:>6} [yellow]{record.get('event')}[/]")
+        else:
+            out.print(
+                f"step {record['step']:>6} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"gnorm {record.get('grad_norm') or 0:.3f} {record.get('tokens_per_s', 0):.0f} tok/s",
+                highlight=False,
+            )
+    status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+    out.print(f"Run {run_dir} is {status}.")
     return 0
 
 
@@ -622,6 +723,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--limit", type=int, default=None, help="Test examples to use [default: eval.limit].")
     compare.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
     compare.set_defaults(func=cmd_compare)
+
+    runs = sub.add_parser(
+        "runs",
+        help="List runs, or show one (status, steps, best val metric, checkpoints).",
+        description="List the runs under --dir (name, model, method, status, steps, best validation metric, "
+        "start time), or `runs show NAME` for one run's details. 'crashed' means the manifest says running but "
+        "its process is gone: resume it with `tunesmith train CONFIG --resume`.",
+    )
+    runs.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show.")
+    runs.add_argument("name", nargs="?", help="With show: the run's name or directory.")
+    runs.add_argument("--dir", default="runs", help="Directory holding the runs [default: runs].")
+    runs.add_argument("--json", action="store_true", help="Print as JSON on stdout.")
+    runs.set_defaults(func=cmd_runs)
+
+    watch = sub.add_parser(
+        "watch",
+        help="Follow a run's metrics live from another terminal.",
+        description="Print a run's metrics (train steps, validations, events) as they are written, until the run "
+        "completes, fails or is interrupted.",
+    )
+    watch.add_argument("run", help="Run name (under --dir) or run directory.")
+    watch.add_argument("--dir", default="runs", help="Directory holding the runs [default: runs].")
+    watch.add_argument("--interval", type=float, default=2.0, help="Seconds between polls [default: 2].")
+    watch.add_argument("--json", action="store_true", help="Print each record as a JSON line.")
+    watch.set_defaults(func=cmd_watch)
 
     gen = sub.add_parser(
         "generate",

@@ -34,6 +34,16 @@ class DataConfig(Section):
     test_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of the data held out for testing when test_path is unset."
     )
+    val_path: str | None = Field(
+        None, description="Validation file scored during training; without it, val_fraction of the data is split off."
+    )
+    val_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the data held out for validation during training (val loss, best checkpoint, "
+        "early stopping) when val_path is unset; 0 turns validation off.",
+    )
     max_length: int = Field(1024, gt=8, description="Longest tokenized example; longer ones are truncated and counted.")
     allow_warnings: bool = Field(
         False, description="Train even when the data check finds warnings; errors always stop the run."
@@ -106,6 +116,14 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm to this; null disables clipping.")
     seed: int = Field(42, description="Seed for data order, splitting, dropout and initialisation.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl line every this many steps.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="When the loss or gradient norm is NaN/inf: stop with a diagnosis, or skip that step "
+        "(no update; the run stops after 5 skipped steps in a row).",
+    )
+    spike_factor: float = Field(
+        3.0, gt=1.0, description="Log a loss spike when a step's loss exceeds this multiple of the smoothed loss."
+    )
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Compute dtype: bf16 autocast over fp32 weights, fp32, or auto (bf16 on a GPU with "
@@ -132,6 +150,73 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model before training (GPU; slow first steps).")
 
 
+class ValidationConfig(Section):
+    every: int | None = Field(
+        None, gt=0, description="Validate every this many optimizer steps; null: ten times per run."
+    )
+    limit: int | None = Field(200, gt=0, description="Validation examples scored for val loss; null for all.")
+    metrics: list[Literal["exact_match", "json_valid", "json_fields"]] = Field(
+        [], description="Task metrics generated on a validation sample at each validation (slower than val loss)."
+    )
+    generate_limit: int = Field(16, gt=0, description="Validation examples generated for the task metrics.")
+    best_metric: str = Field(
+        "val_loss", description="What picks the best checkpoint: val_loss (lower is better) or one of metrics."
+    )
+    patience: int | None = Field(
+        None, gt=0, description="Stop early after this many validations without a better best_metric; null: never."
+    )
+    load_best_at_end: bool = Field(
+        False, description="Save the best checkpoint's weights as the run's model instead of the last step's."
+    )
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        return split_commas(value)
+
+    @model_validator(mode="after")
+    def _best_is_known(self) -> ValidationConfig:
+        if self.best_metric != "val_loss" and self.best_metric not in self.metrics:
+            raise ValueError(
+                f"best_metric {self.best_metric!r} must be val_loss or one of validation.metrics {self.metrics}"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    every: int | None = Field(
+        None, gt=0, description="Write a checkpoint every this many steps; null: at each validation (and at the end)."
+    )
+    keep_last: int = Field(
+        2, ge=1, description="Newest checkpoints kept; older ones are deleted (the best is kept too)."
+    )
+    keep_best: bool = Field(True, description="Also keep the checkpoint with the best validation metric.")
+
+
+class TrackingConfig(Section):
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="Experiment trackers besides metrics.jsonl (each needs its package installed)."
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: a file store in <run>/mlruns (no server needed)."
+    )
+    wandb_project: str = Field("tunesmith", description="Weights & Biases project.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="Weights & Biases mode; offline writes files you can `wandb sync` later."
+    )
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        return split_commas(value)
+
+
+def split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 class EvalConfig(Section):
     limit: int | None = Field(50, gt=0, description="Test examples to generate for the comparison; null for all.")
     max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per answer.")
@@ -143,9 +228,7 @@ class EvalConfig(Section):
     @field_validator("metrics", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return split_commas(value)
 
 
 class RunConfig(Section):
@@ -170,7 +253,17 @@ class RunConfig(Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Bottleneck adapters (method: adapter).")
     full: FullConfig = Field(default_factory=FullConfig, description="Full fine-tuning options (method: full).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig, description="Validation during training, best checkpoint, early stopping."
+    )
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints for resuming.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment trackers.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Base-versus-tuned comparison.")
+    resume: bool | Literal["auto"] = Field(
+        False,
+        description="Continue the run in out from its last complete checkpoint: true, false, or auto (resume "
+        "when the run directory has a checkpoint, else start fresh).",
+    )
 
     @model_validator(mode="after")
     def _name_from_out(self) -> RunConfig:

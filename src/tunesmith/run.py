@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.progress import Progress
 
@@ -26,7 +27,7 @@ from tunesmith.config import RunConfig, dump_config
 from tunesmith.data.check import CheckReport
 from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
 from tunesmith.data.tokenize import use_chat_template
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import save_atomic
 
 
@@ -47,6 +48,10 @@ class TrainSummary:
     seconds: float
     tokens_per_second: float
     tokenize: dict[str, Any] = field(default_factory=dict)
+    val_examples: int = 0
+    stopped: str = "completed"
+    best: dict[str, Any] | None = None
+    resumed_from: int | None = None
 
 
 @dataclass
@@ -109,7 +114,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise TunesmithError(
-                f"Run directory {run_dir} already exists. Choose another --out, or pass --overwrite to replace it."
+                f"Run directory {run_dir} already exists. Choose another --out, pass --resume to continue it from "
+                "its last checkpoint, or --overwrite to replace it."
             )
         shutil.rmtree(run_dir)
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -135,74 +141,223 @@ def gate_data(config: RunConfig) -> CheckReport:
     return report
 
 
-def split_data(config: RunConfig) -> tuple[list[Conversation], list[Conversation], str, list[Path]]:
-    """Training and test conversations: test_path when given, else a group-aware, stratified split."""
+def split_data(config: RunConfig) -> tuple[dict[str, list[Conversation]], str, list[Path]]:
+    """Train, val and test conversations: the files given, else a group-aware, stratified split."""
     from tunesmith.data.check import CheckOptions, labels_of
     from tunesmith.data.split import split_conversations
 
     path = Path(str(config.data.path))
     conversations, fmt = read_conversations(path, config.data.format)
     files = [path]
-    if config.data.test_path:
-        test, _ = read_conversations(config.data.test_path, config.data.format)
-        files.append(Path(config.data.test_path))
-        return conversations, test, fmt, files
+    val_share = 0.0 if config.data.val_path else config.data.val_fraction
+    test_share = 0.0 if config.data.test_path else config.data.test_fraction
     labels = labels_of(path, conversations, CheckOptions())
     splits, _ = split_conversations(
-        conversations, 0.0, config.data.test_fraction, config.train.seed, labels, config.data.near_threshold
+        conversations, val_share, test_share, config.train.seed, labels, config.data.near_threshold
     )
+    for name, given in (("test", config.data.test_path), ("val", config.data.val_path)):
+        if given:
+            splits[name], _ = read_conversations(given, config.data.format)
+            files.append(Path(given))
     if not splits["train"]:
-        raise TunesmithError(f"{path}: no examples left for training after the test split.")
-    return splits["train"], splits["test"], fmt, files
+        raise TunesmithError(f"{path}: no examples left for training after the val/test split.")
+    return splits, fmt, files
 
 
-def train_run(config: RunConfig, overwrite: bool = False, console: Console | None = None) -> TrainSummary:
-    """Run every training stage for one config and leave a complete run directory behind."""
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_resumable(config: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """The run's manifest, after checking config and data are those the run started with."""
+    from tunesmith.config import build_config
+
+    saved = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
+    ignore = {"resume"}
+    changed = _differences(
+        {k: v for k, v in saved.model_dump(mode="json").items() if k not in ignore},
+        {k: v for k, v in config.model_dump(mode="json").items() if k not in ignore},
+    )
+    if changed:
+        listed = "\n".join(f"  - {c}" for c in changed)
+        raise TunesmithError(
+            f"Cannot resume {run_dir}: the config differs from the one the run started with:\n{listed}\n"
+            "Resume with the same config (or the run's own config.yaml), or start a new run with another --out."
+        )
+    info = json.loads((run_dir / "manifest.json").read_text())
+    for name, digest in info.get("data", {}).items():
+        if Path(name).is_file() and sha256_file(Path(name)) != digest:
+            raise TunesmithError(
+                f"Cannot resume {run_dir}: {name} changed since the run started (sha256 differs). "
+                "Restore the file, or start a new run with another --out."
+            )
+    return info
+
+
+def _write_manifest(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> None:
+    record = info | {"status": status, **extra}
+    (run_dir / "manifest.json").write_text(json.dumps(record, indent=2))
+
+
+def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examples: list[Any]) -> Any:
+    """Val loss on up to validation.limit examples, plus the configured task metrics on a generated sample."""
+    from tunesmith.evaluate.generate import generate
+    from tunesmith.evaluate.metrics import score
+    from tunesmith.train.batching import collate
+    from tunesmith.train.loss import model_loss_sum
+
+    settings = config.validation
+    scored = examples[: settings.limit or len(examples)]
+    sample = [c for c in val if c.reference is not None][: settings.generate_limit]
+
+    def validate(model: Any) -> dict[str, float]:
+        total, count = 0.0, 0
+        device = next(model.parameters()).device
+        for start in range(0, len(scored), config.train.batch_size):
+            batch = collate(scored[start : start + config.train.batch_size], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items() if k != "real_tokens"}
+            total += float(model_loss_sum(model, batch))
+            count += int((batch["labels"][:, 1:] != -100).sum())
+        results = {"val_loss": total / max(1, count)}
+        if settings.metrics and sample:
+            outputs = generate(
+                model,
+                tokenizer,
+                [c.prompt_messages for c in sample],
+                config.eval.max_new_tokens,
+                config.eval.batch_size,
+            )
+            per_item = score(settings.metrics, outputs, [str(c.reference) for c in sample])
+            results |= {name: sum(values) / len(values) for name, values in per_item.items()}
+        return results
+
+    return validate
+
+
+def train_run(
+    config: RunConfig, overwrite: bool = False, console: Console | None = None, live: bool | None = None
+) -> TrainSummary:
+    """Run every training stage for one config and leave a complete run directory behind.
+
+    With config.resume, an existing run directory continues from its last complete checkpoint.
+    """
     from tunesmith.data.cache import cached_tokenize
     from tunesmith.methods import apply_method, count_parameters, load_base, save_trained, weights_dir
     from tunesmith.models import cache_root, load_tokenizer, resolve_model_path
-    from tunesmith.train.loop import fit
+    from tunesmith.runs import plot_losses
+    from tunesmith.train import checkpoint as ckpt
+    from tunesmith.train.loop import Session, fit
+    from tunesmith.train.trackers import Trackers
 
     console = console or Console(stderr=True)
     run_dir = config.run_dir
-    report = gate_data(config)
-    train, test, fmt, files = split_data(config)
-    prepare_run_dir(run_dir, overwrite)
-    (run_dir / "data" / "check.json").write_text(json.dumps(report.to_dict(), indent=2))
-    write_jsonl(run_dir / "data" / "train.jsonl", train)
-    write_jsonl(run_dir / "data" / "test.jsonl", test)
-    (run_dir / "config.yaml").write_text(dump_config(config))
-    info = manifest(config, files)
-    (run_dir / "manifest.json").write_text(json.dumps(info | {"status": "running"}, indent=2))
+    existing = (run_dir / "manifest.json").is_file()
+    resuming = bool(config.resume) and existing
+    if config.resume is True and not existing:
+        raise TunesmithError(
+            f"--resume: {run_dir} holds no run to resume. Drop --resume (or use --resume auto) to start it."
+        )
+    latest = None
+    if resuming:
+        if overwrite:
+            raise TunesmithError("--resume and --overwrite contradict each other: pick one.")
+        info = check_resumable(config, run_dir)
+        fmt = info.get("format", "chat")
+        splits = {n: read_conversations(run_dir / "data" / f"{n}.jsonl", "chat")[0] for n in ("train", "val", "test")}
+        swept = ckpt.sweep_partial(run_dir)
+        latest = ckpt.latest_checkpoint(run_dir)
+        if swept:
+            console.print(f"Removed unfinished checkpoint write(s): {', '.join(swept)}")
+        if latest is None:
+            console.print(f"{run_dir} has no complete checkpoint yet: training it again from step 0.")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        info["resumed"] = info.get("resumed", []) + [
+            {"from": latest.name if latest else None, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        ]
+    else:
+        report = gate_data(config)
+        splits, fmt, files = split_data(config)
+        prepare_run_dir(run_dir, overwrite)
+        (run_dir / "data" / "check.json").write_text(json.dumps(report.to_dict(), indent=2))
+        for name, rows in splits.items():
+            write_jsonl(run_dir / "data" / f"{name}.jsonl", rows)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        info = manifest(config, files) | {"format": fmt}
+    info |= {"pid": os.getpid(), "host": platform.node()}
+    _write_manifest(run_dir, info, "running")
+    train, val, test = splits["train"], splits["val"], splits["test"]
 
     console.print(f"[bold]Model[/] {config.model}  [bold]method[/] {config.method}  [bold]run[/] {run_dir}")
     source = resolve_model_path(config.model)
     tokenizer = load_tokenizer(source)
     template = use_chat_template(tokenizer, config.chat_template)
+    tokenized_root = cache_root() / "tokenized"
     examples, stats, hit = cached_tokenize(
-        tokenizer, train, config.data.max_length, config.data.train_on, cache_root() / "tokenized"
+        tokenizer, train, config.data.max_length, config.data.train_on, tokenized_root
     )
     token_report = stats.summary()
     (run_dir / "data" / "tokenize.json").write_text(json.dumps(token_report, indent=2))
     console.print(
-        f"{fmt} data: {len(train)} train / {len(test)} test examples, {token_report['tokens']} tokens; "
-        f"{stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped (no answer left)"
-        + (" [tokenized cache hit]" if hit else "")
+        f"{fmt} data: {len(train)} train / {len(val)} val / {len(test)} test examples, {token_report['tokens']} "
+        f"tokens; {stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped "
+        "(no answer left)" + (" [tokenized cache hit]" if hit else "")
     )
+    validate = None
+    if val:
+        val_examples, _, _ = cached_tokenize(
+            tokenizer, val, config.data.max_length, config.data.train_on, tokenized_root
+        )
+        validate = _validator(config, tokenizer, val, val_examples)
 
     model, _ = apply_method(load_base(config, source), config)
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    result = fit(
-        model,
-        examples,
-        config.train,
-        tokenizer.pad_token_id,
-        run_dir / "metrics.jsonl",
-        console,
-        row_tokens=config.data.max_length,
+    trackers = Trackers(config, run_dir)
+    session = Session(
+        run_dir=run_dir,
+        checkpoint_every=config.checkpoint.every,
+        keep_last=config.checkpoint.keep_last,
+        keep_best=config.checkpoint.keep_best,
+        validate=validate,
+        validate_every=config.validation.every,
+        best_metric=config.validation.best_metric,
+        patience=config.validation.patience,
+        resume_from=latest,
+        log=trackers.log,
+        on_checkpoint=lambda path: plot_losses(run_dir),
+        live=live,
     )
+    try:
+        result = fit(
+            model,
+            examples,
+            config.train,
+            tokenizer.pad_token_id,
+            run_dir / "metrics.jsonl",
+            console,
+            row_tokens=config.data.max_length,
+            session=session,
+        )
+    except TrainingInterrupted:
+        trackers.close("interrupted")
+        _write_manifest(run_dir, info, "interrupted")
+        raise
+    except BaseException as exc:
+        trackers.close("failed")
+        _write_manifest(run_dir, info, "failed", error=str(exc)[:2000])
+        raise
+    trackers.close("completed")
 
+    if config.validation.load_best_at_end and result.best:
+        best_dir = ckpt.checkpoints_dir(run_dir) / f"step-{result.best['step']:06d}"
+        if (best_dir / "state.json").is_file():
+            ckpt.load_trainable(model, best_dir / "trainable.safetensors")
+            console.print(f"Saving the best checkpoint ({best_dir.name}) as the run's model.")
     model.eval()
     weights = weights_dir(config, run_dir)
 
@@ -210,9 +365,13 @@ def train_run(config: RunConfig, overwrite: bool = False, console: Console | Non
         save_trained(model, config, path)
         tokenizer.save_pretrained(path)
 
+    if weights.exists():  # a resumed run that had finished writing once: the new weights replace them
+        shutil.rmtree(weights)
     save_atomic(weights, write_weights)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     (run_dir / "chat_template.jinja").write_text(template)
+    plot_losses(run_dir)
+    history = result.history
     summary = TrainSummary(
         run_dir=str(run_dir),
         method=config.method,
@@ -224,16 +383,18 @@ def train_run(config: RunConfig, overwrite: bool = False, console: Console | Non
         steps=result.steps,
         epochs=result.epochs,
         final_loss=result.final_loss,
-        first_loss=result.history[0]["loss"],
+        first_loss=history[0]["loss"] if history else float("nan"),
         tokens=result.tokens,
         seconds=round(result.seconds, 2),
         tokens_per_second=round(result.tokens_per_second, 2),
         tokenize=token_report,
+        val_examples=len(val),
+        stopped=result.stopped,
+        best=result.best,
+        resumed_from=result.resumed_from,
     )
     (run_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
-    (run_dir / "manifest.json").write_text(
-        json.dumps(info | {"status": "completed", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2)
-    )
+    _write_manifest(run_dir, info, "completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return summary
 
 

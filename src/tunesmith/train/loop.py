@@ -6,10 +6,14 @@ to train (that is methods/) nor where files go (that is run.py); it only optimis
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tunesmith.config import TrainConfig
 from tunesmith.data.tokenize import TokenizedExample
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TrainingInterrupted, TunesmithError
+from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.batching import batch_order, collate, pack
 from tunesmith.train.loss import model_loss_sum
 from tunesmith.train.speed import memory_releaser, prepare_model
@@ -34,6 +39,10 @@ class TrainResult:
     tokens: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = "completed"  # or "early_stopped"
+    best: dict[str, Any] | None = None
+    resumed_from: int | None = None
+    skipped_steps: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -74,15 +83,109 @@ def plan_steps(n_batches: int, settings: TrainConfig) -> int:
     return settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
 
 
-def micro_batches(examples: list[TokenizedExample], settings: TrainConfig, pad_id: int, row_tokens: int):
-    """Endless stream of batches, reshuffled each epoch with the run's seed."""
-    lengths = [len(e) for e in examples]
-    epoch = 0
-    while True:
-        for indices in batch_order(lengths, settings.batch_size, settings.seed + epoch):
-            chosen = [examples[i] for i in indices]
-            yield pack(chosen, pad_id, row_tokens) if settings.packing else collate(chosen, pad_id)
-        epoch += 1
+def batch_stream(lengths: list[int], settings: TrainConfig):
+    """Endless stream of micro-batch index lists, reshuffled each epoch with the run's seed."""
+    for epoch in itertools.count():
+        yield from batch_order(lengths, settings.batch_size, settings.seed + epoch)
+
+
+def micro_batches(examples: list[TokenizedExample], settings: TrainConfig, pad_id: int, row_tokens: int, skip: int = 0):
+    """Endless stream of (indices, batch), starting after `skip` micro-batches (the resume position)."""
+    for indices in itertools.islice(batch_stream([len(e) for e in examples], settings), skip, None):
+        chosen = [examples[i] for i in indices]
+        yield indices, pack(chosen, pad_id, row_tokens) if settings.packing else collate(chosen, pad_id)
+
+
+@dataclass
+class Session:
+    """What a run adds around the bare loop: checkpoints, resume, validation, trackers, the live view."""
+
+    run_dir: Path | None = None
+    checkpoint_every: int | None = None
+    keep_last: int = 2
+    keep_best: bool = True
+    validate: Callable[[Any], dict[str, float]] | None = None
+    validate_every: int | None = None
+    best_metric: str = "val_loss"
+    patience: int | None = None
+    resume_from: Path | None = None
+    log: Callable[[dict[str, Any]], None] | None = None  # trackers
+    on_checkpoint: Callable[[Path], None] | None = None
+    live: bool | None = None  # None: a live bar when the console is a terminal
+    stop_signals: bool = True
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+def memory_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+    try:
+        with open("/proc/self/statm") as handle:
+            resident = int(handle.read().split()[1]) * 4096
+    except OSError:
+        return "-"
+    return f"{resident / 2**30:.1f}G"
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handlers that ask the loop to stop after the current step (a second Ctrl-C aborts)."""
+
+    def __init__(self, console: Console) -> None:
+        self.signum: int | None = None
+        self.console = console
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.console.print(
+            f"[yellow]{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+            "(Ctrl-C again to abort without one)[/]"
+        )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, bf16: bool, lines: list[int]) -> str:
+    causes = [f"the learning rate is too high (train.lr; this step used {lr:.2e}): lower it or warm up longer"]
+    if bf16:
+        causes.append("bf16 overflow: try train.dtype=fp32")
+    causes.append(f"a bad example in this step's batch (data lines {sorted(set(lines))[:16]}): check them")
+    return (
+        f"Step {step}: loss {loss} / gradient norm {grad_norm} is not finite. Likely causes:\n"
+        + "\n".join(f"  - {c}" for c in causes)
+        + "\nOr set train.on_nonfinite=skip to skip such steps."
+    )
+
+
+def _resume_history(metrics_path: Path | None, step: int) -> list[dict[str, Any]]:
+    """Drop metrics logged after the checkpoint (a killed run logs steps it never saved); return train rows."""
+    if not metrics_path or not metrics_path.is_file():
+        return []
+    kept = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if record.get("step", 0) <= step:
+            kept.append(record)
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return [r for r in kept if r.get("type", "train") == "train"]
 
 
 def fit(
@@ -93,6 +196,7 @@ def fit(
     metrics_path: Path | None = None,
     console: Console | None = None,
     row_tokens: int = 1024,
+    session: Session | None = None,
 ) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -100,6 +204,7 @@ def fit(
     if not examples:
         raise TunesmithError("No training examples are left after tokenization; check data.max_length.")
     console = console or Console(stderr=True)
+    session = session or Session(stop_signals=False)
     set_seed(settings.seed)
     bf16 = use_bf16(settings.dtype)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
@@ -114,16 +219,24 @@ def fit(
     model = prepare_model(model, settings)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
+    validate_every = session.validate_every or max(1, total_steps // 10)
+    save_every = session.checkpoint_every or validate_every
+
+    state = ckpt.TrainState(best_metric=session.best_metric)
+    history: list[dict[str, Any]] = []
+    if session.resume_from is not None:
+        state = ckpt.load_checkpoint(session.resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        history = _resume_history(metrics_path, state.step)
+        console.print(f"Resuming from {session.resume_from.name}: step {state.step} of {total_steps}")
+    resumed_at = state.step if session.resume_from is not None else None
+
     releaser = memory_releaser(settings, accelerator.device)
     if releaser:
         releaser.attach(model)
-
-    stream = micro_batches(examples, settings, pad_id, row_tokens)
-    history: list[dict[str, Any]] = []
-    tokens_seen = 0
-    started = time.perf_counter()
+    stream = micro_batches(examples, settings, pad_id, row_tokens, skip=state.micro_batches)
+    started = time.perf_counter() - state.elapsed_s
     metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path else None
-    live = console.is_terminal
+    live = console.is_terminal if session.live is None else session.live and console.is_terminal
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -134,12 +247,77 @@ def fit(
         console=console,
         disable=not live,
     )
-    task = progress.add_task("train", total=total_steps, status="")
+    task = progress.add_task("train", total=total_steps, completed=state.step, status="")
+    stopped = "completed"
+    skipped = 0
+
+    def emit(record: dict[str, Any], force: bool = True) -> None:
+        if metrics_file and force:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if session.log and force:
+            session.log(record)
+
+    def say(text: str) -> None:
+        if live:
+            progress.console.print(text, highlight=False)
+        else:
+            console.print(text, highlight=False)
+            sys.stderr.flush()
+
+    def save(step_state: ckpt.TrainState) -> Path | None:
+        if session.run_dir is None:
+            return None
+        path = ckpt.save_checkpoint(session.run_dir, accelerator.unwrap_model(model), optimizer, scheduler, step_state)
+        best = step_state.best_step if session.keep_best else None
+        ckpt.prune(session.run_dir, session.keep_last, best)
+        if session.on_checkpoint:
+            session.on_checkpoint(path)
+        return path
+
+    def run_validation(step: int) -> bool:
+        """Validate, track the best, warn on overfitting; True when early stopping should stop the run."""
+        if releaser:
+            releaser.detach()
+        model.eval()
+        try:
+            with torch.no_grad():
+                scores = session.validate(accelerator.unwrap_model(model))
+        finally:
+            model.train()
+            if releaser:
+                releaser.attach(model)
+        record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}}
+        previous = state.evaluations[-1] if state.evaluations else None
+        state.evaluations.append({"step": step, "train_loss": state.smoothed_loss, **scores})
+        value = scores.get(state.best_metric)
+        if value is not None and better(state.best_metric, value, state.best_value):
+            state.best_value, state.best_step = value, step
+            record["best"] = True
+        if (
+            previous
+            and "val_loss" in scores
+            and scores["val_loss"] > previous["val_loss"]
+            and (state.smoothed_loss or 0) < (previous["train_loss"] or 0)
+        ):
+            record["overfitting"] = True
+            say(
+                f"[yellow]warning: val loss rose {previous['val_loss']:.4f} -> {scores['val_loss']:.4f} while train "
+                "loss fell: the model may be overfitting (fewer epochs, lower lr, more data)[/]"
+            )
+        emit(record)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        say(f"step {step}: {shown}" + (" (best)" if record.get("best") else ""))
+        since_best = step - (state.best_step or 0)
+        evals_since = sum(1 for e in state.evaluations if e["step"] > (state.best_step or 0))
+        return bool(session.patience and since_best > 0 and evals_since >= session.patience)
+
     try:
-        with progress:
-            for step in range(1, total_steps + 1):
+        with progress, StopRequest(console) if session.stop_signals else _NoSignals() as stop:
+            for step in range(state.step + 1, total_steps + 1):
                 step_start = time.perf_counter()
-                batches = [next(stream) for _ in range(settings.grad_accum)]
+                drawn = [next(stream) for _ in range(settings.grad_accum)]
+                batches = [b for _, b in drawn]
                 # Normalise by the answer tokens of the whole step, so accumulation equals one large batch.
                 loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
                 real_tokens = sum(int(b.get("real_tokens", b.get("attention_mask")).sum()) for b in batches)
@@ -150,55 +328,110 @@ def fit(
                         loss = model_loss_sum(model, batch) / loss_tokens
                     accelerator.backward(loss)
                     step_loss += loss.item()
-                if not math.isfinite(step_loss):
-                    raise TunesmithError(
-                        f"Loss became {step_loss} at step {step}. Lower train.lr, or check the data for "
-                        "empty or garbled answers."
-                    )
-                grad_norm = None
-                if settings.max_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(parameters, settings.max_grad_norm))
+                grad_norm = float(accelerator.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf))
                 lr = scheduler.get_last_lr()[0]
+                state.micro_batches += settings.grad_accum
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    lines = [examples[i].line for indices, _ in drawn for i in indices]
+                    message = _nonfinite_message(step, step_loss, grad_norm, lr, bf16, lines)
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped_in_row += 1
+                    if settings.on_nonfinite == "stop" or state.skipped_in_row >= 5:
+                        raise TunesmithError(message)
+                    skipped += 1
+                    emit({"type": "event", "step": step, "event": "skipped_nonfinite", "loss": str(step_loss)})
+                    say(f"[yellow]step {step} skipped: loss {step_loss}, grad norm {grad_norm}[/]")
+                    scheduler.step()
+                    state.step = step
+                    progress.update(task, advance=1)
+                    continue
+                state.skipped_in_row = 0
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if releaser:
                     releaser.release()
-                tokens_seen += real_tokens
-                elapsed = time.perf_counter() - started
+                spike = (
+                    state.smoothed_loss is not None
+                    and step > 10
+                    and step_loss > settings.spike_factor * state.smoothed_loss
+                )
+                state.smoothed_loss = (
+                    step_loss if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * step_loss
+                )
+                state.tokens += real_tokens
+                state.step = step
+                state.elapsed_s = time.perf_counter() - started
                 record = {
+                    "type": "train",
                     "step": step,
-                    "epoch": round(step * settings.grad_accum / n_batches, 4),
+                    "epoch": round(state.micro_batches / n_batches, 4),
                     "loss": round(step_loss, 6),
+                    "smoothed_loss": round(state.smoothed_loss, 6),
                     "lr": lr,
-                    "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+                    "grad_norm": round(grad_norm, 6),
                     "tokens": real_tokens,
                     "loss_tokens": loss_tokens,
                     "tokens_per_s": round(real_tokens / (time.perf_counter() - step_start), 2),
-                    "elapsed_s": round(elapsed, 3),
+                    "elapsed_s": round(state.elapsed_s, 3),
                 }
+                if spike:
+                    record["spike"] = True
+                    say(f"[yellow]loss spike at step {step}: {step_loss:.4f} vs smoothed {state.smoothed_loss:.4f}[/]")
                 history.append(record)
-                if metrics_file and (step % settings.log_every == 0 or step == total_steps):
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                emit(record, force=spike or step % settings.log_every == 0 or step == total_steps)
                 status = (
-                    f"loss {step_loss:.4f} lr {lr:.2e} gnorm {grad_norm or 0:.3f} {record['tokens_per_s']:.0f} tok/s"
+                    f"ep {record['epoch']:.2f} loss {state.smoothed_loss:.4f} lr {lr:.2e} gnorm {grad_norm:.3f} "
+                    f"{record['tokens_per_s']:.0f} tok/s mem {memory_text(accelerator.device)}"
                 )
                 progress.update(task, advance=1, status=status)
                 if not live and (step == 1 or step == total_steps or step % max(1, total_steps // 20) == 0):
-                    console.print(f"step {step}/{total_steps} {status}", highlight=False)
-                    sys.stderr.flush()
+                    say(f"step {step}/{total_steps} {status}")
+                early = False
+                if session.validate and (step % validate_every == 0 or step == total_steps):
+                    early = run_validation(step)
+                    if early:
+                        stopped = "early_stopped"
+                        say(
+                            f"Early stop at step {step}: {state.best_metric} has not improved for "
+                            f"{session.patience} validations (best {state.best_value:.4f} at step {state.best_step})."
+                        )
+                stop_now = stop is not None and stop.signum is not None
+                if step % save_every == 0 or step == total_steps or early or stop_now:
+                    saved = save(state)
+                    if stop_now:
+                        raise TrainingInterrupted(stop.signum, step, str(saved) if saved else None)
+                if early:
+                    break
     finally:
         if metrics_file:
             metrics_file.close()
         if releaser:
             releaser.detach()
     seconds = time.perf_counter() - started
+    train_rows = [r for r in history if r.get("type", "train") == "train"]
+    best = None
+    if state.best_step is not None:
+        best = {"metric": state.best_metric, "value": state.best_value, "step": state.best_step}
     return TrainResult(
-        steps=total_steps,
-        epochs=round(total_steps * settings.grad_accum / n_batches, 4),
-        final_loss=history[-1]["loss"],
-        tokens=tokens_seen,
+        steps=state.step,
+        epochs=round(state.micro_batches / n_batches, 4),
+        final_loss=train_rows[-1]["loss"] if train_rows else float("nan"),
+        tokens=state.tokens,
         seconds=seconds,
-        history=history,
+        history=train_rows,
+        stopped=stopped,
+        best=best,
+        resumed_from=resumed_at,
+        skipped_steps=skipped,
     )
+
+
+class _NoSignals:
+    signum = None
+
+    def __enter__(self) -> _NoSignals:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

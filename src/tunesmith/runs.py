@@ -1,0 +1,150 @@
+"""Runs on disk: list them, show one, follow one live from another terminal, plot its loss curves.
+
+Everything here only reads a run directory (manifest.json, config.yaml, metrics.jsonl,
+checkpoints/), so it works while training writes, after a crash, and on a copied directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunesmith.errors import TunesmithError
+from tunesmith.train.checkpoint import complete_checkpoints
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the line being written right now
+    return records
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_status(manifest: dict[str, Any]) -> str:
+    """The manifest's status, with 'running' corrected to 'crashed' when its process is gone."""
+    status = manifest.get("status", "unknown")
+    if status == "running" and manifest.get("host") == os.uname().nodename and not _alive(manifest.get("pid")):
+        return "crashed"
+    return status
+
+
+def describe(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    metrics = read_metrics(run_dir)
+    train = [r for r in metrics if r.get("type", "train") == "train"]
+    val = [r for r in metrics if r.get("type") == "val"]
+    best_metric = (config.get("validation") or {}).get("best_metric", "val_loss")
+    best = [r for r in val if r.get("best")]
+    return {
+        "name": config.get("name", run_dir.name),
+        "dir": str(run_dir),
+        "model": config.get("model"),
+        "method": config.get("method"),
+        "status": run_status(manifest),
+        "steps": train[-1]["step"] if train else 0,
+        "loss": train[-1]["loss"] if train else None,
+        "best": {"metric": best_metric, "value": best[-1].get(best_metric), "step": best[-1]["step"]} if best else None,
+        "started": manifest.get("started"),
+        "checkpoints": [p.name for p in complete_checkpoints(run_dir)],
+        "manifest": manifest,
+    }
+
+
+def find_runs(root: Path) -> list[dict[str, Any]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [describe(p) for p in sorted(root.iterdir()) if (p / "manifest.json").is_file()]
+    return sorted(found, key=lambda r: r.get("started") or "", reverse=True)
+
+
+def resolve_run(name: str, root: Path) -> Path:
+    """A run directory from a path or a name under root."""
+    for candidate in (Path(name), Path(root) / name):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    known = ", ".join(r["name"] for r in find_runs(root)) or "none"
+    raise TunesmithError(
+        f"No run '{name}' (looked for {name}/manifest.json and {root}/{name}). Runs in {root}: {known}."
+    )
+
+
+def follow(run_dir: Path, interval: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
+    """Yield metrics records as they are written, until the run is no longer running."""
+    path = Path(run_dir) / "metrics.jsonl"
+    position = 0
+    pending = ""
+    while True:
+        if path.is_file():
+            with path.open(encoding="utf-8") as handle:
+                if path.stat().st_size < position:  # rewritten by a resume: start over
+                    position = 0
+                handle.seek(position)
+                pending += handle.read()
+                position = handle.tell()
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                if line.strip():
+                    yield json.loads(line)
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+        if run_status(manifest) != "running":
+            return
+        sleep(interval)
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """Write loss.png: train loss (raw and smoothed) and val loss per step; None without data."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("type", "train") == "train" and "loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    axis.plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.35, label="train loss")
+    if all("smoothed_loss" in r for r in train):
+        axis.plot([r["step"] for r in train], [r["smoothed_loss"] for r in train], label="train loss (smoothed)")
+    val = [r for r in records if r.get("type") == "val" and "val_loss" in r]
+    if val:
+        axis.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label="val loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(Path(run_dir).name)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    target = Path(run_dir) / "loss.png"
+    tmp = target.with_suffix(".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,188 @@
+"""Checkpoints that survive SIGKILL and full disks, and the exact state to resume from.
+
+A checkpoint is a directory `checkpoints/step-000120/` holding the trainable weights
+(`trainable.safetensors`: the LoRA/adapter matrices, or every weight for full fine-tuning), the
+optimizer and scheduler states, every RNG state, and `state.json` (step, data position, tokens,
+best metric, validation history). It is written into a hidden temporary directory, each file
+fsynced, and renamed into place only when complete: a kill or a full disk mid-write leaves the
+previous checkpoints untouched, and the half-written directory is swept away on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunesmith.errors import TunesmithError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# Fault injection for the kill-while-writing test: seconds to pause after the first file is written.
+PAUSE_ENV = "TUNESMITH_CHECKPOINT_PAUSE"
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    micro_batches: int = 0  # data position: micro-batches consumed from the seeded stream
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    smoothed_loss: float | None = None
+    skipped_in_row: int = 0
+    best_metric: str = "val_loss"
+    best_value: float | None = None
+    best_step: int | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        return cls(**json.loads(text))
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory counts only once renamed into place)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def sweep_partial(run_dir: Path) -> list[str]:
+    """Delete temporary directories left by a checkpoint write that never finished."""
+    root = checkpoints_dir(run_dir)
+    removed = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".tmp-"):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return removed
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trainable_tensors(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in saved]
+    if missing or any(name not in params for name in saved):
+        raise TunesmithError(
+            f"{path} does not match this model's trainable parameters (e.g. {(missing or list(saved))[:2]}); "
+            "the run's config (method, lora, adapter, full) must equal the one the checkpoint was written with."
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> Path:
+    """Write a complete checkpoint atomically; on any error the partial directory is removed."""
+    from safetensors.torch import save_file
+
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    if (final / "state.json").is_file():
+        return final  # this step is already saved (e.g. a stop signal right after a periodic save)
+    tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(trainable_tensors(model), str(tmp / "trainable.safetensors"))
+        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+        if pause:
+            print(f"checkpoint-writing {tmp}", file=sys.stderr, flush=True)
+            time.sleep(pause)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_states(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(state.to_json())  # last: its presence marks a complete checkpoint
+        for item in tmp.iterdir():
+            _fsync(item)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(run_dir)
+        raise TunesmithError(
+            f"Writing checkpoint {final.name} failed ({exc.strerror or exc}); "
+            f"{'the previous checkpoint ' + kept.name + ' is intact' if kept else 'no earlier checkpoint exists'}. "
+            "Free disk space, then resume with --resume."
+        ) from None
+    return final
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+    load_trainable(model, path / "trainable.safetensors")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    restore_rng(torch.load(path / "rng.pt", weights_only=False))
+    return TrainState.from_json((path / "state.json").read_text())
+
+
+def prune(run_dir: Path, keep_last: int, best_step: int | None) -> list[str]:
+    """Delete all but the newest keep_last checkpoints and the best one."""
+    found = complete_checkpoints(run_dir)
+    keep = set(found[-keep_last:])
+    if best_step is not None:
+        keep |= {p for p in found if p.name == f"step-{best_step:06d}"}
+    removed = []
+    for path in found:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
