@@ -314,6 +314,9 @@ def train_run(
         )
         validate = _validator(config, tokenizer, val, val_examples)
 
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)  # the new weights (LoRA A, adapters) start the same in every run of this config
     model, _ = apply_method(load_base(config, source), config)
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")

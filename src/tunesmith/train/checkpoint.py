@@ -27,8 +27,17 @@ import torch
 from tunesmith.errors import TunesmithError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-# Fault injection for the kill-while-writing test: seconds to pause after the first file is written.
+# Fault injection for the kill-while-writing test: "SECONDS" or "STEP:SECONDS" to pause after the first
+# file of a checkpoint (of that step) is written.
 PAUSE_ENV = "TUNESMITH_CHECKPOINT_PAUSE"
+
+
+def _pause_for(step: int) -> float:
+    spec = os.environ.get(PAUSE_ENV, "")
+    if not spec:
+        return 0.0
+    at, _, seconds = spec.rpartition(":")
+    return float(seconds) if not at or int(at) == step else 0.0
 
 
 @dataclass
@@ -141,7 +150,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     tmp.mkdir()
     try:
         save_file(trainable_tensors(model), str(tmp / "trainable.safetensors"))
-        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+        pause = _pause_for(state.step)
         if pause:
             print(f"checkpoint-writing {tmp}", file=sys.stderr, flush=True)
             time.sleep(pause)
