@@ -198,7 +198,7 @@ class TrackingConfig(Section):
         [], description="Experiment trackers besides metrics.jsonl (each needs its package installed)."
     )
     mlflow_uri: str | None = Field(
-        None, description="MLflow tracking URI; default: a file store in <run>/mlruns (no server needed)."
+        None, description="MLflow tracking URI; default: a SQLite store at <run>/mlflow.db (no server needed)."
     )
     wandb_project: str = Field("tunesmith", description="Weights & Biases project.")
     wandb_mode: Literal["offline", "online"] = Field(

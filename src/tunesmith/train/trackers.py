@@ -16,7 +16,7 @@ from tunesmith.errors import TunesmithError
 
 INSTALL = {
     "tensorboard": "pip install tensorboard",
-    "mlflow": "pip install mlflow-skinny",
+    "mlflow": "pip install mlflow-skinny sqlalchemy alembic",
     "wandb": "pip install wandb",
 }
 
@@ -74,7 +74,7 @@ class Trackers:
     def _open_mlflow(self, config: RunConfig, known: Any) -> str:
         import mlflow
 
-        uri = config.tracking.mlflow_uri or (self.run_dir / "mlruns").resolve().as_uri()
+        uri = config.tracking.mlflow_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
         mlflow.set_tracking_uri(uri)
         if known:
             run = mlflow.start_run(run_id=known)
