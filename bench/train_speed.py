@@ -7,7 +7,8 @@
 Each contender runs in its own subprocess (so peak RSS is its own) on the same chat dataset of varied
 lengths: LoRA r=16 on all linear layers, 8 examples per step, max length 512, fp32 (or --bf16 autocast
 for all), constant lr. Each runs its own defaults otherwise: TRL with gradient checkpointing (its
-default), tunesmith with gradient checkpointing and memory release (its defaults).
+default), tunesmith with its defaults (gradient checkpointing, memory released after each step);
+tunesmith-lean also releases memory after every layer (train.release_memory: layer).
 Printed per contender: real (non-padding) tokens/s, peak RSS, held-out answer loss after training
 (measured the same way for all), and the ratios tunesmith / contender.
 """
@@ -80,7 +81,7 @@ def held_out_loss(model, tokenizer, data: Path) -> float:
     return total / count
 
 
-def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing: bool) -> dict:
+def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing: bool, release: str = "auto") -> dict:
     from rich.console import Console
 
     from tunesmith.config import LoraConfig, TrainConfig
@@ -102,6 +103,7 @@ def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing:
         schedule="constant",
         packing=packing,
         dtype="bf16" if BF16["on"] else "fp32",
+        release_memory=release,
     )
     result = fit(model, examples, settings, tokenizer.pad_token_id, console=Console(quiet=True), row_tokens=512)
     return {"tokens": result.tokens, "seconds": result.seconds, "loss": held_out_loss(model, tokenizer, test)}
@@ -164,6 +166,7 @@ def run_trl(model_dir: Path, train: Path, test: Path, steps: int, packing: bool)
 CONTENDERS = {
     "tunesmith": lambda *a: run_tunesmith(*a, packing=False),
     "tunesmith-packed": lambda *a: run_tunesmith(*a, packing=True),
+    "tunesmith-lean": lambda *a: run_tunesmith(*a, packing=False, release="layer"),
     "trl": lambda *a: run_trl(*a, packing=False),
     "trl-packed": lambda *a: run_trl(*a, packing=True),
 }

@@ -95,7 +95,9 @@ def test_compare_scores_base_and_tuned(trained_run, capsys):
     capsys.readouterr()
     assert main(["compare", str(trained_run), "--limit", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["items"] == 3 and set(result["metrics"]["exact_match"]) == {"base", "tuned"}
+    assert result["items"] == 3 and {"base", "tuned", "diff", "ci_low", "ci_high", "p_value"} <= set(
+        result["metrics"]["exact_match"]
+    )
     rows = (trained_run / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 3 and {"reference", "base", "tuned"} <= set(json.loads(rows[0]))
 

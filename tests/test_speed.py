@@ -63,12 +63,13 @@ def test_memory_releaser_hooks_every_layer_and_detaches(tiny_model_dir):
     assert len(calls) == len(model.get_decoder().layers)
 
 
-def test_memory_release_is_on_for_cpu_in_auto_and_obeys_off():
+def test_memory_release_modes():
     cpu = torch.device("cpu")
-    assert memory_releaser(TrainConfig(), cpu) is not None
+    assert not memory_releaser(TrainConfig(), cpu).per_layer  # auto on CPU: after each step only
+    assert memory_releaser(TrainConfig(release_memory="layer"), cpu).per_layer
     assert memory_releaser(TrainConfig(release_memory="off"), cpu) is None
     assert memory_releaser(TrainConfig(), torch.device("meta")) is None  # auto: only when training on CPU
-    assert memory_releaser(TrainConfig(release_memory="on"), torch.device("meta")) is not None
+    assert memory_releaser(TrainConfig(release_memory="step"), torch.device("meta")) is not None
 
 
 def test_gpu_only_switches_fail_clearly_without_a_gpu():

@@ -128,35 +128,72 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def print_comparison(summary: Any) -> None:
     table = Table(title=f"Base vs tuned on {summary.items} held-out examples ({summary.run_dir})")
-    table.add_column("metric")
-    table.add_column("base", justify="right")
-    table.add_column("tuned", justify="right")
-    table.add_column("change", justify="right")
-    for name, values in summary.metrics.items():
-        diff = values["tuned"] - values["base"]
-        table.add_row(name, f"{values['base']:.3f}", f"{values['tuned']:.3f}", f"{diff:+.3f}")
+    for column in ("metric", "base", "tuned", "diff", "95% CI", "p", "test"):
+        table.add_column(column, justify="left" if column in ("metric", "test") else "right")
+    for name, r in summary.metrics.items():
+        if "ci_low" not in r:
+            table.add_row(name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}", "", "", "")
+            continue
+        mark = "*" if r["significant"] else ""
+        table.add_row(
+            name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}{mark}",
+            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", f"{r['p_value']:.3g}", r["test"],
+        )  # fmt: skip
     out.print(table)
-    if summary.examples:
-        first = summary.examples[0]
-        out.print(f"[bold]Example prompt:[/] {first['prompt']}")
-        out.print(f"[bold]reference:[/] {first['reference']}")
-        out.print(f"[bold]base:[/]      {first['base'][:300]}")
-        out.print(f"[bold]tuned:[/]     {first['tuned'][:300]}")
+    out.print(
+        f"On {summary.primary}: {summary.wins} wins, {summary.ties} ties, {summary.losses} losses; "
+        f"{len(summary.flipped['fixed'])} fixed, {len(summary.flipped['broken'])} broken. (* = CI excludes 0)"
+    )
+    out.print(f"[bold]Verdict:[/] {summary.verdict}", highlight=False)
+    for kind in ("fixed", "broken"):
+        for row in summary.flipped[kind][:2]:
+            out.print(f"[bold]{kind}[/] (line {row['line']}): {row['prompt'][:200]}", highlight=False)
+            out.print(f"  reference: {row['reference'][:200]}", highlight=False)
+            out.print(f"  base:      {row['base'][:200]}", highlight=False)
+            out.print(f"  tuned:     {row['tuned'][:200]}", highlight=False)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tunesmith.run import compare_run
+    from tunesmith.evaluate.compare import compare_run
+    from tunesmith.evaluate.report import write_report
 
-    summary = compare_run(args.run, limit=args.limit, console=err)
+    summary = compare_run(args.run, limit=args.limit, console=err, split=args.split)
+    report = write_report(args.run)
     if args.json:
         _print_json(asdict(summary))
     else:
         print_comparison(summary)
+        out.print(f"Report: {report}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunesmith.evaluate.compare import eval_run
+
+    summary = eval_run(args.run, split=args.split, base=args.base, limit=args.limit, console=err)
+    if args.json:
+        _print_json(asdict(summary))
+        return 0
+    table = Table(title=f"{summary.model} model on {summary.items} {summary.split} examples ({summary.run_dir})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in summary.metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    if summary.loss is not None:
+        table.add_row("loss", f"{summary.loss:.4f}")
+        table.add_row("perplexity", f"{summary.perplexity:.3f}")
+    out.print(table)
+    if summary.field_accuracy:
+        out.print("Per-field accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.field_accuracy.items()))
+    if summary.confusion:
+        out.print("Confusion (reference -> predicted): " + json.dumps(summary.confusion))
+    out.print(f"Predictions: {summary.predictions}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tunesmith.run import compare_run
+    from tunesmith.evaluate.compare import compare_run
+    from tunesmith.evaluate.report import write_report
 
     trained = _train(args)
     err.print(
@@ -164,10 +201,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"loss {trained.first_loss:.3f} -> {trained.final_loss:.3f}"
     )
     compared = compare_run(trained.run_dir, console=err)
+    report = write_report(trained.run_dir)
     if args.json:
-        _print_json({"train": asdict(trained), "compare": asdict(compared)})
+        _print_json({"train": asdict(trained), "compare": asdict(compared), "report": str(report)})
     else:
         print_comparison(compared)
+        out.print(f"Report: {report}")
     return 0
 
 
@@ -716,13 +755,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser(
         "compare",
-        help="Score base and tuned model on a run's test split.",
-        description="Generate on a run's test split with base and tuned model and score both.",
+        help="Base versus tuned on a run's test split, with confidence intervals and a verdict; writes the report.",
+        description="Generate with the base and the tuned model on the same held-out items and score both with "
+        "eval.metrics. Per metric: both values, the paired difference with a bootstrap 95%% CI, a p-value "
+        "(McNemar's exact test for right/wrong metrics, a paired permutation test otherwise), win/tie/loss counts, "
+        "the items that flipped, and a verdict that says when nothing is significant. Also writes "
+        "eval/report.html (self-contained) and eval/report.json.",
     )
     compare.add_argument("run", help="Run directory, e.g. runs/quickstart.")
-    compare.add_argument("--limit", type=int, default=None, help="Test examples to use [default: eval.limit].")
+    compare.add_argument("--split", default="test", choices=["test", "val", "train"], help="Split [default: test].")
+    compare.add_argument("--limit", type=int, default=None, help="Examples to use [default: eval.limit].")
     compare.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
     compare.set_defaults(func=cmd_compare)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="Score one model (tuned, or --base) on a run's split; predictions saved.",
+        description="Generate (greedy) on a run's split and score with eval.metrics: exact match, token F1, "
+        "ROUGE-L, chrF, BLEU, JSON validity, JSON-schema conformity (eval.schema_path), per-field accuracy, "
+        "accuracy / macro-F1 / confusion matrix, custom module:function metrics; plus teacher-forced loss and "
+        "perplexity. Writes eval/predictions-SPLIT-MODEL.jsonl and eval/eval-SPLIT-MODEL.json.",
+    )
+    evaluate.add_argument("run", help="Run directory, e.g. runs/quickstart.")
+    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"], help="Split [default: test].")
+    evaluate.add_argument("--base", action="store_true", help="Score the base model instead of the tuned one.")
+    evaluate.add_argument("--limit", type=int, default=None, help="Examples to use [default: eval.limit].")
+    evaluate.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    evaluate.set_defaults(func=cmd_eval)
 
     runs = sub.add_parser(
         "runs",

@@ -13,14 +13,12 @@ import platform
 import shutil
 import subprocess
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import Progress
 
 import tunesmith
 from tunesmith.config import RunConfig, dump_config
@@ -52,14 +50,6 @@ class TrainSummary:
     stopped: str = "completed"
     best: dict[str, Any] | None = None
     resumed_from: int | None = None
-
-
-@dataclass
-class CompareSummary:
-    run_dir: str
-    items: int
-    metrics: dict[str, dict[str, float]]
-    examples: list[dict[str, str]]
 
 
 def sha256_file(path: Path) -> str:
@@ -207,7 +197,7 @@ def _write_manifest(run_dir: Path, info: dict[str, Any], status: str, **extra: A
 def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examples: list[Any]) -> Any:
     """Val loss on up to validation.limit examples, plus the configured task metrics on a generated sample."""
     from tunesmith.evaluate.generate import generate
-    from tunesmith.evaluate.metrics import score
+    from tunesmith.evaluate.metrics import corpus_scores, score
     from tunesmith.train.batching import collate
     from tunesmith.train.loss import model_loss_sum
 
@@ -232,11 +222,48 @@ def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examp
                 config.eval.max_new_tokens,
                 config.eval.batch_size,
             )
-            per_item = score(settings.metrics, outputs, [str(c.reference) for c in sample])
+            references = [str(c.reference) for c in sample]
+            per_item = score(settings.metrics, outputs, references, config.eval.schema_path)
             results |= {name: sum(values) / len(values) for name, values in per_item.items()}
+            results |= corpus_scores(settings.metrics, outputs, references)
         return results
 
     return validate
+
+
+def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> dict[str, Any]:
+    """The plan's time and cost estimate for this run's real workload, kept to compare with what it took."""
+    from tunesmith.plan.estimate import Shape, Workload, estimate
+    from tunesmith.train.loop import plan_steps
+
+    try:
+        shape = Shape.from_config(model_config)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return {"error": f"no estimate for this model shape: {exc}"}
+    lengths = sorted(len(e) for e in examples)
+    mean = sum(lengths) / len(lengths)
+    steps = plan_steps(-(-len(examples) // config.train.batch_size), config.train)
+    tokens = steps * config.train.batch_size * config.train.grad_accum * mean
+    work = Workload(
+        method=config.method,
+        lora_r=config.lora.r,
+        adapter_reduction=config.adapter.reduction_factor,
+        batch_size=config.train.batch_size,
+        seq_len=lengths[int(0.95 * (len(lengths) - 1))],
+        answer_share=sum(sum(e.loss_mask) for e in examples) / max(1, sum(lengths)),
+        tokens=tokens,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+    )
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    result = estimate(shape, work, 0.4, None, {"memory_gib": ram, "tflops": 0.16, "usd_per_hour": 0.0})
+    here = result.devices.pop("this machine (CPU)")
+    return {
+        "tokens": round(tokens),
+        "peak_memory_gib": round(result.peak_memory_bytes / 2**30, 3),
+        "this machine": here,
+        "cloud": {name: d["cost_usd"] for name, d in result.devices.items() if d["fits"]},
+        "assumptions": "40% utilisation (MFU); this machine at 0.16 TFLOP/s fp32 (2-core AVX-512)",
+    }
 
 
 def train_run(
@@ -320,6 +347,9 @@ def train_run(
     model, _ = apply_method(load_base(config, source), config)
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if not resuming:
+        plan = plan_estimate(config, model.config, examples)
+        (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     trackers = Trackers(config, run_dir)
     session = Session(
         run_dir=run_dir,
@@ -398,54 +428,4 @@ def train_run(
     )
     (run_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
     _write_manifest(run_dir, info, "completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return summary
-
-
-def compare_run(run_dir: str | Path, limit: int | None = None, console: Console | None = None) -> CompareSummary:
-    """Generate on the run's test split with the base and the tuned model and score both."""
-    from tunesmith.data.formats import read_conversations
-    from tunesmith.evaluate.generate import generate, load_run
-    from tunesmith.evaluate.metrics import score
-
-    console = console or Console(stderr=True)
-    run_dir = Path(run_dir)
-    loaded = load_run(run_dir)
-    base = loaded if loaded.shares_base else load_run(run_dir, base=True)
-    settings = loaded.config.eval
-    test, _ = read_conversations(run_dir / "data" / "test.jsonl", "chat")
-    test = [c for c in test if c.reference is not None][: limit or settings.limit]
-    if not test:
-        raise TunesmithError(f"{run_dir}: the test split is empty; set data.test_fraction or data.test_path.")
-    prompts = [c.prompt_messages for c in test]
-    references = [str(c.reference) for c in test]
-    outputs: dict[str, list[str]] = {}
-    with Progress(console=console, disable=not console.is_terminal) as progress:
-        for label in ("base", "tuned"):
-            task = progress.add_task(f"generate ({label})", total=len(prompts))
-            model = base if label == "base" else loaded
-            with model.base_only() if label == "base" else nullcontext():
-                outputs[label] = generate(
-                    model.model,
-                    loaded.tokenizer,
-                    prompts,
-                    settings.max_new_tokens,
-                    settings.batch_size,
-                    progress=lambda n, task=task: progress.advance(task, n),
-                )
-    scores = {label: score(settings.metrics, outputs[label], references) for label in outputs}
-    metrics = {
-        name: {label: round(sum(scores[label][name]) / len(test), 4) for label in ("base", "tuned")}
-        for name in settings.metrics
-    }
-    eval_dir = run_dir / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    rows = [
-        {"line": c.line, "prompt": c.prompt_messages[-1].content, "reference": ref, "base": b, "tuned": t}
-        for c, ref, b, t in zip(test, references, outputs["base"], outputs["tuned"], strict=True)
-    ]
-    with (eval_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    summary = CompareSummary(str(run_dir), len(test), metrics, rows[:3])
-    (eval_dir / "compare.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary

@@ -1,9 +1,25 @@
-"""Per-item scores of a generated answer against its reference, for the base-versus-tuned comparison."""
+"""Scores of generated answers against references: per item (for paired statistics) and per corpus.
+
+Per-item metrics return one number per example, so base and tuned can be compared item by item
+(bootstrap, McNemar). Corpus metrics (BLEU, corpus chrF, macro-F1) are computed on whole lists and
+compared by resampling items. A custom metric is any `module:function` or `file.py:function` taking
+(prediction, reference) and returning a number.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from tunesmith.errors import TunesmithError
+
+BINARY = {"exact_match", "json_valid", "json_schema", "accuracy"}
+CORPUS = {"bleu", "chrf_corpus", "macro_f1"}
 
 
 def _json_object(text: str) -> Any:
@@ -13,8 +29,49 @@ def _json_object(text: str) -> Any:
         return None
 
 
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
 def exact_match(prediction: str, reference: str) -> float:
-    return float(" ".join(prediction.split()) == " ".join(reference.split()))
+    return float(normalise(prediction) == normalise(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 over lower-cased whitespace tokens."""
+    got, want = prediction.lower().split(), reference.lower().split()
+    if not got or not want:
+        return float(got == want)
+    common = sum((Counter(got) & Counter(want)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure: longest common subsequence of tokens."""
+    a, b = prediction.lower().split(), reference.lower().split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def chrf(prediction: str, reference: str) -> float:
+    """Sentence chrF (sacrebleu), scaled to 0..1."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(prediction, [reference]).score / 100
 
 
 def json_valid(prediction: str, reference: str) -> float:
@@ -31,9 +88,143 @@ def json_fields(prediction: str, reference: str) -> float:
     return sum(got.get(key) == value for key, value in expected.items()) / len(expected)
 
 
-METRICS = {"exact_match": exact_match, "json_valid": json_valid, "json_fields": json_fields}
+def field_accuracy(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Per-field accuracy over the items whose reference is a JSON object."""
+    hits: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for prediction, reference in zip(predictions, references, strict=True):
+        expected, got = _json_object(reference), _json_object(prediction)
+        if not isinstance(expected, dict):
+            continue
+        for key, value in expected.items():
+            totals[key] += 1
+            hits[key] += isinstance(got, dict) and got.get(key) == value
+    return {key: round(hits[key] / totals[key], 4) for key in sorted(totals)}
 
 
-def score(names: list[str], predictions: list[str], references: list[str]) -> dict[str, list[float]]:
-    """Per-item scores for each named metric."""
-    return {name: [METRICS[name](p, r) for p, r in zip(predictions, references, strict=True)] for name in names}
+def schema_checker(schema_path: str | None) -> Callable[[str, str], float]:
+    if not schema_path:
+        raise TunesmithError("Metric json_schema needs eval.schema: the path of a JSON Schema file.")
+    path = Path(schema_path)
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TunesmithError(f"eval.schema {path}: cannot read a JSON schema ({exc}).") from None
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+
+    def conforms(prediction: str, reference: str) -> float:
+        value = _json_object(prediction)
+        return float(value is not None and validator.is_valid(value))
+
+    return conforms
+
+
+def load_custom(spec: str) -> Callable[[str, str], float]:
+    """`package.module:function` or `path/to/file.py:function`."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise TunesmithError(f"Custom metric {spec!r}: write it as module:function or file.py:function.")
+    try:
+        if target.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            if module_spec is None or module_spec.loader is None:
+                raise ImportError(f"cannot load {target}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        function = getattr(module, name)
+    except (ImportError, FileNotFoundError, AttributeError) as exc:
+        raise TunesmithError(f"Custom metric {spec!r}: {exc}. Check the module path and the function name.") from None
+    return function
+
+
+PER_ITEM: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match,
+    "accuracy": exact_match,  # classification: the label predicted is the label expected
+    "token_f1": token_f1,
+    "rouge_l": rouge_l,
+    "chrf": chrf,
+    "json_valid": json_valid,
+    "json_fields": json_fields,
+}
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    from sacrebleu.metrics import BLEU
+
+    return BLEU().corpus_score(predictions, [references]).score / 100
+
+
+def chrf_corpus(predictions: list[str], references: list[str]) -> float:
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().corpus_score(predictions, [references]).score / 100
+
+
+def macro_f1(predictions: list[str], references: list[str]) -> float:
+    labels = sorted({normalise(r) for r in references})
+    scores = []
+    for label in labels:
+        tp = sum(normalise(p) == label and normalise(r) == label for p, r in zip(predictions, references, strict=True))
+        fp = sum(normalise(p) == label and normalise(r) != label for p, r in zip(predictions, references, strict=True))
+        fn = sum(normalise(p) != label and normalise(r) == label for p, r in zip(predictions, references, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+CORPUS_METRICS: dict[str, Callable[[list[str], list[str]], float]] = {
+    "bleu": bleu,
+    "chrf_corpus": chrf_corpus,
+    "macro_f1": macro_f1,
+}
+KNOWN = sorted(set(PER_ITEM) | set(CORPUS_METRICS) | {"json_schema"})
+
+
+def confusion(predictions: list[str], references: list[str]) -> dict[str, dict[str, int]]:
+    """reference label -> predicted label -> count (predictions outside the labels count as 'other')."""
+    labels = sorted({normalise(r) for r in references})
+    table = {label: dict.fromkeys([*labels, "other"], 0) for label in labels}
+    for prediction, reference in zip(predictions, references, strict=True):
+        got = normalise(prediction)
+        table[normalise(reference)][got if got in table else "other"] += 1
+    return table
+
+
+def per_item_functions(names: list[str], schema: str | None = None) -> dict[str, Callable[[str, str], float]]:
+    functions = {}
+    for name in names:
+        if name in CORPUS_METRICS:
+            continue
+        if name == "json_schema":
+            functions[name] = schema_checker(schema)
+        elif name in PER_ITEM:
+            functions[name] = PER_ITEM[name]
+        elif ":" in name:
+            functions[name] = load_custom(name)
+        else:
+            raise TunesmithError(f"Unknown metric {name!r}. Known: {', '.join(KNOWN)}, or module:function.")
+    return functions
+
+
+def score(
+    names: list[str], predictions: list[str], references: list[str], schema: str | None = None
+) -> dict[str, list[float]]:
+    """Per-item scores for each named per-item metric (corpus metrics are left to `corpus_scores`)."""
+    functions = per_item_functions(names, schema)
+    result = {}
+    for name, function in functions.items():
+        values = []
+        for prediction, reference in zip(predictions, references, strict=True):
+            value = function(prediction, reference)
+            if not isinstance(value, int | float):
+                raise TunesmithError(f"Metric {name} returned {value!r}; a metric must return a number.")
+            values.append(float(value))
+        result[name] = values
+    return result
+
+
+def corpus_scores(names: list[str], predictions: list[str], references: list[str]) -> dict[str, float]:
+    return {name: CORPUS_METRICS[name](predictions, references) for name in names if name in CORPUS_METRICS}

@@ -128,7 +128,7 @@ def gather_evidence(
 ) -> Evidence:
     """Score the base model zero-shot and k-shot on a seeded sample; shots come from outside the sample."""
     from tunesmith.evaluate.generate import generate
-    from tunesmith.evaluate.metrics import METRICS
+    from tunesmith.evaluate.metrics import PER_ITEM
 
     conversations = [c for c in read_conversations(data)[0] if c.reference is not None]
     rng = random.Random(seed)
@@ -139,7 +139,7 @@ def gather_evidence(
     few = generate(
         model, tokenizer, [few_shot_prompt(c, rng.sample(pool, min(k, len(pool)))) for c in held_out], max_new_tokens
     )
-    score = METRICS[metric]
+    score = PER_ITEM[metric]
     zero_score = sum(score(p, r) for p, r in zip(zero, references, strict=True)) / len(held_out)
     few_score = sum(score(p, r) for p, r in zip(few, references, strict=True)) / len(held_out)
     rows = [{"reference": r, "zero_shot": z, "few_shot": f} for r, z, f in zip(references, zero, few, strict=True)]

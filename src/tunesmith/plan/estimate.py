@@ -186,7 +186,7 @@ def estimate(
         devices[name] = {
             "fits": count == 1,
             "devices_needed": count,
-            "hours": round(hours, 3),
+            "hours": float(f"{hours:.4g}"),
             "cost_usd": None if count is None else round(hours * price * count, 2),
         }
     return Estimate(shape.total_params, trainable, memory, peak, flops, devices)

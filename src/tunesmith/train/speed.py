@@ -39,7 +39,8 @@ class MemoryReleaser:
     8 x 231 tokens). malloc_trim(0) after each layer's forward and backward keeps it near the live size.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_layer: bool = True) -> None:
+        self.per_layer = per_layer
         name = ctypes.util.find_library("c")
         libc = ctypes.CDLL(name) if name else None
         self._trim = getattr(libc, "malloc_trim", None)
@@ -54,6 +55,8 @@ class MemoryReleaser:
             self._trim(0)
 
     def _after_forward(self, module: Any, args: Any, output: Any) -> None:
+        if not module.training:
+            return
         self.release()
         hidden = output[0] if isinstance(output, tuple) else output
         if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
@@ -63,6 +66,8 @@ class MemoryReleaser:
         self.release()
 
     def attach(self, model: Any) -> None:
+        if not self.per_layer:
+            return
         for layer in decoder_layers(model):
             self._handles.append(layer.register_forward_hook(self._after_forward))
 
@@ -79,10 +84,13 @@ def decoder_layers(model: Any) -> list[Any]:
 
 
 def memory_releaser(settings: TrainConfig, device: torch.device) -> MemoryReleaser | None:
-    wanted = settings.release_memory == "on" or (settings.release_memory == "auto" and device.type == "cpu")
-    if not wanted:
+    """The releaser for this run (None when off); per_layer says whether to hook every decoder layer."""
+    mode = settings.release_memory
+    if mode == "auto":
+        mode = "step" if device.type == "cpu" else "off"
+    if mode == "off":
         return None
-    releaser = MemoryReleaser()
+    releaser = MemoryReleaser(per_layer=mode == "layer")
     return releaser if releaser.available else None
 
 

@@ -1,0 +1,275 @@
+"""`tunesmith eval` and `tunesmith compare`: score a model on a split, and base versus tuned with statistics.
+
+Both generate on the run's saved split with the run's own chat rendering (greedy by default), save
+every prediction, and score with the metrics of `eval.metrics`. Compare scores base and tuned on the
+same items and reports, per metric, both values, the paired difference with a bootstrap 95% CI and a
+p-value, win/tie/loss counts, the items that flipped, and a verdict that says when nothing is
+significant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from tunesmith.data.formats import Conversation, read_conversations
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import metrics as m
+from tunesmith.evaluate import stats
+
+SPLITS = ("test", "val", "train")
+
+
+@dataclass
+class EvalSummary:
+    run_dir: str
+    split: str
+    model: str  # "tuned" or "base"
+    items: int
+    metrics: dict[str, float]
+    loss: float | None
+    perplexity: float | None
+    field_accuracy: dict[str, float] = field(default_factory=dict)
+    confusion: dict[str, dict[str, int]] | None = None
+    predictions: str = ""
+
+
+@dataclass
+class CompareSummary:
+    run_dir: str
+    split: str
+    items: int
+    primary: str
+    metrics: dict[str, dict[str, Any]]
+    wins: int
+    ties: int
+    losses: int
+    flipped: dict[str, list[dict[str, Any]]]
+    verdict: str
+    examples: list[dict[str, str]]
+    field_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversation]:
+    if split not in SPLITS:
+        raise TunesmithError(f"--split {split!r}: choose one of {', '.join(SPLITS)}.")
+    path = run_dir / "data" / f"{split}.jsonl"
+    if not path.is_file():
+        raise TunesmithError(f"{path} does not exist: this run has no {split} split.")
+    items = [c for c in read_conversations(path, "chat")[0] if c.reference is not None][:limit]
+    if not items:
+        raise TunesmithError(f"{path} is empty; set data.test_fraction / data.test_path (or val) and train again.")
+    return items
+
+
+@torch.inference_mode()
+def item_losses(model: Any, tokenizer: Any, items: list[Conversation], config: Any) -> list[tuple[float, int]]:
+    """(summed answer-token loss, answer tokens) per item, teacher-forced, as in training."""
+    from tunesmith.data.tokenize import tokenize_all
+    from tunesmith.train.batching import collate
+    from tunesmith.train.loss import answer_loss_sum
+
+    examples, _ = tokenize_all(tokenizer, items, config.data.max_length, config.data.train_on)
+    by_line = {e.line: e for e in examples}
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = []
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    for item in items:
+        example = by_line.get(item.line)
+        if example is None:
+            results.append((0.0, 0))
+            continue
+        batch = {k: v.to(device) for k, v in collate([example], tokenizer.pad_token_id).items() if k != "real_tokens"}
+        hidden = model.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        results.append((float(answer_loss_sum(hidden, batch["labels"], head, softcap)), count))
+    return results
+
+
+def _generate(loaded: Any, items: list[Conversation], base: bool, console: Console, label: str) -> list[str]:
+    from tunesmith.evaluate.generate import generate
+
+    settings = loaded.config.eval
+    with Progress(console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"generate ({label})", total=len(items))
+        with loaded.base_only() if base else nullcontext():
+            return generate(
+                loaded.model,
+                loaded.tokenizer,
+                [c.prompt_messages for c in items],
+                settings.max_new_tokens,
+                settings.batch_size,
+                progress=lambda n: progress.advance(task, n),
+            )
+
+
+def _loss_of(losses: list[tuple[float, int]]) -> tuple[float | None, float | None]:
+    tokens = sum(n for _, n in losses)
+    if not tokens:
+        return None, None
+    loss = sum(s for s, _ in losses) / tokens
+    return round(loss, 6), round(math.exp(min(loss, 50)), 4)
+
+
+def _classification(names: list[str]) -> bool:
+    return any(n in ("accuracy", "macro_f1") for n in names)
+
+
+def eval_run(
+    run_dir: str | Path,
+    split: str = "test",
+    base: bool = False,
+    limit: int | None = None,
+    console: Console | None = None,
+) -> EvalSummary:
+    from tunesmith.evaluate.generate import load_run
+
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    loaded = load_run(run_dir, base=base)
+    settings = loaded.config.eval
+    items = split_items(run_dir, split, limit or settings.limit)
+    label = "base" if base else "tuned"
+    references = [str(c.reference) for c in items]
+    predictions = _generate(loaded, items, False, console, label)
+    per_item = m.score(settings.metrics, predictions, references, settings.schema_path)
+    values = {name: round(sum(v) / len(v), 6) for name, v in per_item.items()}
+    values |= {k: round(v, 6) for k, v in m.corpus_scores(settings.metrics, predictions, references).items()}
+    loss, perplexity = _loss_of(item_losses(loaded.model, loaded.tokenizer, items, loaded.config))
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    path = out / f"predictions-{split}-{label}.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for item, prediction, *scores in zip(items, predictions, *per_item.values(), strict=True):
+            row = {"line": item.line, "prompt": item.prompt_messages[-1].content, "reference": str(item.reference)}
+            row |= {"prediction": prediction, "scores": dict(zip(per_item, scores, strict=True))}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary = EvalSummary(
+        str(run_dir),
+        split,
+        label,
+        len(items),
+        values,
+        loss,
+        perplexity,
+        m.field_accuracy(predictions, references),
+        m.confusion(predictions, references) if _classification(settings.metrics) else None,
+        str(path),
+    )
+    (out / f"eval-{split}-{label}.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def compare_run(
+    run_dir: str | Path, limit: int | None = None, console: Console | None = None, split: str = "test"
+) -> CompareSummary:
+    """Generate with the base and the tuned model on the same items and compare them with paired statistics."""
+    from tunesmith.evaluate.generate import load_run
+
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    loaded = load_run(run_dir)
+    base = loaded if loaded.shares_base else load_run(run_dir, base=True)
+    settings = loaded.config.eval
+    items = split_items(run_dir, split, limit or settings.limit)
+    references = [str(c.reference) for c in items]
+    outputs = {
+        "base": _generate(base, items, base is loaded, console, "base"),
+        "tuned": _generate(loaded, items, False, console, "tuned"),
+    }
+    with base.base_only() if base is loaded else nullcontext():
+        base_losses = item_losses(base.model, loaded.tokenizer, items, loaded.config)
+    tuned_losses = item_losses(loaded.model, loaded.tokenizer, items, loaded.config)
+
+    scores = {label: m.score(settings.metrics, outputs[label], references, settings.schema_path) for label in outputs}
+    results: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(scores["tuned"]):
+        result = stats.compare_per_item(
+            name,
+            scores["base"][name],
+            scores["tuned"][name],
+            name in m.BINARY,
+            settings.bootstrap,
+            settings.seed + index,
+        )
+        results[name] = result.to_dict()
+    for name in settings.metrics:
+        if name in m.CORPUS_METRICS:
+            result = stats.compare_corpus(
+                m.CORPUS_METRICS[name],
+                outputs["base"],
+                outputs["tuned"],
+                references,
+                settings.bootstrap // 2,
+                settings.seed,
+            )
+            results[name] = result.to_dict()
+    scored = [i for i, (_, n) in enumerate(tuned_losses) if n and base_losses[i][1]]
+    if scored:
+        per_base = [base_losses[i][0] / base_losses[i][1] for i in scored]
+        per_tuned = [tuned_losses[i][0] / tuned_losses[i][1] for i in scored]
+        loss = stats.compare_per_item("loss", per_base, per_tuned, False, settings.bootstrap, settings.seed)
+        results["loss"] = loss.to_dict() | {"lower_is_better": True}
+        base_ppl, tuned_ppl = _loss_of(base_losses)[1], _loss_of(tuned_losses)[1]
+        results["perplexity"] = {
+            "base": base_ppl,
+            "tuned": tuned_ppl,
+            "diff": round((tuned_ppl or 0) - (base_ppl or 0), 4),
+        }
+
+    primary = settings.metrics[0]
+    primary_base = scores["base"].get(primary) or [0.0] * len(items)
+    primary_tuned = scores["tuned"].get(primary) or [0.0] * len(items)
+    wins, ties, losses = stats.wins_ties_losses(primary_base, primary_tuned)
+    rows = [
+        {
+            "line": c.line,
+            "prompt": c.prompt_messages[-1].content,
+            "reference": ref,
+            "base": b,
+            "tuned": t,
+            "scores": {
+                name: {"base": scores["base"][name][i], "tuned": scores["tuned"][name][i]} for name in scores["tuned"]
+            },
+        }
+        for i, (c, ref, b, t) in enumerate(zip(items, references, outputs["base"], outputs["tuned"], strict=True))
+    ]
+    flipped = {
+        "fixed": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if t > b + 1e-12],
+        "broken": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if b > t + 1e-12],
+    }
+    primary_result = stats.Comparison(
+        **{k: results[primary][k] for k in ("base", "tuned", "diff", "ci_low", "ci_high", "p_value", "test")}
+    )
+    summary = CompareSummary(
+        run_dir=str(run_dir),
+        split=split,
+        items=len(items),
+        primary=primary,
+        metrics=results,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        flipped=flipped,
+        verdict=stats.verdict(primary, primary_result),
+        examples=rows[:3],
+        field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
+    )
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "compare.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
+    return summary

@@ -1,0 +1,199 @@
+"""The run report: `eval/report.json` and a self-contained `eval/report.html` (no CDN, opens offline).
+
+It gathers what the run directory already holds: config, data check, training summary and loss
+curves (train and val, drawn as inline SVG), the plan's estimate next to the time actually spent,
+and the base-versus-tuned comparison with confidence intervals, verdict and flipped examples.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tunesmith.runs import read_metrics
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_report(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    check = _read(run_dir / "data" / "check.json") or {}
+    summary = _read(run_dir / "train_summary.json") or {}
+    plan = _read(run_dir / "plan.json")
+    compare = _read(run_dir / "eval" / "compare.json")
+    metrics = read_metrics(run_dir)
+    train_config = config.get("train", {})
+    spent = summary.get("seconds")
+    estimated = (plan or {}).get("this machine", {}).get("hours")
+    return {
+        "run": str(run_dir),
+        "config": {
+            "name": config.get("name"),
+            "model": config.get("model"),
+            "method": config.get("method"),
+            "lr": train_config.get("lr"),
+            "max_steps": train_config.get("max_steps"),
+            "epochs": train_config.get("epochs"),
+            "batch_size": train_config.get("batch_size"),
+            "grad_accum": train_config.get("grad_accum"),
+            "lora_r": (config.get("lora") or {}).get("r"),
+            "max_length": (config.get("data") or {}).get("max_length"),
+            "seed": train_config.get("seed"),
+        },
+        "data_check": {
+            "examples": check.get("examples"),
+            "errors": len(check.get("errors", [])),
+            "warnings": [w.get("code") for w in check.get("warnings", [])],
+            "train_examples": summary.get("train_examples"),
+            "val_examples": summary.get("val_examples"),
+            "test_examples": summary.get("test_examples"),
+        },
+        "training": {
+            key: summary.get(key)
+            for key in ("steps", "epochs", "first_loss", "final_loss", "tokens", "seconds", "tokens_per_second")
+        }
+        | {"best": summary.get("best"), "stopped": summary.get("stopped"), "resumed_from": summary.get("resumed_from")},
+        "time_and_cost": {
+            "spent_seconds": spent,
+            "estimated_seconds_here": float(f"{estimated * 3600:.4g}") if estimated is not None else None,
+            "estimate_ratio": round(spent / (estimated * 3600), 3) if spent and estimated else None,
+            "estimated_cost_usd": (plan or {}).get("cloud", {}),
+        },
+        "loss_curve": {
+            "train": [[r["step"], r["loss"]] for r in metrics if r.get("type", "train") == "train" and "loss" in r],
+            "val": [[r["step"], r["val_loss"]] for r in metrics if r.get("type") == "val" and "val_loss" in r],
+        },
+        "comparison": compare,
+    }
+
+
+def _svg_curves(curves: dict[str, list[list[float]]], width: int = 720, height: int = 300) -> str:
+    points = [p for series in curves.values() for p in series]
+    if not points:
+        return "<p>No training metrics recorded.</p>"
+    pad = 40
+    x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
+    y_low, y_high = min(p[1] for p in points), max(p[1] for p in points)
+    x_span, y_span = (x_high - x_low) or 1, (y_high - y_low) or 1
+
+    def xy(point: list[float]) -> str:
+        x = pad + (point[0] - x_low) / x_span * (width - 2 * pad)
+        y = height - pad - (point[1] - y_low) / y_span * (height - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    colours = {"train": "#1f77b4", "val": "#d62728"}
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        'aria-label="loss curves" style="background:#fff;border:1px solid #ddd">',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
+        f'<text x="{pad}" y="{height - 12}" font-size="12">step {x_low:g}</text>',
+        f'<text x="{width - pad}" y="{height - 12}" font-size="12" text-anchor="end">step {x_high:g}</text>',
+        f'<text x="4" y="{pad}" font-size="12">{y_high:.3g}</text>',
+        f'<text x="4" y="{height - pad}" font-size="12">{y_low:.3g}</text>',
+    ]
+    for row, (name, series) in enumerate(curves.items()):
+        if not series:
+            continue
+        line = " ".join(xy(p) for p in series)
+        parts.append(f'<polyline fill="none" stroke="{colours[name]}" stroke-width="2" points="{line}"/>')
+        for point in series if name == "val" else []:
+            x, y = xy(point).split(",")
+            parts.append(f'<circle cx="{x}" cy="{y}" r="3" fill="{colours[name]}"/>')
+        label_at = f'x="{width - pad - 120}" y="{pad + 16 * row}"'
+        parts.append(f'<text {label_at} font-size="12" fill="{colours[name]}">{name} loss</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def render_html(report: dict[str, Any]) -> str:
+    config, training, timing = report["config"], report["training"], report["time_and_cost"]
+    sections = [
+        f"<h1>tunesmith report: {html.escape(str(config.get('name')))}</h1>",
+        f"<p class='muted'>{html.escape(report['run'])}</p>",
+    ]
+    compare = report.get("comparison")
+    if compare:
+        significant = any(m.get("significant") for m in compare["metrics"].values() if isinstance(m, dict))
+        sections.append(
+            f"<div class='verdict {'good' if significant else 'plain'}'>{html.escape(compare['verdict'])}</div>"
+        )
+        rows = [
+            [
+                name, _fmt(m.get("base")), _fmt(m.get("tuned")), _fmt(m.get("diff"), 4),
+                f"[{_fmt(m.get('ci_low'), 4)}, {_fmt(m.get('ci_high'), 4)}]" if "ci_low" in m else "-",
+                _fmt(m.get("p_value"), 4), m.get("test", "-"), "yes" if m.get("significant") else "no",
+            ]
+            for name, m in compare["metrics"].items()
+        ]  # fmt: skip
+        sections.append(f"<h2>Base vs tuned ({compare['items']} {compare['split']} items)</h2>")
+        sections.append(_table(["metric", "base", "tuned", "diff", "95% CI", "p", "test", "significant"], rows))
+        sections.append(
+            f"<p>On {html.escape(compare['primary'])}: {compare['wins']} wins, {compare['ties']} ties, "
+            f"{compare['losses']} losses.</p>"
+        )
+        for kind in ("fixed", "broken"):
+            flipped = compare["flipped"][kind]
+            sections.append(f"<h3>{kind.capitalize()} by fine-tuning ({len(flipped)})</h3>")
+            if flipped:
+                sections.append(
+                    _table(
+                        ["line", "prompt", "reference", "base", "tuned"],
+                        [
+                            [r["line"], r["prompt"][:300], r["reference"][:300], r["base"][:300], r["tuned"][:300]]
+                            for r in flipped[:10]
+                        ],
+                    )
+                )
+    else:
+        sections.append("<p>No comparison yet: run <code>tunesmith compare RUN</code>.</p>")
+    sections.append("<h2>Loss curves</h2>" + _svg_curves(report["loss_curve"]))
+    sections.append("<h2>Training</h2>" + _table(["", ""], [[k, _fmt(v)] for k, v in training.items()]))
+    cost_rows = [[k, _fmt(v)] for k, v in timing.items() if k != "estimated_cost_usd"]
+    cost_rows += [[f"estimated cost on {k}", f"${v}"] for k, v in (timing.get("estimated_cost_usd") or {}).items()]
+    sections.append("<h2>Time and cost (spent vs the plan's estimate)</h2>" + _table(["", ""], cost_rows))
+    sections.append("<h2>Config</h2>" + _table(["", ""], [[k, _fmt(v)] for k, v in config.items()]))
+    sections.append("<h2>Data</h2>" + _table(["", ""], [[k, _fmt(v)] for k, v in report["data_check"].items()]))
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}"
+        "table{border-collapse:collapse;margin:.5em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left;vertical-align:top}th{background:#f3f3f3}.muted{color:#777}"
+        ".verdict{padding:12px;border-radius:6px;font-weight:600;margin:1em 0}.good{background:#e6f4ea}"
+        ".plain{background:#fff4e5}"
+    )
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tunesmith report</title>"
+        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>"
+    )
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write eval/report.json and eval/report.html; returns the HTML path."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    target = out / "report.html"
+    partial = target.with_suffix(".html.partial")
+    partial.write_text(render_html(report), encoding="utf-8")
+    os.replace(partial, target)
+    return target
