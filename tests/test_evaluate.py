@@ -183,3 +183,46 @@ def test_compare_says_not_significant_when_nothing_changed(tiny_model_dir, chat_
     assert exact["diff"] == 0 and exact["p_value"] == 1.0 and not exact["significant"]
     assert result["verdict"].startswith("No significant difference")
     assert math.isclose(result["metrics"]["loss"]["diff"], 0, abs_tol=1e-3)
+
+
+TASK_YAML = """task: tiny_colours
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_general_ability_runs_a_local_lm_eval_task_on_base_and_tuned(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from tunesmith.evaluate.general import general_ability
+    from tunesmith.evaluate.generate import load_run
+
+    trained_run = tmp_path / "run"
+    _train(tiny_model_dir, chat_file, trained_run, "--max-steps", "4", "--lr", "1e-2")
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    colours = ["red", "blue", "green", "black"]
+    rows = [{"question": f"colour {c} item", "choices": colours, "label": i} for i, c in enumerate(colours * 3)]
+    data = tmp_path / "colours.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "tiny_colours.yaml").write_text(TASK_YAML.format(data=data))
+    loaded = load_run(trained_run)
+    settings = loaded.config.eval.model_copy(
+        update={"lm_eval_tasks": ["tiny_colours"], "lm_eval_include_path": str(tasks), "lm_eval_limit": None}
+    )
+    table = general_ability(loaded, loaded, settings)
+    acc = table["tiny_colours"]["acc"]
+    assert 0 <= acc["base"] <= 1 and 0 <= acc["tuned"] <= 1
+    assert acc["diff"] == pytest.approx(acc["tuned"] - acc["base"])

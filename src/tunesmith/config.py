@@ -244,6 +244,10 @@ class EvalConfig(Section):
     limit: int | None = Field(50, gt=0, description="Test examples to generate for the comparison; null for all.")
     max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per answer.")
     batch_size: int = Field(8, gt=0, description="Prompts generated together.")
+    temperature: float = Field(
+        0.0, ge=0.0, description="Sampling temperature for eval/compare; 0 is greedy (deterministic, the default)."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling share when temperature > 0.")
     metrics: list[str] = Field(
         ["exact_match"],
         description="Metrics for evaluation and the base-versus-tuned comparison: "
@@ -252,9 +256,16 @@ class EvalConfig(Section):
     )
     schema_path: str | None = Field(None, description="JSON Schema file for the json_schema metric.")
     bootstrap: int = Field(2000, ge=100, description="Paired bootstrap resamples for the confidence intervals.")
+    lm_eval_tasks: list[str] = Field(
+        [],
+        description="lm-evaluation-harness tasks run on base and tuned by compare, to catch forgetting of general "
+        "ability (needs pip install lm-eval).",
+    )
+    lm_eval_include_path: str | None = Field(None, description="Folder of your own lm-eval task YAML files.")
+    lm_eval_limit: int | None = Field(200, gt=0, description="Items per lm-eval task; null for all.")
     seed: int = Field(0, description="Seed of the bootstrap and permutation tests.")
 
-    @field_validator("metrics", mode="before")
+    @field_validator("metrics", "lm_eval_tasks", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         return split_commas(value)

@@ -56,6 +56,7 @@ class CompareSummary:
     verdict: str
     examples: list[dict[str, str]]
     field_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    general_ability: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversation]:
@@ -101,6 +102,8 @@ def _generate(loaded: Any, items: list[Conversation], base: bool, console: Conso
     from tunesmith.evaluate.generate import generate
 
     settings = loaded.config.eval
+    if settings.temperature > 0:
+        torch.manual_seed(settings.seed)  # sampled answers repeat for the same eval.seed
     with Progress(console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"generate ({label})", total=len(items))
         with loaded.base_only() if base else nullcontext():
@@ -111,6 +114,8 @@ def _generate(loaded: Any, items: list[Conversation], base: bool, console: Conso
                 settings.max_new_tokens,
                 settings.batch_size,
                 progress=lambda n: progress.advance(task, n),
+                temperature=settings.temperature,
+                top_p=settings.top_p,
             )
 
 
@@ -266,6 +271,10 @@ def compare_run(
         examples=rows[:3],
         field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
     )
+    if settings.lm_eval_tasks:
+        from tunesmith.evaluate.general import general_ability
+
+        summary.general_ability = general_ability(loaded, base, settings)
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:

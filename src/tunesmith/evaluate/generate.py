@@ -71,8 +71,13 @@ def generate(
     max_new_tokens: int = 128,
     batch_size: int = 8,
     progress: Any = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy answers to each conversation prefix, generated in left-padded batches."""
+    """Answers to each conversation prefix, generated in left-padded batches: greedy at temperature 0."""
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
@@ -90,7 +95,7 @@ def generate(
             input_ids=input_ids,
             attention_mask=attention,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **sampling,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )

@@ -163,6 +163,15 @@ def render_html(report: dict[str, Any]) -> str:
                         ],
                     )
                 )
+        general = compare.get("general_ability") or {}
+        if general:
+            rows = [
+                [task, metric, _fmt(v["base"]), _fmt(v["tuned"]), _fmt(v["diff"], 4)]
+                for task, metrics in general.items()
+                for metric, v in metrics.items()
+            ]
+            sections.append("<h3>General ability (lm-eval): forgetting check</h3>")
+            sections.append(_table(["task", "metric", "base", "tuned", "diff"], rows))
     else:
         sections.append("<p>No comparison yet: run <code>tunesmith compare RUN</code>.</p>")
     sections.append("<h2>Loss curves</h2>" + _svg_curves(report["loss_curve"]))
