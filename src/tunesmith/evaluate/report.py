@@ -140,7 +140,8 @@ def render_html(report: dict[str, Any]) -> str:
             [
                 name, _fmt(m.get("base")), _fmt(m.get("tuned")), _fmt(m.get("diff"), 4),
                 f"[{_fmt(m.get('ci_low'), 4)}, {_fmt(m.get('ci_high'), 4)}]" if "ci_low" in m else "-",
-                _fmt(m.get("p_value"), 4), m.get("test", "-"), "yes" if m.get("significant") else "no",
+                f"{m['p_value']:.3g}" if m.get("p_value") is not None else "-", m.get("test") or "-",
+                "yes" if m.get("significant") else "no",
             ]
             for name, m in compare["metrics"].items()
         ]  # fmt: skip

@@ -30,9 +30,9 @@ class Comparison:
         return self.ci_low > 0 or self.ci_high < 0
 
     def to_dict(self) -> dict[str, float | str | bool]:
-        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()} | {
-            "significant": self.significant
-        }
+        values = {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        values["p_value"] = float(f"{self.p_value:.3g}")  # significant digits: 1.8e-12 must not print as 0
+        return values | {"significant": self.significant}
 
 
 def mcnemar_exact(base: list[float], tuned: list[float]) -> float:

@@ -187,7 +187,7 @@ def estimate(
             "fits": count == 1,
             "devices_needed": count,
             "hours": float(f"{hours:.4g}"),
-            "cost_usd": None if count is None else round(hours * price * count, 2),
+            "cost_usd": None if count is None else float(f"{hours * price * count:.3g}"),
         }
     return Estimate(shape.total_params, trainable, memory, peak, flops, devices)
 
