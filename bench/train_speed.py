@@ -63,22 +63,13 @@ def make_model(path: Path) -> None:
 
 
 def held_out_loss(model, tokenizer, data: Path) -> float:
-    import torch
-
     from tunesmith.data.formats import read_conversations
     from tunesmith.data.tokenize import tokenize_all
-    from tunesmith.train.batching import collate
-    from tunesmith.train.loss import model_loss_sum
+    from tunesmith.evaluate.compare import mean_answer_loss
 
     examples, _ = tokenize_all(tokenizer, read_conversations(data)[0], 512)
     model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), 8):
-            batch = collate(examples[start : start + 8], tokenizer.pad_token_id)
-            total += float(model_loss_sum(model, batch))
-            count += int((batch["labels"][:, 1:] != -100).sum())
-    return total / count
+    return mean_answer_loss(model, examples, tokenizer.pad_token_id, batch_size=8)
 
 
 def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing: bool, release: str = "auto") -> dict:

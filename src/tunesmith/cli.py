@@ -487,38 +487,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     source = resolve_model_path(config.model)
     shape = Shape.from_config(AutoConfig.from_pretrained(source))
-    seq_len, answer_share, tokens = args.seq_len, 0.5, args.tokens
-    if config.data.path and not tokens:
+    examples = None
+    if config.data.path and not args.tokens:
         from tunesmith.data.formats import read_conversations
         from tunesmith.data.tokenize import tokenize_all, use_chat_template
         from tunesmith.models import load_tokenizer
 
         tokenizer = load_tokenizer(source)
         use_chat_template(tokenizer, config.chat_template)
-        examples, stats = tokenize_all(
+        examples, _ = tokenize_all(
             tokenizer,
             read_conversations(config.data.path, config.data.format)[0],
             config.data.max_length,
             config.data.train_on,
         )
-        lengths = sorted(len(e) for e in examples)
-        seq_len = seq_len or lengths[int(0.95 * (len(lengths) - 1))]
-        answer_share = sum(sum(e.loss_mask) for e in examples) / max(1, sum(lengths))
-        per_step = config.train.batch_size * config.train.grad_accum * sum(lengths) / len(lengths)
-        tokens = config.train.max_steps * per_step if config.train.max_steps else sum(lengths) * config.train.epochs
-    seq_len = seq_len or config.data.max_length
-    tokens = tokens or 1e6
-    work = Workload(
-        method=config.method,
-        lora_r=config.lora.r,
-        adapter_reduction=config.adapter.reduction_factor,
-        batch_size=config.train.batch_size,
-        seq_len=seq_len,
-        answer_share=answer_share,
-        tokens=tokens,
-        gradient_checkpointing=config.train.gradient_checkpointing,
-        weight_dtype=args.weight_dtype,
-    )
+    work = Workload.for_run(config, examples, args.seq_len, args.tokens, args.weight_dtype)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     cpu = {"memory_gib": ram, "tflops": args.cpu_tflops, "usd_per_hour": 0.0}
     result = estimate(shape, work, args.utilization, _load_prices(args.prices), cpu)
@@ -558,7 +541,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out.print(
         f"[bold]{config.model}[/]: {result.params / 1e6:,.1f}M parameters, {config.method} trains "
         f"{result.trainable_params / 1e6:,.2f}M; batch {work.batch_size} x {work.seq_len} tokens; "
-        f"{tokens:,.0f} training tokens; {result.flops:.3g} FLOPs"
+        f"{work.tokens:,.0f} training tokens; {result.flops:.3g} FLOPs"
     )
     memory = Table(title="Peak training memory (estimate)")
     memory.add_column("part")

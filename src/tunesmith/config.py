@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tunesmith.errors import TunesmithError
 
@@ -151,12 +160,37 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model before training (GPU; slow first steps).")
 
 
+METRIC_NAMES = [
+    "exact_match", "token_f1", "rouge_l", "chrf", "chrf_corpus", "bleu", "json_valid", "json_schema",
+    "json_fields", "accuracy", "macro_f1",
+]  # fmt: skip
+
+
+def check_metric_names(names: list[str]) -> list[str]:
+    for name in names:
+        if name not in METRIC_NAMES and ":" not in name:
+            close = difflib.get_close_matches(name, METRIC_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown metric {name!r}; {hint}known: {', '.join(METRIC_NAMES)}, or module:function")
+    return names
+
+
+def split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+# A list of metric names: "a,b" on the command line splits at commas; each name must be known or module:function.
+MetricNames = Annotated[list[str], BeforeValidator(split_commas), AfterValidator(check_metric_names)]
+
+
 class ValidationConfig(Section):
     every: int | None = Field(
         None, gt=0, description="Validate every this many optimizer steps; null: ten times per run."
     )
     limit: int | None = Field(200, gt=0, description="Validation examples scored for val loss; null for all.")
-    metrics: list[str] = Field(
+    metrics: MetricNames = Field(
         [],
         description="Task metrics (names as in eval.metrics) generated on a validation sample at each validation "
         "(slower than val loss).",
@@ -171,16 +205,6 @@ class ValidationConfig(Section):
     load_best_at_end: bool = Field(
         False, description="Save the best checkpoint's weights as the run's model instead of the last step's."
     )
-
-    @field_validator("metrics", mode="before")
-    @classmethod
-    def _split_commas(cls, value: Any) -> Any:
-        return split_commas(value)
-
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, value: list[str]) -> list[str]:
-        return check_metric_names(value)
 
     @model_validator(mode="after")
     def _best_is_known(self) -> ValidationConfig:
@@ -219,27 +243,6 @@ class TrackingConfig(Section):
         return split_commas(value)
 
 
-METRIC_NAMES = [
-    "exact_match", "token_f1", "rouge_l", "chrf", "chrf_corpus", "bleu", "json_valid", "json_schema",
-    "json_fields", "accuracy", "macro_f1",
-]  # fmt: skip
-
-
-def check_metric_names(names: list[str]) -> list[str]:
-    for name in names:
-        if name not in METRIC_NAMES and ":" not in name:
-            close = difflib.get_close_matches(name, METRIC_NAMES, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown metric {name!r}; {hint}known: {', '.join(METRIC_NAMES)}, or module:function")
-    return names
-
-
-def split_commas(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
 class EvalConfig(Section):
     limit: int | None = Field(50, gt=0, description="Test examples to generate for the comparison; null for all.")
     max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per answer.")
@@ -248,7 +251,7 @@ class EvalConfig(Section):
         0.0, ge=0.0, description="Sampling temperature for eval/compare; 0 is greedy (deterministic, the default)."
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling share when temperature > 0.")
-    metrics: list[str] = Field(
+    metrics: MetricNames = Field(
         ["exact_match"],
         description="Metrics for evaluation and the base-versus-tuned comparison: "
         + ", ".join(METRIC_NAMES)
@@ -265,15 +268,10 @@ class EvalConfig(Section):
     lm_eval_limit: int | None = Field(200, gt=0, description="Items per lm-eval task; null for all.")
     seed: int = Field(0, description="Seed of the bootstrap and permutation tests.")
 
-    @field_validator("metrics", "lm_eval_tasks", mode="before")
+    @field_validator("lm_eval_tasks", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         return split_commas(value)
-
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, value: list[str]) -> list[str]:
-        return check_metric_names(value)
 
 
 class RunConfig(Section):

@@ -196,24 +196,16 @@ def _write_manifest(run_dir: Path, info: dict[str, Any], status: str, **extra: A
 
 def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examples: list[Any]) -> Any:
     """Val loss on up to validation.limit examples, plus the configured task metrics on a generated sample."""
+    from tunesmith.evaluate.compare import mean_answer_loss
     from tunesmith.evaluate.generate import generate
     from tunesmith.evaluate.metrics import corpus_scores, score
-    from tunesmith.train.batching import collate
-    from tunesmith.train.loss import model_loss_sum
 
     settings = config.validation
     scored = examples[: settings.limit or len(examples)]
     sample = [c for c in val if c.reference is not None][: settings.generate_limit]
 
     def validate(model: Any) -> dict[str, float]:
-        total, count = 0.0, 0
-        device = next(model.parameters()).device
-        for start in range(0, len(scored), config.train.batch_size):
-            batch = collate(scored[start : start + config.train.batch_size], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items() if k != "real_tokens"}
-            total += float(model_loss_sum(model, batch))
-            count += int((batch["labels"][:, 1:] != -100).sum())
-        results = {"val_loss": total / max(1, count)}
+        results = {"val_loss": mean_answer_loss(model, scored, tokenizer.pad_token_id, config.train.batch_size)}
         if settings.metrics and sample:
             outputs = generate(
                 model,
@@ -234,31 +226,17 @@ def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examp
 def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> dict[str, Any]:
     """The plan's time and cost estimate for this run's real workload, kept to compare with what it took."""
     from tunesmith.plan.estimate import Shape, Workload, estimate
-    from tunesmith.train.loop import plan_steps
 
     try:
         shape = Shape.from_config(model_config)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return {"error": f"no estimate for this model shape: {exc}"}
-    lengths = sorted(len(e) for e in examples)
-    mean = sum(lengths) / len(lengths)
-    steps = plan_steps(-(-len(examples) // config.train.batch_size), config.train)
-    tokens = steps * config.train.batch_size * config.train.grad_accum * mean
-    work = Workload(
-        method=config.method,
-        lora_r=config.lora.r,
-        adapter_reduction=config.adapter.reduction_factor,
-        batch_size=config.train.batch_size,
-        seq_len=lengths[int(0.95 * (len(lengths) - 1))],
-        answer_share=sum(sum(e.loss_mask) for e in examples) / max(1, sum(lengths)),
-        tokens=tokens,
-        gradient_checkpointing=config.train.gradient_checkpointing,
-    )
+    work = Workload.for_run(config, examples)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     result = estimate(shape, work, 0.4, None, {"memory_gib": ram, "tflops": 0.16, "usd_per_hour": 0.0})
     here = result.devices.pop("this machine (CPU)")
     return {
-        "tokens": round(tokens),
+        "tokens": round(work.tokens),
         "peak_memory_gib": round(result.peak_memory_bytes / 2**30, 3),
         "this machine": here,
         "cloud": {name: d["cost_usd"] for name, d in result.devices.items() if d["fits"]},

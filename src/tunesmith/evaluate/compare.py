@@ -98,6 +98,22 @@ def item_losses(model: Any, tokenizer: Any, items: list[Conversation], config: A
     return results
 
 
+@torch.no_grad()
+def mean_answer_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int) -> float:
+    """Answer-token loss averaged over every answer token of the examples, teacher-forced as in training."""
+    from tunesmith.train.batching import collate
+    from tunesmith.train.loss import model_loss_sum
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items() if k != "real_tokens"}
+        total += float(model_loss_sum(model, batch))
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    return total / max(1, count)
+
+
 def _generate(loaded: Any, items: list[Conversation], base: bool, console: Console, label: str) -> list[str]:
     from tunesmith.evaluate.generate import generate
 
@@ -198,9 +214,9 @@ def compare_run(
     tuned_losses = item_losses(loaded.model, loaded.tokenizer, items, loaded.config)
 
     scores = {label: m.score(settings.metrics, outputs[label], references, settings.schema_path) for label in outputs}
-    results: dict[str, dict[str, Any]] = {}
+    compared: dict[str, stats.Comparison] = {}
     for index, name in enumerate(scores["tuned"]):
-        result = stats.compare_per_item(
+        compared[name] = stats.compare_per_item(
             name,
             scores["base"][name],
             scores["tuned"][name],
@@ -208,10 +224,9 @@ def compare_run(
             settings.bootstrap,
             settings.seed + index,
         )
-        results[name] = result.to_dict()
     for name in settings.metrics:
         if name in m.CORPUS_METRICS:
-            result = stats.compare_corpus(
+            compared[name] = stats.compare_corpus(
                 m.CORPUS_METRICS[name],
                 outputs["base"],
                 outputs["tuned"],
@@ -219,7 +234,7 @@ def compare_run(
                 settings.bootstrap // 2,
                 settings.seed,
             )
-            results[name] = result.to_dict()
+    results: dict[str, dict[str, Any]] = {name: result.to_dict() for name, result in compared.items()}
     scored = [i for i, (_, n) in enumerate(tuned_losses) if n and base_losses[i][1]]
     if scored:
         per_base = [base_losses[i][0] / base_losses[i][1] for i in scored]
@@ -254,9 +269,6 @@ def compare_run(
         "fixed": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if t > b + 1e-12],
         "broken": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if b > t + 1e-12],
     }
-    primary_result = stats.Comparison(
-        **{k: results[primary][k] for k in ("base", "tuned", "diff", "ci_low", "ci_high", "p_value", "test")}
-    )
     summary = CompareSummary(
         run_dir=str(run_dir),
         split=split,
@@ -267,7 +279,7 @@ def compare_run(
         ties=ties,
         losses=losses,
         flipped=flipped,
-        verdict=stats.verdict(primary, primary_result),
+        verdict=stats.verdict(primary, compared[primary]),
         examples=rows[:3],
         field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
     )

@@ -88,6 +88,38 @@ class Workload:
     gradient_checkpointing: bool = False
     weight_dtype: str = "fp32"
 
+    @classmethod
+    def for_run(
+        cls,
+        config: Any,
+        examples: list[Any] | None = None,
+        seq_len: int | None = None,
+        tokens: float | None = None,
+        weight_dtype: str = "fp32",
+    ) -> Workload:
+        """The workload of a run config; with its tokenized examples, the p95 sequence length, the share of
+        tokens carrying loss and the training tokens come from the data (explicit values win)."""
+        answer_share = 0.5
+        if examples:
+            lengths = sorted(len(e) for e in examples)
+            seq_len = seq_len or lengths[int(0.95 * (len(lengths) - 1))]
+            answer_share = sum(sum(e.loss_mask) for e in examples) / max(1, sum(lengths))
+            if not tokens:
+                train = config.train
+                per_step = train.batch_size * train.grad_accum * sum(lengths) / len(lengths)
+                tokens = train.max_steps * per_step if train.max_steps else sum(lengths) * train.epochs
+        return cls(
+            method=config.method,
+            lora_r=config.lora.r,
+            adapter_reduction=config.adapter.reduction_factor,
+            batch_size=config.train.batch_size,
+            seq_len=seq_len or config.data.max_length,
+            answer_share=answer_share,
+            tokens=tokens or 1e6,
+            gradient_checkpointing=config.train.gradient_checkpointing,
+            weight_dtype=weight_dtype,
+        )
+
 
 @dataclass
 class Estimate:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,16 +278,12 @@ def fit(
 
     def run_validation(step: int) -> bool:
         """Validate, track the best, warn on overfitting; True when early stopping should stop the run."""
-        if releaser:
-            releaser.detach()
-        model.eval()
+        model.eval()  # the releaser's layer hooks do nothing outside training mode
         try:
             with torch.no_grad():
                 scores = session.validate(accelerator.unwrap_model(model))
         finally:
             model.train()
-            if releaser:
-                releaser.attach(model)
         record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}}
         previous = state.evaluations[-1] if state.evaluations else None
         state.evaluations.append({"step": step, "train_loss": state.smoothed_loss, **scores})
@@ -313,7 +310,7 @@ def fit(
         return bool(session.patience and since_best > 0 and evals_since >= session.patience)
 
     try:
-        with progress, StopRequest(console) if session.stop_signals else _NoSignals() as stop:
+        with progress, StopRequest(console) if session.stop_signals else nullcontext() as stop:
             for step in range(state.step + 1, total_steps + 1):
                 step_start = time.perf_counter()
                 drawn = [next(stream) for _ in range(settings.grad_accum)]
@@ -409,29 +406,18 @@ def fit(
         if releaser:
             releaser.detach()
     seconds = time.perf_counter() - started
-    train_rows = [r for r in history if r.get("type", "train") == "train"]
     best = None
     if state.best_step is not None:
         best = {"metric": state.best_metric, "value": state.best_value, "step": state.best_step}
     return TrainResult(
         steps=state.step,
         epochs=round(state.micro_batches / n_batches, 4),
-        final_loss=train_rows[-1]["loss"] if train_rows else float("nan"),
+        final_loss=history[-1]["loss"] if history else float("nan"),
         tokens=state.tokens,
         seconds=seconds,
-        history=train_rows,
+        history=history,
         stopped=stopped,
         best=best,
         resumed_from=resumed_at,
         skipped_steps=skipped,
     )
-
-
-class _NoSignals:
-    signum = None
-
-    def __enter__(self) -> _NoSignals:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
