@@ -250,3 +250,16 @@ def test_resume_refuses_a_changed_config_and_a_missing_run(tiny_model_dir, chat_
         == 0
     )
     assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_the_printed_resume_command_drops_overwrite_and_an_earlier_resume_value():
+    from tunesmith.cli import resume_command
+
+    assert resume_command(["train", "c.yaml", "--resume", "auto", "--lr", "1e-3"]) == [
+        "train",
+        "c.yaml",
+        "--lr",
+        "1e-3",
+    ]
+    assert resume_command(["train", "c.yaml", "--overwrite", "--resume"]) == ["train", "c.yaml"]
+    assert resume_command(["train", "--resume=auto", "c.yaml"]) == ["train", "c.yaml"]

@@ -94,6 +94,20 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def resume_command(argv: list[str]) -> list[str]:
+    """The command line without --overwrite and any --resume [auto|true|false], ready for ' --resume'."""
+    words: list[str] = []
+    skip_value = False
+    for word in argv:
+        if skip_value and word in ("auto", "true", "false"):
+            skip_value = False
+            continue
+        skip_value = word == "--resume"
+        if word not in ("--overwrite", "--resume") and not word.startswith("--resume="):
+            words.append(word)
+    return words
+
+
 def _train(args: argparse.Namespace) -> Any:
     """train_run from the command line; an interrupt exits 130/143 with the command that resumes."""
     from tunesmith.errors import TrainingInterrupted
@@ -102,7 +116,7 @@ def _train(args: argparse.Namespace) -> Any:
     try:
         return train_run(config_from_args(args), overwrite=args.overwrite, console=err, live=not args.quiet)
     except TrainingInterrupted as stop:
-        words = [w for w in sys.argv[1:] if w not in ("--overwrite", "--resume")]
+        words = resume_command(sys.argv[1:])
         saved = f"Checkpoint: {stop.checkpoint}. " if stop.checkpoint else ""
         err.print(
             f"[yellow]Stopped after step {stop.step}.[/] {saved}Resume with:\n  tunesmith {' '.join(words)} --resume",
