@@ -819,6 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="Print prompts and answers as JSON on stdout.")
     gen.set_defaults(func=cmd_generate)
     _add_data_commands(sub)
+    from tunesmith.deploy.commands import add_commands
+
+    add_commands(sub)
 
     plan = sub.add_parser(
         "plan",

@@ -64,6 +64,14 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file a `model:` setting was converted from, if it was one (its tokenizer fields are reused)."""
+    if name in EMBEDDED:
+        return _embedded_gguf(name)
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def resolve_model_path(name: str) -> str:
     """A loadable directory or hub id for the `model:` setting."""
     if name in EMBEDDED:

@@ -1,0 +1,187 @@
+"""`tunesmith export`: a finished run as files other tools load.
+
+- merged: the base with the update folded in, Hugging Face safetensors + tokenizer + chat template.
+- adapter: the PEFT adapter (adapter_config.json + adapter_model.safetensors) for PEFT and vLLM.
+- gguf: one GGUF file (f16, q8_0 or f32) for llama.cpp and friends.
+- ollama: the GGUF plus a Modelfile whose TEMPLATE, stop tokens and parameters match training.
+
+Every export carries the run's chat template and end-of-turn token and is refused if the template it
+carries would render a conversation differently from training. Nothing is overwritten without
+`overwrite=True`; each export is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunesmith.deploy.template import TurnFormat, check_equal, go_template, turn_format
+from tunesmith.errors import TunesmithError
+from tunesmith.files import save_atomic
+
+FORMATS = ("merged", "adapter", "gguf", "ollama")
+
+
+def _tokenizer(run_dir: Path) -> Any:
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    template_file = run_dir / "chat_template.jinja"
+    if template_file.is_file():
+        tokenizer.chat_template = template_file.read_text()
+    if not tokenizer.chat_template:
+        raise TunesmithError(f"{run_dir} has no chat template (chat_template.jinja); was it trained by tunesmith?")
+    return tokenizer
+
+
+def _stop_ids(tokenizer: Any, turns: TurnFormat) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stop = tokenizer(turns.stop, add_special_tokens=False)["input_ids"] if turns.stop else []
+    if len(stop) == 1 and stop[0] not in ids:
+        ids.append(stop[0])
+    return ids
+
+
+def _merged(run_dir: Path) -> Any:
+    from tunesmith.evaluate.generate import read_run_config
+    from tunesmith.methods import merged_model, weights_dir
+    from tunesmith.models import load_model, resolve_model_path
+
+    config = read_run_config(run_dir)
+    weights = weights_dir(config, run_dir)
+    if not weights.is_dir():
+        raise TunesmithError(f"{run_dir} has no {weights.name}/: training has not finished, nothing to export.")
+    if config.method == "full":
+        return load_model(str(weights))
+    if config.method == "adapter":
+        raise TunesmithError(
+            "Bottleneck adapters add layers that standard runtimes do not have, so they cannot be merged or "
+            "converted; serve this run with `tunesmith serve`, or train with method lora to export."
+        )
+    return merged_model(config, resolve_model_path(config.model), weights)
+
+
+def _write_merged(model: Any, tokenizer: Any, turns: TurnFormat, path: Path) -> None:
+    model.generation_config.eos_token_id = _stop_ids(tokenizer, turns)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def _write_adapter(run_dir: Path, tokenizer: Any, path: Path) -> None:
+    from tunesmith.evaluate.generate import read_run_config
+    from tunesmith.methods import weights_dir
+    from tunesmith.models import resolve_model_path
+
+    config = read_run_config(run_dir)
+    if not config.uses_peft:
+        raise TunesmithError(
+            f"--format adapter exports PEFT adapters (methods lora, qlora, dora); this run used {config.method}. "
+            "Use --format merged."
+        )
+    shutil.copytree(weights_dir(config, run_dir), path)
+    settings = json.loads((path / "adapter_config.json").read_text())
+    # PEFT and vLLM find the base through this field; point it at the real base, not a temp path.
+    settings["base_model_name_or_path"] = resolve_model_path(config.model)
+    (path / "adapter_config.json").write_text(json.dumps(settings, indent=2))
+    tokenizer.save_pretrained(path)
+
+
+def modelfile(gguf_name: str, turns: TurnFormat, template: str, config: Any) -> str:
+    stops = sorted({s for s in (turns.stop, turns.suffix["assistant"].strip()) if s})
+    lines = [
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{template}"""',
+        *[f'PARAMETER stop "{s}"' for s in stops],
+        f"PARAMETER temperature {config.eval.temperature}",
+        f"PARAMETER top_p {config.eval.top_p}",
+        f"PARAMETER num_ctx {config.data.max_length}",
+        f"PARAMETER num_predict {config.eval.max_new_tokens}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _source_gguf(config: Any) -> Path | None:
+    from tunesmith.models import source_gguf
+
+    return source_gguf(config.model)
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    gguf_type: str = "q8_0",
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export a finished run; returns the folder written."""
+    from tunesmith.evaluate.generate import read_run_config
+
+    run_dir = Path(run_dir)
+    if fmt not in FORMATS:
+        raise TunesmithError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
+    config = read_run_config(run_dir)
+    target = Path(out) if out else run_dir / "export" / fmt
+    if target.exists() and not overwrite:
+        raise TunesmithError(f"{target} already exists; pass --overwrite to replace it, or --out another folder.")
+    tokenizer = _tokenizer(run_dir)
+    turns = turn_format(tokenizer) if fmt == "ollama" else None
+    if turns is not None:
+        check_equal(tokenizer, turns.render, "Ollama template")
+
+    def write(path: Path) -> None:
+        path.mkdir(parents=True)
+        if fmt == "adapter":
+            path.rmdir()
+            _write_adapter(run_dir, tokenizer, path)
+            return
+        model = _merged(run_dir)
+        if fmt == "merged":
+            _write_merged(model, tokenizer, turns or _safe_turns(tokenizer), path)
+            return
+        from tunesmith.deploy.gguf_writer import write_gguf
+
+        name = f"{run_dir.name}-{gguf_type}.gguf"
+        stop = (turns or _safe_turns(tokenizer)).stop
+        write_gguf(
+            model,
+            tokenizer,
+            tokenizer.chat_template,
+            stop,
+            path / name,
+            kind=gguf_type,
+            name=run_dir.name,
+            source_gguf=_source_gguf(config),
+            progress=progress,
+        )
+        if fmt == "ollama":
+            strip = tokenizer.bos_token if _adds_bos(path / name) else ""
+            template = go_template(turns, strip_bos=strip or "")
+            (path / "Modelfile").write_text(modelfile(name, turns, template, config))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_atomic(staging, write)
+    if target.exists():  # only now, with the new export complete, is the old one replaced
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def _safe_turns(tokenizer: Any) -> TurnFormat:
+    """The turn format when the template has one; templates without one still export with EOS only."""
+    try:
+        return turn_format(tokenizer)
+    except TunesmithError:
+        return TurnFormat({}, {}, {"assistant": tokenizer.eos_token or ""}, "", False)
+
+
+def _adds_bos(path: Path) -> bool:
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field and field.contents())

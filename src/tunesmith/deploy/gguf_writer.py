@@ -1,0 +1,218 @@
+"""Write a Hugging Face causal LM as a GGUF file that llama.cpp, Ollama and transformers read.
+
+Tensor names come from gguf-py's own name map; the two layout conventions llama.cpp expects are
+applied here: Llama-style rotary Q/K rows are interleaved per head, and Gemma's RMSNorm weights are
+stored as 1 + w. Metadata comes from the model config; the tokenizer is written from tokenizer.json
+(byte-level BPE) or, when the base model was itself a GGUF file, copied from that file unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunesmith.errors import TunesmithError
+
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+TYPES = ("f16", "q8_0", "f32")
+
+
+def _arch(config: Any) -> str:
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in ARCHS:
+        raise TunesmithError(
+            f"GGUF export knows the architectures {sorted(ARCHS)}; this model is '{model_type}'. Export "
+            "--format merged and convert that folder with llama.cpp's convert_hf_to_gguf.py."
+        )
+    return ARCHS[model_type]
+
+
+def _rope_theta(config: Any) -> float:
+    if getattr(config, "rope_theta", None):
+        return float(config.rope_theta)
+    params = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(params.get("full_attention", {}).get("rope_theta", 10000.0))
+
+
+def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """HF's half-split rotary layout to llama.cpp's interleaved one (rows regrouped within each head)."""
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _gguf_tensors(model: Any, arch: str) -> list[tuple[str, np.ndarray]]:
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config.num_hidden_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    out = []
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        stem, _, suffix = hf_name.rpartition(".")
+        mapped = names.get_name(stem)
+        if mapped is None:
+            raise TunesmithError(f"GGUF export: no GGUF name for tensor {hf_name} ({arch}).")
+        data = tensor.detach().float().cpu().numpy()
+        if arch == "llama" and stem.endswith("self_attn.q_proj"):
+            data = _permute(data, config.num_attention_heads)
+        elif arch == "llama" and stem.endswith("self_attn.k_proj"):
+            data = _permute(data, config.num_key_value_heads)
+        elif arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            data = data + 1.0
+        out.append((f"{mapped}.{suffix}", data))
+    return out
+
+
+def _write_metadata(writer: Any, config: Any, arch: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_vocab_size(config.vocab_size)
+    if arch == "gemma3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        if getattr(config, "sliding_window", None):
+            writer.add_sliding_window(config.sliding_window)
+    else:
+        writer.add_rope_dimension_count(head_dim)
+
+
+def _bpe_tokenizer(writer: Any, tokenizer: Any) -> None:
+    """Byte-level BPE (GPT-2 style) from tokenizer.json: tokens, types and merges."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model", {})
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise TunesmithError(
+            "GGUF export writes byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style); this one is "
+            f"{model.get('type')} without a byte-level pre-tokenizer. Export --format merged and convert it with "
+            "llama.cpp's convert_hf_to_gguf.py."
+        )
+    vocab = tokenizer.get_vocab()
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = set(tokenizer.all_special_ids)
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    types = [
+        gguf.TokenType.CONTROL
+        if i in special
+        else gguf.TokenType.USER_DEFINED
+        if tokens[i] in added
+        else gguf.TokenType.NORMAL
+        for i in range(size)
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, token_id in (
+        ("bos", tokenizer.bos_token_id),
+        ("eos", tokenizer.eos_token_id),
+        ("pad", tokenizer.pad_token_id),
+        ("unk", tokenizer.unk_token_id),
+    ):
+        if token_id is not None:
+            getattr(writer, f"add_{name}_token_id")(token_id)
+    probe = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(False)
+
+
+def _copied_tokenizer(writer: Any, source: Path) -> None:
+    """The base GGUF's tokenizer fields, unchanged: the same tokenizer the base model was trained with."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer.ggml."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, list(field.contents()))
+        else:
+            writer.add_key_value(key, field.contents(), kind)
+
+
+def add_stop_token(writer: Any, tokenizer: Any, stop: str) -> None:
+    """Mark the end-of-turn text of the chat template as llama.cpp's end-of-turn token when it is one token."""
+    ids = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
+    if len(ids) == 1 and ids[0] != tokenizer.eos_token_id:
+        writer.add_eot_token_id(ids[0])
+
+
+def write_gguf(
+    model: Any,
+    tokenizer: Any,
+    template: str,
+    stop: str,
+    path: Path,
+    kind: str = "q8_0",
+    name: str = "tunesmith model",
+    source_gguf: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Write `model` (merged, unquantized) with its tokenizer and chat template to `path`."""
+    try:
+        import gguf
+        from gguf.quants import quantize
+    except ImportError:
+        raise TunesmithError("GGUF export needs the gguf package: pip install gguf.") from None
+    if kind not in TYPES:
+        raise TunesmithError(f"GGUF type '{kind}' is not one of {', '.join(TYPES)}.")
+    arch = _arch(model.config)
+    qtype = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "f32": gguf.GGMLQuantizationType.F32,
+    }[kind]
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}.get(
+        kind, gguf.LlamaFileType.ALL_F32
+    )
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_metadata(writer, model.config, arch)
+    if source_gguf is not None:
+        _copied_tokenizer(writer, source_gguf)
+    else:
+        _bpe_tokenizer(writer, tokenizer)
+    add_stop_token(writer, tokenizer, stop)
+    writer.add_chat_template(template)
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    for tensor_name, data in _gguf_tensors(model, arch):
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tensor_name, data.astype(np.float32))
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % block == 0:
+            writer.add_tensor(tensor_name, quantize(data, qtype), raw_dtype=qtype)
+        else:  # F16, or rows that do not split into Q8_0 blocks
+            writer.add_tensor(tensor_name, data.astype(np.float16))
+        if progress:
+            progress(tensor_name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

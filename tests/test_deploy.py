@@ -1,0 +1,177 @@
+"""Export: merged, adapter, GGUF and Ollama exports load elsewhere and keep the training chat format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests import gotemplate
+from tests.conftest import build_tokenizer, chat_records, write_jsonl
+from tests.test_cli import train_args
+from tunesmith.cli import main
+from tunesmith.data.formats import Message
+from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE, render
+from tunesmith.deploy.export import export_run
+from tunesmith.deploy.template import SAMPLE_CONVERSATIONS, go_template, turn_format
+from tunesmith.errors import TunesmithError
+
+GEMMA_STYLE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + message['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+PROMPT = torch.tensor([[1, 5, 9, 33, 70, 100, 7, 250]])
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("deploy")
+    data = write_jsonl(root / "chat.jsonl", chat_records(40))
+    out = root / "runs" / "colours"
+    extra = ["--method", "lora", "--max-steps", "4", "--train.batch_size", "4", "--lr", "3e-2", "--quiet"]
+    extra += ["--test-fraction", "0.25", "--set", "eval.max_new_tokens=8"]
+    assert main(train_args(tiny_model_dir, data, out, *extra)) == 0
+    return out
+
+
+def _tuned_logits(run):
+    from tunesmith.evaluate.generate import load_run
+
+    with torch.no_grad():
+        return load_run(run).model(PROMPT).logits
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(PROMPT).logits
+
+
+def _expected(tokenizer, conversation):
+    generation = conversation[-1]["role"] != "assistant"
+    return render(tokenizer, tuple(Message(**m) for m in conversation), generation_prompt=generation)
+
+
+def test_merged_export_answers_like_the_adapter_model(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = export_run(lora_run, "merged", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(target)
+    tuned = _tuned_logits(lora_run)
+    assert torch.allclose(_logits(merged), tuned, atol=1e-5)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert tokenizer.chat_template == (lora_run / "chat_template.jinja").read_text()
+    assert tokenizer.eos_token_id in json.loads((target / "generation_config.json").read_text())["eos_token_id"]
+
+
+def test_adapter_export_loads_with_peft(lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    target = export_run(lora_run, "adapter", tmp_path / "adapter")
+    settings = json.loads((target / "adapter_config.json").read_text())
+    assert (target / "adapter_model.safetensors").is_file() and settings["peft_type"] == "LORA"
+    base = AutoModelForCausalLM.from_pretrained(settings["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(target))
+    assert torch.allclose(_logits(model), _tuned_logits(lora_run), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
+def test_gguf_export_reads_back_with_the_same_weights_tokenizer_and_template(lora_run, tmp_path, kind, tolerance):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    target = export_run(lora_run, "gguf", tmp_path / "gguf", gguf_type=kind)
+    path = next(target.glob("*.gguf"))
+    reader = gguf.GGUFReader(path)
+    fields = {key: field.contents() for key, field in reader.fields.items()}
+    assert fields["general.architecture"] == "llama"
+    tokenizer = build_tokenizer()
+    assert fields["tokenizer.ggml.tokens"] == [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda x: x[1])]
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.chat_template"] == (lora_run / "chat_template.jinja").read_text()
+    types = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    assert types == {kind.upper()}
+    # transformers' own GGUF reader undoes llama.cpp's layout: the logits must match the tuned model's.
+    loaded = AutoModelForCausalLM.from_pretrained(target, gguf_file=path.name)
+    tuned = _tuned_logits(lora_run)
+    assert (_logits(loaded) - tuned).abs().max() <= tolerance * tuned.abs().max()
+
+
+def test_gguf_chat_template_renders_like_training(lora_run, tmp_path):
+    import gguf
+
+    path = next(export_run(lora_run, "gguf", tmp_path / "g").glob("*.gguf"))
+    template = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    exported = build_tokenizer(chat_template=template)
+    trained = build_tokenizer(chat_template=(lora_run / "chat_template.jinja").read_text())
+    for conversation in SAMPLE_CONVERSATIONS:
+        generation = conversation[-1]["role"] != "assistant"
+        assert exported.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation) == (
+            _expected(trained, conversation)
+        )
+
+
+def test_ollama_export_writes_a_modelfile_whose_template_renders_like_training(lora_run, tmp_path):
+    target = export_run(lora_run, "ollama", tmp_path / "ollama")
+    modelfile = (target / "Modelfile").read_text()
+    gguf_name = next(target.glob("*.gguf")).name
+    assert f"FROM ./{gguf_name}" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    trained = build_tokenizer(chat_template=(lora_run / "chat_template.jinja").read_text())
+    for conversation in SAMPLE_CONVERSATIONS:
+        assert gotemplate.render(template, conversation) == _expected(trained, conversation)
+
+
+@pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, GEMMA_STYLE], ids=["default", "gemma-style"])
+def test_go_template_matches_jinja_with_and_without_system_and_bos(template):
+    tokenizer = build_tokenizer(chat_template=template)
+    turns = turn_format(tokenizer)
+    assert turns.system_merged == (template == GEMMA_STYLE)
+    conversations = [*SAMPLE_CONVERSATIONS, [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]]
+    for conversation in conversations:
+        expected = _expected(tokenizer, conversation)
+        assert gotemplate.render(go_template(turns), conversation) == expected
+        # With the runtime adding BOS itself, the template leaves it out.
+        assert gotemplate.render(go_template(turns, strip_bos="<s>"), conversation) == expected.removeprefix("<s>")
+    assert turns.stop == ("<end_of_turn>" if template == GEMMA_STYLE else "</s>")
+
+
+def test_templates_that_cannot_be_split_per_role_are_refused():
+    tokenizer = build_tokenizer(chat_template="{% for m in messages %}{{ m['content'] | lower }}{% endfor %}")
+    with pytest.raises(TunesmithError, match="cannot be taken apart per role"):
+        turn_format(tokenizer)
+
+
+def test_export_never_overwrites_without_the_flag(lora_run, tmp_path):
+    target = export_run(lora_run, "adapter", tmp_path / "a")
+    marker = target / "keep.txt"
+    marker.write_text("mine")
+    with pytest.raises(TunesmithError, match="--overwrite"):
+        export_run(lora_run, "adapter", target)
+    assert marker.read_text() == "mine"
+    export_run(lora_run, "adapter", target, overwrite=True)
+    assert not marker.exists() and (target / "adapter_config.json").is_file()
+
+
+def test_export_cli_and_bad_input(lora_run, tmp_path, capsys):
+    assert main(["export", str(lora_run), "--format", "merged", "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert "Exported merged" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "nope"), "--format", "merged"]) == 2
+    assert "not a tunesmith run" in capsys.readouterr().err
+
+
+def test_llama_cpp_generates_from_the_gguf_export(lora_run, tmp_path):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
+    )
+    path = next(export_run(lora_run, "gguf", tmp_path / "g", gguf_type="f16").glob("*.gguf"))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False)
+    tokens = llm.tokenize(b"colour red item 3", add_bos=False, special=True)
+    assert tokens == build_tokenizer()("colour red item 3", add_special_tokens=False)["input_ids"]
+    result = llm.create_completion("colour red", max_tokens=4, temperature=0.0)
+    assert result["usage"]["completion_tokens"] >= 1
