@@ -98,3 +98,21 @@ def chat_records(n: int) -> list[dict]:
 @pytest.fixture
 def chat_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+
+
+def train_lora_run(root: Path, model_dir: Path, name: str, seed: int = 0, *flags: str) -> Path:
+    """A finished 4-step LoRA run of the colour task under root/runs/NAME (for export and serve tests)."""
+    from tests.test_cli import train_args
+    from tunesmith.cli import main
+
+    data = write_jsonl(root / f"{name}.jsonl", chat_records(40))
+    out = root / "runs" / name
+    extra = ["--method", "lora", "--max-steps", "4", "--train.batch_size", "4", "--lr", "3e-2", "--quiet"]
+    extra += ["--test-fraction", "0.25", "--set", "eval.max_new_tokens=8", "--train.seed", str(seed), *flags]
+    assert main(train_args(model_dir, data, out, *extra)) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_model_dir) -> Path:
+    return train_lora_run(tmp_path_factory.mktemp("deploy"), tiny_model_dir, "colours")

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from tests import gotemplate
-from tests.conftest import build_tokenizer, chat_records, write_jsonl
-from tests.test_cli import train_args
+from tests.conftest import build_tokenizer
 from tunesmith.cli import main
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE, render
@@ -25,17 +24,6 @@ GEMMA_STYLE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 PROMPT = torch.tensor([[1, 5, 9, 33, 70, 100, 7, 250]])
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("deploy")
-    data = write_jsonl(root / "chat.jsonl", chat_records(40))
-    out = root / "runs" / "colours"
-    extra = ["--method", "lora", "--max-steps", "4", "--train.batch_size", "4", "--lr", "3e-2", "--quiet"]
-    extra += ["--test-fraction", "0.25", "--set", "eval.max_new_tokens=8"]
-    assert main(train_args(tiny_model_dir, data, out, *extra)) == 0
-    return out
 
 
 def _tuned_logits(run):

@@ -66,3 +66,161 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--overwrite", action="store_true", help="Replace an existing export folder.")
     export.add_argument("--quiet", action="store_true", help="No progress display.")
     export.set_defaults(func=cmd_export)
+    add_serve(sub)
+    add_monitor(sub)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    run_dirs = [Path(run) for run in args.runs]
+    api_key = args.api_key or os.environ.get("TUNESMITH_API_KEY")
+    if args.engine == "vllm":
+        from tunesmith.deploy.vllm import vllm_available, vllm_command
+        from tunesmith.errors import TunesmithError
+
+        command = vllm_command(run_dirs, args.host, args.port, api_key, args.max_tokens_limit)
+        printable = shlex.join(command if not api_key else [c if c != api_key else "***" for c in command])
+        if args.dry_run:
+            out.print(printable, highlight=False, soft_wrap=True)
+            return 0
+        if not vllm_available():
+            raise TunesmithError(
+                "--engine vllm needs vLLM: pip install vllm (Linux with a CUDA GPU). "
+                f"The command it would run:\n{printable}"
+            )
+        err.print(f"Starting vLLM: {printable}", highlight=False)
+        os.execvp(command[0], command)
+    import uvicorn
+
+    from tunesmith.deploy.engine import Engine
+    from tunesmith.deploy.requestlog import RequestLog
+    from tunesmith.deploy.serve import create_app, default_log_path
+
+    with err.status("Loading the model..."):
+        engine = Engine(run_dirs, queue_size=args.queue_size)
+    log_path = Path(args.log_db) if args.log_db else default_log_path(run_dirs[0])
+    app = create_app(engine, RequestLog(log_path), api_key, args.max_tokens_limit, args.default_max_tokens)
+    err.print(
+        f"Serving {', '.join(engine.models)} on http://{args.host}:{args.port}/v1 "
+        f"({'API key required' if api_key else 'no API key'}); requests logged to {log_path}",
+        highlight=False,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    engine.close()
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="Serve runs over an OpenAI-compatible HTTP API (with metrics and a request log).",
+        description="Serve one or more runs over an OpenAI-compatible API: /v1/chat/completions and "
+        "/v1/completions (streaming with stream=true), /v1/models, /v1/feedback, /health, /metrics "
+        "(Prometheus). Several LoRA runs over the same base are served from one copy of it; the `model` "
+        "field picks a run by its folder name, or `base` for the base model.",
+    )
+    serve.add_argument("runs", nargs="+", metavar="RUN", help="Run directories, e.g. runs/quickstart.")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="Address to listen on [default: 127.0.0.1; 0.0.0.0 for all]."
+    )
+    serve.add_argument("--port", type=int, default=8000, help="Port [default: 8000].")
+    serve.add_argument(
+        "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 calls [default: $TUNESMITH_API_KEY, else none]."
+    )
+    serve.add_argument(
+        "--max-tokens-limit", type=int, default=1024, help="Largest max_tokens a request may ask for [default: 1024]."
+    )
+    serve.add_argument(
+        "--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none [default: 256]."
+    )
+    serve.add_argument("--queue-size", type=int, default=64, help="Requests that may wait; more get 503 [default: 64].")
+    serve.add_argument("--log-db", help="SQLite file for the request log [default: RUN/serve/requests.sqlite].")
+    serve.add_argument(
+        "--engine",
+        choices=["native", "vllm"],
+        default="native",
+        help="native: this process (CPU or GPU); vllm: hand the same runs to `vllm serve` [default: native].",
+    )
+    serve.add_argument("--dry-run", action="store_true", help="With --engine vllm: print the vLLM command only.")
+    serve.add_argument("--quiet", action="store_true", help="Log only warnings.")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from rich.table import Table
+
+    from tunesmith.deploy.monitor import export_feedback, monitor_report
+
+    if args.export:
+        count = export_feedback(args.run, args.export, args.db, args.min_rating, args.overwrite)
+        out.print(f"Wrote {count} examples to {args.export}. Next: tunesmith data check {args.export}", highlight=False)
+        return 0
+    since = time.time() - args.hours * 3600 if args.hours else 0.0
+    report = monitor_report(args.run, args.db, since)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    traffic, drift = report["traffic"], report["drift"]
+    table = Table(title=f"Traffic ({report['log']})", show_header=False)
+    table.add_row("requests", f"{traffic['requests']} ({traffic['errors']} errors, {traffic['error_rate']:.1%})")
+    table.add_row("by model", ", ".join(f"{k}: {v}" for k, v in traffic["by_model"].items()) or "-")
+    table.add_row("latency ms p50/p95/p99", " / ".join(str(v) for v in traffic["latency_ms"].values()))
+    table.add_row("first token ms p50/p95", " / ".join(str(v) for v in traffic["first_token_ms"].values()))
+    table.add_row("tokens prompt / generated", f"{traffic['prompt_tokens']} / {traffic['completion_tokens']}")
+    out.print(table)
+    if "prompt_tokens" in drift:
+        lengths, words = drift["prompt_tokens"], drift["vocabulary"]
+        table = Table(
+            title=f"Drift against {drift['training_prompts']} training prompts "
+            f"({drift['requests_compared']} chat requests)"
+        )
+        table.add_column("measure")
+        table.add_column("training")
+        table.add_column("production")
+        quantiles = lambda q: " / ".join(str(v) for v in q.values())  # noqa: E731
+        table.add_row("prompt tokens p5/p50/p95", quantiles(lengths["training"]), quantiles(lengths["production"]))
+        table.add_row("KS statistic (p)", "", f"{lengths['ks_statistic']} (p={lengths['ks_p_value']})")
+        table.add_row("longer than any training prompt", "", f"{lengths['longer_than_training']:.1%}")
+        table.add_row("vocabulary Jensen-Shannon", "", str(words["js_divergence"]))
+        table.add_row("words unseen in training", "", f"{words['unseen_word_share']:.1%}")
+        out.print(table)
+    for name in report["format"]["checks"]:
+        item = report["format"][name]
+        out.print(f"Format check {name}: {item['failing']} failing ({item['share']:.1%})")
+    if not report["format"]["checks"]:
+        out.print("No format check: add json_valid or json_schema to eval.metrics to watch the output format.")
+    feedback = report["feedback"]
+    out.print(
+        f"Feedback: {feedback['count']} (mean rating {feedback['mean_rating']}, {feedback['corrections']} corrections)"
+    )
+    for alert in report["alerts"]:
+        out.print(f"[bold yellow]alert:[/] {alert}", highlight=False)
+    if not report["alerts"]:
+        out.print("[green]No alerts.[/]")
+    return 0
+
+
+def add_monitor(sub: argparse._SubParsersAction) -> None:
+    monitor = sub.add_parser(
+        "monitor",
+        help="Production traffic, drift against the training data, format failures and feedback.",
+        description="Read the request log of `tunesmith serve` and compare production prompts with the run's "
+        "training data (prompt-length distribution with a KS test, vocabulary Jensen-Shannon divergence, unseen "
+        "words), count answers failing the run's format check, summarise feedback, and raise alerts. With "
+        "--export, turn corrected answers into a dataset for the next fine-tune.",
+    )
+    monitor.add_argument("run", help="Run directory, e.g. runs/quickstart.")
+    monitor.add_argument("--db", help="Request log [default: RUN/serve/requests.sqlite].")
+    monitor.add_argument("--hours", type=float, help="Only the last N hours of traffic [default: all].")
+    monitor.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    monitor.add_argument("--export", metavar="FILE", help="Write corrected answers as a JSONL chat dataset to FILE.")
+    monitor.add_argument(
+        "--min-rating", type=float, help="With --export: also keep uncorrected answers rated at least this."
+    )
+    monitor.add_argument("--overwrite", action="store_true", help="With --export: replace an existing FILE.")
+    monitor.set_defaults(func=cmd_monitor)

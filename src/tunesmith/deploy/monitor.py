@@ -1,0 +1,261 @@
+"""`tunesmith monitor`: what production traffic looks like next to the data the model was trained on.
+
+Reads the server's request log and the run's own training split and reports:
+- traffic: requests, errors, latency and time-to-first-token percentiles, tokens;
+- drift: prompt length in tokens (quantiles, the two-sample Kolmogorov-Smirnov statistic and its
+  p-value, the share of prompts longer than any training prompt) and vocabulary (Jensen-Shannon
+  divergence of the word distributions, share of words never seen in training);
+- format: the share of answers failing the run's own format check (json_valid / json_schema from
+  eval.metrics);
+- feedback: ratings and corrections, which `export_feedback` turns into a dataset in tunesmith's own
+  format for the next fine-tune.
+Alerts name what crossed a threshold and what to do about it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.formats import Conversation, Message, read_conversations, write_jsonl
+from tunesmith.data.tokenize import prompt_ids
+from tunesmith.deploy.requestlog import read_feedback, read_requests
+from tunesmith.errors import TunesmithError
+
+WORD = re.compile(r"\w+", re.UNICODE)
+LIMITS = {"error_rate": 0.05, "js_divergence": 0.2, "ks_statistic": 0.3, "format_failures": 0.05, "longer": 0.1}
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ks_two_sample(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Kolmogorov-Smirnov statistic D and its asymptotic p-value (Smirnov's series)."""
+    a, b = sorted(a), sorted(b)
+    i = j = 0
+    d = 0.0
+    while i < len(a) and j < len(b):
+        x = min(a[i], b[j])
+        while i < len(a) and a[i] <= x:
+            i += 1
+        while j < len(b) and b[j] <= x:
+            j += 1
+        d = max(d, abs(i / len(a) - j / len(b)))
+    n = len(a) * len(b) / (len(a) + len(b))
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    p = 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
+    return d, min(1.0, max(0.0, p)) if lam > 0 else 1.0
+
+
+def js_divergence(p: Counter, q: Counter) -> float:
+    """Jensen-Shannon divergence (base 2, 0 = same distribution, 1 = disjoint) of two word counts."""
+    total_p, total_q = sum(p.values()), sum(q.values())
+    if not total_p or not total_q:
+        return 0.0
+    divergence = 0.0
+    for word in set(p) | set(q):
+        pw, qw = p[word] / total_p, q[word] / total_q
+        mw = (pw + qw) / 2
+        divergence += (pw * math.log2(pw / mw) if pw else 0.0) + (qw * math.log2(qw / mw) if qw else 0.0)
+    return divergence / 2
+
+
+def _prompt_text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    return json.loads(row["messages"]) if row.get("messages") else []
+
+
+def _format_checks(config: Any) -> dict[str, Any]:
+    from tunesmith.evaluate.metrics import json_valid, schema_checker
+
+    checks: dict[str, Any] = {}
+    if "json_valid" in config.eval.metrics:
+        checks["json_valid"] = json_valid
+    if "json_schema" in config.eval.metrics:
+        checks["json_schema"] = schema_checker(config.eval.schema_path)
+    return checks
+
+
+def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
+    path = run_dir / "data" / "train.jsonl"
+    if not path.is_file():
+        raise TunesmithError(
+            f"{run_dir} has no data/train.jsonl; monitor compares traffic with the run's training split."
+        )
+    conversations, _ = read_conversations(path)
+    prompts = []
+    for conversation in conversations:
+        last = max((i for i, m in enumerate(conversation.messages) if m.role == "assistant"), default=None)
+        prompts.append(conversation.messages[:last] if last else conversation.messages)
+    return prompts
+
+
+def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: float = 0.0) -> dict[str, Any]:
+    from tunesmith.deploy.export import _tokenizer
+    from tunesmith.deploy.serve import default_log_path
+    from tunesmith.evaluate.generate import read_run_config
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    db = Path(db) if db else default_log_path(run_dir)
+    if not db.is_file():
+        raise TunesmithError(f"No request log at {db}. Serve the run first (tunesmith serve {run_dir}) or pass --db.")
+    rows = read_requests(db, since)
+    tokenizer = _tokenizer(run_dir)
+    ok = [r for r in rows if r["status"] == 200]
+    latencies = [r["latency_ms"] for r in ok if r["latency_ms"] is not None]
+    first = [r["first_token_ms"] for r in ok if r["first_token_ms"] is not None]
+    span_h = (rows[-1]["created"] - rows[0]["created"]) / 3600 if len(rows) > 1 else 0.0
+    traffic = {
+        "requests": len(rows),
+        "errors": len(rows) - len(ok),
+        "error_rate": round((len(rows) - len(ok)) / len(rows), 4) if rows else 0.0,
+        "by_model": dict(Counter(r["model"] for r in rows)),
+        "by_status": {str(k): v for k, v in Counter(r["status"] for r in rows).items()},
+        "latency_ms": {f"p{int(q * 100)}": _round(quantile(latencies, q)) for q in (0.5, 0.95, 0.99)},
+        "first_token_ms": {f"p{int(q * 100)}": _round(quantile(first, q)) for q in (0.5, 0.95)},
+        "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in ok),
+        "completion_tokens": sum(r["completion_tokens"] or 0 for r in ok),
+        "requests_per_hour": round(len(rows) / span_h, 2) if span_h else None,
+    }
+
+    chat = [r for r in ok if r["endpoint"] == "chat"]
+    train_prompts = _training_prompts(run_dir)
+    train_lengths = [len(prompt_ids(tokenizer, p)) for p in train_prompts]
+    live_lengths = [r["prompt_tokens"] for r in chat if r["prompt_tokens"] is not None]
+    train_words = Counter(
+        w.lower() for p in train_prompts for m in p if m.role != "assistant" for w in WORD.findall(m.content)
+    )
+    live_words = Counter(w.lower() for r in chat for w in WORD.findall(_prompt_text(_messages(r))))
+    drift: dict[str, Any] = {"requests_compared": len(chat), "training_prompts": len(train_prompts)}
+    if live_lengths:
+        statistic, p_value = ks_two_sample([float(x) for x in train_lengths], [float(x) for x in live_lengths])
+        drift["prompt_tokens"] = {
+            "training": {f"p{int(q * 100)}": _round(quantile(train_lengths, q)) for q in (0.05, 0.5, 0.95)},
+            "production": {f"p{int(q * 100)}": _round(quantile(live_lengths, q)) for q in (0.05, 0.5, 0.95)},
+            "ks_statistic": round(statistic, 4),
+            "ks_p_value": float(f"{p_value:.3g}"),
+            "longer_than_training": round(sum(x > max(train_lengths) for x in live_lengths) / len(live_lengths), 4),
+        }
+        unseen = sum(count for word, count in live_words.items() if word not in train_words)
+        drift["vocabulary"] = {
+            "js_divergence": round(js_divergence(train_words, live_words), 4),
+            "unseen_word_share": round(unseen / max(1, sum(live_words.values())), 4),
+            "top_unseen": [
+                w for w, _ in Counter({w: c for w, c in live_words.items() if w not in train_words}).most_common(10)
+            ],
+        }
+
+    checks = _format_checks(config)
+    answered = [r for r in ok if r["output"] is not None]
+    formats: dict[str, Any] = {"checks": list(checks)}
+    for name, check in checks.items():
+        failing = [r["id"] for r in answered if not check(r["output"], "")]
+        formats[name] = {
+            "failing": len(failing),
+            "share": round(len(failing) / len(answered), 4) if answered else 0.0,
+            "examples": failing[:5],
+        }
+
+    feedback = read_feedback(db)
+    ratings = [f["rating"] for f in feedback if f["rating"] is not None]
+    report = {
+        "run": str(run_dir),
+        "log": str(db),
+        "traffic": traffic,
+        "drift": drift,
+        "format": formats,
+        "feedback": {
+            "count": len(feedback),
+            "mean_rating": round(sum(ratings) / len(ratings), 3) if ratings else None,
+            "corrections": sum(1 for f in feedback if f["correction"]),
+        },
+    }
+    report["alerts"] = _alerts(report)
+    return report
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _alerts(report: dict[str, Any]) -> list[str]:
+    alerts = []
+    traffic, drift = report["traffic"], report["drift"]
+    if traffic["requests"] and traffic["error_rate"] > LIMITS["error_rate"]:
+        alerts.append(
+            f"{traffic['error_rate']:.0%} of requests failed (by status: {traffic['by_status']}); "
+            "read the log's error column."
+        )
+    lengths = drift.get("prompt_tokens")
+    if lengths and lengths["ks_statistic"] > LIMITS["ks_statistic"] and lengths["ks_p_value"] < 0.01:
+        alerts.append(
+            f"Prompt lengths drifted from training (KS D={lengths['ks_statistic']}, p={lengths['ks_p_value']}): "
+            "production prompts are not like the training prompts; collect and label some for the next run."
+        )
+    if lengths and lengths["longer_than_training"] > LIMITS["longer"]:
+        alerts.append(f"{lengths['longer_than_training']:.0%} of prompts are longer than any training prompt.")
+    vocabulary = drift.get("vocabulary")
+    if vocabulary and vocabulary["js_divergence"] > LIMITS["js_divergence"]:
+        alerts.append(
+            f"Vocabulary drifted (Jensen-Shannon {vocabulary['js_divergence']}, {vocabulary['unseen_word_share']:.0%} "
+            f"of words unseen in training, e.g. {', '.join(vocabulary['top_unseen'][:5])})."
+        )
+    for name in report["format"]["checks"]:
+        share = report["format"][name]["share"]
+        if share > LIMITS["format_failures"]:
+            alerts.append(f"{share:.0%} of answers fail {name}; export corrections with --export and retrain.")
+    return alerts
+
+
+def export_feedback(
+    run_dir: str | Path,
+    target: str | Path,
+    db: str | Path | None = None,
+    min_rating: float | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Write corrected (and, with min_rating, well-rated) answers as chat examples; returns how many."""
+    from tunesmith.deploy.serve import default_log_path
+
+    run_dir, target = Path(run_dir), Path(target)
+    db = Path(db) if db else default_log_path(run_dir)
+    if not db.is_file():
+        raise TunesmithError(f"No request log at {db}. Serve the run first or pass --db.")
+    if target.exists() and not overwrite:
+        raise TunesmithError(f"{target} already exists; pass --overwrite to replace it, or choose another file.")
+    latest: dict[str, dict[str, Any]] = {}
+    for item in read_feedback(db):  # the newest feedback on a response wins
+        latest[item["request_id"]] = item
+    conversations = []
+    for item in latest.values():
+        if item["endpoint"] != "chat":
+            continue
+        if item["correction"]:
+            answer = item["correction"]
+        elif min_rating is not None and item["rating"] is not None and item["rating"] >= min_rating and item["output"]:
+            answer = item["output"]
+        else:
+            continue
+        messages = tuple(Message(m["role"], m["content"]) for m in json.loads(item["messages"]))
+        conversations.append(Conversation(messages=(*messages, Message("assistant", answer))))
+    if not conversations:
+        raise TunesmithError("No feedback with a correction (or a rating at or above --min-rating) to export yet.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    write_jsonl(partial, conversations)
+    partial.replace(target)
+    return len(conversations)

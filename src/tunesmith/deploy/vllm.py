@@ -1,0 +1,56 @@
+"""`tunesmith serve --engine vllm`: the same runs served by vLLM, for GPU throughput at scale.
+
+vLLM serves the base model with the runs' PEFT adapters as LoRA modules (or a full fine-tune's
+model folder) under the same model names and chat template as `tunesmith serve`, so clients do not
+change. tunesmith only builds the command; vLLM runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+from tunesmith.deploy.engine import BASE
+from tunesmith.errors import TunesmithError
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates LoRA slots for
+
+
+def vllm_command(run_dirs: list[Path], host: str, port: int, api_key: str | None, max_tokens_limit: int) -> list[str]:
+    from tunesmith.evaluate.generate import read_run_config
+    from tunesmith.methods import weights_dir
+    from tunesmith.models import resolve_model_path
+
+    configs = [read_run_config(path) for path in run_dirs]
+    for path, config in zip(run_dirs, configs, strict=True):
+        if not weights_dir(config, path).is_dir():
+            raise TunesmithError(f"{path} has no {weights_dir(config, path).name}/: training has not finished.")
+        if config.method == "adapter":
+            raise TunesmithError(f"{path}: bottleneck adapters are not a vLLM format; serve it with --engine native.")
+    first = run_dirs[0]
+    command = ["vllm", "serve"]
+    if all(config.uses_peft for config in configs):
+        if len({config.model for config in configs}) > 1:
+            raise TunesmithError("vLLM serves adapters over one base model; these runs use different bases.")
+        rank = max(config.lora.r for config in configs)
+        slot = next((r for r in LORA_RANKS if r >= rank), rank)
+        command += [resolve_model_path(configs[0].model), "--served-model-name", BASE, "--enable-lora"]
+        command += [
+            "--lora-modules",
+            *[f"{path.name}={weights_dir(c, path)}" for path, c in zip(run_dirs, configs, strict=True)],
+        ]
+        command += ["--max-lora-rank", str(slot), "--max-loras", str(len(run_dirs))]
+    elif len(run_dirs) == 1:
+        command += [str(weights_dir(configs[0], first)), "--served-model-name", first.name]
+    else:
+        raise TunesmithError("vLLM serves several runs together only as LoRA adapters over one base model.")
+    command += ["--chat-template", str(first / "chat_template.jinja"), "--host", host, "--port", str(port)]
+    command += ["--override-generation-config", f'{{"max_new_tokens": {max_tokens_limit}}}']
+    if api_key:
+        command += ["--api-key", api_key]
+    return command
+
+
+def vllm_available() -> bool:
+    return shutil.which("vllm") is not None and importlib.util.find_spec("vllm") is not None
