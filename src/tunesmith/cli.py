@@ -48,6 +48,21 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    parallel = parser.add_argument_group("data-parallel training (see README: Multi-GPU and multi-node)")
+    parallel.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="Train on N processes of this machine: one per GPU (accelerate launch), or N CPU processes (gloo). "
+        "train.batch_size stays the examples per step over all of them [default: 1].",
+    )
+    parallel.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"],
+        default="ddp",
+        help="With --nproc on GPUs: ddp (replicated model), fsdp (FSDP2, sharded model), or DeepSpeed ZeRO-2/3 "
+        "(needs deepspeed) [default: ddp].",
+    )
     group = parser.add_argument_group("config fields (override the config file)")
     unique = unique_leaf_names()
     group.add_argument(
@@ -110,24 +125,78 @@ def resume_command(argv: list[str]) -> list[str]:
 
 def _train(args: argparse.Namespace) -> Any:
     """train_run from the command line; an interrupt exits 130/143 with the command that resumes."""
+    import os
+
     from tunesmith.errors import TrainingInterrupted
     from tunesmith.run import train_run
+    from tunesmith.train import distributed
 
+    if args.nproc > 1 and not distributed.launched():
+        return _train_workers(args)
     try:
         return train_run(config_from_args(args), overwrite=args.overwrite, console=err, live=not args.quiet)
     except TrainingInterrupted as stop:
-        words = resume_command(sys.argv[1:])
+        words = resume_command(args.argv)
         saved = f"Checkpoint: {stop.checkpoint}. " if stop.checkpoint else ""
-        err.print(
-            f"[yellow]Stopped after step {stop.step}.[/] {saved}Resume with:\n  tunesmith {' '.join(words)} --resume",
-            highlight=False,
-        )
+        if not os.environ.get("TUNESMITH_LAUNCHER") and os.environ.get("RANK", "0") == "0":
+            err.print(
+                f"[yellow]Stopped after step {stop.step}.[/] {saved}Resume with:\n  "
+                f"tunesmith {' '.join(words)} --resume",
+                highlight=False,
+            )
         raise SystemExit(stop.exit_code) from None
 
 
+def _train_workers(args: argparse.Namespace) -> Any:
+    """Start --nproc training processes, pass Ctrl-C/SIGTERM on to them once, and read back what they wrote."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    from tunesmith.run import TrainSummary
+    from tunesmith.train.distributed import launch_command
+
+    config = config_from_args(args)
+    argv = list(args.argv)
+    if argv and argv[0] == "run":
+        argv[0] = "train"  # the workers train; this process compares afterwards
+    command, env = launch_command(argv, args.nproc, args.strategy)
+    err.print(f"Launching {args.nproc} training processes: {' '.join(command)}", highlight=False)
+    # A session of their own: Ctrl-C reaches this process only, which passes it on exactly once.
+    workers = subprocess.Popen(command, env=os.environ | env | {"TUNESMITH_LAUNCHER": "1"}, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            workers.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = workers.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    run_dir = config.run_dir
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    if code == 0 and (run_dir / "train_summary.json").is_file():
+        return TrainSummary(**json.loads((run_dir / "train_summary.json").read_text()))
+    if manifest.get("status") == "interrupted" or received:
+        words = resume_command(argv)
+        err.print(f"[yellow]Stopped.[/] Resume with:\n  tunesmith {' '.join(words)} --resume", highlight=False)
+        raise SystemExit(128 + (received[0] if received else signal.SIGTERM))
+    raise TunesmithError(f"The training processes failed (exit status {code}); their messages are above.")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from tunesmith.train import distributed
 
     summary = _train(args)
+    if distributed.launched() and (os.environ.get("RANK", "0") != "0" or os.environ.get("TUNESMITH_LAUNCHER")):
+        return 0  # a worker: the main worker (or the launching tunesmith) reports
     if args.json:
         _print_json(asdict(summary))
     else:
@@ -898,6 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except TunesmithError as exc:

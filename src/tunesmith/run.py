@@ -244,29 +244,19 @@ def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> 
     }
 
 
-def train_run(
-    config: RunConfig, overwrite: bool = False, console: Console | None = None, live: bool | None = None
-) -> TrainSummary:
-    """Run every training stage for one config and leave a complete run directory behind.
+def _prepare(
+    config: RunConfig, run_dir: Path, resuming: bool, overwrite: bool, console: Console, world: Any
+) -> tuple[dict[str, list[Conversation]], str, dict[str, Any], Path | None]:
+    """Splits, data format, manifest info and the checkpoint to resume from; the main process writes them.
 
-    With config.resume, an existing run directory continues from its last complete checkpoint.
+    Other processes (data-parallel workers) run after it and read what it wrote.
     """
-    from tunesmith.data.cache import cached_tokenize
-    from tunesmith.methods import apply_method, count_parameters, load_base, save_trained, weights_dir
-    from tunesmith.models import cache_root, load_tokenizer, resolve_model_path
-    from tunesmith.runs import plot_losses
     from tunesmith.train import checkpoint as ckpt
-    from tunesmith.train.loop import Session, fit
-    from tunesmith.train.trackers import Trackers
 
-    console = console or Console(stderr=True)
-    run_dir = config.run_dir
-    existing = (run_dir / "manifest.json").is_file()
-    resuming = bool(config.resume) and existing
-    if config.resume is True and not existing:
-        raise TunesmithError(
-            f"--resume: {run_dir} holds no run to resume. Drop --resume (or use --resume auto) to start it."
-        )
+    if not world.main:
+        info = json.loads((run_dir / "manifest.json").read_text())
+        splits = {n: read_conversations(run_dir / "data" / f"{n}.jsonl", "chat")[0] for n in ("train", "val", "test")}
+        return splits, info.get("format", "chat"), info, ckpt.latest_checkpoint(run_dir) if resuming else None
     latest = None
     if resuming:
         if overwrite:
@@ -294,19 +284,67 @@ def train_run(
         (run_dir / "config.yaml").write_text(dump_config(config))
         info = manifest(config, files) | {"format": fmt}
     info |= {"pid": os.getpid(), "host": platform.node()}
-    _write_manifest(run_dir, info, "running")
+    return splits, fmt, info, latest
+
+
+def train_run(
+    config: RunConfig, overwrite: bool = False, console: Console | None = None, live: bool | None = None
+) -> TrainSummary:
+    """Run every training stage for one config and leave a complete run directory behind.
+
+    With config.resume, an existing run directory continues from its last complete checkpoint.
+    """
+    from tunesmith.data.cache import cached_tokenize
+    from tunesmith.methods import apply_method, count_parameters, load_base, save_trained, weights_dir
+    from tunesmith.models import cache_root, load_tokenizer, resolve_model_path
+    from tunesmith.runs import plot_losses
+    from tunesmith.train import checkpoint as ckpt
+    from tunesmith.train import distributed
+    from tunesmith.train.loop import Session, fit
+    from tunesmith.train.trackers import Trackers
+
+    world = distributed.setup()
+    console = console or Console(stderr=True)
+    if not world.main:  # one process speaks and writes; the others train alongside it
+        console = Console(stderr=True, quiet=True)
+    run_dir = config.run_dir
+    existing = (run_dir / "manifest.json").is_file()
+    resuming = bool(config.resume) and existing
+    if config.resume is True and not existing:
+        raise TunesmithError(
+            f"--resume: {run_dir} holds no run to resume. Drop --resume (or use --resume auto) to start it."
+        )
+    distributed.barrier(world)  # every process has looked at the run directory before the main one changes it
+    with distributed.main_first(world):
+        splits, fmt, info, latest = _prepare(config, run_dir, resuming, overwrite, console, world)
+        if world.main:
+            _write_manifest(run_dir, info, "running")
     train, val, test = splits["train"], splits["val"], splits["test"]
+    if world.size > 1:
+        per = config.train.batch_size / world.size
+        console.print(
+            f"{world.size} processes x {per:g} examples x {config.train.grad_accum} accumulated = effective batch "
+            f"{config.train.batch_size * config.train.grad_accum} examples per step (train.batch_size is per step "
+            "over all processes, so results do not depend on their number)"
+        )
 
     console.print(f"[bold]Model[/] {config.model}  [bold]method[/] {config.method}  [bold]run[/] {run_dir}")
     source = resolve_model_path(config.model)
     tokenizer = load_tokenizer(source)
     template = use_chat_template(tokenizer, config.chat_template)
     tokenized_root = cache_root() / "tokenized"
-    examples, stats, hit = cached_tokenize(
-        tokenizer, train, config.data.max_length, config.data.train_on, tokenized_root
-    )
+    with distributed.main_first(world):  # the main process fills the tokenized cache, the others read it
+        examples, stats, hit = cached_tokenize(
+            tokenizer, train, config.data.max_length, config.data.train_on, tokenized_root
+        )
+        val_examples = (
+            cached_tokenize(tokenizer, val, config.data.max_length, config.data.train_on, tokenized_root)[0]
+            if val
+            else []
+        )
     token_report = stats.summary()
-    (run_dir / "data" / "tokenize.json").write_text(json.dumps(token_report, indent=2))
+    if world.main:
+        (run_dir / "data" / "tokenize.json").write_text(json.dumps(token_report, indent=2))
     console.print(
         f"{fmt} data: {len(train)} train / {len(val)} val / {len(test)} test examples, {token_report['tokens']} "
         f"tokens; {stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped "
@@ -314,9 +352,6 @@ def train_run(
     )
     validate = None
     if val:
-        val_examples, _, _ = cached_tokenize(
-            tokenizer, val, config.data.max_length, config.data.train_on, tokenized_root
-        )
         validate = _validator(config, tokenizer, val, val_examples)
 
     from accelerate.utils import set_seed
@@ -325,10 +360,10 @@ def train_run(
     model, _ = apply_method(load_base(config, source), config)
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    if not resuming:
+    if not resuming and world.main:
         plan = plan_estimate(config, model.config, examples)
         (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
-    trackers = Trackers(config, run_dir)
+    trackers = Trackers(config, run_dir) if world.main else None
     session = Session(
         run_dir=run_dir,
         checkpoint_every=config.checkpoint.every,
@@ -339,7 +374,7 @@ def train_run(
         best_metric=config.validation.best_metric,
         patience=config.validation.patience,
         resume_from=latest,
-        log=trackers.log,
+        log=trackers.log if trackers else None,
         on_checkpoint=lambda path: plot_losses(run_dir),
         live=live,
     )
@@ -355,14 +390,17 @@ def train_run(
             session=session,
         )
     except TrainingInterrupted:
-        trackers.close("interrupted")
-        _write_manifest(run_dir, info, "interrupted")
+        if trackers:
+            trackers.close("interrupted")
+            _write_manifest(run_dir, info, "interrupted")
         raise
     except BaseException as exc:
-        trackers.close("failed")
-        _write_manifest(run_dir, info, "failed", error=str(exc)[:2000])
+        if trackers:
+            trackers.close("failed")
+            _write_manifest(run_dir, info, "failed", error=str(exc)[:2000])
         raise
-    trackers.close("completed")
+    if trackers:
+        trackers.close("completed")
 
     if config.validation.load_best_at_end and result.best:
         best_dir = ckpt.checkpoints_dir(run_dir) / f"step-{result.best['step']:06d}"
@@ -371,6 +409,9 @@ def train_run(
             console.print(f"Saving the best checkpoint ({best_dir.name}) as the run's model.")
     model.eval()
     weights = weights_dir(config, run_dir)
+    if not world.main:  # the main process writes the run's weights and summary; wait for it, then leave
+        distributed.barrier(world)
+        return _read_summary(run_dir)
 
     def write_weights(path: Path) -> None:
         save_trained(model, config, path)
@@ -406,4 +447,9 @@ def train_run(
     )
     (run_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
     _write_manifest(run_dir, info, "completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    distributed.barrier(world)
     return summary
+
+
+def _read_summary(run_dir: Path) -> TrainSummary:
+    return TrainSummary(**json.loads((run_dir / "train_summary.json").read_text()))

@@ -27,6 +27,7 @@ from tunesmith.config import TrainConfig
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import distributed
 from tunesmith.train.batching import batch_order, collate, pack
 from tunesmith.train.loss import model_loss_sum
 from tunesmith.train.speed import memory_releaser, prepare_model
@@ -90,11 +91,41 @@ def batch_stream(lengths: list[int], settings: TrainConfig):
         yield from batch_order(lengths, settings.batch_size, settings.seed + epoch)
 
 
-def micro_batches(examples: list[TokenizedExample], settings: TrainConfig, pad_id: int, row_tokens: int, skip: int = 0):
-    """Endless stream of (indices, batch), starting after `skip` micro-batches (the resume position)."""
+def micro_batches(
+    examples: list[TokenizedExample],
+    settings: TrainConfig,
+    pad_id: int,
+    row_tokens: int,
+    skip: int = 0,
+    world: distributed.World | None = None,
+):
+    """Endless stream of (indices, batch, weight), starting after `skip` micro-batches (the resume position).
+
+    `indices` is the whole micro-batch (the same on every process); `batch` holds this process's share.
+    A process whose share is empty (a micro-batch smaller than the world) gets one example at weight 0,
+    so it still joins the gradient all-reduce without changing the result.
+    """
     for indices in itertools.islice(batch_stream([len(e) for e in examples], settings), skip, None):
-        chosen = [examples[i] for i in indices]
-        yield indices, pack(chosen, pad_id, row_tokens) if settings.packing else collate(chosen, pad_id)
+        mine = distributed.shard(indices, world or distributed.World())
+        weight = 1.0 if mine else 0.0
+        chosen = [examples[i] for i in (mine or indices[:1])]
+        yield indices, pack(chosen, pad_id, row_tokens) if settings.packing else collate(chosen, pad_id), weight
+
+
+class LossModel(torch.nn.Module):
+    """The model with its chunked answer loss as forward, so DDP/FSDP see (and sync) the whole computation."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_loss_sum(self.model, batch)
+
+
+def loss_tokens_of(example: TokenizedExample) -> int:
+    """Answer tokens that carry loss (the first token of an example never does), as batching labels them."""
+    return sum(example.loss_mask[1:])
 
 
 @dataclass
@@ -206,9 +237,15 @@ def fit(
         raise TunesmithError("No training examples are left after tokenization; check data.max_length.")
     console = console or Console(stderr=True)
     session = session or Session(stop_signals=False)
+    world = distributed.setup()
     set_seed(settings.seed)
     bf16 = use_bf16(settings.dtype)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    if settings.batch_size < world.size:
+        raise TunesmithError(
+            f"train.batch_size {settings.batch_size} is smaller than the {world.size} processes: each process needs "
+            f"at least one example per micro-batch. Set train.batch_size to {world.size} or more."
+        )
     n_batches = math.ceil(len(examples) / settings.batch_size)
     total_steps = plan_steps(n_batches, settings)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -218,15 +255,17 @@ def fit(
         optimizer, lambda step: lr_factor(step, warmup, total_steps, settings.schedule)
     )
     model = prepare_model(model, settings)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model.train()
+    # The scheduler stays unprepared: accelerate would step it once per process, but every process here
+    # takes a share of the same step.
+    trainer, optimizer = accelerator.prepare(LossModel(model), optimizer)
+    trainer.train()
     validate_every = session.validate_every or max(1, total_steps // 10)
     save_every = session.checkpoint_every or validate_every
 
     state = ckpt.TrainState(best_metric=session.best_metric)
     history: list[dict[str, Any]] = []
     if session.resume_from is not None:
-        state = ckpt.load_checkpoint(session.resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = ckpt.load_checkpoint(session.resume_from, model, optimizer, scheduler)
         history = _resume_history(metrics_path, state.step)
         console.print(f"Resuming from {session.resume_from.name}: step {state.step} of {total_steps}")
     resumed_at = state.step if session.resume_from is not None else None
@@ -234,9 +273,12 @@ def fit(
     releaser = memory_releaser(settings, accelerator.device)
     if releaser:
         releaser.attach(model)
-    stream = micro_batches(examples, settings, pad_id, row_tokens, skip=state.micro_batches)
+    stream = micro_batches(examples, settings, pad_id, row_tokens, skip=state.micro_batches, world=world)
     started = time.perf_counter() - state.elapsed_s
-    metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path else None
+    # Only the main process writes metrics, logs to trackers, prints and checkpoints.
+    metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path and world.main else None
+    if not world.main:
+        console = Console(stderr=True, quiet=True)
     live = console.is_terminal if session.live is None else session.live and console.is_terminal
     progress = Progress(
         TextColumn("[bold]train"),
@@ -256,7 +298,7 @@ def fit(
         if metrics_file and force:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-        if session.log and force:
+        if session.log and force and world.main:
             session.log(record)
 
     def say(text: str) -> None:
@@ -267,9 +309,9 @@ def fit(
             sys.stderr.flush()
 
     def save(step_state: ckpt.TrainState) -> Path | None:
-        if session.run_dir is None:
+        if session.run_dir is None or not world.main:
             return None
-        path = ckpt.save_checkpoint(session.run_dir, accelerator.unwrap_model(model), optimizer, scheduler, step_state)
+        path = ckpt.save_checkpoint(session.run_dir, model, optimizer, scheduler, step_state)
         best = step_state.best_step if session.keep_best else None
         ckpt.prune(session.run_dir, session.keep_last, best)
         if session.on_checkpoint:
@@ -278,12 +320,12 @@ def fit(
 
     def run_validation(step: int) -> bool:
         """Validate, track the best, warn on overfitting; True when early stopping should stop the run."""
-        model.eval()  # the releaser's layer hooks do nothing outside training mode
+        trainer.eval()  # the releaser's layer hooks do nothing outside training mode
         try:
-            with torch.no_grad():
-                scores = session.validate(accelerator.unwrap_model(model))
+            with torch.no_grad():  # every process validates (same result), so early stopping agrees everywhere
+                scores = session.validate(model)
         finally:
-            model.train()
+            trainer.train()
         record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}}
         previous = state.evaluations[-1] if state.evaluations else None
         state.evaluations.append({"step": step, "train_loss": state.smoothed_loss, **scores})
@@ -314,22 +356,26 @@ def fit(
             for step in range(state.step + 1, total_steps + 1):
                 step_start = time.perf_counter()
                 drawn = [next(stream) for _ in range(settings.grad_accum)]
-                batches = [b for _, b in drawn]
-                # Normalise by the answer tokens of the whole step, so accumulation equals one large batch.
-                loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                real_tokens = sum(int(b.get("real_tokens", b.get("attention_mask")).sum()) for b in batches)
+                # Normalise by the answer tokens of the whole step on all processes, so accumulation and
+                # data parallelism both equal one large batch. DDP averages gradients over processes,
+                # hence the factor world.size.
+                chosen = [examples[i] for indices, _, _ in drawn for i in indices]
+                loss_tokens = sum(loss_tokens_of(e) for e in chosen)
+                real_tokens = sum(len(e) for e in chosen)
                 step_loss = 0.0
-                for batch in batches:
+                for position, (_, batch, weight) in enumerate(drawn):
                     batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "real_tokens"}
-                    with accelerator.autocast():
-                        loss = model_loss_sum(model, batch) / loss_tokens
-                    accelerator.backward(loss)
-                    step_loss += loss.item()
+                    last = position == len(drawn) - 1
+                    with accelerator.no_sync(trainer) if not last else nullcontext(), accelerator.autocast():
+                        loss = trainer(batch) * (weight * world.size / loss_tokens)
+                        accelerator.backward(loss)
+                    step_loss += loss.item() / world.size
+                step_loss = distributed.reduce_sum(step_loss, world, accelerator.device)
                 grad_norm = float(accelerator.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf))
                 lr = scheduler.get_last_lr()[0]
                 state.micro_batches += settings.grad_accum
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                    lines = [examples[i].line for indices, _ in drawn for i in indices]
+                    lines = [e.line for e in chosen]
                     message = _nonfinite_message(step, step_loss, grad_norm, lr, bf16, lines)
                     optimizer.zero_grad(set_to_none=True)
                     state.skipped_in_row += 1
@@ -393,11 +439,13 @@ def fit(
                             f"Early stop at step {step}: {state.best_metric} has not improved for "
                             f"{session.patience} validations (best {state.best_value:.4f} at step {state.best_step})."
                         )
-                stop_now = stop is not None and stop.signum is not None
+                signum = stop.signum if stop is not None and stop.signum is not None else 0
+                signum = distributed.reduce_max(signum, world, accelerator.device)  # all stop at the same step
+                stop_now = signum != 0
                 if step % save_every == 0 or step == total_steps or early or stop_now:
                     saved = save(state)
                     if stop_now:
-                        raise TrainingInterrupted(stop.signum, step, str(saved) if saved else None)
+                        raise TrainingInterrupted(signum, step, str(saved) if saved else None)
                 if early:
                     break
     finally:
