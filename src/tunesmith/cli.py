@@ -58,10 +58,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
     parallel.add_argument(
         "--strategy",
-        choices=["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"],
+        choices=["ddp", "fsdp"],
         default="ddp",
-        help="With --nproc on GPUs: ddp (replicated model), fsdp (FSDP2, sharded model), or DeepSpeed ZeRO-2/3 "
-        "(needs deepspeed) [default: ddp].",
+        help="With several processes: ddp replicates the model on each; fsdp shards weights, gradients and "
+        "optimizer state across them (PyTorch FSDP2), for models that do not fit one device [default: ddp].",
     )
     group = parser.add_argument_group("config fields (override the config file)")
     unique = unique_leaf_names()
@@ -134,7 +134,9 @@ def _train(args: argparse.Namespace) -> Any:
     if args.nproc > 1 and not distributed.launched():
         return _train_workers(args)
     try:
-        return train_run(config_from_args(args), overwrite=args.overwrite, console=err, live=not args.quiet)
+        return train_run(
+            config_from_args(args), overwrite=args.overwrite, console=err, live=not args.quiet, strategy=args.strategy
+        )
     except TrainingInterrupted as stop:
         words = resume_command(args.argv)
         saved = f"Checkpoint: {stop.checkpoint}. " if stop.checkpoint else ""
@@ -161,7 +163,7 @@ def _train_workers(args: argparse.Namespace) -> Any:
     argv = list(args.argv)
     if argv and argv[0] == "run":
         argv[0] = "train"  # the workers train; this process compares afterwards
-    command, env = launch_command(argv, args.nproc, args.strategy)
+    command, env = launch_command(argv, args.nproc)
     err.print(f"Launching {args.nproc} training processes: {' '.join(command)}", highlight=False)
     # A session of their own: Ctrl-C reaches this process only, which passes it on exactly once.
     workers = subprocess.Popen(command, env=os.environ | env | {"TUNESMITH_LAUNCHER": "1"}, start_new_session=True)

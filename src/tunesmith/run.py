@@ -288,7 +288,11 @@ def _prepare(
 
 
 def train_run(
-    config: RunConfig, overwrite: bool = False, console: Console | None = None, live: bool | None = None
+    config: RunConfig,
+    overwrite: bool = False,
+    console: Console | None = None,
+    live: bool | None = None,
+    strategy: str = "ddp",
 ) -> TrainSummary:
     """Run every training stage for one config and leave a complete run directory behind.
 
@@ -377,6 +381,7 @@ def train_run(
         log=trackers.log if trackers else None,
         on_checkpoint=lambda path: plot_losses(run_dir),
         live=live,
+        strategy=strategy,
     )
     try:
         result = fit(
@@ -402,10 +407,16 @@ def train_run(
     if trackers:
         trackers.close("completed")
 
+    trained = result.trainable  # whole weights when training sharded them (FSDP), else the model holds them
     if config.validation.load_best_at_end and result.best:
         best_dir = ckpt.checkpoints_dir(run_dir) / f"step-{result.best['step']:06d}"
         if (best_dir / "state.json").is_file():
-            ckpt.load_trainable(model, best_dir / "trainable.safetensors")
+            if trained is None:
+                ckpt.load_trainable(model, best_dir / "trainable.safetensors")
+            else:
+                from safetensors.torch import load_file
+
+                trained = load_file(str(best_dir / "trainable.safetensors"))
             console.print(f"Saving the best checkpoint ({best_dir.name}) as the run's model.")
     model.eval()
     weights = weights_dir(config, run_dir)
@@ -414,7 +425,7 @@ def train_run(
         return _read_summary(run_dir)
 
     def write_weights(path: Path) -> None:
-        save_trained(model, config, path)
+        save_trained(model, config, path, trained)
         tokenizer.save_pretrained(path)
 
     if weights.exists():  # a resumed run that had finished writing once: the new weights replace them

@@ -47,10 +47,15 @@ def weights_dir(config: RunConfig, run_dir: Path) -> Path:
     return run_dir / ("model" if config.method == "full" else "adapter")
 
 
-def save_trained(model: Any, config: RunConfig, path: Path) -> None:
-    """PEFT format for LoRA/QLoRA/DoRA, bottleneck weights for adapters, a full checkpoint for full."""
+def save_trained(model: Any, config: RunConfig, path: Path, trained: dict[str, Any] | None = None) -> None:
+    """PEFT format for LoRA/QLoRA/DoRA, bottleneck weights for adapters, a full checkpoint for full.
+
+    `trained` holds the trained weights by parameter name when the model's own are shards (FSDP).
+    """
     if config.method == "adapter":
-        bottleneck.save_adapters(model, config.adapter, path)
+        bottleneck.save_adapters(model, config.adapter, path, trained)
+    elif trained is not None:
+        model.save_pretrained(path, state_dict=trained)
     else:
         model.save_pretrained(path)
 

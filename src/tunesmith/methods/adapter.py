@@ -78,11 +78,12 @@ def apply_adapters(model: Any, settings: AdapterConfig) -> tuple[Any, int]:
     return model, trainable
 
 
-def save_adapters(model: Any, settings: AdapterConfig, path: Path) -> None:
+def save_adapters(model: Any, settings: AdapterConfig, path: Path, trained: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if MARK in k}
+    source = trained if trained is not None else model.state_dict()
+    weights = {k: v.detach().contiguous() for k, v in source.items() if MARK in k}
     save_file(weights, str(path / WEIGHTS_FILE))
     (path / CONFIG_FILE).write_text(settings.model_dump_json(indent=2))
 

@@ -136,8 +136,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> Path:
-    """Write a complete checkpoint atomically; on any error the partial directory is removed."""
+def save_checkpoint(
+    run_dir: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    tensors: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint atomically; on any error the partial directory is removed.
+
+    `tensors` and `optimizer_state` replace the model's and optimizer's own when given (whole tensors
+    gathered from a sharded model), so every checkpoint has the single-process layout.
+    """
     from safetensors.torch import save_file
 
     root = checkpoints_dir(run_dir)
@@ -149,12 +161,12 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(trainable_tensors(model), str(tmp / "trainable.safetensors"))
+        save_file(tensors if tensors is not None else trainable_tensors(model), str(tmp / "trainable.safetensors"))
         pause = _pause_for(state.step)
         if pause:
             print(f"checkpoint-writing {tmp}", file=sys.stderr, flush=True)
             time.sleep(pause)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states(), tmp / "rng.pt")
         (tmp / "state.json").write_text(state.to_json())  # last: its presence marks a complete checkpoint
@@ -175,9 +187,18 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     return final
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    load_trainable(model, path / "trainable.safetensors")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, sharded: bool = False) -> TrainState:
+    """Restore a checkpoint (written by any number of processes) into this process's model and optimizer."""
+    if sharded:
+        from safetensors.torch import load_file
+
+        from tunesmith.train.distributed import load_sharded
+
+        saved = load_file(str(path / "trainable.safetensors"))
+        load_sharded(model, optimizer, saved, torch.load(path / "optimizer.pt", weights_only=False))
+    else:
+        load_trainable(model, path / "trainable.safetensors")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     restore_rng(torch.load(path / "rng.pt", weights_only=False))
     return TrainState.from_json((path / "state.json").read_text())

@@ -3,7 +3,9 @@
 `tunesmith train CONFIG --nproc N` relaunches the same command as N worker processes: through
 `accelerate launch` on GPUs (so accelerate's FSDP and DeepSpeed plugins apply) and through
 `torch.distributed.run` on CPU (gloo), which is what accelerate itself uses for GPUs and the only
-multi-process CPU path it has besides MPI. Workers started by hand with `accelerate launch -m
+multi-process CPU path it has besides MPI. `--strategy ddp` replicates the model (accelerate's DDP);
+`--strategy fsdp` shards it with PyTorch's FSDP2 (`fully_shard`, one group per decoder layer), which
+runs on CPU/gloo as well as on GPUs, unlike accelerate's FSDP plugin. Workers started by hand with `accelerate launch -m
 tunesmith.cli train ...` or `torchrun -m tunesmith.cli train ...` (one or many nodes) behave the same.
 
 Batches do not depend on the number of processes: `train.batch_size` examples form one micro-batch
@@ -23,7 +25,7 @@ from typing import Any
 
 from tunesmith.errors import TunesmithError
 
-STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -87,47 +89,20 @@ def strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def launch_command(
-    argv: list[str], nproc: int, strategy: str = "ddp", port: int | None = None
-) -> tuple[list[str], dict]:
+def launch_command(argv: list[str], nproc: int, port: int | None = None) -> tuple[list[str], dict[str, str]]:
     """The worker launch for `tunesmith <argv>` on `nproc` processes of this machine, and its extra env."""
     import torch
 
-    worker = ["-m", "tunesmith.cli", *strip_option(strip_option(argv, "--nproc"), "--strategy")]
-    env = {"TUNESMITH_STRATEGY": strategy, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
-    if not torch.cuda.is_available():
-        if strategy != "ddp":
-            raise TunesmithError(
-                f"--strategy {strategy} shards the model across GPUs; on CPU only ddp runs (gloo). Drop --strategy."
-            )
-        threads = max(1, (os.cpu_count() or nproc) // nproc)
-        env |= {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(threads)}
-        rendezvous = ["--standalone"] if port is None else ["--master-port", str(port)]
-        command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc)]
-        return [*command, *worker], env
-    if strategy.startswith("deepspeed"):
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise TunesmithError(f"--strategy {strategy} needs DeepSpeed: pip install deepspeed.") from None
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1"]
-    if port is not None:
-        command += ["--main_process_port", str(port)]
-    command += {
-        "ddp": ["--multi_gpu"],
-        "fsdp": [
-            "--use_fsdp",
-            "--fsdp_version",
-            "2",
-            "--fsdp_auto_wrap_policy",
-            "TRANSFORMER_BASED_WRAP",
-            "--fsdp_state_dict_type",
-            "FULL_STATE_DICT",
-        ],
-        "deepspeed-zero2": ["--use_deepspeed", "--zero_stage", "2"],
-        "deepspeed-zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model", "true"],
-    }[strategy]
-    return [*command, *worker], {k: v for k, v in env.items() if v}
+    worker = ["-m", "tunesmith.cli", *strip_option(argv, "--nproc")]
+    if torch.cuda.is_available():
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc)]
+        command += ["--num_machines", "1"] + (["--main_process_port", str(port)] if port else [])
+        return [*command, *worker], {}
+    # CPU: gloo, and the cores split between the processes instead of each taking all of them.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or nproc) // nproc))
+    rendezvous = ["--standalone"] if port is None else ["--master-port", str(port)]
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc)]
+    return [*command, *worker], {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": threads}
 
 
 def reduce_sum(value: float, world: World, device: Any) -> float:
@@ -150,3 +125,63 @@ def reduce_max(value: int, world: World, device: Any) -> int:
     tensor = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def fully_shard_model(trainer: Any, layers: Any) -> Any:
+    """FSDP2: each decoder layer its own shard group, the rest (embeddings, norm, head) the root one.
+
+    Parameters become DTensors sharded over the processes (gloo on CPU, NCCL on GPUs); frozen and
+    trainable weights may share a group, as LoRA needs.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer)
+    return fully_shard(trainer)
+
+
+def _full(value: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def full_tensors(model: Any) -> dict[str, Any]:
+    """Trainable weights as whole tensors on every process (a collective under FSDP: call on all)."""
+    return {name: _full(p.detach()).cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """The optimizer state in the single-process layout, gathered from shards (a collective under FSDP)."""
+    state = optimizer.state_dict()
+    gathered = {
+        i: {k: _full(v).cpu() if hasattr(v, "cpu") else v for k, v in s.items()} for i, s in state["state"].items()
+    }
+    return {"state": gathered, "param_groups": state["param_groups"]}
+
+
+def load_sharded(model: Any, optimizer: Any, tensors: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+    """Load whole tensors (from any world size) into sharded parameters and optimizer state."""
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def like(param: Any, full: Any) -> Any:
+        if isinstance(param, DTensor):
+            return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+        return full
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(named) != set(tensors):
+        raise TunesmithError(
+            "The checkpoint does not match this model's trainable parameters; the run's config (method, lora, "
+            "adapter, full) must equal the one the checkpoint was written with."
+        )
+    with torch.no_grad():
+        for name, full in tensors.items():
+            named[name].copy_(like(named[name], full))
+    state = {
+        i: {k: like(params[int(i)], v) if hasattr(v, "dim") and v.dim() > 0 else v for k, v in s.items()}
+        for i, s in optimizer_state["state"].items()
+    }
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})

@@ -45,6 +45,8 @@ class TrainResult:
     best: dict[str, Any] | None = None
     resumed_from: int | None = None
     skipped_steps: int = 0
+    # Under FSDP the model's weights are shards: the trained weights, gathered whole, for saving.
+    trainable: dict[str, Any] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -145,6 +147,7 @@ class Session:
     on_checkpoint: Callable[[Path], None] | None = None
     live: bool | None = None  # None: a live bar when the console is a terminal
     stop_signals: bool = True
+    strategy: str = "ddp"  # with several processes: ddp (replicated) or fsdp (sharded)
 
 
 def better(metric: str, value: float, best: float | None) -> bool:
@@ -248,16 +251,21 @@ def fit(
         )
     n_batches = math.ceil(len(examples) / settings.batch_size)
     total_steps = plan_steps(n_batches, settings)
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    model = prepare_model(model, settings)
+    trainer = LossModel(model)
+    sharded = world.size > 1 and session.strategy == "fsdp"
+    if sharded:  # before the optimizer is built: sharding replaces the parameters with DTensors
+        trainer = distributed.fully_shard_model(trainer.to(accelerator.device), model.get_decoder().layers)
+    parameters = [p for p in trainer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = int(settings.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, total_steps, settings.schedule)
     )
-    model = prepare_model(model, settings)
-    # The scheduler stays unprepared: accelerate would step it once per process, but every process here
-    # takes a share of the same step.
-    trainer, optimizer = accelerator.prepare(LossModel(model), optimizer)
+    if not sharded:
+        # DDP when there are several processes. The scheduler stays unprepared: accelerate would step it
+        # once per process, but every process here takes a share of the same step.
+        trainer, optimizer = accelerator.prepare(trainer, optimizer)
     trainer.train()
     validate_every = session.validate_every or max(1, total_steps // 10)
     save_every = session.checkpoint_every or validate_every
@@ -265,8 +273,8 @@ def fit(
     state = ckpt.TrainState(best_metric=session.best_metric)
     history: list[dict[str, Any]] = []
     if session.resume_from is not None:
-        state = ckpt.load_checkpoint(session.resume_from, model, optimizer, scheduler)
-        history = _resume_history(metrics_path, state.step)
+        state = ckpt.load_checkpoint(session.resume_from, model, optimizer, scheduler, sharded=sharded)
+        history = _resume_history(metrics_path if world.main else None, state.step)  # the main process owns the file
         console.print(f"Resuming from {session.resume_from.name}: step {state.step} of {total_steps}")
     resumed_at = state.step if session.resume_from is not None else None
 
@@ -309,9 +317,14 @@ def fit(
             sys.stderr.flush()
 
     def save(step_state: ckpt.TrainState) -> Path | None:
-        if session.run_dir is None or not world.main:
+        if session.run_dir is None:
             return None
-        path = ckpt.save_checkpoint(session.run_dir, model, optimizer, scheduler, step_state)
+        tensors = optimizer_state = None
+        if sharded:  # every process takes part in gathering the shards; the main one writes
+            tensors, optimizer_state = distributed.full_tensors(model), distributed.full_optimizer_state(optimizer)
+        if not world.main:
+            return None
+        path = ckpt.save_checkpoint(session.run_dir, model, optimizer, scheduler, step_state, tensors, optimizer_state)
         best = step_state.best_step if session.keep_best else None
         ckpt.prune(session.run_dir, session.keep_last, best)
         if session.on_checkpoint:
@@ -321,10 +334,14 @@ def fit(
     def run_validation(step: int) -> bool:
         """Validate, track the best, warn on overfitting; True when early stopping should stop the run."""
         trainer.eval()  # the releaser's layer hooks do nothing outside training mode
+        if sharded:
+            trainer.unshard()  # the root group's weights (embeddings, head) stay gathered while validating
         try:
             with torch.no_grad():  # every process validates (same result), so early stopping agrees everywhere
                 scores = session.validate(model)
         finally:
+            if sharded:
+                trainer.reshard()
             trainer.train()
         record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}}
         previous = state.evaluations[-1] if state.evaluations else None
@@ -366,12 +383,14 @@ def fit(
                 for position, (_, batch, weight) in enumerate(drawn):
                     batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "real_tokens"}
                     last = position == len(drawn) - 1
-                    with accelerator.no_sync(trainer) if not last else nullcontext(), accelerator.autocast():
+                    skip_sync = not last and not sharded
+                    with accelerator.no_sync(trainer) if skip_sync else nullcontext(), accelerator.autocast():
                         loss = trainer(batch) * (weight * world.size / loss_tokens)
                         accelerator.backward(loss)
                     step_loss += loss.item() / world.size
                 step_loss = distributed.reduce_sum(step_loss, world, accelerator.device)
-                grad_norm = float(accelerator.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf))
+                norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 lr = scheduler.get_last_lr()[0]
                 state.micro_batches += settings.grad_accum
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -454,6 +473,7 @@ def fit(
         if releaser:
             releaser.detach()
     seconds = time.perf_counter() - started
+    trainable = distributed.full_tensors(model) if sharded else None
     best = None
     if state.best_step is not None:
         best = {"metric": state.best_metric, "value": state.best_value, "step": state.best_step}
@@ -468,4 +488,5 @@ def fit(
         best=best,
         resumed_from=resumed_at,
         skipped_steps=skipped,
+        trainable=trainable,
     )
