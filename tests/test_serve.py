@@ -350,3 +350,51 @@ def test_tunesmith_serve_command_answers_the_openai_client(lora_run, tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_waiting_requests_are_generated_together_and_answer_as_alone(runs, tmp_path):
+    engine = Engine(runs[:1], max_batch=8)
+    release = threading.Event()
+    generate = engine._generate
+    engine._generate = lambda jobs: (
+        release.wait(20) if len(jobs) == 1 and jobs[0].max_tokens == 1 else None,
+        generate(jobs),
+    )[1]
+    app = create_app(engine, RequestLog(tmp_path / "r.sqlite"), default_max_tokens=8)
+    prompts = ["colour red", "colour blue item 7 and more words here", "pink", "colour white item 12", "x y z"]
+    with running(app) as url:
+        api = client(url, key="unused")
+        alone = [
+            api.chat.completions.create(model="colours", messages=[{"role": "user", "content": p}])
+            .choices[0]
+            .message.content
+            for p in prompts
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            blocker = pool.submit(api.chat.completions.create, model="colours", max_tokens=1,
+                                  messages=[{"role": "user", "content": "hold"}])  # fmt: skip
+            time.sleep(0.5)  # the worker is busy with the blocker; the next five queue up
+            futures = [
+                pool.submit(
+                    api.chat.completions.create,
+                    model="colours",
+                    messages=[{"role": "user", "content": p}],
+                    stream=i % 2 == 0,
+                )  # fmt: skip
+                for i, p in enumerate(prompts)
+            ]
+            time.sleep(0.5)
+            release.set()
+            blocker.result()
+            together = []
+            for i, future in enumerate(futures):
+                reply = future.result()
+                together.append(
+                    "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if i % 2 == 0
+                    else reply.choices[0].message.content
+                )  # fmt: skip
+        metrics = httpx.get(f"{url}/metrics").text
+    engine.close()
+    assert max(engine.batch_sizes) == 5  # the five waiting requests went through as one batch
+    assert together == alone  # left padding and the shared cache change nothing
+    assert _sample(metrics, "tunesmith_batch_size_bucket", 'le="8.0"') >= 1

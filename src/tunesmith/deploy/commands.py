@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tunesmith.deploy.serve import create_app, default_log_path
 
     with err.status("Loading the model..."):
-        engine = Engine(run_dirs, queue_size=args.queue_size)
+        engine = Engine(run_dirs, queue_size=args.queue_size, max_batch=args.max_batch)
     log_path = Path(args.log_db) if args.log_db else default_log_path(run_dirs[0])
     app = create_app(engine, RequestLog(log_path), api_key, args.max_tokens_limit, args.default_max_tokens)
     err.print(
@@ -136,6 +136,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none [default: 256]."
     )
     serve.add_argument("--queue-size", type=int, default=64, help="Requests that may wait; more get 503 [default: 64].")
+    serve.add_argument(
+        "--max-batch", type=int, default=8, help="Most waiting requests generated together in one batch [default: 8]."
+    )
     serve.add_argument("--log-db", help="SQLite file for the request log [default: RUN/serve/requests.sqlite].")
     serve.add_argument(
         "--engine",

@@ -2,13 +2,15 @@
 
 Runs that share a base model are served from one copy of it: each PEFT adapter is loaded under its
 run's name and switched per request, and `base` answers with the adapters off. Generation happens on
-one worker thread that takes jobs from a bounded queue, so concurrent requests wait their turn (or get
-a clear "busy" answer when the queue is full) and never run two forward passes over shared weights
-at once. Tokens are decoded incrementally and handed back as text deltas for streaming.
+one worker thread that takes jobs from a bounded queue (a full queue answers "busy") and generates
+the waiting requests for the same model together, up to max_batch at a time, as one left-padded
+batch with one KV cache; requests for another adapter wait for the next batch. Tokens are decoded
+incrementally and handed back as text deltas for streaming.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -84,7 +86,9 @@ def _stop_texts(tokenizer: Any) -> tuple[list[int], list[str]]:
 
 
 class Engine:
-    def __init__(self, run_dirs: list[Path], queue_size: int = 64, context_limit: int | None = None) -> None:
+    def __init__(
+        self, run_dirs: list[Path], queue_size: int = 64, context_limit: int | None = None, max_batch: int = 8
+    ) -> None:
         from tunesmith.evaluate.generate import read_run_config
 
         if not run_dirs:
@@ -97,6 +101,10 @@ class Engine:
         self.model = self._load(run_dirs, configs)
         self.context_limit = context_limit or getattr(self.model.config, "max_position_embeddings", 4096)
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self.pending: list[Job] = []  # taken off the queue, waiting for a batch of their model
+        self.max_batch = max_batch
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # recent batch sizes
+        self.on_batch: Callable[[int], None] | None = None
         self.worker = threading.Thread(target=self._work, name="tunesmith-generate", daemon=True)
         self.worker.start()
 
@@ -146,19 +154,47 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize()
+        return self.jobs.qsize() + len(self.pending)
 
     def close(self) -> None:
         self.jobs.put(None)
 
-    def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest waiting job and up to max_batch - 1 more for the same model, in arrival order."""
+        if not self.pending:
+            job = self.jobs.get()
+            if job is None:
+                return None
+            self.pending.append(job)
+        while True:  # take in whatever else has arrived meanwhile
             try:
-                job.emit("done", self._generate(job))
-            except Exception as error:  # a failed request must not take the worker down
-                job.emit("error", f"{type(error).__name__}: {error}")
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.jobs.put(None)
+                break
+            self.pending.append(job)
+        self.pending = [job for job in self.pending if not job.cancelled.is_set()]
+        if not self.pending:
+            return []
+        name = self.pending[0].served.name
+        batch = [job for job in self.pending if job.served.name == name][: self.max_batch]
+        self.pending = [job for job in self.pending if job not in batch]
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            self.batch_sizes.append(len(batch))
+            if self.on_batch:
+                self.on_batch(len(batch))
+            try:
+                self._generate(batch)
+            except Exception as error:  # a failed batch must not take the worker down
+                for job in batch:
+                    job.emit("error", f"{type(error).__name__}: {error}")
 
     def _adapter_context(self, served: Served):
         if not hasattr(self.model, "peft_config"):
@@ -169,42 +205,86 @@ class Engine:
         return nullcontext()
 
     @torch.inference_mode()
-    def _generate(self, job: Job) -> Result:
-        served = job.served
-        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-        ids = torch.tensor([job.prompt_ids])
-        produced: list[int] = []
-        sent, text, first, finish = 0, "", None, "length"
-        stops = [*served.stop_texts, *job.stop]
-        hold = max((len(s) for s in stops), default=1) - 1
+    def _generate(self, jobs: list[Job]) -> None:
+        """Generate for several requests at once: prompts left-padded into one batch, one KV cache.
+
+        Each row stops on its own (stop token, stop text, max_tokens, client gone) and its request is
+        answered at once; finished rows ride along on padding until the longest one ends.
+        """
+        served = jobs[0].served
+        width = max(len(job.prompt_ids) for job in jobs)
+        pad = served.tokenizer.pad_token_id or 0
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[row, width - len(job.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = [_Row(job) for job in jobs]
         with self._adapter_context(served):
-            out = self.model(input_ids=ids, use_cache=True)
-            for _ in range(job.max_tokens):
-                token = _pick(out.logits[0, -1], job.temperature, job.top_p, generator)
-                if token in served.stop_ids:
-                    finish = "stop"
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            for _ in range(max(job.max_tokens for job in jobs)):
+                tokens = [row.advance(out.logits[i, -1]) if not row.done else pad for i, row in enumerate(rows)]
+                if all(row.done for row in rows):
                     break
-                produced.append(token)
-                if first is None:
-                    first = time.perf_counter() - job.queued_at  # includes the wait in the queue
-                text = served.tokenizer.decode(produced, skip_special_tokens=True)
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-                ready = len(text) - hold if not text.endswith("\ufffd") else sent
-                if ready > sent:
-                    job.emit("delta", text[sent:ready])
-                    sent = ready
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
+                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=torch.long)], dim=1)
+                positions = positions[:, -1:] + 1
                 # transformers 5 names the KV cache `cache`; 4.x `past_key_values`.
                 name = "cache" if "cache" in out else "past_key_values"
-                out = self.model(input_ids=torch.tensor([[token]]), use_cache=True, **{name: out[name]})
-        if len(text) > sent:
-            job.emit("delta", text[sent:])
-        return Result(text, len(job.prompt_ids), len(produced), finish, first)
+                out = self.model(
+                    input_ids=torch.tensor(tokens)[:, None], attention_mask=mask, position_ids=positions,
+                    use_cache=True, **{name: out[name]},
+                )  # fmt: skip
+        for row in rows:
+            row.finish()
+
+
+class _Row:
+    """One request inside a batch: its sampling, decoded text, streaming position and stop rules."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.served = job, job.served
+        self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        self.produced: list[int] = []
+        self.sent, self.text, self.first, self.reason = 0, "", None, "length"
+        self.stops = [*self.served.stop_texts, *job.stop]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.done = False
+
+    def advance(self, logits: torch.Tensor) -> int:
+        """Pick this row's next token; ends the row (and answers its request) when it should stop."""
+        job = self.job
+        token = _pick(logits, job.temperature, job.top_p, self.generator)
+        if token in self.served.stop_ids:
+            return self.finish("stop", token)
+        self.produced.append(token)
+        if self.first is None:
+            self.first = time.perf_counter() - job.queued_at  # includes the wait in the queue
+        self.text = self.served.tokenizer.decode(self.produced, skip_special_tokens=True)
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self.finish("stop", token)
+        ready = len(self.text) - self.hold if not self.text.endswith("\ufffd") else self.sent
+        if ready > self.sent:
+            job.emit("delta", self.text[self.sent : ready])
+            self.sent = ready
+        if job.cancelled.is_set():
+            return self.finish("cancelled", token)
+        if len(self.produced) >= job.max_tokens:
+            return self.finish("length", token)
+        return token
+
+    def finish(self, reason: str | None = None, token: int = 0) -> int:
+        if self.done:
+            return token
+        self.done = True
+        self.reason = reason or self.reason
+        if len(self.text) > self.sent:
+            self.job.emit("delta", self.text[self.sent :])
+        result = Result(self.text, len(self.job.prompt_ids), len(self.produced), self.reason, self.first)
+        self.job.emit("done", result)
+        return token
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -100,6 +100,10 @@ class Metrics:
             "tunesmith_generated_tokens", "Tokens generated", labels, registry=self.registry
         )
         self.queue = Gauge("tunesmith_queue_depth", "Requests waiting for the model", registry=self.registry)
+        self.batch = Histogram(
+            "tunesmith_batch_size", "Requests generated together in one batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
+        )  # fmt: skip
 
 
 def create_app(
@@ -116,6 +120,7 @@ def create_app(
     app = FastAPI(title="tunesmith", description="OpenAI-compatible API over fine-tuned models.")
     metrics = Metrics()
     app.state.engine, app.state.log, app.state.metrics = engine, log, metrics
+    engine.on_batch = metrics.batch.observe
 
     def error_body(status: int, message: str, param: str | None, kind: str) -> JSONResponse:
         return JSONResponse(
