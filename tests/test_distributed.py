@@ -61,7 +61,7 @@ def test_launch_command_runs_the_same_tunesmith_command_on_n_cpu_processes():
     assert command[4:6] == ["--nproc-per-node", "4"]
     assert command[6:] == [
         "-m",
-        "tunesmith.cli",
+        "tunesmith",
         "train",
         "config.yaml",
         "--strategy",

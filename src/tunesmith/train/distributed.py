@@ -6,7 +6,7 @@
 multi-process CPU path it has besides MPI. `--strategy ddp` replicates the model (accelerate's DDP);
 `--strategy fsdp` shards it with PyTorch's FSDP2 (`fully_shard`, one group per decoder layer), which
 runs on CPU/gloo as well as on GPUs, unlike accelerate's FSDP plugin. Workers started by hand with `accelerate launch -m
-tunesmith.cli train ...` or `torchrun -m tunesmith.cli train ...` (one or many nodes) behave the same.
+tunesmith train ...` or `torchrun -m tunesmith train ...` (one or many nodes) behave the same.
 
 Batches do not depend on the number of processes: `train.batch_size` examples form one micro-batch
 of the seeded stream, and each process takes every world-th example of it (a partition, so no
@@ -93,7 +93,7 @@ def launch_command(argv: list[str], nproc: int, port: int | None = None) -> tupl
     """The worker launch for `tunesmith <argv>` on `nproc` processes of this machine, and its extra env."""
     import torch
 
-    worker = ["-m", "tunesmith.cli", *strip_option(argv, "--nproc")]
+    worker = ["-m", "tunesmith", *strip_option(argv, "--nproc")]
     if torch.cuda.is_available():
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc)]
         command += ["--num_machines", "1"] + (["--main_process_port", str(port)] if port else [])
