@@ -222,7 +222,10 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [_Row(job) for job in jobs]
         with self._adapter_context(served):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            # Only the last position's logits are needed: with a 262k vocabulary the rest would dominate.
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
             for _ in range(max(job.max_tokens for job in jobs)):
                 tokens = [row.advance(out.logits[i, -1]) if not row.done else pad for i, row in enumerate(rows)]
                 if all(row.done for row in rows):
