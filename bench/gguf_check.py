@@ -39,7 +39,7 @@ def main() -> None:
     model, tokenizer = load_model(source), load_tokenizer(source)
     out = Path(tempfile.mkdtemp()) / f"gemma-3-270m-{args.type}.gguf"
     started = time.perf_counter()
-    write_gguf(model, tokenizer, "{{ messages[0]['content'] }}", "", out, kind=args.type, source_gguf=reference)
+    write_gguf(model, tokenizer, "{{ messages[0]['content'] }}", None, out, kind=args.type, source_gguf=reference)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")
 
     ours, theirs = gguf.GGUFReader(out), gguf.GGUFReader(reference)

@@ -67,24 +67,6 @@ class Busy(Exception):
     """The queue is full: the caller answers 503 and asks to retry."""
 
 
-def _stop_texts(tokenizer: Any) -> tuple[list[int], list[str]]:
-    from tunesmith.deploy.template import turn_format
-
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    texts: list[str] = []
-    try:
-        stop = turn_format(tokenizer).stop
-    except TunesmithError:
-        stop = ""
-    if stop:
-        encoded = tokenizer(stop, add_special_tokens=False)["input_ids"]
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-        else:
-            texts.append(stop)
-    return ids, texts
-
-
 class Engine:
     def __init__(
         self, run_dirs: list[Path], queue_size: int = 64, context_limit: int | None = None, max_batch: int = 8
@@ -109,7 +91,7 @@ class Engine:
         self.worker.start()
 
     def _load(self, run_dirs: list[Path], configs: list[Any]) -> Any:
-        from tunesmith.deploy.export import _tokenizer
+        from tunesmith.deploy.export import run_tokenizer
         from tunesmith.methods import load_base, load_trained, weights_dir
         from tunesmith.models import resolve_model_path
 
@@ -126,7 +108,7 @@ class Engine:
         source = resolve_model_path(configs[0].model)
         if not peft:  # one full fine-tune or bottleneck-adapter run, served on its own
             model = load_trained(configs[0], source, weights_dir(configs[0], run_dirs[0]))
-            self._register(run_dirs[0].name, run_dirs[0], _tokenizer(run_dirs[0]), None, configs[0])
+            self._register(run_dirs[0].name, run_dirs[0], run_tokenizer(run_dirs[0]), None, configs[0])
             return model.eval()
         from peft import PeftModel
 
@@ -137,12 +119,14 @@ class Engine:
                 model = PeftModel.from_pretrained(model, weights, adapter_name=path.name)
             else:
                 model.load_adapter(weights, adapter_name=path.name)
-            self._register(path.name, path, _tokenizer(path), path.name, config)
+            self._register(path.name, path, run_tokenizer(path), path.name, config)
         self._register(BASE, None, self.models[run_dirs[0].name].tokenizer, None, configs[0])
         return model.eval()
 
     def _register(self, name: str, run_dir: Path | None, tokenizer: Any, adapter: str | None, config: Any) -> None:
-        ids, texts = _stop_texts(tokenizer)
+        from tunesmith.deploy.template import stop_tokens
+
+        ids, texts = stop_tokens(tokenizer)
         formats = [m for m in config.eval.metrics if m in ("json_valid", "json_schema")]
         self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts, formats)
 

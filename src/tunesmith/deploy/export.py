@@ -18,14 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunesmith.deploy.template import TurnFormat, check_equal, go_template, turn_format
+from tunesmith.deploy.template import TurnFormat, check_equal, go_template, stop_tokens, turn_format
 from tunesmith.errors import TunesmithError
 from tunesmith.files import save_atomic
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 
 
-def _tokenizer(run_dir: Path) -> Any:
+def run_tokenizer(run_dir: Path) -> Any:
+    """The run's tokenizer with the chat template it was trained with."""
     from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
@@ -35,14 +36,6 @@ def _tokenizer(run_dir: Path) -> Any:
     if not tokenizer.chat_template:
         raise TunesmithError(f"{run_dir} has no chat template (chat_template.jinja); was it trained by tunesmith?")
     return tokenizer
-
-
-def _stop_ids(tokenizer: Any, turns: TurnFormat) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stop = tokenizer(turns.stop, add_special_tokens=False)["input_ids"] if turns.stop else []
-    if len(stop) == 1 and stop[0] not in ids:
-        ids.append(stop[0])
-    return ids
 
 
 def _merged(run_dir: Path) -> Any:
@@ -64,8 +57,8 @@ def _merged(run_dir: Path) -> Any:
     return merged_model(config, resolve_model_path(config.model), weights)
 
 
-def _write_merged(model: Any, tokenizer: Any, turns: TurnFormat, path: Path) -> None:
-    model.generation_config.eos_token_id = _stop_ids(tokenizer, turns)
+def _write_merged(model: Any, tokenizer: Any, path: Path) -> None:
+    model.generation_config.eos_token_id = stop_tokens(tokenizer)[0]
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
@@ -127,7 +120,7 @@ def export_run(
     target = Path(out) if out else run_dir / "export" / fmt
     if target.exists() and not overwrite:
         raise TunesmithError(f"{target} already exists; pass --overwrite to replace it, or --out another folder.")
-    tokenizer = _tokenizer(run_dir)
+    tokenizer = run_tokenizer(run_dir)
     turns = turn_format(tokenizer) if fmt == "ollama" else None
     if turns is not None:
         check_equal(tokenizer, turns.render, "Ollama template")
@@ -140,17 +133,17 @@ def export_run(
             return
         model = _merged(run_dir)
         if fmt == "merged":
-            _write_merged(model, tokenizer, turns or _safe_turns(tokenizer), path)
+            _write_merged(model, tokenizer, path)
             return
         from tunesmith.deploy.gguf_writer import write_gguf
 
         name = f"{run_dir.name}-{gguf_type}.gguf"
-        stop = (turns or _safe_turns(tokenizer)).stop
+        ends = stop_tokens(tokenizer)[0]
         write_gguf(
             model,
             tokenizer,
             tokenizer.chat_template,
-            stop,
+            ends[1] if len(ends) > 1 else None,
             path / name,
             kind=gguf_type,
             name=run_dir.name,
@@ -170,14 +163,6 @@ def export_run(
         shutil.rmtree(target)
     staging.rename(target)
     return target
-
-
-def _safe_turns(tokenizer: Any) -> TurnFormat:
-    """The turn format when the template has one; templates without one still export with EOS only."""
-    try:
-        return turn_format(tokenizer)
-    except TunesmithError:
-        return TurnFormat({}, {}, {"assistant": tokenizer.eos_token or ""}, "", False)
 
 
 def _adds_bos(path: Path) -> bool:

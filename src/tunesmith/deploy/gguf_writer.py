@@ -156,18 +156,11 @@ def _copied_tokenizer(writer: Any, source: Path) -> None:
             writer.add_key_value(key, field.contents(), kind)
 
 
-def add_stop_token(writer: Any, tokenizer: Any, stop: str) -> None:
-    """Mark the end-of-turn text of the chat template as llama.cpp's end-of-turn token when it is one token."""
-    ids = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
-    if len(ids) == 1 and ids[0] != tokenizer.eos_token_id:
-        writer.add_eot_token_id(ids[0])
-
-
 def write_gguf(
     model: Any,
     tokenizer: Any,
     template: str,
-    stop: str,
+    end_of_turn: int | None,
     path: Path,
     kind: str = "q8_0",
     name: str = "tunesmith model",
@@ -200,7 +193,8 @@ def write_gguf(
         _copied_tokenizer(writer, source_gguf)
     else:
         _bpe_tokenizer(writer, tokenizer)
-    add_stop_token(writer, tokenizer, stop)
+    if end_of_turn is not None:  # the chat template's end-of-turn token, when it is not EOS itself
+        writer.add_eot_token_id(end_of_turn)
     writer.add_chat_template(template)
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
     for tensor_name, data in _gguf_tensors(model, arch):

@@ -104,7 +104,7 @@ def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
 
 
 def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: float = 0.0) -> dict[str, Any]:
-    from tunesmith.deploy.export import _tokenizer
+    from tunesmith.deploy.export import run_tokenizer
     from tunesmith.deploy.serve import default_log_path
     from tunesmith.evaluate.generate import read_run_config
 
@@ -114,7 +114,7 @@ def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: flo
     if not db.is_file():
         raise TunesmithError(f"No request log at {db}. Serve the run first (tunesmith serve {run_dir}) or pass --db.")
     rows = read_requests(db, since)
-    tokenizer = _tokenizer(run_dir)
+    tokenizer = run_tokenizer(run_dir)
     ok = [r for r in rows if r["status"] == 200]
     latencies = [r["latency_ms"] for r in ok if r["latency_ms"] is not None]
     first = [r["first_token_ms"] for r in ok if r["first_token_ms"] is not None]

@@ -143,6 +143,20 @@ def check_equal(tokenizer: Any, render_other: Any, what: str, strip_bos: bool = 
             )
 
 
+def stop_tokens(tokenizer: Any) -> tuple[list[int], list[str]]:
+    """What ends an answer: EOS and the template's end-of-turn as token ids when each is one token,
+    else the end-of-turn as a stop text (templates that cannot be taken apart end at EOS only)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        stop = turn_format(tokenizer).stop
+    except TunesmithError:
+        return ids, []
+    encoded = tokenizer(stop, add_special_tokens=False)["input_ids"] if stop else []
+    if len(encoded) == 1:
+        return ids + [t for t in encoded if t not in ids], []
+    return ids, [stop] if stop else []
+
+
 def _go_text(text: str) -> str:
     """Literal Go-template text: everything is literal except the action delimiter."""
     return text.replace("{{", '{{ "{{" }}')
