@@ -109,11 +109,17 @@ def restore_rng(states: dict[str, Any]) -> None:
 
 
 def trainable_tensors(model: Any) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """Trainable weights as whole CPU tensors (under FSDP a collective: every process must call it)."""
+    from tunesmith.train.distributed import whole
+
+    return {name: whole(p.detach()).cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: Any, path: Path) -> None:
+    """Whole saved tensors into the model's trainable parameters, sharded as they are (FSDP) or not."""
     from safetensors.torch import load_file
+
+    from tunesmith.train.distributed import shard_like
 
     saved = load_file(str(path))
     params = dict(model.named_parameters())
@@ -125,7 +131,7 @@ def load_trainable(model: Any, path: Path) -> None:
         )
     with torch.no_grad():
         for name, tensor in saved.items():
-            params[name].copy_(tensor)
+            params[name].copy_(shard_like(params[name], tensor))
 
 
 def _fsync(path: Path) -> None:
@@ -189,16 +195,14 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, sharded: bool = False) -> TrainState:
     """Restore a checkpoint (written by any number of processes) into this process's model and optimizer."""
+    load_trainable(model, path / "trainable.safetensors")
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
     if sharded:
-        from safetensors.torch import load_file
+        from tunesmith.train.distributed import load_optimizer_state
 
-        from tunesmith.train.distributed import load_sharded
-
-        saved = load_file(str(path / "trainable.safetensors"))
-        load_sharded(model, optimizer, saved, torch.load(path / "optimizer.pt", weights_only=False))
+        load_optimizer_state(model, optimizer, optimizer_state)
     else:
-        load_trainable(model, path / "trainable.safetensors")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     restore_rng(torch.load(path / "rng.pt", weights_only=False))
     return TrainState.from_json((path / "state.json").read_text())

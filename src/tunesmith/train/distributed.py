@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.errors import TunesmithError
-
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -140,48 +138,34 @@ def fully_shard_model(trainer: Any, layers: Any) -> Any:
     return fully_shard(trainer)
 
 
-def _full(value: Any) -> Any:
-    from torch.distributed.tensor import DTensor
+def whole(value: Any) -> Any:
+    """A tensor as one whole tensor: FSDP's DTensor shards gathered (a collective: call on all processes)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
-    return value.full_tensor() if isinstance(value, DTensor) else value
 
+def shard_like(param: Any, full: Any) -> Any:
+    """A whole tensor cut the way `param` is sharded across processes (unchanged for a plain parameter)."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
 
-def full_tensors(model: Any) -> dict[str, Any]:
-    """Trainable weights as whole tensors on every process (a collective under FSDP: call on all)."""
-    return {name: _full(p.detach()).cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
 
 
 def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
     """The optimizer state in the single-process layout, gathered from shards (a collective under FSDP)."""
     state = optimizer.state_dict()
     gathered = {
-        i: {k: _full(v).cpu() if hasattr(v, "cpu") else v for k, v in s.items()} for i, s in state["state"].items()
+        i: {k: whole(v).cpu() if hasattr(v, "cpu") else v for k, v in s.items()} for i, s in state["state"].items()
     }
     return {"state": gathered, "param_groups": state["param_groups"]}
 
 
-def load_sharded(model: Any, optimizer: Any, tensors: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
-    """Load whole tensors (from any world size) into sharded parameters and optimizer state."""
-    import torch
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    def like(param: Any, full: Any) -> Any:
-        if isinstance(param, DTensor):
-            return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
-        return full
-
+def load_optimizer_state(model: Any, optimizer: Any, optimizer_state: dict[str, Any]) -> None:
+    """Load an optimizer state in the single-process layout (from any world size) into a sharded optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
-    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if set(named) != set(tensors):
-        raise TunesmithError(
-            "The checkpoint does not match this model's trainable parameters; the run's config (method, lora, "
-            "adapter, full) must equal the one the checkpoint was written with."
-        )
-    with torch.no_grad():
-        for name, full in tensors.items():
-            named[name].copy_(like(named[name], full))
     state = {
-        i: {k: like(params[int(i)], v) if hasattr(v, "dim") and v.dim() > 0 else v for k, v in s.items()}
+        i: {k: shard_like(params[int(i)], v) if hasattr(v, "dim") and v.dim() > 0 else v for k, v in s.items()}
         for i, s in optimizer_state["state"].items()
     }
     optimizer.load_state_dict({"state": state, "param_groups": optimizer_state["param_groups"]})

@@ -321,7 +321,7 @@ def fit(
             return None
         tensors = optimizer_state = None
         if sharded:  # every process takes part in gathering the shards; the main one writes
-            tensors, optimizer_state = distributed.full_tensors(model), distributed.full_optimizer_state(optimizer)
+            tensors, optimizer_state = ckpt.trainable_tensors(model), distributed.full_optimizer_state(optimizer)
         if not world.main:
             return None
         path = ckpt.save_checkpoint(session.run_dir, model, optimizer, scheduler, step_state, tensors, optimizer_state)
@@ -390,7 +390,7 @@ def fit(
                     step_loss += loss.item() / world.size
                 step_loss = distributed.reduce_sum(step_loss, world, accelerator.device)
                 norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                grad_norm = float(distributed.whole(norm))
                 lr = scheduler.get_last_lr()[0]
                 state.micro_batches += settings.grad_accum
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -473,7 +473,7 @@ def fit(
         if releaser:
             releaser.detach()
     seconds = time.perf_counter() - started
-    trainable = distributed.full_tensors(model) if sharded else None
+    trainable = ckpt.trainable_tensors(model) if sharded else None
     best = None
     if state.best_step is not None:
         best = {"metric": state.best_metric, "value": state.best_value, "step": state.best_step}
