@@ -83,7 +83,7 @@ def _write_adapter(run_dir: Path, tokenizer: Any, path: Path) -> None:
 
 
 def modelfile(gguf_name: str, turns: TurnFormat, template: str, config: Any) -> str:
-    stops = sorted({s for s in (turns.stop, turns.suffix["assistant"].strip()) if s})
+    stops = [turns.stop] if turns.stop else []
     lines = [
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{template}"""',
@@ -94,12 +94,6 @@ def modelfile(gguf_name: str, turns: TurnFormat, template: str, config: Any) -> 
         f"PARAMETER num_predict {config.eval.max_new_tokens}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _source_gguf(config: Any) -> Path | None:
-    from tunesmith.models import source_gguf
-
-    return source_gguf(config.model)
 
 
 def export_run(
@@ -126,20 +120,20 @@ def export_run(
         check_equal(tokenizer, turns.render, "Ollama template")
 
     def write(path: Path) -> None:
-        path.mkdir(parents=True)
         if fmt == "adapter":
-            path.rmdir()
-            _write_adapter(run_dir, tokenizer, path)
+            _write_adapter(run_dir, tokenizer, path)  # copies the adapter folder to `path`
             return
+        path.mkdir(parents=True)
         model = _merged(run_dir)
         if fmt == "merged":
             _write_merged(model, tokenizer, path)
             return
         from tunesmith.deploy.gguf_writer import write_gguf
+        from tunesmith.models import source_gguf
 
         name = f"{run_dir.name}-{gguf_type}.gguf"
         ends = stop_tokens(tokenizer)[0]
-        write_gguf(
+        adds_bos = write_gguf(
             model,
             tokenizer,
             tokenizer.chat_template,
@@ -147,12 +141,11 @@ def export_run(
             path / name,
             kind=gguf_type,
             name=run_dir.name,
-            source_gguf=_source_gguf(config),
+            source_gguf=source_gguf(config.model),
             progress=progress,
         )
         if fmt == "ollama":
-            strip = tokenizer.bos_token if _adds_bos(path / name) else ""
-            template = go_template(turns, strip_bos=strip or "")
+            template = go_template(turns, strip_bos=(tokenizer.bos_token or "") if adds_bos else "")
             (path / "Modelfile").write_text(modelfile(name, turns, template, config))
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -163,10 +156,3 @@ def export_run(
         shutil.rmtree(target)
     staging.rename(target)
     return target
-
-
-def _adds_bos(path: Path) -> bool:
-    import gguf
-
-    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
-    return bool(field and field.contents())

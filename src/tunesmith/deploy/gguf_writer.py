@@ -94,8 +94,8 @@ def _write_metadata(writer: Any, config: Any, arch: str) -> None:
         writer.add_rope_dimension_count(head_dim)
 
 
-def _bpe_tokenizer(writer: Any, tokenizer: Any) -> None:
-    """Byte-level BPE (GPT-2 style) from tokenizer.json: tokens, types and merges."""
+def _bpe_tokenizer(writer: Any, tokenizer: Any) -> bool:
+    """Byte-level BPE (GPT-2 style) from tokenizer.json: tokens, types and merges; True if it adds BOS."""
     import gguf
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -137,12 +137,14 @@ def _bpe_tokenizer(writer: Any, tokenizer: Any) -> None:
         if token_id is not None:
             getattr(writer, f"add_{name}_token_id")(token_id)
     probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    adds_bos = bool(probe) and probe[0] == tokenizer.bos_token_id
+    writer.add_add_bos_token(adds_bos)
     writer.add_add_eos_token(False)
+    return adds_bos
 
 
-def _copied_tokenizer(writer: Any, source: Path) -> None:
-    """The base GGUF's tokenizer fields, unchanged: the same tokenizer the base model was trained with."""
+def _copied_tokenizer(writer: Any, source: Path) -> bool:
+    """The base GGUF's tokenizer fields, unchanged (the tokenizer the base was trained with); True if it adds BOS."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -154,6 +156,8 @@ def _copied_tokenizer(writer: Any, source: Path) -> None:
             writer.add_array(key, list(field.contents()))
         else:
             writer.add_key_value(key, field.contents(), kind)
+    field = reader.fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field and field.contents())
 
 
 def write_gguf(
@@ -166,8 +170,11 @@ def write_gguf(
     name: str = "tunesmith model",
     source_gguf: Path | None = None,
     progress: Callable[[str], None] | None = None,
-) -> None:
-    """Write `model` (merged, unquantized) with its tokenizer and chat template to `path`."""
+) -> bool:
+    """Write `model` (merged, unquantized) with its tokenizer and chat template to `path`.
+
+    Returns whether the file tells runtimes to add BOS themselves (so templates must leave it out).
+    """
     try:
         import gguf
         from gguf.quants import quantize
@@ -176,23 +183,20 @@ def write_gguf(
     if kind not in TYPES:
         raise TunesmithError(f"GGUF type '{kind}' is not one of {', '.join(TYPES)}.")
     arch = _arch(model.config)
-    qtype = {
-        "f16": gguf.GGMLQuantizationType.F16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-        "f32": gguf.GGMLQuantizationType.F32,
+    qtype, file_type = {
+        "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+        "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     }[kind]
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}.get(
-        kind, gguf.LlamaFileType.ALL_F32
-    )
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_metadata(writer, model.config, arch)
     if source_gguf is not None:
-        _copied_tokenizer(writer, source_gguf)
+        adds_bos = _copied_tokenizer(writer, source_gguf)
     else:
-        _bpe_tokenizer(writer, tokenizer)
+        adds_bos = _bpe_tokenizer(writer, tokenizer)
     if end_of_turn is not None:  # the chat template's end-of-turn token, when it is not EOS itself
         writer.add_eot_token_id(end_of_turn)
     writer.add_chat_template(template)
@@ -210,3 +214,4 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return adds_bos
