@@ -233,39 +233,39 @@ def create_app(
                 **record,
             )
 
-        def usage(result: Result) -> dict:
-            return {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.prompt_tokens + result.completion_tokens,
-            }
-
-        def chunk(delta: str | None, reason: str | None, result: Result | None = None) -> str:
-            if endpoint == "chat":
-                choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": reason}
-                if delta is not None and reason is None and not chunk.started:
-                    choice["delta"]["role"] = "assistant"
-                    chunk.started = True
-                body_ = {
-                    "id": response_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model.name,
-                    "choices": [choice],
-                }
-            else:
-                body_ = {
-                    "id": response_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model.name,
-                    "choices": [{"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}],
-                }
+        def reply(kind: str, choice: dict, result: Result | None = None) -> dict:
+            """The OpenAI envelope shared by every answer and stream chunk; usage once generation is done."""
+            reply_ = {"id": response_id, "object": kind, "created": created, "model": model.name, "choices": [choice]}
             if result is not None:
-                body_["usage"] = usage(result)
-            return f"data: {json.dumps(body_)}\n\n"
+                total = result.prompt_tokens + result.completion_tokens
+                reply_["usage"] = {
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "total_tokens": total,
+                }
+            return reply_
 
-        chunk.started = False
+        def reason(result: Result) -> str:
+            return "length" if result.finish_reason == "length" else "stop"  # a cancelled row has no client left
+
+        role_sent = False
+
+        def chunk(delta: str | None, finish_reason: str | None, result: Result | None = None) -> str:
+            nonlocal role_sent
+            if endpoint == "chat":
+                choice = {
+                    "index": 0,
+                    "delta": {} if delta is None else {"content": delta},
+                    "finish_reason": finish_reason,
+                }
+                if delta is not None and not role_sent:  # the first delta names the speaker, as OpenAI's do
+                    choice["delta"]["role"] = "assistant"
+                    role_sent = True
+                kind = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+                kind = "text_completion"
+            return f"data: {json.dumps(reply(kind, choice, result))}\n\n"
 
         if body.stream:
 
@@ -276,8 +276,7 @@ def create_app(
                         if kind == "delta":
                             yield chunk(value, None)
                         elif kind == "done":
-                            reason = "length" if value.finish_reason == "length" else "stop"
-                            yield chunk(None, reason, value)
+                            yield chunk(None, reason(value), value)
                             yield "data: [DONE]\n\n"
                             finish(value, 200)
                             return
@@ -298,25 +297,11 @@ def create_app(
                 finish(None, 500, value)
                 raise ApiError(500, f"Generation failed: {value}", None, "server_error")
         finish(value, 200)
-        reason = "length" if value.finish_reason == "length" else "stop"
         if endpoint == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": value.text}, "finish_reason": reason}
-            return {
-                "id": response_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model.name,
-                "choices": [choice],
-                "usage": usage(value),
-            }
-        return {
-            "id": response_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model.name,
-            "choices": [{"index": 0, "text": value.text, "finish_reason": reason, "logprobs": None}],
-            "usage": usage(value),
-        }
+            message = {"role": "assistant", "content": value.text}
+            return reply("chat.completion", {"index": 0, "message": message, "finish_reason": reason(value)}, value)
+        choice = {"index": 0, "text": value.text, "finish_reason": reason(value), "logprobs": None}
+        return reply("text_completion", choice, value)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Any:
