@@ -156,7 +156,7 @@ def _train_workers(args: argparse.Namespace) -> Any:
     import signal
     import subprocess
 
-    from tunesmith.run import TrainSummary
+    from tunesmith.run import read_summary
     from tunesmith.train.distributed import launch_command
 
     config = config_from_args(args)
@@ -181,9 +181,9 @@ def _train_workers(args: argparse.Namespace) -> Any:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     run_dir = config.run_dir
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     if code == 0 and (run_dir / "train_summary.json").is_file():
-        return TrainSummary(**json.loads((run_dir / "train_summary.json").read_text()))
+        return read_summary(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     if manifest.get("status") == "interrupted" or received:
         words = resume_command(argv)
         err.print(f"[yellow]Stopped.[/] Resume with:\n  tunesmith {' '.join(words)} --resume", highlight=False)

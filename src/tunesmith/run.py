@@ -244,6 +244,11 @@ def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> 
     }
 
 
+def _saved_splits(run_dir: Path) -> dict[str, list[Conversation]]:
+    """The train/val/test splits a run wrote when it started (read on resume and by other processes)."""
+    return {n: read_conversations(run_dir / "data" / f"{n}.jsonl", "chat")[0] for n in ("train", "val", "test")}
+
+
 def _prepare(
     config: RunConfig, run_dir: Path, resuming: bool, overwrite: bool, console: Console, world: Any
 ) -> tuple[dict[str, list[Conversation]], str, dict[str, Any], Path | None]:
@@ -255,7 +260,7 @@ def _prepare(
 
     if not world.main:
         info = json.loads((run_dir / "manifest.json").read_text())
-        splits = {n: read_conversations(run_dir / "data" / f"{n}.jsonl", "chat")[0] for n in ("train", "val", "test")}
+        splits = _saved_splits(run_dir)
         return splits, info.get("format", "chat"), info, ckpt.latest_checkpoint(run_dir) if resuming else None
     latest = None
     if resuming:
@@ -263,7 +268,7 @@ def _prepare(
             raise TunesmithError("--resume and --overwrite contradict each other: pick one.")
         info = check_resumable(config, run_dir)
         fmt = info.get("format", "chat")
-        splits = {n: read_conversations(run_dir / "data" / f"{n}.jsonl", "chat")[0] for n in ("train", "val", "test")}
+        splits = _saved_splits(run_dir)
         swept = ckpt.sweep_partial(run_dir)
         latest = ckpt.latest_checkpoint(run_dir)
         if swept:
@@ -422,7 +427,7 @@ def train_run(
     weights = weights_dir(config, run_dir)
     if not world.main:  # the main process writes the run's weights and summary; wait for it, then leave
         distributed.barrier(world)
-        return _read_summary(run_dir)
+        return read_summary(run_dir)
 
     def write_weights(path: Path) -> None:
         save_trained(model, config, path, trained)
@@ -462,5 +467,6 @@ def train_run(
     return summary
 
 
-def _read_summary(run_dir: Path) -> TrainSummary:
+def read_summary(run_dir: Path) -> TrainSummary:
+    """The train_summary.json of a finished run."""
     return TrainSummary(**json.loads((run_dir / "train_summary.json").read_text()))
