@@ -25,13 +25,15 @@ def load_base(config: RunConfig, source: str) -> Any:
 
     attention = attention_implementation(config.train.attention)
     if config.method == "qlora":
-        from tunesmith.methods.qlora import quantization_config
+        from tunesmith.methods.qlora import quantization_config, use_portable_kernels
 
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise TunesmithError("method qlora needs bitsandbytes: pip install bitsandbytes.") from None
-        return load_model(source, quantization=quantization_config(config.qlora), attention=attention)
+        model = load_model(source, quantization=quantization_config(config.qlora), attention=attention)
+        use_portable_kernels(model)  # same numbers and correct gradients on every CPU (see its docstring)
+        return model
     return load_model(source, attention=attention)
 
 

@@ -96,6 +96,9 @@ def memory_releaser(settings: TrainConfig, device: torch.device) -> MemoryReleas
 
 def prepare_model(model: Any, settings: TrainConfig) -> Any:
     """Apply the config's speed switches in place (compile returns a wrapper, so use the result)."""
+    from tunesmith.methods.qlora import use_portable_kernels
+
+    use_portable_kernels(model)  # also for a 4-bit model not loaded through load_base: see its docstring
     if settings.gradient_checkpointing:
         # Non-reentrant checkpointing: works with frozen embeddings (LoRA) and with hooks inside layers.
         kwargs = {"use_reentrant": False}
