@@ -224,3 +224,18 @@ def test_low_diversity_when_one_near_duplicate_cluster_dominates(tmp_path):
     report = check_data(write_jsonl(tmp_path / "d.jsonl", records))
     assert report.diversity["largest_near_duplicate_cluster_share"] == round(8 / 60, 4)
     assert "low_diversity" in codes(report)
+
+
+def test_unreadable_file_exits_2_and_bad_records_exit_1_with_their_lines(tmp_path, capsys):
+    lines = [json.dumps(r).encode() for r in clean_records(12)]
+    unreadable = tmp_path / "latin.jsonl"
+    unreadable.write_bytes(b"\n".join([*lines[:2], '{"text": "café"}'.encode("latin-1"), *lines[2:]]))
+    assert main(["data", "check", str(unreadable)]) == 2
+    err = capsys.readouterr().err
+    assert f"{unreadable}:3: not UTF-8 text: byte 0xe9" in err and "Traceback" not in err
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(
+        b"\xef\xbb\xbfprompt,completion\r\n" + b"".join(b"q%d,a%d\r\n" % (i, i) for i in range(12)) + b"x,y,z\r\n"
+    )
+    assert main(["data", "check", str(bad)]) == 1
+    assert "error line 14: 3 cells but the header has 2 columns" in capsys.readouterr().out

@@ -125,3 +125,57 @@ def test_missing_file_and_unsupported_suffix(tmp_path):
 def test_detect_format_of_non_records():
     assert detect_format([1, 2]) is None
     assert detect_format({"foo": 1}) is None
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv", "d.tsv"])
+def test_byte_order_mark_and_crlf_line_ends_are_accepted(tmp_path, name):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    text = {
+        "d.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+        "d.json": json.dumps(rows, indent=2),
+        "d.csv": "prompt,completion\n" + "".join(f"q{i},a{i}\n" for i in range(3)),
+        "d.tsv": "prompt\tcompletion\n" + "".join(f"q{i}\ta{i}\n" for i in range(3)),
+    }[name]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    conversations, fmt = read_conversations(tmp_path / name)
+    assert fmt == "prompt_completion"
+    assert [c.messages for c in conversations] == [
+        (Message("user", f"q{i}"), Message("assistant", f"a{i}")) for i in range(3)
+    ]
+
+
+def test_csv_cells_beyond_the_csv_modules_size_limit_load(tmp_path):
+    document = "word " * 60_000  # 300 kB, over the csv module's default limit of 128 KiB
+    (tmp_path / "d.csv").write_text(f'text\n"{document}"\nshort\n')
+    conversations, fmt = read_conversations(tmp_path / "d.csv")
+    assert fmt == "text" and [c.text for c in conversations] == [document, "short"]
+
+
+def test_csv_cells_that_look_like_json_stay_text(tmp_path):
+    deep = "[" * 5000
+    rows = [("[1, 2, 3]", '{"a": 1}'), ("[citation needed]", "[]"), (deep, "null")]
+    body = "".join(f'"{p}","{c.replace(chr(34), chr(34) * 2)}"\n' for p, c in rows)
+    (tmp_path / "d.csv").write_text("prompt,completion\n" + body)
+    conversations, _ = read_conversations(tmp_path / "d.csv")
+    assert [(c.messages[0].content, c.reference) for c in conversations] == rows
+
+
+def test_csv_rows_are_numbered_by_the_line_they_start_on(tmp_path):
+    (tmp_path / "d.csv").write_text('prompt,completion\n"two\nlines",a\nq,\n\n,,\nq3,a3,x\n')
+    with pytest.raises(TunesmithError) as caught:
+        read_conversations(tmp_path / "d.csv")
+    message = str(caught.value)
+    assert "d.csv:4: an assistant answer is empty" in message
+    assert "d.csv:7: 3 cells but the header has 2 columns" in message and "2 bad record(s)" in message
+
+
+def test_a_format_that_does_not_exist_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [RECORDS["chat"]])
+    with pytest.raises(TunesmithError, match="Unknown data format 'openai'; use auto or one of chat, sharegpt"):
+        read_conversations(path, "openai")
+
+
+def test_json_problems_are_numbered_by_record(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([RECORDS["chat"], {"messages": []}], indent=2))
+    with pytest.raises(TunesmithError, match=r"d\.json: record 2: 'messages' must be a non-empty list"):
+        read_conversations(tmp_path / "d.json")

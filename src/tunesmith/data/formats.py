@@ -3,12 +3,17 @@
 Files: JSONL, JSON (a list of records), CSV, Parquet. Record formats: chat `messages` (OpenAI roles),
 ShareGPT `conversations` (from/value), Alpaca (instruction/input/output), prompt/completion, plain
 text. Every bad record is reported with its line (or row) number; reading never stops at the first.
+Whatever the bytes of a file, reading it raises nothing but TunesmithError (tests/test_data_fuzz.py).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +25,12 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
 MAX_REPORTED = 50
+CSV_FIELD_LIMIT = 2**31 - 1
+TURN_COLUMNS = ("messages", "conversations")
+# json.loads fails with these besides JSONDecodeError: nesting past the recursion limit, and integers of
+# more than 4300 digits.
+JSON_LIMITS = (ValueError, RecursionError)
+UNPAIRED_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,14 @@ class Problems:
     def add(self, line: int, message: str) -> None:
         self.items.append((line, message))
 
+    def where(self, line: int) -> str:
+        """The file and line of a record, or its position for a .json file (see _json_records)."""
+        return f"{self.path}: record {line}" if self.path.suffix.lower() == ".json" else f"{self.path}:{line}"
+
     def raise_if_any(self) -> None:
         if not self.items:
             return
-        shown = "\n".join(f"  {self.path}:{line}: {msg}" for line, msg in self.items[:MAX_REPORTED])
+        shown = "\n".join(f"  {self.where(line)}: {msg}" for line, msg in self.items[:MAX_REPORTED])
         more = f"\n  ... and {len(self.items) - MAX_REPORTED} more" if len(self.items) > MAX_REPORTED else ""
         raise TunesmithError(
             f"{self.path}: {len(self.items)} bad record(s):\n{shown}{more}\nFix or remove these records and run again."
@@ -75,56 +90,184 @@ class Problems:
 
 
 def iter_raw_records(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, parsed record) for every record of a data file."""
+    """Yield (line or row number, parsed record) for every record of a data file.
+
+    A record that cannot be parsed is added to `problems`; a file that cannot be read at all (not UTF-8,
+    not JSON, not Parquet) raises TunesmithError. No other exception escapes, whatever the bytes.
+    """
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield number, json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    problems.add(number, f"invalid JSON ({exc.msg} at column {exc.colno})")
-    elif suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            problems.add(exc.lineno, f"invalid JSON ({exc.msg} at column {exc.colno})")
-            return
-        if isinstance(records, dict) and isinstance(records.get("data"), list):
-            records = records["data"]
-        if not isinstance(records, list):
-            problems.add(1, 'a .json data file must hold a list of records (or {"data": [...]})')
-            return
-        # Record numbers are 1-based positions in the list; JSON has no reliable line per record.
-        yield from enumerate(records, start=1)
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            for row in reader:
-                # Line numbers count the header as line 1, as a spreadsheet shows them.
-                yield reader.line_num, _decode_json_cells(row)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield number, row
-    else:
-        raise TunesmithError(f"{path}: unsupported file type '{suffix}'. Use .jsonl, .json, .csv, .tsv or .parquet.")
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            yield from _jsonl_records(path, problems)
+        elif suffix == ".json":
+            yield from _json_records(path)
+        elif suffix in (".csv", ".tsv"):
+            yield from iter_csv_records(path, problems, "\t" if suffix == ".tsv" else ",")
+        elif suffix == ".parquet":
+            yield from _parquet_records(path)
+        else:
+            raise TunesmithError(
+                f"{path}: unsupported file type '{suffix}'. Use .jsonl, .json, .csv, .tsv or .parquet."
+            )
+    except OSError as exc:
+        raise TunesmithError(f"{path}: cannot read it ({exc.strerror or exc}). Check its permissions.") from None
 
 
-def _decode_json_cells(row: dict[str, Any]) -> dict[str, Any]:
-    """CSV cells holding JSON lists (a messages column) are decoded; other cells stay strings."""
-    decoded = {}
-    for key, value in row.items():
-        if isinstance(value, str) and value.lstrip().startswith("["):
+def _jsonl_records(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
+    # Lines are split on b"\n" and decoded one at a time so that a bad byte is reported at its own line;
+    # a CRLF ending leaves a "\r" that JSON reads as whitespace.
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            text = _utf8(path, raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw, number)
+            if not text.strip():
+                continue
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        decoded[key] = value
-    return decoded
+                yield number, json.loads(text)
+            except json.JSONDecodeError as exc:
+                problems.add(number, f"invalid JSON: {exc.msg} (column {exc.colno})")
+            except JSON_LIMITS as exc:
+                problems.add(number, _beyond_json_limits(exc))
+
+
+def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    text = read_text(path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TunesmithError(
+            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}). Fix the file and run again."
+        ) from None
+    except JSON_LIMITS as exc:
+        raise TunesmithError(f"{path}: {_beyond_json_limits(exc)}.") from None
+    if isinstance(records, dict) and isinstance(records.get("data"), list):
+        records = records["data"]
+    if not isinstance(records, list):
+        raise TunesmithError(
+            f'{path}: a .json data file must hold a list of records (or {{"data": [...]}}), not '
+            f"{_kind(records)}. Wrap the records in [ ], or save one record per line as .jsonl."
+        )
+    # Record numbers are 1-based positions in the list: JSON has no reliable line per record (a minified
+    # file has one line), and the number must tell records apart.
+    yield from enumerate(records, start=1)
+
+
+def iter_csv_records(path: Path, problems: Problems, delimiter: str = ",") -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, {column: cell}) per row of a CSV file with a header; rows of the wrong shape go to `problems`."""
+    # A cell may hold a whole document; the csv module's default limit of 128 KiB would refuse it. The
+    # limit is process-wide and only ever raised here; 2**31 - 1 fits the C long of every platform.
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    # strict: an unclosed quote is an error at its row instead of swallowing the rest of the file.
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    while True:
+        # A quoted cell may span lines; a row is reported at the line where it starts, as an editor shows it.
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if header is None:
+                raise TunesmithError(f"{path}:{start}: the header row is not valid CSV ({exc}).") from None
+            problems.add(start, f'not valid CSV ({exc}); check that every quote " in the row is closed')
+            continue
+        if not any(cell.strip() for cell in row):
+            continue  # blank lines, and the ",,," rows spreadsheets write for empty rows
+        if header is None:
+            header = _csv_header(path, row, start)
+        elif len(row) != len(header):
+            problems.add(
+                start,
+                f"{len(row)} cell{'s' * (len(row) != 1)} but the header has {len(header)} columns; quote cells that "
+                f"contain {'a tab' if delimiter == chr(9) else 'a comma'}, and give every row one cell per column",
+            )
+        else:
+            record = dict(zip(header, row, strict=True))
+            try:
+                yield start, _decode_turn_cells(record)
+            except ValueError as exc:
+                problems.add(start, str(exc))
+
+
+def _csv_header(path: Path, row: list[str], line: int) -> list[str]:
+    header = [name.strip() for name in row]
+    repeated = sorted(name for name, count in Counter(header).items() if count > 1 and name)
+    if repeated:
+        raise TunesmithError(
+            f"{path}:{line}: column(s) {', '.join(repeated)} appear more than once in the header; rename them."
+        )
+    return header
+
+
+def _decode_turn_cells(record: dict[str, Any]) -> dict[str, Any]:
+    """Decode the JSON list in a messages/conversations cell; every other cell stays text, whatever it looks like."""
+    for key in TURN_COLUMNS:
+        if key in record:
+            try:
+                record[key] = json.loads(record[key])
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"column '{key}' must hold the turns as a JSON array: {exc.msg} (column {exc.colno})"
+                ) from None
+            except JSON_LIMITS as exc:
+                raise ValueError(f"column '{key}': {_beyond_json_limits(exc)}") from None
+    return record
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise TunesmithError(
+            f"{path}: cannot read it as Parquet ({exc}). A truncated copy or a file renamed to .parquet does "
+            "not load: write the file again (e.g. pandas DataFrame.to_parquet)."
+        ) from None
+    yield from enumerate(rows, start=1)
+
+
+def read_text(path: Path) -> str:
+    """A whole text file as UTF-8, with the byte-order mark spreadsheet programs write accepted and dropped."""
+    return _utf8(path, path.read_bytes().removeprefix(codecs.BOM_UTF8), 1)
+
+
+def _utf8(path: Path, raw: bytes, first_line: int) -> str:
+    """Decode text, or stop with the line and column of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if first_line == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            found = "UTF-16 text"
+        else:
+            column = exc.start - raw.rfind(b"\n", 0, exc.start)
+            found = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column}"
+        line = first_line + raw.count(b"\n", 0, exc.start)
+        raise TunesmithError(
+            f"{path}:{line}: {found}. Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT) "
+            "and run again; a binary file is not a data file."
+        ) from None
+
+
+def _beyond_json_limits(exc: ValueError | RecursionError) -> str:
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to read (over about 1000 levels of [ and {); flatten the record"
+    # CPython refuses integers of more than 4300 digits; its own hint (sys.set_int_max_str_digits) is not
+    # one a user of tunesmith can take.
+    return f"JSON holds a value Python cannot read ({str(exc).split(';')[0]}); write it as a string"
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, as the user wrote it in the file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    for kind, name in ((dict, "an object"), (list, "an array"), (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def detect_format(record: Any) -> str | None:
@@ -148,35 +291,42 @@ def _text(record: dict[str, Any], key: str, required: bool = True) -> str:
     value = record.get(key)
     if value is None:
         if required:
-            raise ValueError(f"missing field '{key}'")
+            raise ValueError(f"missing field '{key}'" if key not in record else f"field '{key}' is null")
         return ""
+    return _string(value, f"field '{key}'")
+
+
+def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise ValueError(f"{where} must be a string, got {_kind(value)}")
+    # json.loads turns a lone escape such as \ud800 into a character no UTF-8 file or tokenizer accepts.
+    if UNPAIRED_SURROGATE.search(value):
+        raise ValueError(f"{where} holds an unpaired surrogate escape (\\ud800-\\udfff); remove or fix it")
     return value
 
 
 def _turns(items: Any, field_name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
     if not isinstance(items, list) or not items:
-        raise ValueError(f"'{field_name}' must be a non-empty list of turns")
+        got = "an empty array" if items == [] else _kind(items)
+        raise ValueError(f"'{field_name}' must be a non-empty list of turns, got {got}")
     messages = []
     for index, turn in enumerate(items):
         where = f"{field_name}[{index}]"
         if not isinstance(turn, dict):
-            raise ValueError(f"{where} must be an object with '{role_key}' and '{content_key}'")
+            raise ValueError(f"{where} must be an object with '{role_key}' and '{content_key}', got {_kind(turn)}")
         role = turn.get(role_key)
+        if not isinstance(role, str):
+            raise ValueError(f"{where}: '{role_key}' must be one of {', '.join(sorted(roles))}, got {_kind(role)}")
         if role not in roles:
-            raise ValueError(f"{where}: unknown role {role!r}; use one of {', '.join(sorted(roles))}")
-        content = turn.get(content_key)
-        if not isinstance(content, str):
-            raise ValueError(f"{where}: '{content_key}' must be a string, got {type(content).__name__}")
-        messages.append(Message(roles[role], content))
+            raise ValueError(f"{where}: unknown role {role[:40]!r}; use one of {', '.join(sorted(roles))}")
+        messages.append(Message(roles[role], _string(turn.get(content_key), f"{where}: '{content_key}'")))
     return messages
 
 
 def normalise(record: Any, fmt: str, line: int) -> Conversation:
     """Turn one raw record of a known format into a Conversation; ValueError says what is wrong."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected an object with fields, got {type(record).__name__}")
+        raise ValueError(f"expected an object with fields, got {_kind(record)}")
     if fmt == "text":
         text = _text(record, "text")
         if not text.strip():
@@ -218,21 +368,25 @@ def parse_file(path: str | Path, fmt: str = "auto") -> ParsedFile:
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"Data file {path} not found. Check data.path (or --data).")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise TunesmithError(f"Unknown data format {fmt!r}; use auto or one of {', '.join(FORMATS)}.")
     problems = Problems(path)
     conversations: list[Conversation] = []
     chosen = None if fmt == "auto" else fmt
     for line, record in iter_raw_records(path, problems):
-        if chosen is None:
+        # A record that is not an object says nothing about the format; normalise reports it below.
+        if chosen is None and isinstance(record, dict):
             chosen = detect_format(record)
             if chosen is None:
-                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                names = [str(name)[:40] for name in list(record)[:10]]
+                fields = ", ".join(names) + (", ..." if len(record) > 10 else "") if names else "none"
                 raise TunesmithError(
-                    f"{path}:{line}: cannot tell the format from the fields ({fields}). Use 'messages', "
+                    f"{problems.where(line)}: cannot tell the format from the fields ({fields}). Use 'messages', "
                     "'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text', "
                     "or set data.format."
                 )
         try:
-            conversations.append(normalise(record, chosen, line))
+            conversations.append(normalise(record, chosen or fmt, line))
         except ValueError as exc:
             problems.add(line, str(exc))
     return ParsedFile(conversations, str(chosen or fmt), problems)
