@@ -1,18 +1,161 @@
-"""Writing directories so that a reader never sees half of one."""
+"""Writing files and directories so that a reader never sees half of one, and nothing is lost by accident.
+
+Everything that replaces an existing path goes through here: it refuses a path tunesmith did not write
+(and the filesystem root, the home folder, the current folder and its parents), writes the new content
+completely before the old one is removed, and never deletes a temporary path it did not create itself.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tunesmith.errors import TunesmithError
 
-def save_atomic(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory under a temporary name, then rename it into place.
+# Written into every folder tunesmith creates as an export; its presence makes the folder replaceable.
+MARKER = ".tunesmith.json"
 
-    A crash leaves at most a `.partial` directory, never a half-written `target`.
+
+def _ledger() -> Path:
+    from tunesmith.models import cache_root
+
+    return cache_root() / "written-files.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small text file in one rename: a reader sees the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def protected_reason(path: Path) -> str | None:
+    """Why a path may never be replaced whoever wrote it, or None."""
+    resolved = path.expanduser().resolve()
+    if resolved == Path(resolved.anchor):
+        return "it is the filesystem root"
+    if resolved == Path.home().resolve():
+        return "it is your home folder"
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return "it is the current folder or one of its parents"
+    return None
+
+
+def check_replaceable(path: Path, ours: bool, what: str) -> None:
+    """Raise unless `path` may be replaced under --overwrite: not protected, and written by tunesmith."""
+    reason = protected_reason(path)
+    if reason is None and not ours:
+        reason = f"it is not {what} that tunesmith wrote"
+    if reason:
+        raise TunesmithError(
+            f"Refusing to replace {path}: {reason}, so --overwrite does not apply to it. "
+            "Choose another output path, or move it away yourself."
+        )
+
+
+def is_marked(folder: Path) -> bool:
+    """True for a folder tunesmith created as an export (it holds our marker file)."""
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("written_by") == "tunesmith"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def mark(folder: Path, kind: str) -> None:
+    (folder / MARKER).write_text(json.dumps({"written_by": "tunesmith", "kind": kind}) + "\n", encoding="utf-8")
+
+
+def save_atomic(target: Path, write: Callable[[Path], None], replace: bool = False) -> None:
+    """Write a directory under a fresh temporary name beside `target`, then rename it into place.
+
+    A crash leaves at most a hidden `.NAME.*.partial` folder, never a half-written `target`. With
+    `replace`, an existing `target` is removed only after the new one is complete and renamed in; the
+    caller decides (check_replaceable) whether it may be replaced at all.
     """
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    write(partial)
-    partial.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staged, old = scratch / "new", scratch / "old"
+    try:
+        write(staged)
+        if target.exists():
+            if not replace:
+                raise TunesmithError(f"{target} already exists; pass --overwrite to replace it.")
+            os.rename(target, old)
+        os.rename(staged, target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            os.rename(old, target)  # put the previous version back
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _written() -> dict[str, str]:
+    try:
+        found = json.loads(_ledger().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def written_by_us(path: Path) -> bool:
+    """True when the file holds exactly what tunesmith last wrote there (edited since: no longer ours)."""
+    recorded = _written().get(str(path.expanduser().resolve()))
+    return recorded is not None and path.is_file() and _sha256(path) == recorded
+
+
+def check_file_target(path: Path, overwrite: bool, what: str) -> None:
+    """Raise unless `path` is free, or --overwrite was given and tunesmith wrote what is there now."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise TunesmithError(f"{path} already exists; pass --overwrite to replace it, or choose another file.")
+    if path.is_dir():
+        raise TunesmithError(f"{path} is a folder; give a file name.")
+    check_replaceable(path, written_by_us(path), what)
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], None], overwrite: bool, what: str) -> None:
+    """Write one output file through a temporary file; replace an existing one only if tunesmith wrote it.
+
+    The file's hash is recorded in the user cache, which is how a later --overwrite knows it is ours.
+    """
+    path = Path(path)
+    check_file_target(path, overwrite, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    record = _written() | {str(path.resolve()): _sha256(path)}
+    ledger = _ledger()
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(ledger, json.dumps(record, indent=1))

@@ -26,7 +26,7 @@ from tunesmith.data.check import CheckReport
 from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
-from tunesmith.files import save_atomic
+from tunesmith.files import check_replaceable, is_marked, mark, save_atomic, write_text_atomic
 
 
 @dataclass
@@ -100,6 +100,16 @@ def manifest(config: RunConfig, data_files: list[Path]) -> dict[str, Any]:
     }
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder tunesmith made as a run: our marker, or (runs from before the marker) our manifest."""
+    if is_marked(path):
+        return True
+    try:
+        return "tunesmith" in json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -107,8 +117,10 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
                 f"Run directory {run_dir} already exists. Choose another --out, pass --resume to continue it from "
                 "its last checkpoint, or --overwrite to replace it."
             )
+        check_replaceable(run_dir, is_run_dir(run_dir), "a run directory")
         shutil.rmtree(run_dir)
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    mark(run_dir, "run")  # first, so that a run that dies before its manifest is still known as ours
 
 
 def gate_data(config: RunConfig) -> CheckReport:
@@ -191,7 +203,7 @@ def check_resumable(config: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 def _write_manifest(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> None:
     record = info | {"status": status, **extra}
-    (run_dir / "manifest.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(run_dir / "manifest.json", json.dumps(record, indent=2))  # `watch` reads it meanwhile
 
 
 def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examples: list[Any]) -> Any:
@@ -433,9 +445,8 @@ def train_run(
         save_trained(model, config, path, trained)
         tokenizer.save_pretrained(path)
 
-    if weights.exists():  # a resumed run that had finished writing once: the new weights replace them
-        shutil.rmtree(weights)
-    save_atomic(weights, write_weights)
+    # A resumed run that had finished once: the old weights go only once the new ones are complete.
+    save_atomic(weights, write_weights, replace=True)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     (run_dir / "chat_template.jinja").write_text(template)
     plot_losses(run_dir)

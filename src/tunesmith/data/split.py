@@ -25,6 +25,7 @@ from tunesmith.data.similarity import (
     text_hash,
 )
 from tunesmith.errors import TunesmithError
+from tunesmith.files import check_file_target, write_file_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -130,6 +131,8 @@ def split_file(
     written = [out / f"{name}.jsonl" for name in SPLITS] + [out / "split.json"]
     if any(p.exists() for p in written) and not overwrite:
         raise TunesmithError(f"{out} already holds a split. Choose another --out, or pass --overwrite.")
+    for target in written:  # all checked before any is replaced: never half an old split and half a new one
+        check_file_target(target, overwrite, "a split file")
     parsed = parse_file(path, fmt)
     parsed.problems.raise_if_any()
     conversations = parsed.conversations
@@ -138,11 +141,11 @@ def split_file(
         raise TunesmithError(f"{path}: no record has the field '{stratify}' given to --stratify.")
     splits, together = split_conversations(conversations, val, test, seed, labels, threshold)
     raw = {line: record for line, record in iter_raw_records(path, Problems(path))}
-    out.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
-        with (out / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
-            for c in splits[name]:
-                handle.write(json.dumps(raw.get(c.line, c.to_record()), ensure_ascii=False) + "\n")
+        lines = "".join(json.dumps(raw.get(c.line, c.to_record()), ensure_ascii=False) + "\n" for c in splits[name])
+        write_file_atomic(
+            out / f"{name}.jsonl", lambda tmp, text=lines: tmp.write_text(text, encoding="utf-8"), True, "a split file"
+        )
     class_counts = (
         {name: dict(Counter(labels[c.line] for c in splits[name] if c.line in labels)) for name in SPLITS}
         if labels
@@ -161,5 +164,6 @@ def split_file(
         "fractions": {"val": val, "test": test},
         "row_hashes": {name: [text_hash(full_text(c)) for c in splits[name]] for name in SPLITS},
     }
-    (out / "split.json").write_text(json.dumps(summary, indent=2))
+    text = json.dumps(summary, indent=2)
+    write_file_atomic(out / "split.json", lambda tmp: tmp.write_text(text, encoding="utf-8"), True, "a split file")
     return result

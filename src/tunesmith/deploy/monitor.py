@@ -25,6 +25,7 @@ from tunesmith.data.formats import Conversation, Message, read_conversations, wr
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy.requestlog import read_feedback, read_requests
 from tunesmith.errors import TunesmithError
+from tunesmith.files import check_file_target, write_file_atomic
 
 WORD = re.compile(r"\w+", re.UNICODE)
 LIMITS = {"error_rate": 0.05, "js_divergence": 0.2, "ks_statistic": 0.3, "format_failures": 0.05, "longer": 0.1}
@@ -235,8 +236,7 @@ def export_feedback(
     db = Path(db) if db else default_log_path(run_dir)
     if not db.is_file():
         raise TunesmithError(f"No request log at {db}. Serve the run first or pass --db.")
-    if target.exists() and not overwrite:
-        raise TunesmithError(f"{target} already exists; pass --overwrite to replace it, or choose another file.")
+    check_file_target(target, overwrite, "a feedback export")
     latest: dict[str, dict[str, Any]] = {}
     for item in read_feedback(db):  # the newest feedback on a response wins
         latest[item["request_id"]] = item
@@ -254,8 +254,5 @@ def export_feedback(
         conversations.append(Conversation(messages=(*messages, Message("assistant", answer))))
     if not conversations:
         raise TunesmithError("No feedback with a correction (or a rating at or above --min-rating) to export yet.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    write_jsonl(partial, conversations)
-    partial.replace(target)
+    write_file_atomic(target, lambda tmp: write_jsonl(tmp, conversations), overwrite, "a feedback export")
     return len(conversations)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -94,18 +95,52 @@ def sweep_partial(run_dir: Path) -> list[str]:
 
 
 def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors, ints and floats only, so that it loads with torch.load(weights_only=True)."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def restore_rng(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    python, numpy_state = states["python"], states["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached"],
+        )
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _load_state(path: Path) -> Any:
+    """torch.load without unpickling arbitrary objects: a crafted checkpoint file cannot run code."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise TunesmithError(
+            f"{path} is not a checkpoint file tunesmith can load safely ({str(exc).splitlines()[0][:200]}). "
+            "It was not written by this version of tunesmith or was altered: resume from an earlier checkpoint "
+            "(delete this one) or start the run again with --overwrite."
+        ) from None
 
 
 def trainable_tensors(model: Any) -> dict[str, torch.Tensor]:
@@ -182,11 +217,12 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync(root)
-    except OSError as exc:
+    except Exception as exc:  # torch.save and safetensors raise their own types on a full disk, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_checkpoint(run_dir)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200] or type(exc).__name__
         raise TunesmithError(
-            f"Writing checkpoint {final.name} failed ({exc.strerror or exc}); "
+            f"Writing checkpoint {final.name} failed ({reason}); "
             f"{'the previous checkpoint ' + kept.name + ' is intact' if kept else 'no earlier checkpoint exists'}. "
             "Free disk space, then resume with --resume."
         ) from None
@@ -196,15 +232,16 @@ def save_checkpoint(
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, sharded: bool = False) -> TrainState:
     """Restore a checkpoint (written by any number of processes) into this process's model and optimizer."""
     load_trainable(model, path / "trainable.safetensors")
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer_state = _load_state(path / "optimizer.pt")
+    scheduler_state, rng = _load_state(path / "scheduler.pt"), _load_state(path / "rng.pt")
     if sharded:
         from tunesmith.train.distributed import load_optimizer_state
 
         load_optimizer_state(model, optimizer, optimizer_state)
     else:
         optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    restore_rng(torch.load(path / "rng.pt", weights_only=False))
+    scheduler.load_state_dict(scheduler_state)
+    restore_rng(rng)
     return TrainState.from_json((path / "state.json").read_text())
 
 

@@ -368,6 +368,24 @@ def fit(
         evals_since = sum(1 for e in state.evaluations if e["step"] > (state.best_step or 0))
         return bool(session.patience and since_best > 0 and evals_since >= session.patience)
 
+    def end_of_step(step: int, stop: StopRequest | None) -> bool:
+        """Validation, checkpoint and stop-signal handling after a step; True when early stopping ends the run."""
+        early = False
+        if session.validate and (step % validate_every == 0 or step == total_steps):
+            early = run_validation(step)
+            if early:
+                say(
+                    f"Early stop at step {step}: {state.best_metric} has not improved for "
+                    f"{session.patience} validations (best {state.best_value:.4f} at step {state.best_step})."
+                )
+        signum = stop.signum if stop is not None and stop.signum is not None else 0
+        signum = distributed.reduce_max(signum, world, accelerator.device)  # all stop at the same step
+        if step % save_every == 0 or step == total_steps or early or signum:
+            saved = save(state)
+            if signum:
+                raise TrainingInterrupted(signum, step, str(saved) if saved else None)
+        return early
+
     try:
         with progress, StopRequest(console) if session.stop_signals else nullcontext() as stop:
             for step in range(state.step + 1, total_steps + 1):
@@ -405,7 +423,13 @@ def fit(
                     say(f"[yellow]step {step} skipped: loss {step_loss}, grad norm {grad_norm}[/]")
                     scheduler.step()
                     state.step = step
+                    state.elapsed_s = time.perf_counter() - started
                     progress.update(task, advance=1)
+                    # A skipped step still validates, saves and honours a stop signal on its schedule: the last
+                    # step must leave a checkpoint, and a Ctrl-C must not be lost because its step was skipped.
+                    if end_of_step(step, stop):
+                        stopped = "early_stopped"
+                        break
                     continue
                 state.skipped_in_row = 0
                 optimizer.step()
@@ -449,23 +473,8 @@ def fit(
                 progress.update(task, advance=1, status=status)
                 if not live and (step == 1 or step == total_steps or step % max(1, total_steps // 20) == 0):
                     say(f"step {step}/{total_steps} {status}")
-                early = False
-                if session.validate and (step % validate_every == 0 or step == total_steps):
-                    early = run_validation(step)
-                    if early:
-                        stopped = "early_stopped"
-                        say(
-                            f"Early stop at step {step}: {state.best_metric} has not improved for "
-                            f"{session.patience} validations (best {state.best_value:.4f} at step {state.best_step})."
-                        )
-                signum = stop.signum if stop is not None and stop.signum is not None else 0
-                signum = distributed.reduce_max(signum, world, accelerator.device)  # all stop at the same step
-                stop_now = signum != 0
-                if step % save_every == 0 or step == total_steps or early or stop_now:
-                    saved = save(state)
-                    if stop_now:
-                        raise TrainingInterrupted(signum, step, str(saved) if saved else None)
-                if early:
+                if end_of_step(step, stop):
+                    stopped = "early_stopped"
                     break
     finally:
         if metrics_file:
