@@ -5,7 +5,21 @@ import json
 import subprocess
 import sys
 
-from tunesmith.data.review import apply_review, load_verdicts, sample_items, verdict_path
+import pytest
+
+from tunesmith.cli import main
+from tunesmith.data.review import (
+    apply_review,
+    export_sheet,
+    import_sheet,
+    load_verdicts,
+    record_verdict,
+    sample_items,
+    sheet_cell,
+    sheet_value,
+    verdict_path,
+)
+from tunesmith.errors import TunesmithError
 
 from .conftest import write_jsonl
 from .test_check import clean_records
@@ -95,3 +109,89 @@ def test_sheet_export_and_import(tmp_path):
         writer.writerows(rows)
     bad = run_review(data, "", "--import", str(sheet))
     assert bad.returncode == 2 and "verdict 'maybe'" in bad.stderr
+
+
+FORMULAS = ['=HYPERLINK("http://x")', "+1", "-2 degrees", "@SUM(A1)", "\tindented", "\rreturn", "'=quoted", "''+two"]
+
+
+def test_sheet_cells_never_start_a_formula_and_import_undoes_exactly_that(tmp_path):
+    records = clean_records(30)
+    for record, formula in zip(records, FORMULAS, strict=False):
+        record["messages"][0]["content"] = formula + " prompt"
+        record["messages"][1]["content"] = formula
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    items = sample_items(data, 30, seed=0)
+    for item, formula in zip(items, FORMULAS, strict=False):
+        record_verdict(data, item, "edit", note=formula, edited=formula + " fixed")
+    before = load_verdicts(data)
+    sheet = tmp_path / "sheet.csv"
+    assert export_sheet(data, items, sheet) == 30
+    rows = list(csv.reader(sheet.open(encoding="utf-8", newline="")))
+    assert not [cell for row in rows for cell in row if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert {row[4] for row in rows} >= {"'" + f for f in FORMULAS}
+    verdict_path(data).unlink()
+    assert import_sheet(data, sheet) == len(FORMULAS)
+    after = load_verdicts(data)
+    assert {h: (v["note"], v["edited_answer"]) for h, v in after.items()} == {
+        h: (v["note"], v["edited_answer"]) for h, v in before.items()
+    }
+    for value in ["", "'", "''", "'x", "=", "'='", "a=b", "-", "'-'-", "\t", "plain"] + FORMULAS:
+        assert sheet_value(sheet_cell(value)) == value
+
+
+def test_export_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", clean_records(30))
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("someone's work\n")
+    args = ["data", "review", str(data), "--sample", "4", "--export", str(sheet)]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and sheet.read_text() == "someone's work\n"
+    assert main([*args, "--overwrite"]) == 0 and len(list(csv.DictReader(sheet.open()))) == 4
+    assert main(["data", "review", str(data), "--export", str(data), "--overwrite"]) == 2
+    assert "would overwrite the data" in capsys.readouterr().err
+
+
+def test_import_reads_what_spreadsheet_programs_save(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", clean_records(30))
+    sheet = tmp_path / "sheet.csv"
+    export_sheet(data, sample_items(data, 3, seed=0), sheet)
+    rows = list(csv.DictReader(sheet.open(encoding="utf-8", newline="")))
+    rows[0]["verdict"] = "reject"
+    with sheet.open("w", encoding="utf-8-sig", newline="") as handle:  # BOM and CRLF, as Excel writes them
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert import_sheet(data, sheet) == 1
+    assert load_verdicts(data)[rows[0]["hash"]]["verdict"] == "reject"
+    sheet.write_bytes(sheet.read_bytes().replace(b"reject", b"r\xe9ject"))  # saved as Windows-1252
+    assert main(["data", "review", str(data), "--import", str(sheet)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    sheet.write_text("line,hash,label,prompt,answer,verdict,note,edited_answer\n1,abc\n")
+    assert main(["data", "review", str(data), "--import", str(sheet)]) == 2
+    assert "sheet.csv:2: 2 cells but the header has 8 columns" in capsys.readouterr().err
+
+
+def test_a_sheet_with_a_mistake_imports_nothing(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", clean_records(30))
+    sheet = tmp_path / "sheet.csv"
+    export_sheet(data, sample_items(data, 3, seed=0), sheet)
+    rows = list(csv.DictReader(sheet.open(encoding="utf-8", newline="")))
+    rows[0]["verdict"], rows[2]["verdict"] = "accept", "maybe"
+    with sheet.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(TunesmithError, match=r"sheet\.csv:4: verdict 'maybe'"):
+        import_sheet(data, sheet)
+    assert load_verdicts(data) == {}
+
+
+def test_verdict_file_keeps_any_note_and_names_a_broken_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", clean_records(12))
+    item = sample_items(data, 1, seed=0)[0]
+    record_verdict(data, item, "reject", note="one\u2028two\x0bthree")  # separators that are not line ends
+    assert load_verdicts(data)[item.hash]["note"] == "one\u2028two\x0bthree"
+    with verdict_path(data).open("a", encoding="utf-8") as handle:
+        handle.write('["not", "a", "verdict"]\n')
+    with pytest.raises(TunesmithError, match=r"d\.review\.jsonl:2: not a verdict written by tunesmith"):
+        load_verdicts(data)

@@ -519,7 +519,7 @@ def cmd_data_review(args: argparse.Namespace) -> int:
         return 0
     items = rv.sample_items(data, args.sample, args.seed, args.label_field)
     if args.export:
-        count = rv.export_sheet(data, items, Path(args.export))
+        count = rv.export_sheet(data, items, Path(args.export), args.overwrite)
         out.print(
             f"Exported {count} example(s) to {args.export}: fill verdict (accept/reject/edit), note and "
             f"edited_answer, then run: tunesmith data review {data} --import {args.export}"
@@ -783,7 +783,9 @@ def _add_data_commands(sub: Any) -> None:
         help="Write the cleaned data (rejects removed, edits applied) and a summary; no review.",
     )
     review.add_argument("--out", help="With --apply: output file [default: <data>.reviewed.jsonl].")
-    review.add_argument("--overwrite", action="store_true", help="With --apply: replace an existing output file.")
+    review.add_argument(
+        "--overwrite", action="store_true", help="With --apply or --export: replace an existing output file."
+    )
     review.add_argument("--export", metavar="SHEET.csv", help="Write the sample to a spreadsheet for someone else.")
     review.add_argument(
         "--import",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of, prompt_text
-from tunesmith.data.formats import Conversation, Problems, iter_raw_records, parse_file
+from tunesmith.data.formats import Conversation, Problems, iter_csv_records, iter_raw_records, parse_file, read_text
 from tunesmith.data.similarity import text_hash
 from tunesmith.errors import TunesmithError
 
@@ -28,6 +29,9 @@ KEYS_HELP = (
     "q = quit and resume later | text after the key is kept as a note, e.g. 'r wrong units'"
 )
 SHEET_COLUMNS = ["line", "hash", "label", "prompt", "answer", "verdict", "note", "edited_answer"]
+# What a spreadsheet may run as a formula when a cell starts with it (OWASP's CSV injection list), after
+# any quotes: sheet_cell escapes those too so that the escaping can be undone exactly.
+FORMULA_START = re.compile(r"'*[=+\-@\t\r]")
 
 
 @dataclass
@@ -57,12 +61,20 @@ def load_verdicts(data: Path) -> dict[str, dict[str, Any]]:
     path = verdict_path(data)
     verdicts: dict[str, dict[str, Any]] = {}
     if path.is_file():
-        for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, raw in enumerate(read_text(path).split("\n"), start=1):
             if raw.strip():
                 try:
                     entry = json.loads(raw)
-                except json.JSONDecodeError:
-                    raise TunesmithError(f"{path}:{number}: not valid JSON; fix or delete that line.") from None
+                except (ValueError, RecursionError):
+                    entry = None
+                if (
+                    not isinstance(entry, dict)
+                    or not isinstance(entry.get("hash"), str)
+                    or entry.get("verdict") not in VERDICTS
+                ):
+                    raise TunesmithError(
+                        f"{path}:{number}: not a verdict written by tunesmith; fix or delete that line."
+                    )
                 verdicts[entry["hash"]] = entry
     return verdicts
 
@@ -219,52 +231,78 @@ def apply_review(data: Path, out: Path | None = None, overwrite: bool = False) -
     return summary
 
 
-def export_sheet(data: Path, items: list[ReviewItem], sheet: Path) -> int:
+def sheet_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text instead of running it as a formula.
+
+    A quote goes in front of =, +, -, @, tab or CR, and in front of quotes already there before one of
+    them, so that sheet_value can tell its own quote from the user's.
+    """
+    return "'" + value if FORMULA_START.match(value) else value
+
+
+def sheet_value(cell: str) -> str:
+    """The text sheet_cell was given: exactly its one added quote removed."""
+    return cell[1:] if cell.startswith("'") and FORMULA_START.match(cell, 1) else cell
+
+
+def export_sheet(data: Path, items: list[ReviewItem], sheet: Path, overwrite: bool = False) -> int:
+    """Write the sampled items and their verdicts so far to a CSV sheet; returns how many were written."""
+    if sheet.resolve() in (data.resolve(), verdict_path(data).resolve()):
+        raise TunesmithError(f"--export {sheet} would overwrite the data or its verdicts; choose another file.")
+    if sheet.exists() and not overwrite:
+        raise TunesmithError(f"{sheet} exists. Choose another --export file, or pass --overwrite to replace it.")
     verdicts = load_verdicts(data)
     with sheet.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SHEET_COLUMNS)
         writer.writeheader()
         for item in items:
             v = verdicts.get(item.hash, {})
-            writer.writerow(
-                {
-                    "line": item.conversation.line,
-                    "hash": item.hash,
-                    "label": item.label or "",
-                    "prompt": prompt_text(item.conversation),
-                    "answer": answer_text(item.conversation),
-                    "verdict": v.get("verdict", ""),
-                    "note": v.get("note", ""),
-                    "edited_answer": v.get("edited_answer") or "",
-                }
-            )
+            row = {
+                "line": str(item.conversation.line),
+                "hash": item.hash,
+                "label": item.label or "",
+                "prompt": prompt_text(item.conversation),
+                "answer": answer_text(item.conversation),
+                "verdict": v.get("verdict", ""),
+                "note": v.get("note", ""),
+                "edited_answer": v.get("edited_answer") or "",
+            }
+            writer.writerow({key: sheet_cell(value) for key, value in row.items()})
     return len(items)
 
 
 def import_sheet(data: Path, sheet: Path) -> int:
     """Record the verdicts filled in a spreadsheet exported by export_sheet; blank verdicts are skipped."""
+    if not sheet.is_file():
+        raise TunesmithError(f"Sheet {sheet} not found. Export one first with --export {sheet}.")
     parsed = parse_file(data)
     by_hash = {text_hash(full_text(c)): c for c in parsed.conversations}
-    imported = 0
-    with sheet.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(SHEET_COLUMNS) - set(reader.fieldnames or [])
-        if missing:
-            raise TunesmithError(f"{sheet}: missing column(s) {', '.join(sorted(missing))}; export a sheet first.")
-        for row in reader:
-            verdict = row["verdict"].strip().lower()
-            if not verdict:
-                continue
-            if verdict not in VERDICTS:
-                raise TunesmithError(f"{sheet}:{reader.line_num}: verdict {verdict!r}; use accept, reject or edit.")
-            conversation = by_hash.get(row["hash"])
-            if conversation is None:
-                raise TunesmithError(
-                    f"{sheet}:{reader.line_num}: no example of {data} has this hash; the data changed since the export."
-                )
-            if verdict == "edit" and not row["edited_answer"].strip():
-                raise TunesmithError(f"{sheet}:{reader.line_num}: verdict edit needs an edited_answer.")
-            item = ReviewItem(conversation, row["hash"], row["label"] or None)
-            record_verdict(data, item, verdict, row["note"], row["edited_answer"] if verdict == "edit" else None)
-            imported += 1
-    return imported
+    problems = Problems(sheet)
+    # Spreadsheet programs save with a byte-order mark and CRLF line ends; the data reader takes both.
+    rows = [(line, {key: sheet_value(c) for key, c in row.items()}) for line, row in iter_csv_records(sheet, problems)]
+    problems.raise_if_any()
+    missing = set(SHEET_COLUMNS) - set(rows[0][1]) if rows else set()
+    if missing:
+        raise TunesmithError(
+            f"{sheet}: missing column(s) {', '.join(sorted(missing))}; import a sheet written by --export, "
+            "saved as comma-separated CSV."
+        )
+    # Every row is checked before any verdict is recorded: a sheet with a mistake imports nothing.
+    filled = []
+    for line, row in rows:
+        verdict = row["verdict"].strip().lower()
+        if not verdict:
+            continue
+        if verdict not in VERDICTS:
+            raise TunesmithError(f"{sheet}:{line}: verdict {verdict!r}; use accept, reject or edit.")
+        conversation = by_hash.get(row["hash"])
+        if conversation is None:
+            raise TunesmithError(
+                f"{sheet}:{line}: no example of {data} has this hash; the data changed since the export."
+            )
+        if verdict == "edit" and not row["edited_answer"].strip():
+            raise TunesmithError(f"{sheet}:{line}: verdict edit needs an edited_answer.")
+        filled.append((ReviewItem(conversation, row["hash"], row["label"] or None), verdict, row))
+    for item, verdict, row in filled:
+        record_verdict(data, item, verdict, row["note"], row["edited_answer"] if verdict == "edit" else None)
+    return len(filled)
