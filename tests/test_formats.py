@@ -1,10 +1,12 @@
 import json
+from datetime import date, datetime
+from decimal import Decimal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tunesmith.data.formats import Message, detect_format, read_conversations
+from tunesmith.data.formats import Message, Problems, detect_format, iter_raw_records, read_conversations
 from tunesmith.errors import TunesmithError
 
 from .conftest import write_jsonl
@@ -179,3 +181,22 @@ def test_json_problems_are_numbered_by_record(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([RECORDS["chat"], {"messages": []}], indent=2))
     with pytest.raises(TunesmithError, match=r"d\.json: record 2: 'messages' must be a non-empty list"):
         read_conversations(tmp_path / "d.json")
+
+
+def test_parquet_values_without_a_json_type_become_json(tmp_path):
+    row = {"prompt": b"q", "completion": "a", "at": datetime(2024, 1, 2, 3, 4), "day": date(2024, 1, 2)}
+    row |= {"blob": b"\xff\x00", "price": Decimal("1.50"), "tags": {"k": [b"x"]}}
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    (conversation,), _ = read_conversations(path)
+    assert conversation.messages == (Message("user", "q"), Message("assistant", "a"))
+    [(_, record)] = iter_raw_records(path, Problems(path))
+    assert json.loads(json.dumps(record)) == {
+        "prompt": "q",
+        "completion": "a",
+        "at": "2024-01-02T03:04:00",
+        "day": "2024-01-02",
+        "blob": "/wA=",
+        "price": "1.50",
+        "tags": {"k": ["x"]},
+    }

@@ -4,7 +4,11 @@ import csv
 import json
 import subprocess
 import sys
+from datetime import datetime
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tunesmith.cli import main
@@ -195,3 +199,16 @@ def test_verdict_file_keeps_any_note_and_names_a_broken_line(tmp_path):
         handle.write('["not", "a", "verdict"]\n')
     with pytest.raises(TunesmithError, match=r"d\.review\.jsonl:2: not a verdict written by tunesmith"):
         load_verdicts(data)
+
+
+def test_apply_writes_parquet_records_with_timestamps(tmp_path):
+    rows = [r["messages"] for r in clean_records(12)]
+    table = [
+        {"prompt": m[0]["content"], "completion": m[1]["content"], "at": datetime(2024, 5, i + 1)}
+        for i, m in enumerate(rows)
+    ]
+    data = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(table), data)
+    summary = apply_review(data)
+    written = [json.loads(line) for line in Path(summary.written).read_text().splitlines()]
+    assert len(written) == 12 and written[0]["at"] == "2024-05-01T00:00:00"

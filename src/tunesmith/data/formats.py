@@ -8,8 +8,10 @@ Whatever the bytes of a file, reading it raises nothing but TunesmithError (test
 
 from __future__ import annotations
 
+import base64
 import codecs
 import csv
+import datetime
 import io
 import json
 import re
@@ -225,7 +227,30 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
             f"{path}: cannot read it as Parquet ({exc}). A truncated copy or a file renamed to .parquet does "
             "not load: write the file again (e.g. pandas DataFrame.to_parquet)."
         ) from None
-    yield from enumerate(rows, start=1)
+    for number, row in enumerate(rows, start=1):
+        yield number, _json_value(row)
+
+
+def _json_value(value: Any) -> Any:
+    """A Parquet value as the JSON value it stands for, so that records can be written back as JSONL.
+
+    Binary holding UTF-8 is text (some writers store strings that way), other binary is base64; timestamps,
+    dates and decimals become their usual string form.
+    """
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(item) for item in value]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return str(value)
 
 
 def read_text(path: Path) -> str:
