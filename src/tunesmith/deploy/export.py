@@ -105,7 +105,9 @@ def export_run(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a finished run; returns the folder written."""
+    from tunesmith.deploy.gguf_writer import pre_tokenizer_name, write_gguf
     from tunesmith.evaluate.generate import read_run_config
+    from tunesmith.models import source_gguf
 
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
@@ -118,6 +120,9 @@ def export_run(
     turns = turn_format(tokenizer) if fmt == "ollama" else None
     if turns is not None:
         check_equal(tokenizer, turns.render, "Ollama template")
+    base_gguf = source_gguf(config.model) if fmt in ("gguf", "ollama") else None
+    if fmt in ("gguf", "ollama") and base_gguf is None:
+        pre_tokenizer_name(tokenizer)  # refuses a tokenizer llama.cpp would split differently, before the merge
 
     def write(path: Path) -> None:
         if fmt == "adapter":
@@ -128,9 +133,6 @@ def export_run(
         if fmt == "merged":
             _write_merged(model, tokenizer, path)
             return
-        from tunesmith.deploy.gguf_writer import write_gguf
-        from tunesmith.models import source_gguf
-
         name = f"{run_dir.name}-{gguf_type}.gguf"
         ends = stop_tokens(tokenizer)[0]
         adds_bos = write_gguf(
@@ -141,7 +143,7 @@ def export_run(
             path / name,
             kind=gguf_type,
             name=run_dir.name,
-            source_gguf=source_gguf(config.model),
+            source_gguf=base_gguf,
             progress=progress,
         )
         if fmt == "ollama":

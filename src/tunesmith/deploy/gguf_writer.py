@@ -4,6 +4,8 @@ Tensor names come from gguf-py's own name map; the two layout conventions llama.
 applied here: Llama-style rotary Q/K rows are interleaved per head, and Gemma's RMSNorm weights are
 stored as 1 + w. Metadata comes from the model config; the tokenizer is written from tokenizer.json
 (byte-level BPE) or, when the base model was itself a GGUF file, copied from that file unchanged.
+A BPE tokenizer is labelled only with a llama.cpp pre-tokenizer that splits text exactly as it does;
+one that matches none is refused, never written under a guessed label.
 """
 
 from __future__ import annotations
@@ -19,6 +21,35 @@ from tunesmith.errors import TunesmithError
 
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 TYPES = ("f16", "q8_0", "f32")
+
+# tokenizer.json's Split regexes for the families whose splitting llama.cpp reproduces with a hand-written
+# splitter (unicode.cpp): Llama 3 (digits in threes), Qwen2 (single digits), Qwen3.5 (Qwen2 with
+# combining marks kept in words). Most other regexes llama.cpp rewrites for std::regex, which only
+# approximates them (GPT-4o's and Tekken's split accented capitals differently), so they are not labelled.
+_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_LINE_ENDS = r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+" + _LINE_ENDS
+QWEN2_REGEX = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+" + _LINE_ENDS
+QWEN35_REGEX = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+" + _LINE_ENDS
+
+
+def _split(regex: str) -> dict[str, Any]:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+# (tokenizer.ggml.pre, pre-tokenizer steps without offset trimming, the BPE model's ignore_merges): llama.cpp
+# ties whole-word lookup (ignore_merges) to the label, so a label fits only when both agree with the tokenizer.
+PRE_TOKENIZERS: tuple[tuple[str, list[dict[str, Any]], bool], ...] = (
+    ("gpt-2", [{"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}], False),
+    ("llama-bpe", [_split(LLAMA3_REGEX), _BYTES], True),
+    ("smaug-bpe", [_split(LLAMA3_REGEX), _BYTES], False),
+    ("qwen2", [_split(QWEN2_REGEX), _BYTES], False),
+    ("qwen35", [_split(QWEN35_REGEX), _BYTES], False),
+    # StarCoder and SmolLM: every digit alone, then GPT-2's split. llama.cpp has two names for this split;
+    # "smollm" is the one that, like transformers by default, leaves spaces before punctuation when decoding.
+    ("smollm", [{"type": "Digits", "individual_digits": True}, {**_BYTES, "use_regex": True}], False),
+)
 
 
 def _arch(config: Any) -> str:
@@ -94,19 +125,58 @@ def _write_metadata(writer: Any, config: Any, arch: str) -> None:
         writer.add_rope_dimension_count(head_dim)
 
 
-def _bpe_tokenizer(writer: Any, tokenizer: Any) -> bool:
-    """Byte-level BPE (GPT-2 style) from tokenizer.json: tokens, types and merges; True if it adds BOS."""
-    import gguf
+def _steps(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """tokenizer.json's pre-tokenizer as a flat list of steps; offset trimming is left out, it moves no split."""
+    if pre_tokenizer is None:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return [step for inner in pre_tokenizer.get("pretokenizers", []) for step in _steps(inner)]
+    return [{key: value for key, value in pre_tokenizer.items() if key != "trim_offsets"}]
 
+
+def pre_tokenizer_name(tokenizer: Any) -> str:
+    """The llama.cpp pre-tokenizer (tokenizer.ggml.pre) that splits text as this byte-level BPE tokenizer does.
+
+    Raises TunesmithError for any other tokenizer: a wrong label silently tokenizes digits, spaces and
+    punctuation differently from training.
+    """
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
-    pre = json.dumps(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+    steps = _steps(spec.get("pre_tokenizer"))
+    way_out = (
+        "Export --format merged and convert that folder with llama.cpp's convert_hf_to_gguf.py, which "
+        "recognises more tokenizers."
+    )
+    if model.get("type") != "BPE" or not any(step.get("type") == "ByteLevel" for step in steps):
         raise TunesmithError(
             "GGUF export writes byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style); this one is "
-            f"{model.get('type')} without a byte-level pre-tokenizer. Export --format merged and convert it with "
-            "llama.cpp's convert_hf_to_gguf.py."
+            f"{model.get('type')} without a byte-level pre-tokenizer. {way_out}"
         )
+    # llama.cpp never normalizes BPE input; NFC is let through because it leaves already-composed text (almost
+    # all text) unchanged, and llama.cpp treats Qwen2's own NFC tokenizer the same way.
+    normalizer = spec.get("normalizer")
+    if normalizer not in (None, {"type": "NFC"}, {"type": "Sequence", "normalizers": []}):
+        raise TunesmithError(
+            f"tokenizer.json normalizes text ({json.dumps(normalizer)}) before BPE and llama.cpp does not, so "
+            f"a GGUF export would tokenize differently from training. {way_out}"
+        )
+    ignore_merges = bool(model.get("ignore_merges", False))
+    for name, known_steps, known_ignore_merges in PRE_TOKENIZERS:
+        if steps == known_steps and ignore_merges == known_ignore_merges:
+            return name
+    raise TunesmithError(
+        "GGUF export cannot name a llama.cpp pre-tokenizer that splits text as this tokenizer does "
+        f"(tokenizer.json pre_tokenizer: {json.dumps(spec.get('pre_tokenizer'))}, ignore_merges: "
+        f"{ignore_merges}); it labels only {', '.join(name for name, _, _ in PRE_TOKENIZERS)}. {way_out}"
+    )
+
+
+def _bpe_tokenizer(writer: Any, tokenizer: Any) -> bool:
+    """Byte-level BPE from tokenizer.json: tokens, types, merges and pre-tokenizer; True if it adds BOS."""
+    import gguf
+
+    pre = pre_tokenizer_name(tokenizer)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     vocab = tokenizer.get_vocab()
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
@@ -124,7 +194,7 @@ def _bpe_tokenizer(writer: Any, tokenizer: Any) -> bool:
     ]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
