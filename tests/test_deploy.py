@@ -81,6 +81,7 @@ def test_gguf_export_reads_back_with_the_same_weights_tokenizer_and_template(lor
     tokenizer = build_tokenizer()
     assert fields["tokenizer.ggml.tokens"] == [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda x: x[1])]
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # the test tokenizer splits with GPT-2's ByteLevel regex
     assert fields["tokenizer.chat_template"] == (lora_run / "chat_template.jinja").read_text()
     types = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
     assert types == {kind.upper()}
