@@ -146,11 +146,15 @@ def test_sheet_cells_never_start_a_formula_and_import_undoes_exactly_that(tmp_pa
 def test_export_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", clean_records(30))
     sheet = tmp_path / "sheet.csv"
-    sheet.write_text("someone's work\n")
     args = ["data", "review", str(data), "--sample", "4", "--export", str(sheet)]
+    assert main(args) == 0
+    exported = sheet.read_bytes()
     assert main(args) == 2
-    assert "--overwrite" in capsys.readouterr().err and sheet.read_text() == "someone's work\n"
+    assert "pass --overwrite to replace it" in capsys.readouterr().err and sheet.read_bytes() == exported
     assert main([*args, "--overwrite"]) == 0 and len(list(csv.DictReader(sheet.open()))) == 4
+    sheet.write_bytes(exported.replace(b",,,\r\n", b",reject,,\r\n", 1))  # a reviewer's work
+    assert main([*args, "--overwrite"]) == 2
+    assert "not a review sheet that tunesmith wrote" in capsys.readouterr().err and "reject" in sheet.read_text()
     assert main(["data", "review", str(data), "--export", str(data), "--overwrite"]) == 2
     assert "would overwrite the data" in capsys.readouterr().err
 

@@ -22,6 +22,7 @@ from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of
 from tunesmith.data.formats import Conversation, Problems, iter_csv_records, iter_raw_records, parse_file, read_text
 from tunesmith.data.similarity import text_hash
 from tunesmith.errors import TunesmithError
+from tunesmith.files import write_file_atomic
 
 VERDICTS = ("accept", "reject", "edit")
 KEYS_HELP = (
@@ -246,29 +247,37 @@ def sheet_value(cell: str) -> str:
 
 
 def export_sheet(data: Path, items: list[ReviewItem], sheet: Path, overwrite: bool = False) -> int:
-    """Write the sampled items and their verdicts so far to a CSV sheet; returns how many were written."""
+    """Write the sampled items and their verdicts so far to a CSV sheet; returns how many were written.
+
+    An existing sheet is replaced only with --overwrite, and only as tunesmith wrote it: one a reviewer
+    has filled in since is never lost to a second export.
+    """
     if sheet.resolve() in (data.resolve(), verdict_path(data).resolve()):
         raise TunesmithError(f"--export {sheet} would overwrite the data or its verdicts; choose another file.")
-    if sheet.exists() and not overwrite:
-        raise TunesmithError(f"{sheet} exists. Choose another --export file, or pass --overwrite to replace it.")
     verdicts = load_verdicts(data)
-    with sheet.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SHEET_COLUMNS)
-        writer.writeheader()
-        for item in items:
-            v = verdicts.get(item.hash, {})
-            row = {
-                "line": str(item.conversation.line),
-                "hash": item.hash,
-                "label": item.label or "",
-                "prompt": prompt_text(item.conversation),
-                "answer": answer_text(item.conversation),
-                "verdict": v.get("verdict", ""),
-                "note": v.get("note", ""),
-                "edited_answer": v.get("edited_answer") or "",
-            }
-            writer.writerow({key: sheet_cell(value) for key, value in row.items()})
-    return len(items)
+    rows = []
+    for item in items:
+        v = verdicts.get(item.hash, {})
+        row = {
+            "line": str(item.conversation.line),
+            "hash": item.hash,
+            "label": item.label or "",
+            "prompt": prompt_text(item.conversation),
+            "answer": answer_text(item.conversation),
+            "verdict": v.get("verdict", ""),
+            "note": v.get("note", ""),
+            "edited_answer": v.get("edited_answer") or "",
+        }
+        rows.append({key: sheet_cell(value) for key, value in row.items()})
+
+    def write(path: Path) -> None:
+        with path.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SHEET_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_file_atomic(sheet, write, overwrite, "a review sheet")
+    return len(rows)
 
 
 def import_sheet(data: Path, sheet: Path) -> int:
