@@ -29,9 +29,9 @@ FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
 MAX_REPORTED = 50
 CSV_FIELD_LIMIT = 2**31 - 1
 TURN_COLUMNS = ("messages", "conversations")
-# json.loads fails with these besides JSONDecodeError: nesting past the recursion limit, and integers of
-# more than 4300 digits.
-JSON_LIMITS = (ValueError, RecursionError)
+# json.loads fails with these: JSONDecodeError (a ValueError), ValueError for an integer of more than 4300
+# digits, RecursionError for nesting past the recursion limit.
+JSON_ERRORS = (ValueError, RecursionError)
 UNPAIRED_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
@@ -125,22 +125,17 @@ def _jsonl_records(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
                 continue
             try:
                 yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                problems.add(number, f"invalid JSON: {exc.msg} (column {exc.colno})")
-            except JSON_LIMITS as exc:
-                problems.add(number, _beyond_json_limits(exc))
+            except JSON_ERRORS as exc:
+                problems.add(number, _json_error(exc))
 
 
 def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
     text = read_text(path)
     try:
         records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TunesmithError(
-            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}). Fix the file and run again."
-        ) from None
-    except JSON_LIMITS as exc:
-        raise TunesmithError(f"{path}: {_beyond_json_limits(exc)}.") from None
+    except JSON_ERRORS as exc:
+        line = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise TunesmithError(f"{path}{line}: {_json_error(exc)}. Fix the file and run again.") from None
     if isinstance(records, dict) and isinstance(records.get("data"), list):
         records = records["data"]
     if not isinstance(records, list):
@@ -207,12 +202,8 @@ def _decode_turn_cells(record: dict[str, Any]) -> dict[str, Any]:
         if key in record:
             try:
                 record[key] = json.loads(record[key])
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"column '{key}' must hold the turns as a JSON array: {exc.msg} (column {exc.colno})"
-                ) from None
-            except JSON_LIMITS as exc:
-                raise ValueError(f"column '{key}': {_beyond_json_limits(exc)}") from None
+            except JSON_ERRORS as exc:
+                raise ValueError(f"column '{key}' must hold the turns as a JSON array: {_json_error(exc)}") from None
     return record
 
 
@@ -275,7 +266,10 @@ def _utf8(path: Path, raw: bytes, first_line: int) -> str:
         ) from None
 
 
-def _beyond_json_limits(exc: ValueError | RecursionError) -> str:
+def _json_error(exc: ValueError | RecursionError) -> str:
+    """What is wrong with text that json.loads refused, in words for the person who wrote it."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON: {exc.msg} (column {exc.colno})"
     if isinstance(exc, RecursionError):
         return "JSON nested too deeply to read (over about 1000 levels of [ and {); flatten the record"
     # CPython refuses integers of more than 4300 digits; its own hint (sys.set_int_max_str_digits) is not
