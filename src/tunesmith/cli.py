@@ -427,8 +427,9 @@ def print_check(report: Any) -> None:
         f"[bold]{report.path}[/]: {report.examples} examples ({report.format}), {verdict}, "
         f"{len(report.warnings)} warning(s)"
     )
+    unit = "record" if Path(report.path).suffix.lower() == ".json" else "line"  # a .json file counts records
     for error in report.errors[:50]:
-        where = f"line {error['line']}" if error["line"] else "file"
+        where = f"{unit} {error['line']}" if error["line"] else "file"
         out.print(f"  [red]error[/] {where}: {escape(error['message'])}", highlight=False)
     for warning in report.warnings:
         out.print(f"  [yellow]{warning['code']}[/]: {escape(warning['message'])}", highlight=False)
@@ -439,7 +440,7 @@ def print_check(report: Any) -> None:
             f"{t['truncated']} over {t['max_length']}"
         )
     if report.class_balance:
-        out.print("  classes: " + ", ".join(f"{k}: {v}" for k, v in report.class_balance.items()))
+        out.print("  classes: " + ", ".join(f"{escape(str(k))}: {v}" for k, v in report.class_balance.items()))
     d = report.diversity
     out.print(
         f"  diversity: distinct-1 {d.get('distinct_1')}, distinct-2 {d.get('distinct_2')}, largest "
@@ -530,7 +531,7 @@ def cmd_data_review(args: argparse.Namespace) -> int:
         body = f"[bold]prompt[/]\n{escape(rv.prompt_text(item.conversation))}\n\n[bold]answer[/]\n" + escape(
             rv.answer_text(item.conversation)
         )
-        label = f"  class {item.label}" if item.label else ""
+        label = f"  class {escape(item.label)}" if item.label else ""
         out.print(Panel(body, title=f"{position}/{total}  line {item.conversation.line}{label}"))
 
     recorded = rv.review(data, items, input, show, lambda text: out.print(text, highlight=False))
@@ -594,8 +595,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise TunesmithError(
             f"--gpu {args.gpu!r} is not in the device table: {', '.join(DEVICES)}; or use --gpu-memory."
         )
-    device = args.gpu or (f"{args.gpu_memory:g} GB device" if args.gpu_memory else "RTX 4090 24GB")
-    capacity = (args.gpu_memory * 1e9) if args.gpu_memory else DEVICES[device]["memory_gib"] * GIB
+    device = args.gpu or (f"{args.gpu_memory:g} GiB device" if args.gpu_memory else "RTX 4090 24GB")
+    # GiB, like the device table: a "24GB" card holds 24 GiB.
+    capacity = (args.gpu_memory or DEVICES[device]["memory_gib"]) * GIB
     advice = recommend(shape, work, device, capacity)
     report: dict[str, Any] = {
         "model": config.model,
@@ -907,7 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tokens", type=float, help="Training tokens in total (instead of counting --data).")
     plan.add_argument("--seq-len", type=int, help="Tokens per sequence [default: p95 of the data, else max_length].")
     plan.add_argument("--gpu", help="Device to recommend for, a name from the device table [default: RTX 4090 24GB].")
-    plan.add_argument("--gpu-memory", type=float, help="Recommend for a device with this many GB instead.")
+    plan.add_argument(
+        "--gpu-memory", type=float, help="Recommend for a device with this much memory in GiB instead (24 for 24 GB)."
+    )
     plan.add_argument(
         "--weight-dtype",
         choices=["fp32", "bf16"],

@@ -407,7 +407,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> None:
         if "=" not in item:
             raise TunesmithError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=1e-4.")
         key, _, value = item.partition("=")
-        set_dotted(tree, key.strip(), parse_value(value.strip()))
+        key = key.strip()
+        # The field's type decides, as for its own flag: `--set name=2024` and `--name 2024` give the text "2024".
+        set_dotted(tree, key, parse_value(value.strip(), dict(leaf_fields()).get(key)))
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:

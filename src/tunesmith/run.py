@@ -131,7 +131,8 @@ def gate_data(config: RunConfig) -> CheckReport:
         raise TunesmithError("No training data: set data.path in the config or pass --data FILE.")
     options = CheckOptions(max_length=config.data.max_length, near_threshold=config.data.near_threshold)
     report = check_data(config.data.path, config.data.format, None, options, against=config.data.test_path)
-    problems = [f"line {e['line']}: {e['message']}" for e in report.errors]
+    unit = "record" if Path(config.data.path).suffix.lower() == ".json" else "line"  # a .json file counts records
+    problems = [f"{unit} {e['line']}: {e['message']}" for e in report.errors]
     if not config.data.allow_warnings:
         problems += [f"{w['code']}: {w['message']}" for w in report.warnings]
     if problems:

@@ -1,4 +1,4 @@
-"""Tokenize once and keep the result on disk, memory-mapped, for every later run on the same data.
+"""Tokenize once and keep the result on disk (flat numpy arrays) for every later run on the same data.
 
 The key covers everything that changes the tokens: the conversations, the tokenizer's full
 definition, the chat template, max_length and train_on. A changed tokenizer or template therefore
@@ -50,8 +50,9 @@ def cached_tokenize(
     """tokenize_all, served from `root/<key>/` when present; returns (examples, stats, hit)."""
     entry = root / cache_key(conversations, tokenizer, max_length, train_on)
     if (entry / "stats.json").is_file():
-        ids = np.load(entry / "ids.npy", mmap_mode="r")
-        mask = np.load(entry / "mask.npy", mmap_mode="r")
+        # Read whole, not memory-mapped: batching takes examples as lists, so a map would be copied anyway.
+        ids = np.load(entry / "ids.npy")
+        mask = np.load(entry / "mask.npy")
         offsets = np.load(entry / "offsets.npy")
         lines = np.load(entry / "lines.npy")
         examples = [

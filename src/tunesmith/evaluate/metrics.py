@@ -104,12 +104,12 @@ def field_accuracy(predictions: list[str], references: list[str]) -> dict[str, f
 
 def schema_checker(schema_path: str | None) -> Callable[[str, str], float]:
     if not schema_path:
-        raise TunesmithError("Metric json_schema needs eval.schema: the path of a JSON Schema file.")
+        raise TunesmithError("Metric json_schema needs eval.schema_path: the path of a JSON Schema file.")
     path = Path(schema_path)
     try:
         schema = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise TunesmithError(f"eval.schema {path}: cannot read a JSON schema ({exc}).") from None
+        raise TunesmithError(f"eval.schema_path {path}: cannot read a JSON schema ({exc}).") from None
     import jsonschema
 
     validator = jsonschema.validators.validator_for(schema)(schema)
