@@ -20,7 +20,7 @@ from typing import Any
 
 from tunesmith.deploy.template import TurnFormat, check_equal, go_template, stop_tokens, turn_format
 from tunesmith.errors import TunesmithError
-from tunesmith.files import save_atomic
+from tunesmith.files import check_replaceable, is_marked, mark, save_atomic
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 
@@ -114,8 +114,12 @@ def export_run(
         raise TunesmithError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
     config = read_run_config(run_dir)
     target = Path(out) if out else run_dir / "export" / fmt
-    if target.exists() and not overwrite:
-        raise TunesmithError(f"{target} already exists; pass --overwrite to replace it, or --out another folder.")
+    if target.exists():
+        if not overwrite:
+            raise TunesmithError(f"{target} already exists; pass --overwrite to replace it, or --out another folder.")
+        # Exports from before the marker count as ours only where export puts them by default.
+        ours = is_marked(target) or target.resolve() == (run_dir / "export" / fmt).resolve()
+        check_replaceable(target, ours, "an export")
     tokenizer = run_tokenizer(run_dir)
     turns = turn_format(tokenizer) if fmt == "ollama" else None
     if turns is not None:
@@ -150,11 +154,9 @@ def export_run(
             template = go_template(turns, strip_bos=(tokenizer.bos_token or "") if adds_bos else "")
             (path / "Modelfile").write_text(modelfile(name, turns, template, config))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_atomic(staging, write)
-    if target.exists():  # only now, with the new export complete, is the old one replaced
-        shutil.rmtree(target)
-    staging.rename(target)
+    def write_marked(path: Path) -> None:
+        write(path)
+        mark(path, f"export-{fmt}")
+
+    save_atomic(target, write_marked, replace=overwrite)  # the old export goes only once the new one is complete
     return target
