@@ -216,3 +216,16 @@ def test_apply_writes_parquet_records_with_timestamps(tmp_path):
     summary = apply_review(data)
     written = [json.loads(line) for line in Path(summary.written).read_text().splitlines()]
     assert len(written) == 12 and written[0]["at"] == "2024-05-01T00:00:00"
+
+
+def test_apply_overwrite_replaces_only_its_own_output(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", clean_records(30))
+    apply_review(data)
+    out = tmp_path / "d.reviewed.jsonl"
+    with pytest.raises(TunesmithError, match="pass --overwrite"):
+        apply_review(data)
+    apply_review(data, overwrite=True)  # ours: replaced
+    out.write_text(out.read_text() + '{"messages": []}\n')  # edited by hand since: no longer ours
+    with pytest.raises(TunesmithError, match="not a reviewed data file that tunesmith wrote"):
+        apply_review(data, overwrite=True)
+    assert out.read_text().endswith('{"messages": []}\n')

@@ -22,7 +22,7 @@ from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of
 from tunesmith.data.formats import Conversation, Problems, iter_csv_records, iter_raw_records, parse_file, read_text
 from tunesmith.data.similarity import text_hash
 from tunesmith.errors import TunesmithError
-from tunesmith.files import write_file_atomic
+from tunesmith.files import check_file_target, write_file_atomic
 
 VERDICTS = ("accept", "reject", "edit")
 KEYS_HELP = (
@@ -201,23 +201,26 @@ def apply_review(data: Path, out: Path | None = None, overwrite: bool = False) -
     out = out or data.with_name(data.stem + ".reviewed.jsonl")
     if out.resolve() == data.resolve():
         raise TunesmithError("--apply never writes over the data file; choose another --out.")
-    if out.exists() and not overwrite:
-        raise TunesmithError(f"{out} exists. Choose another --out, or pass --overwrite.")
+    summary_path = out.with_name(out.stem + ".summary.json")
+    for target in (out, summary_path):  # both checked before either is written
+        check_file_target(target, overwrite, "a reviewed data file")
     parsed = parse_file(data)
     parsed.problems.raise_if_any()
     verdicts = load_verdicts(data)
     raw = dict(iter_raw_records(data, Problems(data)))
-    kept = 0
-    with out.open("w", encoding="utf-8") as handle:
-        for c in parsed.conversations:
-            verdict = verdicts.get(text_hash(full_text(c)), {})
-            if verdict.get("verdict") == "reject":
-                continue
-            record = raw[c.line]
-            if verdict.get("verdict") == "edit":
-                record = with_answer(record, parsed.format, verdict["edited_answer"])
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            kept += 1
+    lines = []
+    for c in parsed.conversations:
+        verdict = verdicts.get(text_hash(full_text(c)), {})
+        if verdict.get("verdict") == "reject":
+            continue
+        record = raw[c.line]
+        if verdict.get("verdict") == "edit":
+            record = with_answer(record, parsed.format, verdict["edited_answer"])
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    kept = len(lines)
+    write_file_atomic(
+        out, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"), overwrite, "a reviewed data file"
+    )
     items = [
         ReviewItem(c, text_hash(full_text(c)), v.get("label"))
         for c in parsed.conversations
@@ -225,10 +228,8 @@ def apply_review(data: Path, out: Path | None = None, overwrite: bool = False) -
     ]
     summary = summarise(data, items)
     summary.written = str(out)
-    summary_path = out.with_name(out.stem + ".summary.json")
-    summary_path.write_text(
-        json.dumps(summary.__dict__ | {"kept": kept, "source_examples": len(parsed.conversations)}, indent=2)
-    )
+    text = json.dumps(summary.__dict__ | {"kept": kept, "source_examples": len(parsed.conversations)}, indent=2)
+    write_file_atomic(summary_path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite, "a review summary")
     return summary
 
 
