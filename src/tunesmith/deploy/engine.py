@@ -2,16 +2,18 @@
 
 Runs that share a base model are served from one copy of it: each PEFT adapter is loaded under its
 run's name and switched per request, and `base` answers with the adapters off. Generation happens on
-one worker thread that takes jobs from a bounded queue (a full queue answers "busy") and generates
-the waiting requests for the same model together, up to max_batch at a time, as one left-padded
-batch with one KV cache; requests for another adapter wait for the next batch. Tokens are decoded
-incrementally and handed back as text deltas for streaming.
+one worker thread that takes jobs from one bounded waiting list (everything not yet generating
+counts against it; a full list answers "busy") and generates the waiting requests for the same model
+together, up to max_batch at a time, as one left-padded batch with one KV cache; requests for another
+adapter wait for the next batch. Tokens are decoded incrementally and handed back as text deltas for
+streaming. One request must never fail another: an error in one row of a batch answers that row only.
 """
 
 from __future__ import annotations
 
 import collections
-import queue
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,8 @@ import torch
 from tunesmith.errors import TunesmithError
 
 BASE = "base"
+
+logger = logging.getLogger("tunesmith.serve")
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Job:
     emit: Callable[[str, Any], None]  # ("delta", text) ... ("done", Result) | ("error", message)
     queued_at: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    answered: bool = False  # "done" or "error" was emitted
+    streamed: bool = False  # a delta was emitted: the answer cannot be started over
 
 
 @dataclass
@@ -64,12 +70,25 @@ class Result:
 
 
 class Busy(Exception):
-    """The queue is full: the caller answers 503 and asks to retry."""
+    """The waiting list is full: the caller answers 503 and asks to retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"busy, retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Stopped(Exception):
+    """The worker thread is gone: nothing submitted would ever be answered."""
 
 
 class Engine:
     def __init__(
-        self, run_dirs: list[Path], queue_size: int = 64, context_limit: int | None = None, max_batch: int = 8
+        self,
+        run_dirs: list[Path],
+        queue_size: int = 64,
+        context_limit: int | None = None,
+        max_batch: int = 8,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         from tunesmith.evaluate.generate import read_run_config
 
@@ -82,8 +101,21 @@ class Engine:
         self.models: dict[str, Served] = {}
         self.model = self._load(run_dirs, configs)
         self.context_limit = context_limit or getattr(self.model.config, "max_position_embeddings", 4096)
-        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self.pending: list[Job] = []  # taken off the queue, waiting for a batch of their model
+        # Prompts longer than the run saw in training are answered poorly and cost the most: by default the
+        # prompt alone is held to the training length (one token left to answer within the context).
+        if max_prompt_tokens is not None and not 0 < max_prompt_tokens < self.context_limit:
+            raise TunesmithError(
+                f"--max-prompt-tokens {max_prompt_tokens} must be between 1 and {self.context_limit - 1}: the model's "
+                f"context is {self.context_limit} tokens and at least one is needed for the answer."
+            )
+        trained = min(config.data.max_length for config in configs)
+        self.max_prompt_tokens = max_prompt_tokens or min(trained, self.context_limit - 1)
+        self.queue_size = queue_size
+        self.pending: list[Job] = []  # every job not yet generating, oldest first; at most queue_size
+        self.peak_waiting = 0
+        self.closed = False
+        self.changed = threading.Condition()
+        self.batch_seconds = 1.0  # running mean of one batch's wall time, for Retry-After
         self.max_batch = max_batch
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # recent batch sizes
         self.on_batch: Callable[[int], None] | None = None
@@ -131,54 +163,75 @@ class Engine:
         self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts, formats)
 
     def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise Busy from None
+        """Put a job on the waiting list, or raise Busy (list full) or Stopped (no worker to answer it)."""
+        if not self.alive:
+            raise Stopped
+        with self.changed:
+            # A job whose client left is dropped here too, so it does not hold a place.
+            self.pending = [waiting for waiting in self.pending if not waiting.cancelled.is_set()]
+            if len(self.pending) >= self.queue_size:
+                raise Busy(self.retry_after())
+            self.pending.append(job)
+            self.peak_waiting = max(self.peak_waiting, len(self.pending))
+            self.changed.notify()
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize() + len(self.pending)
+        """Requests submitted and not yet generating."""
+        with self.changed:
+            return len(self.pending)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.is_alive()
+
+    def retry_after(self) -> int:
+        """Seconds until a place on the waiting list is likely free: the batches ahead at the recent pace."""
+        batches = len(self.pending) / self.max_batch + 1
+        return max(1, min(60, math.ceil(batches * self.batch_seconds)))
 
     def close(self) -> None:
-        self.jobs.put(None)
+        with self.changed:
+            self.closed = True
+            self.changed.notify()
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest waiting job and up to max_batch - 1 more for the same model, in arrival order."""
-        if not self.pending:
-            job = self.jobs.get()
-            if job is None:
-                return None
-            self.pending.append(job)
-        while True:  # take in whatever else has arrived meanwhile
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self.jobs.put(None)
-                break
-            self.pending.append(job)
-        self.pending = [job for job in self.pending if not job.cancelled.is_set()]
-        if not self.pending:
-            return []
-        name = self.pending[0].served.name
-        batch = [job for job in self.pending if job.served.name == name][: self.max_batch]
-        self.pending = [job for job in self.pending if job not in batch]
-        return batch
+        with self.changed:
+            while True:
+                self.pending = [job for job in self.pending if not job.cancelled.is_set()]
+                if self.closed:
+                    return None
+                if self.pending:
+                    break
+                self.changed.wait()
+            name = self.pending[0].served.name
+            batch = [job for job in self.pending if job.served.name == name][: self.max_batch]
+            self.pending = [job for job in self.pending if job not in batch]
+            return batch
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
+            started = time.perf_counter()
             self.batch_sizes.append(len(batch))
             if self.on_batch:
                 self.on_batch(len(batch))
-            try:
-                self._generate(batch)
-            except Exception as error:  # a failed batch must not take the worker down
-                for job in batch:
-                    job.emit("error", f"{type(error).__name__}: {error}")
+            self._answer(batch)
+            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - started)
+
+    def _answer(self, batch: list[Job]) -> None:
+        """Generate a batch; errors in one row stay in that row, and a batch-wide failure (the forward pass)
+        is retried row by row for the requests that have no text yet, so only the one that fails alone fails."""
+        try:
+            self._generate(batch)
+        except Exception as error:  # a failed batch must not take the worker down
+            logger.exception("Generation failed for a batch of %d", len(batch))
+            unanswered = [job for job in batch if not job.answered]
+            for job in unanswered:
+                if len(batch) > 1 and not job.streamed:
+                    self._answer([job])
+                else:
+                    _fail(job, error)
 
     def _adapter_context(self, served: Served):
         if not hasattr(self.model, "peft_config"):
@@ -205,13 +258,15 @@ class Engine:
             mask[row, width - len(job.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [_Row(job) for job in jobs]
+        if all(row.done for row in rows):
+            return
         with self._adapter_context(served):
             # Only the last position's logits are needed: with a 262k vocabulary the rest would dominate.
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
             )
             for _ in range(max(job.max_tokens for job in jobs)):
-                tokens = [row.advance(out.logits[i, -1]) if not row.done else pad for i, row in enumerate(rows)]
+                tokens = [row.step(out.logits[i, -1]) if not row.done else pad for i, row in enumerate(rows)]
                 if all(row.done for row in rows):
                     break
                 mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=torch.long)], dim=1)
@@ -231,12 +286,29 @@ class _Row:
 
     def __init__(self, job: Job) -> None:
         self.job, self.served = job, job.served
-        self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
         self.produced: list[int] = []
         self.sent, self.text, self.first, self.reason = 0, "", None, "length"
         self.stops = [*self.served.stop_texts, *job.stop]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.done = False
+        self.generator = None
+        try:
+            self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        except Exception as error:  # e.g. a seed out of torch's range: this request fails, not its batch
+            self.fail(error)
+
+    def step(self, logits: torch.Tensor) -> int:
+        """advance(), with any error ending this row only."""
+        try:
+            return self.advance(logits)
+        except Exception as error:
+            return self.fail(error)
+
+    def fail(self, error: Exception) -> int:
+        logger.exception("Generation failed for one request", exc_info=error)
+        self.done = True
+        _fail(self.job, error)
+        return 0
 
     def advance(self, logits: torch.Tensor) -> int:
         """Pick this row's next token; ends the row (and answers its request) when it should stop."""
@@ -254,6 +326,7 @@ class _Row:
             return self.finish("stop", token)
         ready = len(self.text) - self.hold if not self.text.endswith("\ufffd") else self.sent
         if ready > self.sent:
+            job.streamed = True
             job.emit("delta", self.text[self.sent : ready])
             self.sent = ready
         if job.cancelled.is_set():
@@ -268,16 +341,26 @@ class _Row:
         self.done = True
         self.reason = reason or self.reason
         if len(self.text) > self.sent:
+            self.job.streamed = True
             self.job.emit("delta", self.text[self.sent :])
         result = Result(self.text, len(self.job.prompt_ids), len(self.produced), self.reason, self.first)
+        self.job.answered = True
         self.job.emit("done", result)
         return token
+
+
+def _fail(job: Job, error: Exception) -> None:
+    job.answered = True
+    job.emit("error", f"{type(error).__name__}: {error}")
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # In float64 and shifted so the best logit is 0: any temperature above 0, however small, gives finite
+    # scores (in float32 a temperature of 1e-50 is 0, and the scores NaN).
+    scores = logits.double()
+    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
     if top_p < 1.0:
         ordered, order = probs.sort(descending=True)
         keep = ordered.cumsum(0) - ordered < top_p

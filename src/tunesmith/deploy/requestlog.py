@@ -2,7 +2,7 @@
 
 One file per server (default RUN/serve/requests.sqlite), readable by `tunesmith monitor` and by any
 SQLite tool. Writes go through one connection under a lock; WAL mode lets monitor read while the
-server writes.
+server writes. A write that fails raises sqlite3.Error: the server counts it and still answers.
 """
 
 from __future__ import annotations
@@ -44,11 +44,13 @@ CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id);
 
 
 class RequestLog:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 1.0) -> None:
+        """busy_timeout_s: how long a write waits for another process's lock before it fails; answers wait on
+        the write, and WAL readers such as monitor never hold it, so a longer wait would only delay them."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
-        self.db = sqlite3.connect(self.path, check_same_thread=False)
+        self.db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
 
