@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -18,9 +20,10 @@ import pytest
 from tests.conftest import train_lora_run
 from tunesmith.cli import main
 from tunesmith.data.formats import Message
-from tunesmith.deploy.engine import Engine
+from tunesmith.deploy.engine import Busy, Engine, Job
 from tunesmith.deploy.requestlog import RequestLog
 from tunesmith.deploy.serve import create_app
+from tunesmith.errors import TunesmithError
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -398,3 +401,390 @@ def test_waiting_requests_are_generated_together_and_answer_as_alone(runs, tmp_p
     assert max(engine.batch_sizes) == 5  # the five waiting requests went through as one batch
     assert together == alone  # left padding and the shared cache change nothing
     assert _sample(metrics, "tunesmith_batch_size_bucket", 'le="8.0"') >= 1
+
+
+def _raw(url: str, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client fixing up Host or framing) and read the answer until the server closes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def _openai_error(response) -> dict:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == response.status_code
+    return error
+
+
+class _Model:
+    """The engine's model with a hook before every forward pass (slow it down, count it, make it fail)."""
+
+    def __init__(self, model, before) -> None:
+        self.model, self.before, self.calls = model, before, 0
+
+    def __call__(self, **inputs):
+        self.calls += 1
+        self.before(inputs)
+        return self.model(**inputs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def _held(engine: Engine) -> threading.Event:
+    """Hold the worker in its first batch until the returned event is set, so later requests queue up."""
+    release, generate, first = threading.Event(), engine._generate, []
+
+    def generate_held(jobs):
+        if not first:
+            first.append(True)
+            release.wait(30)
+        return generate(jobs)
+
+    engine._generate = generate_held
+    return release
+
+
+def _wait_for(condition, seconds: float = 15.0):
+    deadline = time.time() + seconds
+    while not (value := condition()):
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def _rows(db: Path, status: int) -> list[tuple]:
+    with sqlite3.connect(db) as con:
+        return con.execute(
+            "SELECT status, output, error, finish_reason FROM requests WHERE status=?", (status,)
+        ).fetchall()
+
+
+BAD_BODIES = {
+    "temperature not a number": ('"temperature": NaN', "temperature"),
+    "temperature far out of range": ('"temperature": 1e308', "temperature"),
+    "top_p zero": ('"top_p": 0', "top_p"),
+    "seed beyond 64 bits": (f'"seed": {2**70}', "seed"),
+    "seed of the wrong type": ('"seed": "lucky"', "seed"),
+    "empty stop string": ('"stop": ""', "stop"),
+    "huge stop string": (f'"stop": ["{"x" * 1000}"]', "stop"),
+    "too many stop strings": (f'"stop": {json.dumps([str(i) for i in range(100)])}', "stop"),
+    "stop of the wrong type": ('"stop": 5', "stop"),
+    "absurd max_tokens": (f'"max_tokens": {10**30}', "max_tokens"),
+    "max_tokens of the wrong type": ('"max_tokens": "many"', "max_tokens"),
+    "model of the wrong type": ('"model": ["colours"]', "model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_degenerate_values_get_a_400_naming_the_field(server, case):
+    url, _, _ = server
+    extra, param = BAD_BODIES[case]
+    body = '{"model": "colours", "messages": [{"role": "user", "content": "hi"}], ' + extra + "}"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    if '"model": [' in extra:
+        body = body.replace('"model": "colours", ', "")
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert _openai_error(response)["param"] == param
+
+
+def test_broken_text_and_oversized_lists_get_a_400_in_openai_shape(server):
+    url, _, _ = server
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    chat, completions = f"{url}/v1/chat/completions", f"{url}/v1/completions"
+    surrogate = httpx.post(
+        chat, content='{"model": "colours", "messages": [{"role": "user", "content": "a\\ud800b"}]}', headers=headers
+    )
+    assert surrogate.status_code == 400 and _openai_error(surrogate)["param"] == "messages.0.content"
+    assert "surrogate" in surrogate.json()["error"]["message"]
+    in_prompt = httpx.post(completions, content='{"model": "base", "prompt": "\\udfff"}', headers=headers)
+    assert in_prompt.status_code == 400 and _openai_error(in_prompt)["param"] == "prompt"
+    not_utf8 = httpx.post(chat, content=b'{"model": "colours", "messages": [{"role": "user", "content": "\xff"}]}',
+                          headers=headers)  # fmt: skip
+    assert not_utf8.status_code == 400 and "UTF-8" in _openai_error(not_utf8)["message"]
+    wrong_type = httpx.post(chat, json={"model": "colours", "messages": [{"role": "user", "content": 7}]},
+                            headers=headers)  # fmt: skip
+    assert wrong_type.status_code == 400 and _openai_error(wrong_type)["param"] == "messages.0.content"
+    many = httpx.post(chat, json={"model": "colours", "messages": [{"role": "user", "content": "x"}] * 600},
+                      headers=headers)  # fmt: skip
+    assert many.status_code == 400 and _openai_error(many)["param"] == "messages"
+    unknown_path = httpx.get(f"{url}/v2/anything", headers=headers)
+    assert unknown_path.status_code == 404 and _openai_error(unknown_path)["type"] == "not_found_error"
+
+
+def test_degenerate_sampling_in_one_request_never_fails_its_batch_neighbours(runs, tmp_path):
+    engine = Engine(runs[:1], max_batch=8)
+    release = _held(engine)
+    app = create_app(engine, RequestLog(tmp_path / "r.sqlite"), default_max_tokens=4)
+    settings = [{}, {"temperature": 1e-50}, {}, {"temperature": 2.0, "top_p": 1e-300, "seed": 3}, {"seed": 2**64 - 1}]
+    with running(app) as url, ThreadPoolExecutor(8) as pool:
+        ask = lambda extra: httpx.post(  # noqa: E731
+            f"{url}/v1/chat/completions",
+            json={"model": "colours", "messages": [{"role": "user", "content": "colour red item 1"}], **extra},
+            timeout=60,
+        )
+        blocker = pool.submit(ask, {})
+        time.sleep(0.5)  # the worker holds the blocker; the others wait and then go as one batch
+        replies = [pool.submit(ask, extra) for extra in settings]
+        _wait_for(lambda: engine.waiting == len(settings))
+        release.set()
+        assert blocker.result().status_code == 200
+        statuses = [reply.result().status_code for reply in replies]
+    engine.close()
+    assert statuses == [200] * len(settings)
+    assert max(engine.batch_sizes) == len(settings)
+
+
+def test_an_error_in_one_row_fails_that_request_only(runs):
+    engine = Engine(runs[:1], max_batch=8)
+    poison = 7
+
+    def choke(inputs):  # a prompt the model cannot take fails the whole forward pass of its batch
+        if inputs["input_ids"].shape[1] > 1 and (inputs["input_ids"] == poison).any():
+            raise RuntimeError("this prompt breaks the model")
+
+    engine.model = _Model(engine.model, choke)
+    release = _held(engine)
+    events: dict[str, list] = collections.defaultdict(list)
+
+    def submit(name: str, ids: list[int], seed: int | None = None) -> None:
+        emit = lambda kind, value: events[name].append(kind)  # noqa: E731
+        engine.submit(Job(engine.models["colours"], ids, 3, 0.0, 1.0, [], seed, emit))
+
+    submit("blocker", [5, 6])
+    _wait_for(lambda: engine.waiting == 0)
+    submit("good 1", [5, 6, 9])
+    submit("seed out of torch's range", [5, 6, 9], seed=2**70)
+    submit("good 2", [11, 12])
+    submit("poisoned prompt", [5, poison, 9])
+    submit("good 3", [13])
+    release.set()
+    _wait_for(lambda: len(events) == 6 and all(e[-1] in ("done", "error") for e in events.values()))
+    engine.close()
+    assert {name: kinds[-1] for name, kinds in events.items()} == {
+        "blocker": "done",
+        "good 1": "done",
+        "seed out of torch's range": "error",
+        "good 2": "done",
+        "poisoned prompt": "error",
+        "good 3": "done",
+    }
+    assert all(kinds.count("done") + kinds.count("error") == 1 for kinds in events.values())  # answered once
+
+
+def test_everything_waiting_counts_against_the_queue_size(runs):
+    engine = Engine(runs[:1], queue_size=2, max_batch=1)
+    started, gate = threading.Semaphore(0), threading.Semaphore(0)
+
+    def generate_gated(jobs):
+        started.release()
+        gate.acquire(timeout=30)
+
+    engine._generate = generate_gated
+    job = lambda: Job(engine.models["colours"], [5, 6], 1, 0.0, 1.0, [], None, lambda kind, value: None)  # noqa: E731
+    engine.submit(job())
+    assert started.acquire(timeout=10)  # the first is generating and holds no place
+    engine.submit(job())
+    engine.submit(job())
+    with pytest.raises(Busy):
+        engine.submit(job())
+    gate.release()
+    assert started.acquire(timeout=10)  # the second generates; the third waits in the worker's hands
+    engine.submit(job())  # so one place is free, and one only
+    with pytest.raises(Busy) as busy:
+        engine.submit(job())
+    assert engine.waiting == 2 and engine.peak_waiting == 2 and busy.value.retry_after >= 1
+    for _ in range(4):
+        gate.release()
+    engine.close()
+
+
+def test_oversized_bodies_get_413_before_they_are_read(runs, tmp_path):
+    engine = Engine(runs[:1])
+    app = create_app(engine, RequestLog(tmp_path / "r.sqlite"), default_max_tokens=2, max_body_bytes=1000)
+    post = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    with running(app) as url:
+        started = time.perf_counter()
+        status, headers, body = _raw(url, (post + "Content-Length: 30000000\r\n\r\n{").encode())  # 1 byte of 30 MB
+        assert status == 413 and time.perf_counter() - started < 5
+        assert headers["connection"] == "close" and "1000 bytes" in json.loads(body)["error"]["message"]
+        chunks = b"".join(b"%x\r\n%s\r\n" % (600, b" " * 600) for _ in range(2)) + b"0\r\n\r\n"
+        status, _, body = _raw(url, (post + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunks)
+        assert status == 413 and json.loads(body)["error"]["code"] == 413
+        small = {"model": "colours", "messages": [{"role": "user", "content": "colour red"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=small, timeout=30).status_code == 200
+    engine.close()
+
+
+def test_health_answers_at_once_while_a_huge_prompt_is_refused(server):
+    url, _, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    huge = {"model": "colours", "messages": [{"role": "user", "content": "colour red item 1 " * 120_000}]}  # 2 MB
+    with ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=huge, headers=headers, timeout=120)
+        slowest = 0.0
+        while not refused.done():
+            started = time.perf_counter()
+            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            slowest = max(slowest, time.perf_counter() - started)
+            time.sleep(0.02)
+    assert slowest < 0.75, f"/health took {slowest:.2f} s while the prompt was tokenized"
+    reply = refused.result()
+    assert reply.status_code == 400 and _openai_error(reply)["param"] == "messages"
+    assert "--max-prompt-tokens" in reply.json()["error"]["message"]
+
+
+def _endless(engine: Engine, seconds_per_token: float) -> _Model:
+    """No stop token or text, and a slow model: only max_tokens or a client leaving ends an answer."""
+    for served in engine.models.values():
+        served.stop_ids, served.stop_texts = [], []
+    engine.model = _Model(engine.model, lambda inputs: time.sleep(seconds_per_token))
+    return engine.model
+
+
+def test_a_client_that_disconnects_stops_its_generation_and_is_logged(runs, tmp_path):
+    engine = Engine(runs[:1])
+    model = _endless(engine, 0.05)
+    db = tmp_path / "r.sqlite"
+    app = create_app(engine, RequestLog(db), max_tokens_limit=400, default_max_tokens=400)
+    body = {"model": "colours", "messages": [{"role": "user", "content": "colour red item 1"}]}
+    with running(app) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+        _wait_for(lambda: _rows(db, 499))
+        calls = model.calls
+        time.sleep(0.5)
+        assert model.calls - calls <= 2 and model.calls < 100  # stopped, far short of 400 tokens
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30) as reply:
+            next(reply.iter_lines())  # the first chunk, then the client goes away
+        dropped = _wait_for(lambda: len(_rows(db, 499)) == 2 and _rows(db, 499))
+        calls = model.calls
+        time.sleep(0.5)
+        assert model.calls - calls <= 2
+    engine.close()
+    assert all(row[2] == "client disconnected" for row in dropped)
+    assert _rows(db, 200) == []
+
+
+def test_a_request_log_that_cannot_be_written_never_loses_the_answer(runs, tmp_path):
+    db = tmp_path / "r.sqlite"
+    engine = Engine(runs[:1])
+    app = create_app(engine, RequestLog(db), default_max_tokens=4)
+    body = {"model": "colours", "messages": [{"role": "user", "content": "colour red item 1"}]}
+    holder = sqlite3.connect(db)
+    with running(app) as url:
+        holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock past the log's busy timeout
+        whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30)
+        holder.rollback()
+        metrics = httpx.get(f"{url}/metrics").text
+    engine.close()
+    holder.close()
+    assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] is not None
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    assert _sample(metrics, "tunesmith_request_log_errors_total") == 2
+    assert _sample(metrics, "tunesmith_requests_total", 'status="200"') == 2
+
+
+def test_the_prompt_is_held_to_the_training_length_unless_raised(runs, tmp_path):
+    run = tmp_path / "colours"
+    shutil.copytree(runs[0], run)
+    config = (run / "config.yaml").read_text()
+    assert "max_length: 1024" in config
+    (run / "config.yaml").write_text(config.replace("max_length: 1024", "max_length: 16"))
+    long_prompt = {"model": "colours", "messages": [{"role": "user", "content": "colour red item 1 " * 8}]}
+    engine = Engine([run])
+    assert engine.max_prompt_tokens == 16
+    with running(create_app(engine, RequestLog(tmp_path / "a.sqlite"), default_max_tokens=2)) as url:
+        refused = httpx.post(f"{url}/v1/chat/completions", json=long_prompt, timeout=30)
+        assert refused.status_code == 400 and _openai_error(refused)["param"] == "messages"
+        assert "at most 16" in refused.json()["error"]["message"]
+    engine.close()
+    engine = Engine([run], max_prompt_tokens=200)
+    app = create_app(engine, RequestLog(tmp_path / "b.sqlite"), max_tokens_limit=1000, default_max_tokens=2)
+    with running(app) as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=long_prompt, timeout=30).status_code == 200
+        too_long = httpx.post(f"{url}/v1/chat/completions", json={**long_prompt, "max_tokens": 500}, timeout=30)
+        assert too_long.status_code == 400 and "context of 512" in _openai_error(too_long)["message"]
+    engine.close()
+    with pytest.raises(TunesmithError, match="--max-prompt-tokens 512"):
+        Engine([run], max_prompt_tokens=512)
+
+
+def test_auth_is_decided_on_the_routed_path_and_nothing_private_leaks(server, runs, monkeypatch):
+    from starlette.datastructures import URL
+    from starlette.requests import HTTPConnection
+
+    url, _, app = server
+    # A Host header with a path in it made the URL that Starlette < 1.0.1 rebuilt look like /health.
+    for host in ("127.0.0.1/health?", "127.0.0.1/metrics#"):
+        status, _, body = _raw(url, f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert status == 401, body
+    with monkeypatch.context() as patch:  # as that Starlette would have rebuilt it, whatever the version installed
+        patch.setattr(HTTPConnection, "url", property(lambda request: URL("http://127.0.0.1/health?/v1/models")))
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{url}{path}", headers=headers).status_code == 404
+    assert httpx.get(f"{url}/docs").status_code == 401  # every path but /health and /metrics needs the key
+    listed = httpx.get(f"{url}/v1/models", headers=headers)
+    assert listed.status_code == 200 and str(runs[0].parent) not in listed.text and "/" not in listed.text
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["worker"] == "alive"
+    with_docs = create_app(app.state.engine, app.state.log, api_key=KEY, docs=True)
+    with running(with_docs) as docs_url:
+        assert httpx.get(f"{docs_url}/docs").status_code == 200
+        assert "/v1/chat/completions" in httpx.get(f"{docs_url}/openapi.json").json()["paths"]
+    app.state.engine.on_batch = app.state.metrics.batch.observe  # back to the module server's metrics
+
+
+class _BrokenTemplate:
+    def apply_chat_template(self, *args, **kwargs):
+        raise ValueError("secret template detail")
+
+
+def test_failures_answer_500_without_their_text_and_a_stopped_worker_shows_in_health(runs, tmp_path):
+    engine = Engine(runs[:1])
+
+    def fail(inputs):
+        raise RuntimeError("secret detail at /private/weights")
+
+    engine.model = _Model(engine.model, fail)
+    db = tmp_path / "r.sqlite"
+    app = create_app(engine, RequestLog(db), default_max_tokens=2)
+    body = {"model": "colours", "messages": [{"role": "user", "content": "colour red item 1"}]}
+    with running(app) as url:
+        failed = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert failed.status_code == 500 and _openai_error(failed)["type"] == "server_error"
+        assert "secret" not in failed.text and "RuntimeError" not in failed.text
+        streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30)
+        assert "server_error" in streamed.text and "secret" not in streamed.text
+        assert all("secret" in row[2] for row in _rows(db, 500))  # the details stay in the server's log
+        engine.models["colours"].tokenizer = _BrokenTemplate()
+        unexpected = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert unexpected.status_code == 500 and "secret" not in _openai_error(unexpected)["message"]
+        engine.close()
+        engine.worker.join(10)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["worker"] == "stopped"
+        refused = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "x"}, timeout=30)
+        assert refused.status_code == 503 and "worker" in _openai_error(refused)["message"]
+
+
+def test_serve_flags_reach_the_server(runs):
+    from tunesmith.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", str(runs[0]), "--max-body-bytes", "1000", "--max-prompt-tokens", "50", "--docs", "--queue-size", "3"]
+    )
+    assert (args.max_body_bytes, args.max_prompt_tokens, args.docs, args.queue_size) == (1000, 50, True, 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", str(runs[0]), "--queue-size", "0"])

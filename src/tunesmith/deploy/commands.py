@@ -96,20 +96,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tunesmith.deploy.engine import Engine
     from tunesmith.deploy.requestlog import RequestLog
-    from tunesmith.deploy.serve import create_app, default_log_path
+    from tunesmith.deploy.serve import MAX_BODY_BYTES, create_app, default_log_path
 
     with err.status("Loading the model..."):
-        engine = Engine(run_dirs, queue_size=args.queue_size, max_batch=args.max_batch)
+        engine = Engine(
+            run_dirs, queue_size=args.queue_size, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens
+        )
     log_path = Path(args.log_db) if args.log_db else default_log_path(run_dirs[0])
-    app = create_app(engine, RequestLog(log_path), api_key, args.max_tokens_limit, args.default_max_tokens)
+    app = create_app(
+        engine,
+        RequestLog(log_path),
+        api_key,
+        args.max_tokens_limit,
+        args.default_max_tokens,
+        max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,
+        docs=args.docs,
+    )
     err.print(
         f"Serving {', '.join(engine.models)} on http://{args.host}:{args.port}/v1 "
-        f"({'API key required' if api_key else 'no API key'}); requests logged to {log_path}",
+        f"({'API key required' if api_key else 'no API key'}; prompts up to {engine.max_prompt_tokens} tokens); "
+        f"requests logged to {log_path}",
         highlight=False,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     engine.close()
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -135,9 +153,30 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none [default: 256]."
     )
-    serve.add_argument("--queue-size", type=int, default=64, help="Requests that may wait; more get 503 [default: 64].")
     serve.add_argument(
-        "--max-batch", type=int, default=8, help="Most waiting requests generated together in one batch [default: 8]."
+        "--max-prompt-tokens",
+        type=_positive,
+        help="Longest prompt accepted, in tokens; prompt plus max_tokens must still fit the model's context "
+        "[default: the run's data.max_length, the longest it was trained on].",
+    )
+    serve.add_argument(
+        "--queue-size",
+        type=_positive,
+        default=64,
+        help="Requests that may wait for the model (not counting those generating); more get 503 with "
+        "Retry-After [default: 64].",
+    )
+    serve.add_argument(
+        "--max-batch", type=_positive, default=8,
+        help="Most waiting requests generated together in one batch [default: 8].",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        help="Largest request body in bytes; a larger one gets 413 before it is read [default: 4 MiB].",
+    )
+    serve.add_argument(
+        "--docs", action="store_true", help="Serve the interactive API docs at /docs, /redoc and /openapi.json."
     )
     serve.add_argument("--log-db", help="SQLite file for the request log [default: RUN/serve/requests.sqlite].")
     serve.add_argument(

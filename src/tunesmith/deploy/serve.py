@@ -2,69 +2,188 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (JSON or server-sent events with
 "stream": true), GET /v1/models, POST /v1/feedback (rating and correction for a response id),
-GET /health, GET /metrics (Prometheus). With an API key set, every /v1 call needs
-"Authorization: Bearer KEY" and gets 401 otherwise. Errors use OpenAI's shape,
+GET /health, GET /metrics (Prometheus). With an API key set, every call but /health and /metrics
+needs "Authorization: Bearer KEY" and gets 401 otherwise. Errors use OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}, with a message that says what to change.
 Chat prompts are rendered with the run's own chat template, exactly as in training.
+Whatever one client sends, the server keeps answering the others: a bad request gets a 4xx naming
+the field, a failure in one request's generation fails that request only, and waiting is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
+import sqlite3
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
+from starlette.requests import Request  # at module level, where FastAPI resolves the endpoints' annotations
+from starlette.responses import Response
 
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
-from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served
+from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import RequestLog
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+MAX_BODY_BYTES = 4 * 2**20
+MAX_MESSAGES = 512
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
+
+logger = logging.getLogger("tunesmith.serve")
+
+
+def _utf8(value: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which the tokenizer and SQLite cannot take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"has a lone surrogate at character {error.start}; send valid UTF-8 text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class Sampling(BaseModel):
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="torch's seed range.")
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is generated.")
-    user: str | None = None
+    user: Text | None = None
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stops(cls, value: Any) -> list[str]:
+        """One list of checked strings (checked here rather than as a union, so errors name just `stop`)."""
+        stops = [value] if isinstance(value, str) else [] if value is None else value
+        if not isinstance(stops, list) or not all(isinstance(text, str) for text in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"{len(stops)} stop strings; send at most {MAX_STOPS}")
+        for text in stops:
+            if not text or len(text) > MAX_STOP_CHARS:
+                # An empty one would match at once; a long one holds back that much streamed text.
+                raise ValueError(f"each stop string needs 1 to {MAX_STOP_CHARS} characters, not {len(text)}")
+            _utf8(text)
+        return stops
 
 
 class ChatRequest(Sampling):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: Text
 
 
 class FeedbackRequest(BaseModel):
-    id: str = Field(description="The id of a response returned by this server (chatcmpl-... or cmpl-...).")
-    rating: float | None = Field(default=None, ge=-1.0, le=5.0)
-    correction: str | None = None
-    comment: str | None = None
+    id: Text = Field(description="The id of a response returned by this server (chatcmpl-... or cmpl-...).")
+    rating: float | None = Field(default=None, ge=-1.0, le=5.0, allow_inf_nan=False)
+    correction: Text | None = None
+    comment: Text | None = None
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def error_body(status: int, message: str, param: str | None, kind: str, headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    content = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(status_code=status, content=content, headers=headers)
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key, then the body size, before FastAPI reads a byte.
+
+    The key is checked on scope["path"], the path the router dispatches on, never on request.url: that one
+    is rebuilt from the Host header, which a client can bend to look like a public path.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, public: frozenset[str], max_body_bytes: int) -> None:
+        self.app, self.api_key, self.public, self.max_body_bytes = app, api_key, public, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        from starlette.datastructures import Headers
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self.api_key and scope["path"] not in self.public:
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), self.api_key.encode()):
+                message = "Missing or wrong API key: send 'Authorization: Bearer <key>'."
+                await error_body(401, message, None, "authentication_error")(scope, receive, send)
+                return
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await self._too_large(scope, receive, send)
+            return
+        # Chunked bodies declare no length: count what arrives, and stop reading at the limit.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body: dict | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        message = (
+            f"The request body is over this server's limit of {self.max_body_bytes} bytes; send less "
+            "(or start the server with a larger --max-body-bytes)."
+        )
+        # Close the connection: reading the rest of an oversized body would be the cost we refuse.
+        response = error_body(413, message, None, "invalid_request_error", {"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class Metrics:
@@ -100,6 +219,13 @@ class Metrics:
             "tunesmith_generated_tokens", "Tokens generated", labels, registry=self.registry
         )
         self.queue = Gauge("tunesmith_queue_depth", "Requests waiting for the model", registry=self.registry)
+        self.queue_peak = Gauge(
+            "tunesmith_queue_depth_peak", "Most requests waiting at once since the start", registry=self.registry
+        )
+        self.log_errors = Counter(
+            "tunesmith_request_log_errors", "Requests answered but not written to the request log",
+            registry=self.registry,
+        )  # fmt: skip
         self.batch = Histogram(
             "tunesmith_batch_size", "Requests generated together in one batch",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
@@ -112,27 +238,36 @@ def create_app(
     api_key: str | None = None,
     max_tokens_limit: int = 1024,
     default_max_tokens: int = 256,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    docs: bool = False,
 ) -> Any:
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from jinja2 import TemplateError
+    from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="tunesmith", description="OpenAI-compatible API over fine-tuned models.")
+    app = FastAPI(
+        title="tunesmith",
+        description="OpenAI-compatible API over fine-tuned models.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     metrics = Metrics()
     app.state.engine, app.state.log, app.state.metrics = engine, log, metrics
     engine.on_batch = metrics.batch.observe
-
-    def error_body(status: int, message: str, param: str | None, kind: str) -> JSONResponse:
-        return JSONResponse(
-            status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": status}}
-        )
+    public = {"/health", "/metrics", *(("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json") if docs else ())}
+    app.add_middleware(Guard, api_key=api_key, public=frozenset(public), max_body_bytes=max_body_bytes)
+    # One writer thread: SQLite writes are serialised anyway, and a locked database must not stall the event loop.
+    log_writer = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-log")
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_body(exc.status, exc.message, exc.param, exc.kind)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return error_body(exc.status, exc.message, exc.param, exc.kind, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
             message = f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})."
@@ -143,16 +278,22 @@ def create_app(
             return error_body(400, message, None, "invalid_request_error")
         return error_body(400, f"Field '{where}': {first.get('msg')}.", where, "invalid_request_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(given.encode(), api_key.encode()):
-                return error_body(
-                    401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", None, "authentication_error"
-                )
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> Response:
+        messages = {
+            400: "The request body could not be read as JSON; send UTF-8 JSON with 'Content-Type: application/json'.",
+            404: f"No endpoint at {request.scope['path']}; the API is under /v1 (chat/completions, completions, "
+            "models, feedback).",
+            405: f"{request.method} is not allowed on {request.scope['path']}.",
+        }
+        message = messages.get(exc.status_code, str(exc.detail))
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_body(exc.status_code, message, None, kind, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # The traceback goes to the server's log; the client learns nothing of the server's insides.
+        return error_body(500, "Internal server error; the server's log has the details.", None, "server_error")
 
     def served(name: str) -> Served:
         if name not in engine.models:
@@ -174,18 +315,51 @@ def create_app(
             )
         return tokens
 
-    def stops(value: str | list[str] | None) -> list[str]:
-        return [value] if isinstance(value, str) else list(value or [])
+    async def tokenize(encode: Callable[[], list[int]], param: str) -> list[int]:
+        """Render and tokenize in a thread: a long prompt must not hold up /health and the other requests."""
+        try:
+            return await asyncio.to_thread(encode)
+        except TemplateError as error:  # the run's template refuses this conversation (e.g. roles out of order)
+            raise ApiError(400, f"The chat template cannot render these messages: {error}", param) from None
+
+    def save(row: dict) -> None:
+        """Write one request-log row; a failure is counted and logged, never passed to the client."""
+        try:
+            log.record(**row)
+        except (sqlite3.Error, OSError) as error:
+            metrics.log_errors.inc()
+            logger.error("Could not write request %s to the request log %s: %s", row["id"], log.path, error)
+
+    async def saved(row: dict) -> None:
+        await asyncio.get_running_loop().run_in_executor(log_writer, save, row)
+
+    async def logged(call: Callable[[], Any]) -> Any:
+        """A read or feedback write on the request log, answered 503 while the log cannot be used."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(log_writer, call)
+        except (sqlite3.Error, OSError) as error:
+            logger.error("The request log %s failed: %s", log.path, error)
+            raise ApiError(
+                503, "The request log is unavailable; retry shortly.", None, "server_error", {"Retry-After": "5"}
+            ) from None
 
     async def answer(
-        endpoint: str, body: Sampling, model: Served, ids: list[int], max_tokens: int, record: dict
+        request: Request, endpoint: str, body: Sampling, model: Served, ids: list[int], max_tokens: int, record: dict
     ) -> Any:
+        param = "messages" if endpoint == "chat" else "prompt"
+        if len(ids) > engine.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"The prompt is {len(ids)} tokens; this server takes at most {engine.max_prompt_tokens} (the length "
+                "the run was trained on, unless --max-prompt-tokens says otherwise). Shorten the prompt.",
+                param,
+            )
         if len(ids) + max_tokens > engine.context_limit:
             raise ApiError(
                 400,
                 f"The prompt is {len(ids)} tokens; with max_tokens {max_tokens} it exceeds the context of "
                 f"{engine.context_limit}. Shorten the prompt or lower max_tokens.",
-                "messages",
+                "max_tokens",
             )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -193,20 +367,29 @@ def create_app(
         def emit(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        job = Job(model, ids, max_tokens, body.temperature, body.top_p, stops(body.stop), body.seed, emit)
+        job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit)
         started = time.perf_counter()
         try:
             engine.submit(job)
-        except Busy:
+        except Busy as busy:
             raise ApiError(
-                503, f"The server is busy ({engine.waiting} requests queued); retry shortly.", None, "server_busy"
+                503,
+                f"The server is busy ({engine.queue_size} requests waiting); retry in {busy.retry_after} s.",
+                None,
+                "server_busy",
+                {"Retry-After": str(busy.retry_after)},
+            ) from None
+        except Stopped:
+            raise ApiError(
+                503, "The generation worker has stopped; restart the server (its log says why).", None, "server_error"
             ) from None
         metrics.queue.set(engine.waiting)
         response_id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         labels = (endpoint, model.name)
 
-        def finish(result: Result | None, status: int, error: str | None = None) -> None:
+        def finish(result: Result | None, status: int, error: str | None = None, output: str | None = None) -> dict:
+            """Count the request in the metrics; the row for the request log."""
             elapsed = time.perf_counter() - started
             metrics.requests.labels(*labels, str(status)).inc()
             metrics.latency.labels(*labels).observe(elapsed)
@@ -218,7 +401,7 @@ def create_app(
                 metrics.generated_tokens.labels(*labels).inc(result.completion_tokens)
                 if result.first_token_s is not None:
                     metrics.first_token.labels(*labels).observe(result.first_token_s)
-            log.record(
+            return dict(
                 id=response_id,
                 endpoint=endpoint,
                 model=model.name,
@@ -227,11 +410,16 @@ def create_app(
                 first_token_ms=None if result is None or result.first_token_s is None else result.first_token_s * 1000,
                 prompt_tokens=len(ids),
                 completion_tokens=None if result is None else result.completion_tokens,
-                output=None if result is None else result.text,
+                output=output if result is None else result.text,
                 finish_reason=None if result is None else result.finish_reason,
                 error=error,
                 **record,
             )
+
+        def dropped(output: str | None) -> None:
+            """The client left: stop its generation and log the request, without waiting on the log."""
+            job.cancelled.set()
+            loop.run_in_executor(log_writer, save, finish(None, CLIENT_GONE, "client disconnected", output))
 
         def reply(kind: str, choice: dict, result: Result | None = None) -> dict:
             """The OpenAI envelope shared by every answer and stream chunk; usage once generation is done."""
@@ -267,36 +455,53 @@ def create_app(
                 kind = "text_completion"
             return f"data: {json.dumps(reply(kind, choice, result))}\n\n"
 
+        failed = f"Generation failed; the server's log has the details (request {response_id})."
         if body.stream:
 
             async def stream() -> Any:
+                sent, ended = "", False
                 try:
                     while True:
                         kind, value = await events.get()
                         if kind == "delta":
+                            sent += value
                             yield chunk(value, None)
-                        elif kind == "done":
+                            continue
+                        ended = True
+                        if kind == "done":
+                            await saved(finish(value, 200))
                             yield chunk(None, reason(value), value)
                             yield "data: [DONE]\n\n"
-                            finish(value, 200)
-                            return
                         else:
-                            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                            finish(None, 500, value)
-                            return
+                            await saved(finish(None, 500, value, sent))
+                            yield f"data: {json.dumps({'error': {'message': failed, 'type': 'server_error'}})}\n\n"
+                        return
                 finally:
-                    job.cancelled.set()  # a client that went away stops the generation at the next token
+                    if not ended:  # the client went away mid-stream
+                        dropped(sent)
 
             return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        while True:
-            kind, value = await events.get()
-            if kind == "done":
-                break
-            if kind == "error":
-                finish(None, 500, value)
-                raise ApiError(500, f"Generation failed: {value}", None, "server_error")
-        finish(value, 200)
+        async def watch() -> None:
+            """Tell the wait below when the client disconnects (the body is read, so only that can arrive)."""
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            events.put_nowait(("gone", None))
+
+        watcher = asyncio.create_task(watch())
+        try:
+            while (event := await events.get())[0] == "delta":
+                pass
+        finally:
+            watcher.cancel()
+        kind, value = event
+        if kind == "gone":
+            dropped(None)
+            return Response(status_code=CLIENT_GONE)
+        if kind == "error":
+            await saved(finish(None, 500, value))
+            raise ApiError(500, failed, None, "server_error")
+        await saved(finish(value, 200))
         if endpoint == "chat":
             message = {"role": "assistant", "content": value.text}
             return reply("chat.completion", {"index": 0, "message": message, "finish_reason": reason(value)}, value)
@@ -304,7 +509,7 @@ def create_app(
         return reply("text_completion", choice, value)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Any:
+    async def chat(body: ChatRequest, request: Request) -> Any:
         model = served(body.model)
         if not body.messages:
             raise ApiError(400, "messages is empty: send at least one message with role 'user'.", "messages")
@@ -314,56 +519,53 @@ def create_app(
             )
         max_tokens = limit_tokens(body.max_completion_tokens or body.max_tokens)
         messages = tuple(Message(m.role, m.content) for m in body.messages)
-        ids = prompt_ids(model.tokenizer, messages)
+        ids = await tokenize(lambda: prompt_ids(model.tokenizer, messages), "messages")
         record = {"messages": [m.model_dump() for m in body.messages]}
-        return await answer("chat", body, model, ids, max_tokens, record)
+        return await answer(request, "chat", body, model, ids, max_tokens, record)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         model = served(body.model)
         if not body.prompt:
             raise ApiError(400, "prompt is empty.", "prompt")
         max_tokens = limit_tokens(body.max_tokens)
-        ids = model.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
-        return await answer(
-            "completions", body, model, ids, max_tokens, {"messages": [{"role": "prompt", "content": body.prompt}]}
-        )
+        ids = await tokenize(lambda: model.tokenizer(body.prompt, add_special_tokens=True)["input_ids"], "prompt")
+        record = {"messages": [{"role": "prompt", "content": body.prompt}]}
+        return await answer(request, "completions", body, model, ids, max_tokens, record)
 
     @app.get("/v1/models")
     async def models() -> Any:
+        # No paths: where the runs live on the server is none of a client's business.
         created = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "tunesmith",
-                    "root": str(item.run_dir) if item.run_dir else "base",
-                }
-                for name, item in engine.models.items()
-            ],
-        }
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "tunesmith"} for name in engine.models]
+        return {"object": "list", "data": data}
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest) -> Any:
         if body.rating is None and body.correction is None:
             raise ApiError(400, "Send a rating, a correction, or both.", "rating")
-        if not log.has(body.id):
+        if not await logged(lambda: log.has(body.id)):
             raise ApiError(404, f"No response with id '{body.id}' was logged by this server.", "id", "not_found_error")
-        feedback_id = log.feedback(body.id, body.rating, body.correction, body.comment)
+        feedback_id = await logged(lambda: log.feedback(body.id, body.rating, body.correction, body.comment))
         return {"id": feedback_id, "request_id": body.id, "status": "recorded"}
 
     @app.get("/health")
     async def health() -> Any:
-        return {"status": "ok", "models": list(engine.models), "queued": engine.waiting}
+        alive = engine.alive
+        content = {
+            "status": "ok" if alive else "down",
+            "worker": "alive" if alive else "stopped",
+            "models": list(engine.models),
+            "queued": engine.waiting,
+        }
+        return JSONResponse(content, status_code=200 if alive else 503)  # load balancers read the status
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         metrics.queue.set(engine.waiting)
+        metrics.queue_peak.set(engine.peak_waiting)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
