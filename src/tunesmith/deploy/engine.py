@@ -115,7 +115,7 @@ class Engine:
         self.peak_waiting = 0
         self.closed = False
         self.changed = threading.Condition()
-        self.batch_seconds = 1.0  # running mean of one batch's wall time, for Retry-After
+        self.batch_seconds = 0.0  # running mean of one batch's wall time, for Retry-After (learnt, not guessed)
         self.max_batch = max_batch
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # recent batch sizes
         self.on_batch: Callable[[int], None] | None = None
