@@ -224,9 +224,11 @@ def test_a_full_queue_answers_503_instead_of_crashing(runs, tmp_path):
         time.sleep(0.5)
         third = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
         assert third.status_code == 503 and "busy" in third.json()["error"]["message"]
+        assert int(third.headers["retry-after"]) >= 1  # when to come back, as OpenAI's clients read it
         release.set()
         assert first.result().status_code == 200 and second.result().status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200
+        assert _sample(httpx.get(f"{url}/metrics").text, "tunesmith_requests_total", 'status="503"') == 1
     engine.close()
 
 

@@ -326,7 +326,7 @@ def create_app(
         """Write one request-log row; a failure is counted and logged, never passed to the client."""
         try:
             log.record(**row)
-        except (sqlite3.Error, OSError) as error:
+        except Exception as error:  # whatever it is (locked, disk full, a bad value), the answer goes out
             metrics.log_errors.inc()
             logger.error("Could not write request %s to the request log %s: %s", row["id"], log.path, error)
 
@@ -369,9 +369,12 @@ def create_app(
 
         job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit)
         started = time.perf_counter()
+        labels = (endpoint, model.name)
         try:
             engine.submit(job)
         except Busy as busy:
+            metrics.requests.labels(*labels, "503").inc()
+            metrics.errors.labels(*labels, "503").inc()
             raise ApiError(
                 503,
                 f"The server is busy ({engine.queue_size} requests waiting); retry in {busy.retry_after} s.",
@@ -386,7 +389,6 @@ def create_app(
         metrics.queue.set(engine.waiting)
         response_id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        labels = (endpoint, model.name)
 
         def finish(result: Result | None, status: int, error: str | None = None, output: str | None = None) -> dict:
             """Count the request in the metrics; the row for the request log."""
