@@ -61,6 +61,11 @@ def _private_cache(tmp_path_factory):
     os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("tunesmith-cache"))
 
 
+# train.dtype auto would pick bf16 on CPUs with AVX512-BF16 and fp32 on the others: tests that do not pin a dtype
+# get fp32 on every CPU (subprocesses inherit it), so their numbers do not depend on the machine CI gets.
+os.environ["TUNESMITH_CPU_BF16"] = "0"
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

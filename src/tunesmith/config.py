@@ -86,8 +86,9 @@ class LoraConfig(Section):
 class QloraConfig(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Dtype the 4-bit weights are dequantized to for each matmul (bf16 on GPUs)."
+    compute_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None,
+        description="Dtype the 4-bit weights are dequantized to for each matmul; null follows train.dtype.",
     )
 
 
@@ -133,10 +134,12 @@ class TrainConfig(Section):
     spike_factor: float = Field(
         3.0, gt=1.0, description="Log a loss spike when a step's loss exceeds this multiple of the smoothed loss."
     )
-    dtype: Literal["auto", "fp32", "bf16"] = Field(
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="Compute dtype: bf16 autocast over fp32 weights, fp32, or auto (bf16 on a GPU with "
-        "native bf16 support; fp32 on CPU, where bf16 autocast measured far slower).",
+        description="Compute dtype. auto: bf16 on GPUs with bf16 and on CPUs with AMX or AVX512-BF16, fp16 with "
+        "loss scaling on older GPUs, fp32 on CPUs without bf16 instructions. Adapter methods keep the frozen base "
+        "in this dtype (trainable weights and optimizer state stay fp32); full fine-tuning keeps fp32 master "
+        "weights under autocast.",
     )
     gradient_checkpointing: bool = Field(
         True,

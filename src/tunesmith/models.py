@@ -99,6 +99,7 @@ def load_tokenizer(source: str) -> Any:
 
 
 def load_model(source: str, dtype: Any = None, quantization: Any = None, attention: str | None = None) -> Any:
+    """A causal LM in `dtype` (default fp32); 4-bit layers, with `quantization`, go straight to their device."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +107,7 @@ def load_model(source: str, dtype: Any = None, quantization: Any = None, attenti
     if attention:
         extra["attn_implementation"] = attention
     if quantization is not None and torch.cuda.is_available():
-        extra["device_map"] = {"": 0}
+        extra["device_map"] = {"": torch.cuda.current_device()}  # the device accelerate trains on
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra)
     except OSError as exc:

@@ -27,6 +27,7 @@ from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import check_replaceable, is_marked, mark, save_atomic, write_text_atomic
+from tunesmith.train.precision import Precision, resolve
 
 
 @dataclass
@@ -207,6 +208,31 @@ def _write_manifest(run_dir: Path, info: dict[str, Any], status: str, **extra: A
     write_text_atomic(run_dir / "manifest.json", json.dumps(record, indent=2))  # `watch` reads it meanwhile
 
 
+def run_precision(config: RunConfig, source: str, recorded: dict[str, Any], console: Console) -> Precision:
+    """The dtype this run trains in, printed with its reason; a resumed run keeps the dtype it started with."""
+    from transformers import AutoConfig
+
+    model_type = getattr(AutoConfig.from_pretrained(source), "model_type", None)
+    here = resolve(config.train.dtype, model_type=model_type)
+    started = recorded.get("precision")
+    if started and started["dtype"] != here.name:
+        # Only `auto` can get here: a changed explicit train.dtype is a config change, refused before.
+        try:
+            resolve(started["dtype"], model_type=model_type)  # still possible here? (fp16 needs a GPU)
+        except TunesmithError as exc:
+            raise TunesmithError(
+                f"This run started in {started['dtype']} ({started['reason']}), which this machine cannot continue: "
+                f"{exc} Resume it on hardware like the one it started on, or start a new run with another --out."
+            ) from None
+        console.print(
+            f"[yellow]train.dtype auto resolves to {here.name} here ({here.reason}), but this run started in "
+            f"{started['dtype']}: continuing in {started['dtype']} so that the resumed steps match.[/]"
+        )
+        return Precision(started["dtype"], f"kept from the run's start ({started['reason']})")
+    console.print(f"[bold]dtype[/] {here.name} ({here.reason})")
+    return here
+
+
 def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examples: list[Any]) -> Any:
     """Val loss on up to validation.limit examples, plus the configured task metrics on a generated sample."""
     from tunesmith.evaluate.compare import mean_answer_loss
@@ -317,7 +343,14 @@ def train_run(
     With config.resume, an existing run directory continues from its last complete checkpoint.
     """
     from tunesmith.data.cache import cached_tokenize
-    from tunesmith.methods import apply_method, count_parameters, load_base, save_trained, weights_dir
+    from tunesmith.methods import (
+        apply_method,
+        count_parameters,
+        load_base,
+        save_trained,
+        training_dtype,
+        weights_dir,
+    )
     from tunesmith.models import cache_root, load_tokenizer, resolve_model_path
     from tunesmith.runs import plot_losses
     from tunesmith.train import checkpoint as ckpt
@@ -352,6 +385,10 @@ def train_run(
 
     console.print(f"[bold]Model[/] {config.model}  [bold]method[/] {config.method}  [bold]run[/] {run_dir}")
     source = resolve_model_path(config.model)
+    precision = run_precision(config, source, info if resuming else {}, console)
+    info["precision"] = precision.to_dict()
+    if world.main:
+        _write_manifest(run_dir, info, "running")
     tokenizer = load_tokenizer(source)
     template = use_chat_template(tokenizer, config.chat_template)
     tokenized_root = cache_root() / "tokenized"
@@ -379,7 +416,7 @@ def train_run(
     from accelerate.utils import set_seed
 
     set_seed(config.train.seed)  # the new weights (LoRA A, adapters) start the same in every run of this config
-    model, _ = apply_method(load_base(config, source), config)
+    model, _ = apply_method(load_base(config, source, training_dtype(config, precision.dtype)), config)
     trainable, total = count_parameters(model)
     console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if not resuming and world.main:
@@ -411,6 +448,7 @@ def train_run(
             console,
             row_tokens=config.data.max_length,
             session=session,
+            precision=precision,
         )
     except TrainingInterrupted:
         if trackers:

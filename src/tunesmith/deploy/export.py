@@ -42,19 +42,21 @@ def _merged(run_dir: Path) -> Any:
     from tunesmith.evaluate.generate import read_run_config
     from tunesmith.methods import merged_model, weights_dir
     from tunesmith.models import load_model, resolve_model_path
+    from tunesmith.train.precision import run_inference_dtype
 
     config = read_run_config(run_dir)
     weights = weights_dir(config, run_dir)
     if not weights.is_dir():
         raise TunesmithError(f"{run_dir} has no {weights.name}/: training has not finished, nothing to export.")
+    dtype = run_inference_dtype(run_dir)  # merged exports are written in the run's dtype
     if config.method == "full":
-        return load_model(str(weights))
+        return load_model(str(weights), dtype)
     if config.method == "adapter":
         raise TunesmithError(
             "Bottleneck adapters add layers that standard runtimes do not have, so they cannot be merged or "
             "converted; serve this run with `tunesmith serve`, or train with method lora to export."
         )
-    return merged_model(config, resolve_model_path(config.model), weights)
+    return merged_model(config, resolve_model_path(config.model), weights, dtype)
 
 
 def _write_merged(model: Any, tokenizer: Any, path: Path) -> None:

@@ -19,6 +19,7 @@ from tunesmith.data.tokenize import prompt_ids
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import load_base, load_trained, weights_dir
 from tunesmith.models import load_tokenizer, resolve_model_path
+from tunesmith.train.precision import run_inference_dtype
 
 
 @dataclass
@@ -58,7 +59,8 @@ def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
         )
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
     source = resolve_model_path(config.model)
-    model = load_base(config, source) if base else load_trained(config, source, weights)
+    dtype = run_inference_dtype(run_dir)
+    model = load_base(config, source, dtype) if base else load_trained(config, source, weights, dtype)
     model.eval()
     return LoadedRun(config, model, tokenizer, tuned=not base)
 
@@ -92,8 +94,8 @@ def generate(
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
         output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention.to(model.device),
             max_new_tokens=max_new_tokens,
             **sampling,
             pad_token_id=pad,

@@ -33,7 +33,9 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.up(self.act(self.down(hidden)))
+        # The adapter keeps fp32 weights over a bf16/fp16 base: compute in its dtype, hand back the base's.
+        update = self.up(self.act(self.down(hidden.to(self.down.weight.dtype))))
+        return hidden + update.to(hidden.dtype)
 
 
 def _on_output(adapter: Bottleneck):
@@ -59,7 +61,7 @@ def add_adapters(model: Any, settings: AdapterConfig) -> list[str]:
             inner = getattr(layer, block, None)
             if inner is None:
                 raise TunesmithError(f"method adapter: layer {index} has no '{block}' block; choose another placement.")
-            adapter = Bottleneck(hidden, width, settings.activation).to(next(inner.parameters()).dtype)
+            adapter = Bottleneck(hidden, width, settings.activation).to(next(inner.parameters()).device)
             layer.add_module(block + MARK, adapter)
             inner.register_forward_hook(_on_output(adapter))
             adapted.append(f"layers.{index}.{block}")

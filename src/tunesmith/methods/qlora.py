@@ -1,7 +1,7 @@
 """QLoRA: the base model's linear weights in 4-bit (NF4) through bitsandbytes, LoRA on top.
 
-Saves memory, not time, on CPU. Merging dequantizes the 4-bit weights to the compute dtype first, so
-the merged model reproduces the trained (quantized-base) model rather than the original weights.
+Saves memory, not time, on CPU. Merging dequantizes the 4-bit weights first, so the merged model
+reproduces the trained (quantized-base) model rather than the original weights.
 """
 
 from __future__ import annotations
@@ -16,14 +16,19 @@ from tunesmith.config import QloraConfig
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def quantization_config(settings: QloraConfig) -> Any:
+def compute_dtype(settings: QloraConfig, run_dtype: torch.dtype) -> torch.dtype:
+    """qlora.compute_dtype when set, else the run's dtype (train.dtype is the one switch)."""
+    return DTYPES[settings.compute_dtype] if settings.compute_dtype else run_dtype
+
+
+def quantization_config(settings: QloraConfig, run_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=settings.quant_type,
         bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[settings.compute_dtype],
+        bnb_4bit_compute_dtype=compute_dtype(settings, run_dtype),
     )
 
 

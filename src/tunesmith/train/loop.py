@@ -30,6 +30,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
 from tunesmith.train.batching import batch_order, collate, pack
 from tunesmith.train.loss import model_loss_sum
+from tunesmith.train.precision import Precision, resolve
 from tunesmith.train.speed import memory_releaser, prepare_model
 
 
@@ -51,19 +52,6 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def use_bf16(setting: str) -> bool:
-    """bf16 compute only where asked, or (auto) on a GPU that supports it.
-
-    On CPU, auto stays fp32: measured here (2-core AVX-512 BF16 CPU, torch 2.13), a LoRA step of
-    Gemma 3 270M on 8 x 128 tokens took 13 s in fp32 and had not finished after 280 s under bf16 autocast.
-    """
-    if setting == "bf16":
-        return True
-    if setting == "fp32":
-        return False
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -195,10 +183,10 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, bf16: bool, lines: list[int]) -> str:
+def _nonfinite_message(step: int, loss: float, grad_norm: float, lr: float, dtype: str, lines: list[int]) -> str:
     causes = [f"the learning rate is too high (train.lr; this step used {lr:.2e}): lower it or warm up longer"]
-    if bf16:
-        causes.append("bf16 overflow: try train.dtype=fp32")
+    if dtype != "fp32":
+        causes.append(f"{dtype} overflow: try train.dtype=fp32")
     causes.append(f"a bad example in this step's batch (data lines {sorted(set(lines))[:16]}): check them")
     return (
         f"Step {step}: loss {loss} / gradient norm {grad_norm} is not finite. Likely causes:\n"
@@ -232,7 +220,9 @@ def fit(
     console: Console | None = None,
     row_tokens: int = 1024,
     session: Session | None = None,
+    precision: Precision | None = None,
 ) -> TrainResult:
+    """Train `model` on `examples`; `precision` defaults to what train.dtype resolves to on this machine."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -242,8 +232,10 @@ def fit(
     session = session or Session(stop_signals=False)
     world = distributed.setup()
     set_seed(settings.seed)
-    bf16 = use_bf16(settings.dtype)
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    precision = precision or resolve(settings.dtype, model_type=getattr(model.config, "model_type", None))
+    # Autocast and loss scaling are done here rather than through accelerate's mixed_precision, which is fixed
+    # once per process (a second run in another dtype, as in tests or a sweep, would be refused).
+    accelerator = Accelerator()
     if settings.batch_size < world.size:
         raise TunesmithError(
             f"train.batch_size {settings.batch_size} is smaller than the {world.size} processes: each process needs "
@@ -254,6 +246,8 @@ def fit(
     model = prepare_model(model, settings)
     trainer = LossModel(model)
     sharded = world.size > 1 and session.strategy == "fsdp"
+    if sharded and precision.name == "fp16":
+        raise TunesmithError("train.dtype fp16 (loss scaling) is not supported with --strategy fsdp: use bf16.")
     if sharded:  # before the optimizer is built: sharding replaces the parameters with DTensors
         trainer = distributed.fully_shard_model(trainer.to(accelerator.device), model.get_decoder().layers)
     parameters = [p for p in trainer.parameters() if p.requires_grad]
@@ -267,6 +261,11 @@ def fit(
         # once per process, but every process here takes a share of the same step.
         trainer, optimizer = accelerator.prepare(trainer, optimizer)
     trainer.train()
+    # fp16: the loss is scaled so small gradients survive; the scaler skips steps whose gradients overflowed.
+    scaler = torch.amp.GradScaler(accelerator.device.type) if precision.name == "fp16" else None
+
+    def autocast() -> Any:
+        return torch.autocast(accelerator.device.type, dtype=precision.dtype, enabled=precision.name != "fp32")
     validate_every = session.validate_every or max(1, total_steps // 10)
     save_every = session.checkpoint_every or validate_every
 
@@ -337,7 +336,9 @@ def fit(
         if sharded:
             trainer.unshard()  # the root group's weights (embeddings, head) stay gathered while validating
         try:
-            with torch.no_grad():  # every process validates (same result), so early stopping agrees everywhere
+            # Every process validates (same result), so early stopping agrees everywhere; under the training
+            # autocast, so validation computes in the dtype training does.
+            with torch.no_grad(), autocast():
                 scores = session.validate(model)
         finally:
             if sharded:
@@ -402,18 +403,22 @@ def fit(
                     batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "real_tokens"}
                     last = position == len(drawn) - 1
                     skip_sync = not last and not sharded
-                    with accelerator.no_sync(trainer) if skip_sync else nullcontext(), accelerator.autocast():
+                    with accelerator.no_sync(trainer) if skip_sync else nullcontext(), autocast():
                         loss = trainer(batch) * (weight * world.size / loss_tokens)
-                        accelerator.backward(loss)
+                        accelerator.backward(scaler.scale(loss) if scaler else loss)
                     step_loss += loss.item() / world.size
                 step_loss = distributed.reduce_sum(step_loss, world, accelerator.device)
+                if scaler:  # an inf norm after unscaling means the loss scale was too high, not bad data
+                    scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf)
                 grad_norm = float(distributed.whole(norm))
                 lr = scheduler.get_last_lr()[0]
                 state.micro_batches += settings.grad_accum
-                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                if scaler and math.isfinite(step_loss) and not math.isfinite(grad_norm):
+                    emit({"type": "event", "step": step, "event": "loss_scale_backoff"})
+                elif not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     lines = [e.line for e in chosen]
-                    message = _nonfinite_message(step, step_loss, grad_norm, lr, bf16, lines)
+                    message = _nonfinite_message(step, step_loss, grad_norm, lr, precision.name, lines)
                     optimizer.zero_grad(set_to_none=True)
                     state.skipped_in_row += 1
                     if settings.on_nonfinite == "stop" or state.skipped_in_row >= 5:
@@ -432,7 +437,11 @@ def fit(
                         break
                     continue
                 state.skipped_in_row = 0
-                optimizer.step()
+                if scaler:
+                    scaler.step(optimizer)  # skipped when the gradients overflowed
+                    scaler.update()
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if releaser:
