@@ -5,10 +5,13 @@
     python bench/train_speed.py --model gemma-3-270m --steps 4 --only tunesmith trl   # the quickstart model
 
 Each contender runs in its own subprocess (so peak RSS is its own) on the same chat dataset of varied
-lengths: LoRA r=16 on all linear layers, 8 examples per step, max length 512, fp32 (or --bf16 autocast
-for all), constant lr. Each runs its own defaults otherwise: TRL with gradient checkpointing (its
-default), tunesmith with its defaults (gradient checkpointing, memory released after each step);
-tunesmith-lean also releases memory after every layer (train.release_memory: layer).
+lengths: LoRA r=16 on all linear layers, 8 examples per step, max length 512, constant lr, fp32 (or
+--bf16 for all). Under --bf16, tunesmith trains as train.dtype bf16 does (frozen base in bf16, LoRA
+weights and optimizer state fp32, autocast); trl is TRL's bf16=True over an fp32 model (autocast) and
+trl-bf16 its best bf16 setting (model loaded in bf16 as well); tunesmith-fp32 stays fp32 whatever the
+flag, for tunesmith's own bf16/fp32 ratio. Each runs its own defaults otherwise: TRL with gradient
+checkpointing (its default), tunesmith with its defaults (gradient checkpointing, memory released
+after each step); tunesmith-lean also releases memory after every layer (train.release_memory: layer).
 Printed per contender: real (non-padding) tokens/s, peak RSS, held-out answer loss after training
 (measured the same way for all), and the ratios tunesmith / contender.
 """
@@ -33,7 +36,7 @@ WORDS = (
     "the a of and with for in on at by from to is was were has have had"
 ).split()
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-BF16 = {"on": False}  # set in each worker from --bf16: bf16 autocast compute over fp32 weights for every contender
+BF16 = {"on": False}  # set in each worker from --bf16
 
 
 def make_data(path: Path, n: int, seed: int) -> None:
@@ -72,7 +75,10 @@ def held_out_loss(model, tokenizer, data: Path) -> float:
     return mean_answer_loss(model, examples, tokenizer.pad_token_id, batch_size=8)
 
 
-def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing: bool, release: str = "auto") -> dict:
+def run_tunesmith(
+    model_dir: Path, train: Path, test: Path, steps: int, packing: bool, release: str = "auto", fp32: bool = False
+) -> dict:
+    import torch
     from rich.console import Console
 
     from tunesmith.config import LoraConfig, TrainConfig
@@ -81,11 +87,14 @@ def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing:
     from tunesmith.methods.lora import apply_lora
     from tunesmith.models import load_model, load_tokenizer
     from tunesmith.train.loop import fit
+    from tunesmith.train.precision import keep_trainable_fp32
 
     tokenizer = load_tokenizer(str(model_dir))
     use_chat_template(tokenizer, None)
     examples, _ = tokenize_all(tokenizer, read_conversations(train)[0], 512)
-    model, _ = apply_lora(load_model(str(model_dir)), LoraConfig(**LORA))
+    bf16 = BF16["on"] and not fp32
+    model, _ = apply_lora(load_model(str(model_dir), torch.bfloat16 if bf16 else torch.float32), LoraConfig(**LORA))
+    keep_trainable_fp32(model)  # as methods.apply_method does
     settings = TrainConfig(
         max_steps=steps,
         batch_size=8,
@@ -93,14 +102,14 @@ def run_tunesmith(model_dir: Path, train: Path, test: Path, steps: int, packing:
         warmup_ratio=0.0,
         schedule="constant",
         packing=packing,
-        dtype="bf16" if BF16["on"] else "fp32",
+        dtype="bf16" if bf16 else "fp32",
         release_memory=release,
     )
     result = fit(model, examples, settings, tokenizer.pad_token_id, console=Console(quiet=True), row_tokens=512)
     return {"tokens": result.tokens, "seconds": result.seconds, "loss": held_out_loss(model, tokenizer, test)}
 
 
-def run_trl(model_dir: Path, train: Path, test: Path, steps: int, packing: bool) -> dict:
+def run_trl(model_dir: Path, train: Path, test: Path, steps: int, packing: bool, bf16_weights: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -113,7 +122,8 @@ def run_trl(model_dir: Path, train: Path, test: Path, steps: int, packing: bool)
     use_chat_template(tokenizer, None)  # the same rendering as tunesmith (Gemma's GGUF tokenizer has none)
     rows = [json.loads(line)["messages"] for line in train.read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": m[:1], "completion": m[1:]} for m in rows])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    weights = torch.bfloat16 if BF16["on"] and bf16_weights else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights)
     counted = {"tokens": 0}
 
     def count(module, args, kwargs):
@@ -158,7 +168,9 @@ CONTENDERS = {
     "tunesmith": lambda *a: run_tunesmith(*a, packing=False),
     "tunesmith-packed": lambda *a: run_tunesmith(*a, packing=True),
     "tunesmith-lean": lambda *a: run_tunesmith(*a, packing=False, release="layer"),
+    "tunesmith-fp32": lambda *a: run_tunesmith(*a, packing=False, fp32=True),
     "trl": lambda *a: run_trl(*a, packing=False),
+    "trl-bf16": lambda *a: run_trl(*a, packing=False, bf16_weights=True),
     "trl-packed": lambda *a: run_trl(*a, packing=True),
 }
 

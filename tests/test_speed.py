@@ -80,3 +80,34 @@ def test_gpu_only_switches_fail_clearly_without_a_gpu():
             attention_implementation("flash_attention_2")
         with pytest.raises(TunesmithError, match="liger"):
             prepare_model(build_model(300), TrainConfig(gradient_checkpointing=False, liger_kernels=True))
+
+
+@pytest.mark.slow
+def test_compile_compiles_the_layers_that_run_and_keeps_parameter_names(chat_file):
+    """train.compile compiles each decoder layer in place: the loss path runs them, names stay checkpointable."""
+    plain_loss, plain_grads, _ = loss_and_grads(chat_file, gradient_checkpointing=False)
+    compiled_loss, compiled_grads, model = loss_and_grads(chat_file, gradient_checkpointing=False, compile=True)
+    assert all(layer._compiled_call_impl is not None for layer in model.get_decoder().layers)
+    assert set(compiled_grads) == set(plain_grads) and not any("_orig_mod" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(compiled_loss, plain_loss, rtol=1e-4, atol=1e-4)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_attention_auto_follows_the_gpu_and_flash_attn(monkeypatch):
+    """The same assertions on any machine: GPU presence and flash-attn are faked both ways."""
+    import importlib.util
+
+    from tunesmith.train import speed
+
+    real_find_spec = importlib.util.find_spec
+    for gpu in (False, True):
+        for flash in (False, True):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+            monkeypatch.setattr(
+                importlib.util,
+                "find_spec",
+                lambda name, *a, flash=flash: object() if name == "flash_attn" and flash else real_find_spec(name, *a),
+            )
+            expected = "flash_attention_2" if gpu and flash else "sdpa"
+            assert speed.attention_implementation("auto") == expected, (gpu, flash)

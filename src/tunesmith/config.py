@@ -160,7 +160,9 @@ class TrainConfig(Section):
     liger_kernels: bool = Field(
         False, description="Patch the model with Liger's fused Triton kernels (GPU, needs the liger-kernel package)."
     )
-    compile: bool = Field(False, description="torch.compile the model before training (GPU; slow first steps).")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer in place before training (slow first steps)."
+    )
 
 
 METRIC_NAMES = [

@@ -95,7 +95,7 @@ def memory_releaser(settings: TrainConfig, device: torch.device) -> MemoryReleas
 
 
 def prepare_model(model: Any, settings: TrainConfig) -> Any:
-    """Apply the config's speed switches in place (compile returns a wrapper, so use the result)."""
+    """Apply the config's speed switches in place; returns the model (the same object)."""
     from tunesmith.methods.qlora import use_portable_kernels
 
     use_portable_kernels(model)  # also for a 4-bit model not loaded through load_base: see its docstring
@@ -109,7 +109,11 @@ def prepare_model(model: Any, settings: TrainConfig) -> Any:
     if settings.liger_kernels:
         apply_liger(model)
     if settings.compile:
-        model = torch.compile(model)
+        # Each decoder layer is compiled in place: the loss calls the decoder directly (the chunked loss runs
+        # the output layer itself), so a torch.compile wrapper around the whole model would never run, and its
+        # parameter names would gain an `_orig_mod.` prefix that checkpoints and adapters must not carry.
+        for layer in model.get_decoder().layers:
+            layer.compile()
     return model
 
 
