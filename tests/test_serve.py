@@ -228,7 +228,7 @@ def test_a_full_queue_answers_503_instead_of_crashing(runs, tmp_path):
         release.set()
         assert first.result().status_code == 200 and second.result().status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200
-        assert _sample(httpx.get(f"{url}/metrics").text, "tunesmith_requests_total", 'status="503"') == 1
+        assert _sample(httpx.get(f"{url}/metrics").text, "tunesmith_busy_refusals_total", 'endpoint="chat"') == 1
     engine.close()
 
 

@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.execvp(command[0], command)
     import uvicorn
 
-    from tunesmith.deploy.engine import Engine
+    from tunesmith.deploy.engine import RETRY_AFTER_MAX_S, Engine
     from tunesmith.deploy.requestlog import RequestLog
     from tunesmith.deploy.serve import MAX_BODY_BYTES, create_app, default_log_path
 
@@ -118,7 +118,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"requests logged to {log_path}",
         highlight=False,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    # Idle connections stay open past the longest Retry-After: a client that waits as told and reuses its
+    # connection would otherwise race the server closing it (uvicorn's default is 5 s) and lose the request.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning" if args.quiet else "info",
+        timeout_keep_alive=RETRY_AFTER_MAX_S + 5,
+    )
     engine.close()
     return 0
 

@@ -27,6 +27,7 @@ import torch
 from tunesmith.errors import TunesmithError
 
 BASE = "base"
+RETRY_AFTER_MAX_S = 60  # the longest a busy server asks a client to wait
 
 logger = logging.getLogger("tunesmith.serve")
 
@@ -54,6 +55,8 @@ class Job:
     stop: list[str]
     seed: int | None
     emit: Callable[[str, Any], None]  # ("delta", text) ... ("done", Result) | ("error", message)
+    # Text deltas as they are ready; off, only the end is emitted (each delta wakes the server's event loop).
+    stream: bool = True
     queued_at: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     answered: bool = False  # "done" or "error" was emitted
@@ -116,6 +119,7 @@ class Engine:
         self.closed = False
         self.changed = threading.Condition()
         self.batch_seconds = 0.0  # running mean of one batch's wall time, for Retry-After (learnt, not guessed)
+        self.batch_started = 0.0
         self.max_batch = max_batch
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # recent batch sizes
         self.on_batch: Callable[[int], None] | None = None
@@ -186,9 +190,10 @@ class Engine:
         return self.worker.is_alive()
 
     def retry_after(self) -> int:
-        """Seconds until a place on the waiting list is likely free: the batches ahead at the recent pace."""
-        batches = len(self.pending) / self.max_batch + 1
-        return max(1, min(60, math.ceil(batches * self.batch_seconds)))
+        """Seconds until places on the waiting list free up: when the batch generating now ends (at the recent
+        pace), the worker takes the next one off the list."""
+        left = self.batch_seconds - (time.perf_counter() - self.batch_started)
+        return min(RETRY_AFTER_MAX_S, math.ceil(max(1.0, left)))
 
     def close(self) -> None:
         with self.changed:
@@ -212,12 +217,12 @@ class Engine:
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
-            started = time.perf_counter()
+            self.batch_started = time.perf_counter()
             self.batch_sizes.append(len(batch))
             if self.on_batch:
                 self.on_batch(len(batch))
             self._answer(batch)
-            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - started)
+            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - self.batch_started)
 
     def _answer(self, batch: list[Job]) -> None:
         """Generate a batch; errors in one row stay in that row, and a batch-wide failure (the forward pass)
@@ -325,7 +330,7 @@ class _Row:
             self.text = self.text[:cut]
             return self.finish("stop", token)
         ready = len(self.text) - self.hold if not self.text.endswith("\ufffd") else self.sent
-        if ready > self.sent:
+        if job.stream and ready > self.sent:
             job.streamed = True
             job.emit("delta", self.text[self.sent : ready])
             self.sent = ready
@@ -340,7 +345,7 @@ class _Row:
             return token
         self.done = True
         self.reason = reason or self.reason
-        if len(self.text) > self.sent:
+        if self.job.stream and len(self.text) > self.sent:
             self.job.streamed = True
             self.job.emit("delta", self.text[self.sent :])
         result = Result(self.text, len(self.job.prompt_ids), len(self.produced), self.reason, self.first)

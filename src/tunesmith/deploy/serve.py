@@ -125,14 +125,23 @@ def error_body(status: int, message: str, param: str | None, kind: str, headers:
 
 
 class Guard:
-    """ASGI middleware in front of every route: the API key, then the body size, before FastAPI reads a byte.
+    """ASGI middleware in front of every route, before FastAPI reads a byte: the API key, a busy server's
+    refusal (`refuse` gives the response to send instead of reading a POST to that path, or None), the body size.
 
     The key is checked on scope["path"], the path the router dispatches on, never on request.url: that one
     is rebuilt from the Host header, which a client can bend to look like a public path.
     """
 
-    def __init__(self, app: Any, api_key: str | None, public: frozenset[str], max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: Any,
+        api_key: str | None,
+        public: frozenset[str],
+        max_body_bytes: int,
+        refuse: Callable[[str], Response | None],
+    ) -> None:
         self.app, self.api_key, self.public, self.max_body_bytes = app, api_key, public, max_body_bytes
+        self.refuse = refuse
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
         from starlette.datastructures import Headers
@@ -148,6 +157,9 @@ class Guard:
                 message = "Missing or wrong API key: send 'Authorization: Bearer <key>'."
                 await error_body(401, message, None, "authentication_error")(scope, receive, send)
                 return
+        if scope["method"] == "POST" and (refusal := self.refuse(scope["path"])) is not None:
+            await refusal(scope, receive, send)
+            return
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(scope, receive, send)
@@ -222,6 +234,10 @@ class Metrics:
         self.queue_peak = Gauge(
             "tunesmith_queue_depth_peak", "Most requests waiting at once since the start", registry=self.registry
         )
+        self.busy = Counter(
+            "tunesmith_busy_refusals", "Requests refused with 503 because the waiting list was full", ("endpoint",),
+            registry=self.registry,
+        )  # fmt: skip
         self.log_errors = Counter(
             "tunesmith_request_log_errors", "Requests answered but not written to the request log",
             registry=self.registry,
@@ -258,7 +274,27 @@ def create_app(
     app.state.engine, app.state.log, app.state.metrics = engine, log, metrics
     engine.on_batch = metrics.batch.observe
     public = {"/health", "/metrics", *(("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json") if docs else ())}
-    app.add_middleware(Guard, api_key=api_key, public=frozenset(public), max_body_bytes=max_body_bytes)
+    endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+    def busy_error(endpoint: str, retry_after: int) -> ApiError:
+        metrics.busy.labels(endpoint).inc()
+        return ApiError(
+            503,
+            f"The server is busy ({engine.queue_size} requests waiting); retry in {retry_after} s.",
+            None,
+            "server_busy",
+            {"Retry-After": str(retry_after)},
+        )
+
+    def refuse(path: str) -> Response | None:
+        """While the waiting list is full, refuse a generation before its body is read and tokenized: under a
+        storm of retries, refusals should cost next to nothing, so the CPU (and the GIL) stays with generation."""
+        if path not in endpoints or engine.waiting < engine.queue_size:
+            return None
+        error = busy_error(endpoints[path], engine.retry_after())
+        return error_body(error.status, error.message, error.param, error.kind, error.headers)
+
+    app.add_middleware(Guard, api_key=api_key, public=frozenset(public), max_body_bytes=max_body_bytes, refuse=refuse)
     # One writer thread: SQLite writes are serialised anyway, and a locked database must not stall the event loop.
     log_writer = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-log")
 
@@ -367,21 +403,13 @@ def create_app(
         def emit(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit)
+        job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit, body.stream)
         started = time.perf_counter()
         labels = (endpoint, model.name)
         try:
             engine.submit(job)
-        except Busy as busy:
-            metrics.requests.labels(*labels, "503").inc()
-            metrics.errors.labels(*labels, "503").inc()
-            raise ApiError(
-                503,
-                f"The server is busy ({engine.queue_size} requests waiting); retry in {busy.retry_after} s.",
-                None,
-                "server_busy",
-                {"Retry-After": str(busy.retry_after)},
-            ) from None
+        except Busy as busy:  # filled up while this one was read and tokenized
+            raise busy_error(endpoint, busy.retry_after) from None
         except Stopped:
             raise ApiError(
                 503, "The generation worker has stopped; restart the server (its log says why).", None, "server_error"
@@ -492,11 +520,9 @@ def create_app(
 
         watcher = asyncio.create_task(watch())
         try:
-            while (event := await events.get())[0] == "delta":
-                pass
+            kind, value = await events.get()  # no deltas come for a job that does not stream
         finally:
             watcher.cancel()
-        kind, value = event
         if kind == "gone":
             dropped(None)
             return Response(status_code=CLIENT_GONE)
