@@ -21,7 +21,6 @@ import json
 import re
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,6 +105,15 @@ async def load(url: str, model: str, args: argparse.Namespace) -> Tally:
     return tally
 
 
+def quantile(values: list[float], share: float) -> float:
+    return values[max(0, round(share * len(values)) - 1)] if values else float("nan")
+
+
+def sample(metrics: str, name: str) -> float:
+    """One unlabelled series from a Prometheus text page."""
+    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(f"{name} "))
+
+
 def cpu_flags() -> str:
     flags = re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text())
     return ", ".join(f"{name} x{count}" for name, count in sorted(collections.Counter(flags).items())) or "none"
@@ -157,9 +165,7 @@ def main() -> None:
         tally = asyncio.run(load(url, run.name, args))
         wall = time.perf_counter() - began
         metrics = httpx.get(f"{url}/metrics").text
-        peak_queue = next(
-            float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("tunesmith_queue_depth_peak ")
-        )
+        peak_queue = sample(metrics, "tunesmith_queue_depth_peak")
         health = httpx.get(f"{url}/health").json()
         rss = peak_rss_mb(server.pid)
     finally:
@@ -167,10 +173,10 @@ def main() -> None:
         server.wait(30)
     with sqlite3.connect(log) as db:
         logged = dict(db.execute("SELECT status, COUNT(*) FROM requests GROUP BY status").fetchall())
+        in_server = sorted(row[0] / 1000 for row in db.execute("SELECT latency_ms FROM requests WHERE status = 200"))
 
     lost = tally.started - tally.answered
     latencies = sorted(tally.latencies)
-    p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)] if latencies else float("nan")
     report = {
         "requests": tally.started,
         "not started (time bound)": args.requests - tally.started,
@@ -179,8 +185,11 @@ def main() -> None:
         "retries": tally.retries,
         "lost": lost,
         "other statuses": dict(tally.other),
-        "latency p50 s": round(statistics.median(latencies), 3) if latencies else None,
-        "latency p95 s": round(p95, 3),
+        "latency p50/p95 s": f"{quantile(latencies, 0.5):.3f} / {quantile(latencies, 0.95):.3f}",
+        "in the server p50/p95 s": f"{quantile(in_server, 0.5):.3f} / {quantile(in_server, 0.95):.3f}",
+        "mean batch size": round(
+            sample(metrics, "tunesmith_batch_size_sum") / sample(metrics, "tunesmith_batch_size_count"), 2
+        ),
         "peak queue depth": int(peak_queue),
         "queue size": args.queue_size,
         "peak server RSS MB": round(rss, 1),
