@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -201,6 +202,7 @@ def main() -> None:
         "max batch": args.max_batch,
         "max tokens": args.max_tokens,
         "cpu flags": cpu_flags(),
+        "load average (1 min) at the end": os.getloadavg()[0],  # the machine is shared: what else ran
     }
     for key, value in report.items():
         print(f"{key:28} {json.dumps(value) if isinstance(value, dict) else value}")
