@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
+from starlette.datastructures import Headers
 from starlette.requests import Request  # at module level, where FastAPI resolves the endpoints' annotations
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
@@ -117,9 +118,9 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-def error_body(status: int, message: str, param: str | None, kind: str, headers: dict[str, str] | None = None) -> Any:
-    from fastapi.responses import JSONResponse
-
+def error_body(
+    status: int, message: str, param: str | None, kind: str, headers: dict[str, str] | None = None
+) -> Response:
     content = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(status_code=status, content=content, headers=headers)
 
@@ -144,8 +145,6 @@ class Guard:
         self.refuse = refuse
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
-        from starlette.datastructures import Headers
-
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -259,7 +258,7 @@ def create_app(
 ) -> Any:
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
     from jinja2 import TemplateError
     from starlette.exceptions import HTTPException
 
