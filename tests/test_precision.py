@@ -174,3 +174,16 @@ def test_qlora_compute_dtype_follows_train_dtype(tiny_model_dir):
         model = load_base(config, str(tiny_model_dir), torch.bfloat16)
         layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert {m.compute_dtype for m in layers} == {expected}
+
+
+def test_fp16_loss_scaling_path_trains(tiny_model_dir, chat_file):
+    """The GradScaler branch of the loop (GPUs without bf16), run on CPU with the dtype given directly."""
+    tokenizer = build_tokenizer()
+    config = make_config("lora")
+    model, _ = apply_method(load_base(config, str(tiny_model_dir), torch.float16), config)
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}
+    settings = config.train.model_copy(update={"max_steps": 6, "batch_size": 8, "lr": 2e-2})
+    fp16 = prec.Precision("fp16", "set by the test")
+    result = fit(model, examples_for(chat_file, tokenizer), settings, tokenizer.pad_token_id, precision=fp16)
+    assert result.skipped_steps == 0 and result.history[-1]["loss"] < result.history[0]["loss"]
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
