@@ -92,12 +92,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         err.print(f"Starting vLLM: {printable}", highlight=False)
         os.execvp(command[0], command)
+    import torch
     import uvicorn
 
     from tunesmith.deploy.engine import RETRY_AFTER_MAX_S, Engine
     from tunesmith.deploy.requestlog import RequestLog
     from tunesmith.deploy.serve import MAX_BODY_BYTES, create_app, default_log_path
 
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Leave a core to the event loop: sharing one with torch's intra-op threads makes every parallel op wait
+        # for whichever thread is descheduled, and under a burst of requests generation ran 30x slower.
+        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     with err.status("Loading the model..."):
         engine = Engine(
             run_dirs, queue_size=args.queue_size, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens
