@@ -165,6 +165,12 @@ def test_the_run_records_its_dtype_and_a_resume_keeps_it(tiny_model_dir, chat_fi
     assert json.loads((out / "manifest.json").read_text())["precision"]["dtype"] == "bf16"
     assert prec.trained_dtype(out) == "bf16"
 
+    from tunesmith.evaluate.generate import load_run
+
+    assert load_run(out).model.get_input_embeddings().weight.dtype == torch.float32  # bf16 only emulated "here"
+    monkeypatch.setenv(prec.CPU_BF16_ENV, "1")
+    assert load_run(out).model.get_input_embeddings().weight.dtype == torch.bfloat16  # the run's own dtype
+
 
 def test_qlora_compute_dtype_follows_train_dtype(tiny_model_dir):
     import bitsandbytes as bnb

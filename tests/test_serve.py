@@ -287,6 +287,7 @@ def test_monitor_counts_answers_failing_the_runs_format_check(runs, tmp_path):
             output=output,
         )
     log.record(id="r9", endpoint="chat", model="colours", status=500, error="boom")
+    log.record(id="r10", endpoint="chat", model="colours", status=499, error="client gone")  # not a server failure
     run = runs[0]
     config_text = (run / "config.yaml").read_text()
     try:
@@ -295,7 +296,8 @@ def test_monitor_counts_answers_failing_the_runs_format_check(runs, tmp_path):
     finally:
         (run / "config.yaml").write_text(config_text)
     assert report["format"]["json_valid"]["failing"] == 2 and report["format"]["json_valid"]["share"] == 0.5
-    assert report["traffic"]["errors"] == 1 and report["traffic"]["error_rate"] == 0.2
+    assert report["traffic"]["errors"] == 1 and report["traffic"]["error_rate"] == round(1 / 6, 4)
+    assert report["traffic"]["client_gone"] == 1
     assert any("fail json_valid" in alert for alert in report["alerts"])
     assert any("requests failed" in alert for alert in report["alerts"])
 

@@ -130,6 +130,7 @@ class Engine:
         from tunesmith.deploy.export import run_tokenizer
         from tunesmith.methods import load_base, load_trained, weights_dir
         from tunesmith.models import resolve_model_path
+        from tunesmith.train.precision import run_inference_dtype
 
         for path, config in zip(run_dirs, configs, strict=True):
             if not weights_dir(config, path).is_dir():
@@ -142,13 +143,14 @@ class Engine:
                 f"methods {sorted({c.method for c in configs})} and bases {sorted(bases)}. Serve them separately."
             )
         source = resolve_model_path(configs[0].model)
+        dtype = run_inference_dtype(run_dirs[0])  # the dtype the (first) run trained in, where this machine has it
         if not peft:  # one full fine-tune or bottleneck-adapter run, served on its own
-            model = load_trained(configs[0], source, weights_dir(configs[0], run_dirs[0]))
+            model = load_trained(configs[0], source, weights_dir(configs[0], run_dirs[0]), dtype)
             self._register(run_dirs[0].name, run_dirs[0], run_tokenizer(run_dirs[0]), None, configs[0])
             return model.eval()
         from peft import PeftModel
 
-        model = load_base(configs[0], source)
+        model = load_base(configs[0], source, dtype)
         for index, (path, config) in enumerate(zip(run_dirs, configs, strict=True)):
             weights = str(weights_dir(config, path))
             if index == 0:
@@ -261,6 +263,8 @@ class Engine:
         for row, job in enumerate(jobs):
             ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
             mask[row, width - len(job.prompt_ids) :] = 1
+        device = self.model.device
+        ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = [_Row(job) for job in jobs]
         if all(row.done for row in rows):
@@ -274,12 +278,12 @@ class Engine:
                 tokens = [row.step(out.logits[i, -1]) if not row.done else pad for i, row in enumerate(rows)]
                 if all(row.done for row in rows):
                     break
-                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=torch.long)], dim=1)
+                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=torch.long, device=device)], dim=1)
                 positions = positions[:, -1:] + 1
                 # transformers 5 names the KV cache `cache`; 4.x `past_key_values`.
                 name = "cache" if "cache" in out else "past_key_values"
                 out = self.model(
-                    input_ids=torch.tensor(tokens)[:, None], attention_mask=mask, position_ids=positions,
+                    input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask, position_ids=positions,
                     use_cache=True, **{name: out[name]},
                 )  # fmt: skip
         for row in rows:
@@ -364,7 +368,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
         return int(logits.argmax())
     # In float64 and shifted so the best logit is 0: any temperature above 0, however small, gives finite
     # scores (in float32 a temperature of 1e-50 is 0, and the scores NaN).
-    scores = logits.double()
+    scores = logits.double().cpu()  # the request's seeded generator lives on the CPU, whatever the model's device
     probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
     if top_p < 1.0:
         ordered, order = probs.sort(descending=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from tunesmith.data.formats import Conversation, Message, read_conversations, write_jsonl
 from tunesmith.data.tokenize import prompt_ids
-from tunesmith.deploy.requestlog import read_feedback, read_requests
+from tunesmith.deploy.requestlog import CLIENT_GONE, read_feedback, read_requests
 from tunesmith.errors import TunesmithError
 from tunesmith.files import check_file_target, write_file_atomic
 
@@ -117,13 +117,16 @@ def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: flo
     rows = read_requests(db, since)
     tokenizer = run_tokenizer(run_dir)
     ok = [r for r in rows if r["status"] == 200]
+    # 499: the client left before its answer (serve logs those); the server did not fail them.
+    failed = [r for r in rows if r["status"] not in (200, CLIENT_GONE)]
     latencies = [r["latency_ms"] for r in ok if r["latency_ms"] is not None]
     first = [r["first_token_ms"] for r in ok if r["first_token_ms"] is not None]
     span_h = (rows[-1]["created"] - rows[0]["created"]) / 3600 if len(rows) > 1 else 0.0
     traffic = {
         "requests": len(rows),
-        "errors": len(rows) - len(ok),
-        "error_rate": round((len(rows) - len(ok)) / len(rows), 4) if rows else 0.0,
+        "errors": len(failed),
+        "error_rate": round(len(failed) / len(rows), 4) if rows else 0.0,
+        "client_gone": sum(r["status"] == CLIENT_GONE for r in rows),
         "by_model": dict(Counter(r["model"] for r in rows)),
         "by_status": {str(k): v for k, v in Counter(r["status"] for r in rows).items()},
         "latency_ms": {f"p{int(q * 100)}": _round(quantile(latencies, q)) for q in (0.5, 0.95, 0.99)},

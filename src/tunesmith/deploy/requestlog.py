@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY,

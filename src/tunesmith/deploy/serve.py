@@ -32,14 +32,13 @@ from starlette.responses import JSONResponse, Response
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
-from tunesmith.deploy.requestlog import RequestLog
+from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 MAX_BODY_BYTES = 4 * 2**20
 MAX_MESSAGES = 512
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
-CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
 
 logger = logging.getLogger("tunesmith.serve")
 
