@@ -564,15 +564,32 @@ def _load_prices(path: str | None) -> dict[str, float]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import os
+    from dataclasses import replace
 
     from transformers import AutoConfig
 
     from tunesmith.models import resolve_model_path
-    from tunesmith.plan.estimate import DEVICES, GIB, Shape, Workload, estimate, recommend
+    from tunesmith.plan.estimate import (
+        CPU_ROW,
+        DEVICES,
+        GIB,
+        Shape,
+        Workload,
+        estimate,
+        memory_breakdown,
+        peak_bytes,
+        recommend,
+        table_precision,
+    )
+    from tunesmith.train.precision import Precision, resolve
 
+    if args.weight_dtype:  # the plan, its CPU row and --measure all take it as train.dtype
+        args.overrides = [*args.overrides, f"train.dtype={args.weight_dtype}"]
     config = config_from_args(args)
     source = resolve_model_path(config.model)
-    shape = Shape.from_config(AutoConfig.from_pretrained(source))
+    model_config = AutoConfig.from_pretrained(source)
+    model_type = getattr(model_config, "model_type", None)
+    shape = Shape.from_config(model_config)
     examples = None
     if config.data.path and not args.tokens:
         from tunesmith.data.formats import read_conversations
@@ -587,10 +604,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
             config.data.max_length,
             config.data.train_on,
         )
-    work = Workload.for_run(config, examples, args.seq_len, args.tokens, args.weight_dtype)
+    table = table_precision(config.train.dtype, model_type)
+    try:
+        here: Precision | None = resolve(config.train.dtype, device="cpu", model_type=model_type)
+        no_cpu_row = ""
+    except TunesmithError as exc:  # fp16 has no CPU path: no row for this machine
+        here, no_cpu_row = None, str(exc)
+    if args.weight_dtype:
+        table = Precision(table.name, "set by --weight-dtype")
+        here = here and Precision(here.name, "set by --weight-dtype")
+    work = Workload.for_run(config, examples, args.seq_len, args.tokens, table.name)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     cpu = {"memory_gib": ram, "tflops": args.cpu_tflops, "usd_per_hour": 0.0}
-    result = estimate(shape, work, args.utilization, _load_prices(args.prices), cpu)
+    cpu_work = replace(work, dtype=here.name) if here else None
+    result = estimate(shape, work, args.utilization, _load_prices(args.prices), cpu if here else None, cpu_work)
     if args.gpu and args.gpu not in DEVICES:
         raise TunesmithError(
             f"--gpu {args.gpu!r} is not in the device table: {', '.join(DEVICES)}; or use --gpu-memory."
@@ -602,9 +629,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "model": config.model,
         "method": config.method,
+        "precision": table.to_dict(),
         "workload": work.__dict__,
         "estimate": {
             "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_phase": result.peak_phase,
             "memory_bytes": result.memory_bytes,
             "params": result.params,
             "trainable_params": result.trainable_params,
@@ -614,13 +643,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         },
         "fits": {k: v["fits"] for k, v in result.devices.items()},
         "devices": result.devices,
+        "this_machine": {"precision": here.to_dict()} if here else {"error": no_cpu_row},
         "recommendation": advice,
     }
     if args.measure:
         from tunesmith.plan.measure import measure
 
         measured = measure(config, source, work, args.measure_steps)
-        measured["estimate_error"] = round(result.peak_memory_bytes / measured["peak_memory_bytes"] - 1, 4)
+        # Compared with the estimate for what the probe ran: this machine's dtype, its CUDA context if any.
+        local = memory_breakdown(
+            shape, replace(work, dtype=measured["precision"]["dtype"]), gpu="cuda_context_bytes" in measured
+        )
+        local_peak, local_phase = peak_bytes(local)
+        measured["estimate_memory_bytes"] = local
+        measured["estimate_peak_memory_bytes"] = local_peak
+        measured["estimate_peak_phase"] = local_phase
+        measured["estimate_error"] = round(local_peak / measured["peak_memory_bytes"] - 1, 4)
         report["measured"] = measured
     if args.json:
         _print_json(report)
@@ -630,12 +668,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{result.trainable_params / 1e6:,.2f}M; batch {work.batch_size} x {work.seq_len} tokens; "
         f"{work.tokens:,.0f} training tokens; {result.flops:.3g} FLOPs"
     )
-    memory = Table(title="Peak training memory (estimate)")
+    out.print(f"[bold]dtype[/] {table.name} on the GPUs below ({table.reason})")
+    memory = Table(title=f"Peak training memory on a GPU, {table.name} (estimate)")
     memory.add_column("part")
     memory.add_column("GiB", justify="right")
     for part, size in result.memory_bytes.items():
         memory.add_row(part, f"{size / GIB:.2f}")
-    memory.add_row("[bold]total", f"[bold]{result.peak_memory_bytes / GIB:.2f}")
+    # Not the sum: the loss buffers, a recomputed layer and the optimizer's temporaries are never alive together.
+    memory.add_row(f"[bold]peak ({result.peak_phase})", f"[bold]{result.peak_memory_bytes / GIB:.2f}")
     out.print(memory)
     devices = Table(title=f"Devices (at {args.utilization:.0%} utilisation)")
     for column in ("device", "fits", "devices needed", "hours", "cost USD"):
@@ -649,14 +689,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "-" if row["cost_usd"] is None else f"{row['cost_usd']:.2f}",
         )
     out.print(devices)
+    if here:
+        out.print(f"{CPU_ROW}: {here.name}, without a CUDA context ({here.reason})")
+    else:
+        out.print(f"{CPU_ROW}: not listed: {no_cpu_row}")
     out.print(f"[bold]Recommendation for {device}:[/] {advice['method'] or 'none'}")
     for reason in advice["reasons"]:
         out.print(f"  - {reason}")
     if args.measure:
         m = report["measured"]
         out.print(
-            f"[bold]Measured[/] ({m['steps']} steps on {m['device']}): peak {m['peak_memory_bytes'] / GIB:.2f} GiB "
-            f"(estimate {m['estimate_error']:+.0%}), {m['tokens_per_second']:.0f} tokens/s"
+            f"[bold]Measured[/] ({m['steps']} steps on {m['device']} in {m['precision']['dtype']}, "
+            f"{m['precision']['reason']}): peak {m['peak_memory_bytes'] / GIB:.2f} GiB; estimate for it "
+            f"{m['estimate_peak_memory_bytes'] / GIB:.2f} GiB ({m['estimate_error']:+.0%}), "
+            f"{m['tokens_per_second']:.0f} tokens/s"
         )
     return 0
 
@@ -901,8 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "plan",
         help="Estimate memory, time and cost before training; recommend a technique.",
-        description="Estimate peak memory (weights, gradients, optimizer, activations, loss buffers), FLOPs, "
-        "time and cost per device from the model's config alone, and recommend a technique for your GPU. "
+        description="Estimate peak memory (weights, gradients, optimizer, activations, loss buffers, CUDA context) "
+        "in the dtype the run will use, FLOPs, time and cost per device from the model's config alone, and "
+        "recommend a technique for your GPU. "
         "--measure runs a few real steps here to check the estimate.",
     )
     _add_config_options(plan)
@@ -914,9 +961,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--weight-dtype",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="Dtype of the base weights; tunesmith loads fp32 today [default: fp32].",
+        choices=["fp32", "bf16", "fp16"],
+        help="Plan for this dtype instead of train.dtype's [default: train.dtype, where auto is bf16 on the "
+        "table's GPUs and what this machine supports for its CPU row and --measure].",
     )
     plan.add_argument(
         "--utilization",

@@ -1,8 +1,9 @@
 """Memory, compute, time and cost of a fine-tune, from the model's config alone (no weights needed).
 
-First principles only: parameter counts from the architecture, bytes per value from the dtypes,
-FLOPs as 6·N·T (full) or 4·N·T (adapter methods) plus attention. No constant here is fitted to a
-price or a benchmark; where the estimate and a measurement disagree, the report says so.
+First principles only: parameter counts from the architecture, bytes per value from the dtype each value
+really has in the run (train/precision.py), FLOPs as 6·N·T (full) or 4·N·T (adapter methods) plus attention.
+No constant here is fitted to a price or a benchmark; where the estimate and a measurement disagree, the
+report says so.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tunesmith.train.precision import Precision, resolve
+
 # Device table: memory (GiB), dense bf16 peak TFLOP/s, on-demand USD per hour (typical cloud list
-# prices, overridable with --prices). "cpu" is filled in from this machine at run time.
+# prices, overridable with --prices). Every GPU here computes in bf16. "cpu" is filled in from this
+# machine at run time.
 DEVICES: dict[str, dict[str, float]] = {
     "RTX 4090 24GB": {"memory_gib": 24, "tflops": 165, "usd_per_hour": 0.40},
     "L4 24GB": {"memory_gib": 24, "tflops": 121, "usd_per_hour": 0.80},
@@ -21,12 +25,38 @@ DEVICES: dict[str, dict[str, float]] = {
     "H100 80GB": {"memory_gib": 80, "tflops": 989, "usd_per_hour": 2.50},
     "H200 141GB": {"memory_gib": 141, "tflops": 989, "usd_per_hour": 3.50},
 }
+CPU_ROW = "this machine (CPU)"
 GIB = 1024**3
-USABLE = 0.9  # share of a device's memory a training process can use (CUDA context, fragmentation)
+USABLE = 0.9  # share of a GPU's memory left after the caching allocator's fragmentation (the context is a term)
+# What a process holds on a GPU besides its tensors: driver state, the kernels loaded so far, cuBLAS and cuDNN
+# handles; torch.cuda.memory_allocated() does not count it. With lazy module loading (torch sets it since 1.13)
+# the bare context is ~0.27 GiB (pytorch/pytorch#86509: 287 MB lazy, 667 MB eager); with the libraries and
+# kernels of a training step loaded it is commonly ~0.5 GiB on recent GPUs, the figure taken here (`plan
+# --measure` on a GPU reports the context it finds).
+CUDA_CONTEXT_BYTES = 512 * 2**20
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES = 0.5 + 0.127 / 8  # 4-bit values plus double-quantized block constants (~0.127 bit/value)
+FP32 = 4  # trainable weights, their gradients and the loss's logits are fp32 in every run dtype
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable value
 GRAD_BYTES = 4  # fp32 gradients of trainable values
+# Peak memory is what stays all along plus the largest phase of a step: the loss chunk's buffers, a recomputed
+# layer and the optimizer's temporaries are never alive together. Gradients count whole in every phase (at the
+# loss only the output layer's exist: an upper bound).
+PERSISTENT = ("weights", "trainable_weights", "optimizer", "cuda_context")
+PHASES = {
+    "loss": ("autocast_copies", "activations", "logits_loss", "gradients"),
+    "backward": ("autocast_copies", "activations", "layer_recompute", "gradients"),
+    "optimizer step": ("gradients", "optimizer_step"),
+}
+# Terms that shard over devices (FSDP/ZeRO-3); the others stay whole on each device.
+SHARDED = ("weights", "trainable_weights", "gradients", "optimizer", "autocast_copies", "optimizer_step")
+
+
+def table_precision(setting: str, model_type: str | None = None) -> Precision:
+    """The dtype a run of train.dtype `setting` computes in on the device table's GPUs (all have bf16)."""
+    if setting == "auto":
+        return Precision("bf16", "train.dtype auto: bf16, which every GPU in the device table supports")
+    return resolve(setting, device="cuda", model_type=model_type)  # refuses fp16 where the model overflows in it
 
 
 @dataclass(frozen=True)
@@ -80,13 +110,27 @@ class Shape:
 class Workload:
     method: str = "lora"
     lora_r: int = 16
+    lora_dropout: float = 0.05
     adapter_reduction: int = 16
     batch_size: int = 8
     seq_len: int = 512
     answer_share: float = 0.5  # share of tokens that carry loss (the output layer runs only on those)
     tokens: float = 1e6  # training tokens in total (all epochs)
     gradient_checkpointing: bool = False
-    weight_dtype: str = "fp32"
+    dtype: str = "bf16"  # the run's compute dtype (train.dtype resolved): fp32 | bf16 | fp16
+    qlora_compute_dtype: str | None = None  # qlora.compute_dtype; None follows dtype
+
+    @property
+    def compute_dtype(self) -> str:
+        """Dtype of the frozen base's dense weights and of the activations (QLoRA: its compute dtype)."""
+        if self.method == "qlora" and self.qlora_compute_dtype:
+            return self.qlora_compute_dtype
+        return self.dtype
+
+    @property
+    def residual_dtype(self) -> str:
+        """Dtype of the hidden states between layers: the embeddings' (fp32 master weights for full)."""
+        return "fp32" if self.method == "full" else self.compute_dtype
 
     @classmethod
     def for_run(
@@ -95,10 +139,11 @@ class Workload:
         examples: list[Any] | None = None,
         seq_len: int | None = None,
         tokens: float | None = None,
-        weight_dtype: str = "fp32",
+        dtype: str | None = None,
     ) -> Workload:
         """The workload of a run config; with its tokenized examples, the p95 sequence length, the share of
-        tokens carrying loss and the training tokens come from the data (explicit values win)."""
+        tokens carrying loss and the training tokens come from the data (explicit values win). `dtype`
+        defaults to what train.dtype resolves to on this machine, where a run of this config trains."""
         answer_share = 0.5
         if examples:
             lengths = sorted(len(e) for e in examples)
@@ -108,16 +153,20 @@ class Workload:
                 train = config.train
                 per_step = train.batch_size * train.grad_accum * sum(lengths) / len(lengths)
                 tokens = train.max_steps * per_step if train.max_steps else sum(lengths) * train.epochs
+        if dtype is None:
+            dtype = resolve(config.train.dtype).name
         return cls(
             method=config.method,
             lora_r=config.lora.r,
+            lora_dropout=config.lora.dropout,
             adapter_reduction=config.adapter.reduction_factor,
             batch_size=config.train.batch_size,
             seq_len=seq_len or config.data.max_length,
             answer_share=answer_share,
             tokens=tokens or 1e6,
             gradient_checkpointing=config.train.gradient_checkpointing,
-            weight_dtype=weight_dtype,
+            dtype=dtype,
+            qlora_compute_dtype=config.qlora.compute_dtype,
         )
 
 
@@ -127,6 +176,7 @@ class Estimate:
     trainable_params: int
     memory_bytes: dict[str, int]
     peak_memory_bytes: int
+    peak_phase: str
     flops: float
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -147,40 +197,134 @@ def trainable_params(shape: Shape, work: Workload) -> int:
 
 
 def weight_bytes(shape: Shape, work: Workload) -> int:
-    dense = DTYPE_BYTES[work.weight_dtype]
+    """The base weights: fp32 masters for full fine-tuning (autocast computes from them), else the frozen base
+    in the compute dtype (QLoRA: its linear weights in 4 bits)."""
+    if work.method == "full":
+        return shape.total_params * FP32
+    dense = DTYPE_BYTES[work.compute_dtype]
     if work.method == "qlora":
         rest = shape.total_params - shape.linear_params
         return int(shape.linear_params * NF4_BYTES + rest * dense)
     return shape.total_params * dense
 
 
-def activation_bytes(shape: Shape, work: Workload) -> int:
-    """Values autograd keeps for the backward pass, per the layer's saved tensors.
+def autocast_copy_bytes(shape: Shape, work: Workload, trainable: int) -> int:
+    """16-bit copies of the trained matrices: autocast casts each fp32 weight a matmul uses once and caches the
+    copy until the step's autocast region ends, after the backward pass (the loop runs both inside it)."""
+    if work.dtype == "fp32":
+        return 0
+    # Full: every linear and the output layer (the input embedding is a lookup, never cast); else the adapters.
+    matrices = shape.linear_params + shape.embedding_params if work.method == "full" else trainable
+    return matrices * DTYPE_BYTES[work.dtype]
 
-    Per token and layer: the two norms' inputs and outputs (4·hidden); q, k, v as projected, after the
-    rotary embedding, and the attention output (3·q + 3·kv); the gated MLP's gate, up, activation and
-    product (4·intermediate). SDPA keeps no seq x seq score matrix. With checkpointing only each layer's
-    input is kept, plus one layer's full set while it is recomputed. (Checked against autograd's saved
-    tensors on Gemma 3 270M: 16,021 values per token and layer saved, this count gives 14,592; Gemma's
-    extra q/k and post-block norms are the difference.)
+
+def layer_activation_bytes(shape: Shape, work: Workload) -> int:
+    """Bytes autograd keeps for the backward pass per token and decoder layer, each value in its dtype.
+
+    For a Llama-style block (SDPA keeps no seq x seq score matrix):
+    - the two RMSNorms compute in fp32 and keep their input upcast (2·hidden fp32); when their weights train
+      (full) they also keep their output, in the residual dtype (2·hidden);
+    - attention: q, k, v as projected, after the rotary embedding, and the attention output (3·q + 3·kv),
+      and the gated MLP's gate, up and activation (3·intermediate), in the compute dtype;
+    - when the base trains (full), the linears' inputs for the weight gradients: the MLP product
+      (intermediate), and in 16-bit the norms' outputs cast for the matmuls (2·hidden);
+    - LoRA on all linear layers: each adapted layer's input, width 5·hidden + q + intermediate in all. With
+      dropout every layer keeps an fp32 mask plus its dropped input (compute dtype); without, in 16-bit each
+      keeps its own copy (PEFT casts the input to the fp32 adapter, autocast casts it back), in fp32 the
+      three distinct inputs (2·hidden + intermediate) are kept once;
+    - DoRA: as LoRA, plus each adapted layer's output twice (the base result it rescales and the rescaled
+      one), compute dtype; the merged weights whose norms it takes are not counted;
+    - bottleneck adapters: per adapter its input, down-projection and activation (hidden + 2·width).
+    Checked against autograd's saved tensors on a 4-layer Llama for full, LoRA and DoRA (dropout 0 and 0.05)
+    and adapters in fp32 and bf16: within 3% of the saved bytes per token, except adapters (9-10% high) and
+    full bf16 (6% low).
     """
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_token_layer = 4 * shape.hidden + 3 * q + 3 * kv + 4 * shape.intermediate
+    h, q, kv, i = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    compute, residual = DTYPE_BYTES[work.compute_dtype], DTYPE_BYTES[work.residual_dtype]
+    sixteen_bit = work.compute_dtype != "fp32"
+    per_token = 2 * h * FP32 + (3 * q + 3 * kv + 3 * i) * compute
+    if work.method == "full":
+        per_token += 2 * h * residual + i * compute + (2 * h * compute if sixteen_bit else 0)
+    elif work.method == "adapter":
+        width = max(1, h // work.adapter_reduction)
+        per_token += 2 * (h + 2 * width) * compute
+    else:
+        adapted = sum(inputs for inputs, _ in shape.linears())  # 5·hidden + q + intermediate
+        if work.lora_dropout > 0:
+            per_token += adapted * (FP32 + compute)
+        else:
+            per_token += adapted * compute if sixteen_bit else (2 * h + i) * FP32
+        if work.method == "dora":
+            per_token += 2 * sum(outputs for _, outputs in shape.linears()) * compute
+    return per_token
+
+
+def activation_bytes(shape: Shape, work: Workload) -> int:
+    """Activations kept from the forward pass into the backward: every layer's (see layer_activation_bytes),
+    or with gradient checkpointing only each layer's input, in the residual dtype."""
     tokens = work.batch_size * work.seq_len
-    bytes_per = 4  # fp32 activations (autocast keeps matmul outputs in bf16 on GPU; fp32 is the safe bound)
     if work.gradient_checkpointing:
-        return tokens * bytes_per * (shape.layers * shape.hidden + per_token_layer)
-    return tokens * bytes_per * shape.layers * per_token_layer
+        return tokens * shape.layers * shape.hidden * DTYPE_BYTES[work.residual_dtype]
+    return tokens * shape.layers * layer_activation_bytes(shape, work)
 
 
 def loss_bytes(shape: Shape, work: Workload) -> int:
-    """The chunked output layer (train/loss.py) for one chunk of loss tokens, fp32, while its backward
-    runs: the recomputed logits, the saved log-softmax, the gradient of each, and the softmax temporary
-    (5 vocab-wide rows)."""
+    """The chunked output layer (train/loss.py) for one chunk of loss tokens while its backward runs: the saved
+    log-softmax, its incoming gradient and the gradient it passes back, fp32 vocab-wide rows in every dtype
+    (the logits are cast to fp32 first; the 16-bit output and its gradient come and go before and after)."""
     from tunesmith.train.loss import chunk_tokens
 
     loss_tokens = min(chunk_tokens(shape.vocab), max(1, int(work.batch_size * work.seq_len * work.answer_share)))
-    return 5 * loss_tokens * shape.vocab * 4
+    return 3 * loss_tokens * shape.vocab * FP32
+
+
+def optimizer_step_bytes(shape: Shape, work: Workload, trainable: int, gpu: bool) -> int:
+    """AdamW's temporaries while it steps. On a GPU torch's foreach implementation takes sqrt(v) of every
+    trainable value at once (4 bytes each); on CPU it steps one tensor at a time, holding two temporaries the
+    size of the largest (sqrt(v), then its division)."""
+    if gpu:
+        return trainable * FP32
+    if work.method == "full":
+        largest = max(shape.embedding_params, *(a * b for a, b in shape.linears()))
+    elif work.method == "adapter":
+        largest = shape.hidden * max(1, shape.hidden // work.adapter_reduction)
+    else:
+        largest = work.lora_r * max(max(pair) for pair in shape.linears())
+    return 2 * largest * FP32
+
+
+def memory_breakdown(shape: Shape, work: Workload, gpu: bool = True) -> dict[str, int]:
+    """Every term of training memory in bytes (see PHASES for which are alive together); the CUDA context and
+    the foreach optimizer's temporaries only on a GPU."""
+    trainable = trainable_params(shape, work)
+    memory = {
+        "weights": weight_bytes(shape, work),
+        # Adapter methods' weights in fp32 over the frozen base (full: the weights themselves, counted above).
+        "trainable_weights": 0 if work.method == "full" else trainable * FP32,
+        "optimizer": trainable * ADAM_STATE_BYTES,
+        "gradients": trainable * GRAD_BYTES,
+        "autocast_copies": autocast_copy_bytes(shape, work, trainable),
+        "activations": activation_bytes(shape, work),
+        "layer_recompute": work.batch_size * work.seq_len * layer_activation_bytes(shape, work)
+        if work.gradient_checkpointing
+        else 0,
+        "logits_loss": loss_bytes(shape, work),
+        "optimizer_step": optimizer_step_bytes(shape, work, trainable, gpu),
+    }
+    if gpu:
+        memory["cuda_context"] = CUDA_CONTEXT_BYTES
+    return memory
+
+
+def peak_bytes(memory: dict[str, int], shards: int = 1) -> tuple[int, str]:
+    """Peak memory on one device and the phase it falls in: the persistent terms plus the largest phase; with
+    `shards` devices (FSDP/ZeRO-3) each holds 1/shards of the sharded terms."""
+
+    def size(part: str) -> float:
+        return memory.get(part, 0) / (shards if part in SHARDED else 1)
+
+    phase = max(PHASES, key=lambda name: sum(size(part) for part in PHASES[name]))
+    return math.ceil(sum(size(part) for part in (*PERSISTENT, *PHASES[phase]))), phase
 
 
 def training_flops(shape: Shape, work: Workload) -> float:
@@ -196,24 +340,19 @@ def estimate(
     utilization: float = 0.4,
     prices: dict[str, float] | None = None,
     cpu: dict[str, float] | None = None,
+    cpu_work: Workload | None = None,
 ) -> Estimate:
-    trainable = trainable_params(shape, work)
-    memory = {
-        "weights": weight_bytes(shape, work),
-        "gradients": trainable * GRAD_BYTES,
-        "optimizer": trainable * ADAM_STATE_BYTES,
-        "activations": activation_bytes(shape, work),
-        "logits_loss": loss_bytes(shape, work),
-    }
-    peak = sum(memory.values())
+    """Memory (on a table GPU, in `work`'s dtype), FLOPs, and per device the count, hours and cost. With `cpu`,
+    a row for this machine's CPU too, in `cpu_work`'s dtype (default `work`'s) and without a CUDA context."""
+    memory = memory_breakdown(shape, work)
     flops = training_flops(shape, work)
-    table = dict(DEVICES)
+    rows = [(name, device, memory) for name, device in DEVICES.items()]
     if cpu:
-        table = table | {"this machine (CPU)": cpu}
+        rows.append((CPU_ROW, cpu, memory_breakdown(shape, cpu_work or work, gpu=False)))
     devices = {}
-    for name, device in table.items():
+    for name, device, needs in rows:
         price = (prices or {}).get(name, device["usd_per_hour"])
-        count = devices_needed(memory, device["memory_gib"] * GIB * USABLE)
+        count = devices_needed(needs, device["memory_gib"] * GIB * USABLE)
         hours = flops / (device["tflops"] * 1e12 * utilization * max(1, count or 1)) / 3600
         devices[name] = {
             "fits": count == 1,
@@ -221,18 +360,14 @@ def estimate(
             "hours": float(f"{hours:.4g}"),
             "cost_usd": None if count is None else float(f"{hours * price * count:.3g}"),
         }
-    return Estimate(shape.total_params, trainable, memory, peak, flops, devices)
+    peak, phase = peak_bytes(memory)
+    return Estimate(shape.total_params, trainable_params(shape, work), memory, peak, phase, flops, devices)
 
 
 def devices_needed(memory: dict[str, int], capacity: float, limit: int = 64) -> int | None:
-    """Devices of this capacity to hold the run, sharding weights, gradients and optimizer (FSDP/ZeRO-3);
-    activations and the loss buffer stay per device. None when even `limit` devices are not enough."""
-    sharded = memory["weights"] + memory["gradients"] + memory["optimizer"]
-    local = memory["activations"] + memory["logits_loss"]
-    if local >= capacity:
-        return None
-    count = max(1, math.ceil(sharded / (capacity - local)))
-    return count if count <= limit else None
+    """Devices of this capacity to hold the run, sharding weights, gradients and optimizer state (FSDP/ZeRO-3);
+    activations, the loss buffers and the CUDA context stay whole on each. None when `limit` are not enough."""
+    return next((count for count in range(1, limit + 1) if peak_bytes(memory, count)[0] <= capacity), None)
 
 
 def recommend(shape: Shape, work: Workload, device: str, capacity_bytes: float) -> dict[str, Any]:
