@@ -112,8 +112,10 @@ def main() -> None:
     rate = tokens / seconds
     mfu = 4 * total * rate / PEAK_BF16_FLOPS
     lengths = [len(e) for e in examples]
-    work = Workload.for_run(config, examples, seq_len=args.seq_len)
-    estimated = estimate(Shape.from_config(shape), work).peak_memory_bytes
+    work = Workload.for_run(config, examples, seq_len=args.seq_len, dtype=precision.name)
+    planned = estimate(Shape.from_config(shape), work)
+    # max_memory_allocated counts tensors only: the CUDA context term of the estimate is outside it.
+    estimated = planned.peak_memory_bytes - planned.memory_bytes.get("cuda_context", 0)
     numbers = {
         "size": args.size,
         "params": total,
@@ -123,7 +125,8 @@ def main() -> None:
         "tokens_per_s": round(rate, 1),
         "mfu": round(mfu, 4),
         "peak_allocated_gib": round(peak / 2**30, 2),
-        "plan_estimate_gib": round(estimated / 2**30, 2),
+        "plan_estimate_gib": round(estimated / 2**30, 2),  # without the CUDA context
+        "plan_dtype": work.dtype,
         "estimate_over_measured": round(estimated / peak, 3),
         "loss_first": result.history[0]["loss"],
         "loss_last": result.history[-1]["loss"],
