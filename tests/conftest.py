@@ -16,20 +16,29 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(chat_template: str | None = None):
+def build_tokenizer(
+    chat_template: str | None = None,
+    pre_tokenizer=None,
+    normalizer=None,
+    ignore_merges: bool = False,
+    corpus: list[str] | None = None,
+    vocab_size: int = 300,
+):
+    """A byte-level BPE trained in-process on `corpus` (default: CORPUS); GPT-2's pre-tokenizer unless given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE(unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core = Tokenizer(models.BPE(unk_token=None, ignore_merges=ignore_merges))
+    core.normalizer = normalizer
+    core.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=vocab_size,
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(CORPUS * 5, trainer=trainer)
+    core.train_from_iterator((corpus or CORPUS) * 5, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chat_template:
         tokenizer.chat_template = chat_template

@@ -12,7 +12,7 @@ import unicodedata
 
 import pytest
 
-from tests.conftest import CORPUS, build_model
+from tests.conftest import CORPUS, build_model, build_tokenizer
 from tunesmith.deploy import gguf_writer
 from tunesmith.deploy.gguf_writer import pre_tokenizer_name, write_gguf
 from tunesmith.errors import TunesmithError
@@ -49,21 +49,15 @@ PROBES = [
 
 def _tokenizer(steps: list, normalizer=None, ignore_merges: bool = False):
     """A byte-level BPE trained on the probes and a small corpus, with the given pre-tokenizer steps."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
-    core = Tokenizer(models.BPE(unk_token=None, ignore_merges=ignore_merges))
-    core.normalizer = normalizer
-    core.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return build_tokenizer(
+        pre_tokenizer=pre_tokenizers.Sequence(steps),
+        normalizer=normalizer,
+        ignore_merges=ignore_merges,
+        corpus=CORPUS + PROBES,
         vocab_size=700,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
     )
-    core.train_from_iterator((CORPUS + PROBES) * 5, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def _split(regex: str):

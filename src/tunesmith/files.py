@@ -28,7 +28,7 @@ def _ledger() -> Path:
     return cache_root() / "written-files.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -124,7 +124,7 @@ def _written() -> dict[str, str]:
 def written_by_us(path: Path) -> bool:
     """True when the file holds exactly what tunesmith last wrote there (edited since: no longer ours)."""
     recorded = _written().get(str(path.expanduser().resolve()))
-    return recorded is not None and path.is_file() and _sha256(path) == recorded
+    return recorded is not None and path.is_file() and sha256_file(path) == recorded
 
 
 def check_file_target(path: Path, overwrite: bool, what: str) -> None:
@@ -155,7 +155,7 @@ def write_file_atomic(path: Path, write: Callable[[Path], None], overwrite: bool
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    record = _written() | {str(path.resolve()): _sha256(path)}
+    record = _written() | {str(path.resolve()): sha256_file(path)}
     ledger = _ledger()
     ledger.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(ledger, json.dumps(record, indent=1))

@@ -6,7 +6,6 @@ prints them. A run directory is never reused or overwritten unless the caller pa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ from tunesmith.data.check import CheckReport
 from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
-from tunesmith.files import check_replaceable, is_marked, mark, save_atomic, write_text_atomic
+from tunesmith.files import check_replaceable, is_marked, mark, save_atomic, sha256_file, write_text_atomic
 from tunesmith.train.precision import Precision, resolve
 
 
@@ -51,14 +50,6 @@ class TrainSummary:
     stopped: str = "completed"
     best: dict[str, Any] | None = None
     resumed_from: int | None = None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _git_rev() -> str | None:
