@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tunesmith.cli import main
+from tunesmith.config import CheckpointConfig
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.methods import apply_method, load_base, load_trained, merged_model, save_trained, training_dtype
 from tunesmith.train import checkpoint as ckpt
@@ -135,7 +136,7 @@ def test_bf16_resume_equals_an_uninterrupted_run(tiny_model_dir, chat_file, tmp_
         return apply_method(load_base(config, str(tiny_model_dir), torch.bfloat16), config)[0]
 
     straight = model()
-    fit(straight, examples, settings, 0, session=Session(run_dir=tmp_path / "a", checkpoint_every=3))
+    fit(straight, examples, settings, 0, session=Session(run_dir=tmp_path / "a", checkpoint=CheckpointConfig(every=3)))
     def terminate_at_step_3(record):
         if record.get("step") == 3:
             os.kill(os.getpid(), signal.SIGTERM)

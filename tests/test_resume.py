@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.cli import main
-from tunesmith.config import LoraConfig, TrainConfig
+from tunesmith.config import CheckpointConfig, LoraConfig, TrainConfig, ValidationConfig
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.methods.lora import apply_lora
 from tunesmith.train import checkpoint as ckpt
@@ -49,7 +49,7 @@ def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(chat_file, t
     def run(run_dir, model, **session):
         return fit(
             model, examples, settings, tokenizer.pad_token_id, run_dir / "metrics.jsonl",
-            session=Session(run_dir=run_dir, checkpoint_every=3, **session),
+            session=Session(run_dir=run_dir, checkpoint=CheckpointConfig(every=3), **session),
         )  # fmt: skip
 
     straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
@@ -94,7 +94,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(chat_file, tmp_path, monkeypa
     with pytest.raises(TunesmithError, match="previous checkpoint step-000002 is intact"):
         fit(
             lora_model(len(tokenizer), 1), examples, TrainConfig(**SETTINGS), tokenizer.pad_token_id,
-            session=Session(run_dir=tmp_path, checkpoint_every=2),
+            session=Session(run_dir=tmp_path, checkpoint=CheckpointConfig(every=2)),
         )  # fmt: skip
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
     model = lora_model(len(tokenizer), 7)
@@ -149,7 +149,10 @@ def test_early_stopping_best_checkpoint_and_overfitting_warning(chat_file, tmp_p
     scores = iter([1.0, 0.8, 0.9, 0.95, 0.99, 1.2])  # best at the 2nd validation, then worse and worse
     settings = TrainConfig(**(SETTINGS | {"max_steps": 12, "grad_accum": 1, "lr": 1e-3}))
     session = Session(
-        run_dir=tmp_path, validate=lambda model: {"val_loss": next(scores)}, validate_every=2, patience=3, keep_last=1
+        run_dir=tmp_path,
+        checkpoint=CheckpointConfig(keep_last=1),
+        validation=ValidationConfig(every=2, patience=3),
+        validate=lambda model: {"val_loss": next(scores)},
     )
     result = fit(
         lora_model(len(tokenizer), 1), examples_for(chat_file, tokenizer), settings, tokenizer.pad_token_id,

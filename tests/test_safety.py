@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tunesmith.cli import main
-from tunesmith.config import TrainConfig
+from tunesmith.config import CheckpointConfig, TrainConfig
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import save_atomic, write_text_atomic
 from tunesmith.run import prepare_run_dir
@@ -149,7 +149,7 @@ def test_resume_never_runs_code_from_a_crafted_checkpoint(chat_file, tmp_path):
     tokenizer = build_tokenizer()
     fit(
         lora_model(len(tokenizer), 1), examples_for(chat_file, tokenizer), TrainConfig(**SETTINGS),
-        tokenizer.pad_token_id, session=Session(run_dir=tmp_path, checkpoint_every=4),
+        tokenizer.pad_token_id, session=Session(run_dir=tmp_path, checkpoint=CheckpointConfig(every=4)),
     )  # fmt: skip
     latest = ckpt.latest_checkpoint(tmp_path)
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
@@ -182,7 +182,7 @@ sys.path.insert(0, {root!r})
 from tests.test_resume import SETTINGS, lora_model
 from tests.test_train import examples_for
 from tests.conftest import build_tokenizer
-from tunesmith.config import TrainConfig
+from tunesmith.config import CheckpointConfig, TrainConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import Session, fit
@@ -197,7 +197,7 @@ def limit_after_first(path):
 
 try:
     fit(lora_model(len(tokenizer), 1), examples, TrainConfig(**SETTINGS), tokenizer.pad_token_id,
-        session=Session(run_dir=Path({run!r}), checkpoint_every=2, on_checkpoint=limit_after_first))
+        session=Session(run_dir=Path({run!r}), checkpoint=CheckpointConfig(every=2), on_checkpoint=limit_after_first))
 except TunesmithError as exc:
     print("ERROR:", exc)
     sys.exit(3)
@@ -226,7 +226,7 @@ def test_a_skipped_last_or_checkpoint_step_still_checkpoints(bad_step, chat_file
     settings = TrainConfig(**(SETTINGS | {"grad_accum": 1, "on_nonfinite": "skip"}))
     result = fit(
         model, examples_for(chat_file, tokenizer), settings, tokenizer.pad_token_id,
-        session=Session(run_dir=tmp_path, checkpoint_every=4, keep_last=5),
+        session=Session(run_dir=tmp_path, checkpoint=CheckpointConfig(every=4, keep_last=5)),
     )  # fmt: skip
     assert result.skipped_steps == 1
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000004", "step-000008"]
@@ -252,7 +252,7 @@ def test_a_stop_signal_on_a_skipped_step_still_stops_with_a_checkpoint(chat_file
     with pytest.raises(TrainingInterrupted) as stop:
         fit(
             model, examples_for(chat_file, tokenizer), settings, tokenizer.pad_token_id,
-            session=Session(run_dir=tmp_path, checkpoint_every=100),
+            session=Session(run_dir=tmp_path, checkpoint=CheckpointConfig(every=100)),
         )  # fmt: skip
     assert stop.value.step == 3
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000003"]

@@ -416,13 +416,9 @@ def train_run(
     trackers = Trackers(config, run_dir) if world.main else None
     session = Session(
         run_dir=run_dir,
-        checkpoint_every=config.checkpoint.every,
-        keep_last=config.checkpoint.keep_last,
-        keep_best=config.checkpoint.keep_best,
+        checkpoint=config.checkpoint,
+        validation=config.validation,
         validate=validate,
-        validate_every=config.validation.every,
-        best_metric=config.validation.best_metric,
-        patience=config.validation.patience,
         resume_from=latest,
         log=trackers.log if trackers else None,
         on_checkpoint=lambda path: plot_losses(run_dir),

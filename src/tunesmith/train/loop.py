@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tunesmith.config import TrainConfig
+from tunesmith.config import CheckpointConfig, TrainConfig, ValidationConfig
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.train import checkpoint as ckpt
@@ -123,13 +123,9 @@ class Session:
     """What a run adds around the bare loop: checkpoints, resume, validation, trackers, the live view."""
 
     run_dir: Path | None = None
-    checkpoint_every: int | None = None
-    keep_last: int = 2
-    keep_best: bool = True
-    validate: Callable[[Any], dict[str, float]] | None = None
-    validate_every: int | None = None
-    best_metric: str = "val_loss"
-    patience: int | None = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # when to validate, what counts as best
+    validate: Callable[[Any], dict[str, float]] | None = None  # the scores of one validation
     resume_from: Path | None = None
     log: Callable[[dict[str, Any]], None] | None = None  # trackers
     on_checkpoint: Callable[[Path], None] | None = None
@@ -266,10 +262,10 @@ def fit(
 
     def autocast() -> Any:
         return torch.autocast(accelerator.device.type, dtype=precision.dtype, enabled=precision.name != "fp32")
-    validate_every = session.validate_every or max(1, total_steps // 10)
-    save_every = session.checkpoint_every or validate_every
+    validate_every = session.validation.every or max(1, total_steps // 10)
+    save_every = session.checkpoint.every or validate_every
 
-    state = ckpt.TrainState(best_metric=session.best_metric)
+    state = ckpt.TrainState(best_metric=session.validation.best_metric)
     history: list[dict[str, Any]] = []
     if session.resume_from is not None:
         state = ckpt.load_checkpoint(session.resume_from, model, optimizer, scheduler, sharded=sharded)
@@ -324,8 +320,8 @@ def fit(
         if not world.main:
             return None
         path = ckpt.save_checkpoint(session.run_dir, model, optimizer, scheduler, step_state, tensors, optimizer_state)
-        best = step_state.best_step if session.keep_best else None
-        ckpt.prune(session.run_dir, session.keep_last, best)
+        best = step_state.best_step if session.checkpoint.keep_best else None
+        ckpt.prune(session.run_dir, session.checkpoint.keep_last, best)
         if session.on_checkpoint:
             session.on_checkpoint(path)
         return path
@@ -367,7 +363,8 @@ def fit(
         say(f"step {step}: {shown}" + (" (best)" if record.get("best") else ""))
         since_best = step - (state.best_step or 0)
         evals_since = sum(1 for e in state.evaluations if e["step"] > (state.best_step or 0))
-        return bool(session.patience and since_best > 0 and evals_since >= session.patience)
+        patience = session.validation.patience
+        return bool(patience and since_best > 0 and evals_since >= patience)
 
     def end_of_step(step: int, stop: StopRequest | None) -> bool:
         """Validation, checkpoint and stop-signal handling after a step; True when early stopping ends the run."""
@@ -377,7 +374,8 @@ def fit(
             if early:
                 say(
                     f"Early stop at step {step}: {state.best_metric} has not improved for "
-                    f"{session.patience} validations (best {state.best_value:.4f} at step {state.best_step})."
+                    f"{session.validation.patience} validations "
+                    f"(best {state.best_value:.4f} at step {state.best_step})."
                 )
         signum = stop.signum if stop is not None and stop.signum is not None else 0
         signum = distributed.reduce_max(signum, world, accelerator.device)  # all stop at the same step
