@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def train(config: str, out: Path, steps: int, every: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tunesmith.cli", "train", config, "--out", str(out), "--quiet"]
+    command = [sys.executable, "-m", "tunesmith", "train", config, "--out", str(out), "--quiet"]
     command += ["--max-steps", str(steps), "--checkpoint.every", str(every), "--checkpoint.keep_last", "10", *extra]
     return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}), cwd=ROOT)
 

@@ -70,7 +70,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "tunesmith.cli",
+            "tunesmith",
             "serve",
             str(run),
             "--port",
@@ -128,7 +128,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    subprocess.run([sys.executable, "-m", "tunesmith.cli", "monitor", str(run), "--db", str(log)], check=True)
+    subprocess.run([sys.executable, "-m", "tunesmith", "monitor", str(run), "--db", str(log)], check=True)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url, log = f"http://127.0.0.1:{port}", work / "requests.sqlite"
-    command = [sys.executable, "-m", "tunesmith.cli", "serve", str(run), "--port", str(port), "--log-db", str(log)]
+    command = [sys.executable, "-m", "tunesmith", "serve", str(run), "--port", str(port), "--log-db", str(log)]
     command += ["--queue-size", str(args.queue_size), "--max-batch", str(args.max_batch), "--quiet"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tunesmith.cli import build_parser, config_from_args, main
+from tunesmith.cli import build_parser, main
+from tunesmith.cli.common import config_from_args
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.metrics import schema_checker
 

@@ -1,6 +1,7 @@
 import pytest
 
-from tunesmith.cli import build_parser, config_from_args
+from tunesmith.cli import build_parser
+from tunesmith.cli.common import config_from_args
 from tunesmith.config import dump_config, load_config
 from tunesmith.errors import TunesmithError
 

@@ -169,7 +169,7 @@ def test_early_stopping_best_checkpoint_and_overfitting_warning(chat_file, tmp_p
 
 def _popen_train(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tunesmith.cli", *args],
+        [sys.executable, "-m", "tunesmith", *args],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -256,7 +256,7 @@ def test_resume_refuses_a_changed_config_and_a_missing_run(tiny_model_dir, chat_
 
 
 def test_the_printed_resume_command_drops_overwrite_and_an_earlier_resume_value():
-    from tunesmith.cli import resume_command
+    from tunesmith.cli.train import resume_command
 
     assert resume_command(["train", "c.yaml", "--resume", "auto", "--lr", "1e-3"]) == [
         "train",

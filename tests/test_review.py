@@ -32,7 +32,7 @@ from .test_split import labelled_records
 
 def run_review(data, keys, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "tunesmith.cli", "data", "review", str(data), *extra],
+        [sys.executable, "-m", "tunesmith", "data", "review", str(data), *extra],
         input=keys,
         capture_output=True,
         text=True,

@@ -323,7 +323,7 @@ def test_tunesmith_serve_command_answers_the_openai_client(lora_run, tmp_path):
         [
             sys.executable,
             "-m",
-            "tunesmith.cli",
+            "tunesmith",
             "serve",
             str(lora_run),
             "--port",

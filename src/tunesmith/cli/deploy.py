@@ -1,14 +1,11 @@
-"""The deploy commands of the CLI: export, serve and monitor (parsers and handlers)."""
+"""`tunesmith export`, `serve` and `monitor`: a finished run as files, as a server, and in production."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-
-out = Console()
-err = Console(stderr=True)
+from tunesmith.cli.common import err, out, print_json
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -39,6 +36,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_export(sub)
+    _add_serve(sub)
+    _add_monitor(sub)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     from tunesmith.deploy.export import FORMATS
     from tunesmith.deploy.gguf_writer import TYPES
 
@@ -66,8 +69,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--overwrite", action="store_true", help="Replace an existing export folder.")
     export.add_argument("--quiet", action="store_true", help="No progress display.")
     export.set_defaults(func=cmd_export)
-    add_serve(sub)
-    add_monitor(sub)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -83,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         command = vllm_command(run_dirs, args.host, args.port, api_key, args.max_tokens_limit)
         printable = shlex.join(command if not api_key else [c if c != api_key else "***" for c in command])
         if args.dry_run:
-            out.print(printable, highlight=False, soft_wrap=True)
+            out.print(printable, highlight=False)
             return 0
         if not vllm_available():
             raise TunesmithError(
@@ -143,7 +144,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def add_serve(sub: argparse._SubParsersAction) -> None:
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="Serve runs over an OpenAI-compatible HTTP API (with metrics and a request log).",
@@ -204,7 +205,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from rich.table import Table
@@ -218,7 +218,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     since = time.time() - args.hours * 3600 if args.hours else 0.0
     report = monitor_report(args.run, args.db, since)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
         return 0
     traffic, drift = report["traffic"], report["drift"]
     table = Table(title=f"Traffic ({report['log']})", show_header=False)
@@ -260,7 +260,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_monitor(sub: argparse._SubParsersAction) -> None:
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
     monitor = sub.add_parser(
         "monitor",
         help="Production traffic, drift against the training data, format failures and feedback.",

@@ -1,0 +1,292 @@
+"""`tunesmith compare`, `eval`, `generate`, `runs` and `watch`: look at what a run learned and how it is doing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from tunesmith.cli.common import err, out, print_json
+from tunesmith.errors import TunesmithError
+
+
+def print_comparison(summary: Any) -> None:
+    table = Table(title=f"Base vs tuned on {summary.items} held-out examples ({summary.run_dir})")
+    for column in ("metric", "base", "tuned", "diff", "95% CI", "p", "test"):
+        table.add_column(column, justify="left" if column in ("metric", "test") else "right")
+    for name, r in summary.metrics.items():
+        if "ci_low" not in r:
+            table.add_row(name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}", "", "", "")
+            continue
+        mark = "*" if r["significant"] else ""
+        table.add_row(
+            name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}{mark}",
+            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", f"{r['p_value']:.3g}", r["test"],
+        )  # fmt: skip
+    out.print(table)
+    out.print(
+        f"On {summary.primary}: {summary.wins} wins, {summary.ties} ties, {summary.losses} losses; "
+        f"{len(summary.flipped['fixed'])} fixed, {len(summary.flipped['broken'])} broken. (* = CI excludes 0)"
+    )
+    out.print(f"[bold]Verdict:[/] {summary.verdict}", highlight=False)
+    for kind in ("fixed", "broken"):
+        for row in summary.flipped[kind][:2]:
+            out.print(f"[bold]{kind}[/] (line {row['line']}): {row['prompt'][:200]}", highlight=False)
+            out.print(f"  reference: {row['reference'][:200]}", highlight=False)
+            out.print(f"  base:      {row['base'][:200]}", highlight=False)
+            out.print(f"  tuned:     {row['tuned'][:200]}", highlight=False)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tunesmith.evaluate.compare import compare_run
+    from tunesmith.evaluate.report import write_report
+
+    summary = compare_run(args.run, limit=args.limit, console=err, split=args.split)
+    report = write_report(args.run)
+    if args.json:
+        print_json(asdict(summary))
+    else:
+        print_comparison(summary)
+        out.print(f"Report: {report}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunesmith.evaluate.compare import eval_run
+
+    summary = eval_run(args.run, split=args.split, base=args.base, limit=args.limit, console=err)
+    if args.json:
+        print_json(asdict(summary))
+        return 0
+    table = Table(title=f"{summary.model} model on {summary.items} {summary.split} examples ({summary.run_dir})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in summary.metrics.items():
+        table.add_row(name, f"{value:.4f}")
+    if summary.loss is not None:
+        table.add_row("loss", f"{summary.loss:.4f}")
+        table.add_row("perplexity", f"{summary.perplexity:.3f}")
+    out.print(table)
+    if summary.field_accuracy:
+        out.print("Per-field accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.field_accuracy.items()))
+    if summary.confusion:
+        out.print("Confusion (reference -> predicted): " + json.dumps(summary.confusion))
+    out.print(f"Predictions: {summary.predictions}")
+    return 0
+
+
+def _runs_table(found: list[dict[str, Any]], root: str) -> Table:
+    table = Table(title=f"Runs in {root}")
+    for column in ("name", "model", "method", "status", "steps", "best val", "started"):
+        table.add_column(column, justify="right" if column in ("steps", "best val") else "left")
+    for run in found:
+        best = run["best"]
+        shown = f"{best['metric']} {best['value']:.4f} @{best['step']}" if best and best["value"] is not None else "-"
+        table.add_row(
+            run["name"],
+            str(run["model"]),
+            str(run["method"]),
+            run["status"],
+            str(run["steps"]),
+            shown,
+            str(run["started"] or "-"),
+        )
+    return table
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from tunesmith.runs import describe, find_runs, resolve_run
+
+    if args.action == "show":
+        if not args.name:
+            raise TunesmithError("tunesmith runs show NAME: give the run's name or directory.")
+        run = describe(resolve_run(args.name, Path(args.dir)))
+        if args.json:
+            print_json(run)
+            return 0
+        for key in ("name", "dir", "model", "method", "status", "steps", "loss", "best", "started", "checkpoints"):
+            out.print(f"[bold]{key:12}[/] {run[key]}", highlight=False)
+        for key in ("seed", "git_rev", "finished", "resumed"):
+            if key in run["manifest"]:
+                out.print(f"[bold]{key:12}[/] {run['manifest'][key]}", highlight=False)
+        if (Path(run["dir"]) / "loss.png").is_file():
+            out.print(f"[bold]{'loss curves':12}[/] {Path(run['dir']) / 'loss.png'}", highlight=False)
+        return 0
+    found = find_runs(Path(args.dir))
+    if args.json:
+        print_json([{k: v for k, v in r.items() if k != "manifest"} for r in found])
+    elif not found:
+        out.print(f"No runs in {args.dir}. Start one with: tunesmith train CONFIG")
+    else:
+        out.print(_runs_table(found, args.dir))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from tunesmith.runs import follow, resolve_run
+
+    run_dir = resolve_run(args.run, Path(args.dir))
+    for record in follow(run_dir, args.interval):
+        if args.json:
+            print(json.dumps(record), flush=True)
+        elif record.get("type") == "val":
+            shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+            out.print(f"step {record['step']:>6} [cyan]val[/] {shown}" + (" (best)" if record.get("best") else ""))
+        elif record.get("type") == "event":
+            out.print(f"step {record['step']:>6} [yellow]{record.get('event')}[/]")
+        else:
+            out.print(
+                f"step {record['step']:>6} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"gnorm {record.get('grad_norm') or 0:.3f} {record.get('tokens_per_s', 0):.0f} tok/s",
+                highlight=False,
+            )
+    status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+    out.print(f"Run {run_dir} is {status}.")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunesmith.data.formats import Message
+    from tunesmith.evaluate.generate import generate, load_run
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise TunesmithError("Give exactly one of --prompt TEXT or --prompts FILE.")
+    if args.prompt:
+        prompts = [(Message("user", args.prompt),)]
+    else:
+        prompts = [_prompt_of(c) for c in _read_prompt_file(Path(args.prompts))]
+    loaded = load_run(args.run, base=args.base)
+    answers = generate(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    if args.json:
+        print_json([{"prompt": p[-1].content, "answer": a} for p, a in zip(prompts, answers, strict=True)])
+    else:
+        for messages, answer in zip(prompts, answers, strict=True):
+            if len(prompts) > 1:
+                out.print(f"[bold]> {messages[-1].content}[/]")
+            out.print(answer, highlight=False)
+    return 0
+
+
+def _read_prompt_file(path: Path) -> list[Any]:
+    """Prompts as JSONL records: {"prompt": ...}, {"messages": [...]} (answers optional) or plain lines."""
+    from tunesmith.data.formats import Conversation, Message
+
+    if path.suffix.lower() in (".txt", ""):
+        if not path.is_file():
+            raise TunesmithError(f"Prompt file {path} not found.")
+        return [
+            Conversation(messages=(Message("user", line),)) for line in path.read_text().splitlines() if line.strip()
+        ]
+    conversations = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise TunesmithError(f"{path}:{number}: invalid JSON ({exc.msg}).") from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            conversations.append(Conversation(messages=(Message("user", record["prompt"]),), line=number))
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            turns = tuple(Message(m["role"], m["content"]) for m in record["messages"])
+            conversations.append(Conversation(messages=turns, line=number))
+        else:
+            raise TunesmithError(f'{path}:{number}: expected {{"prompt": ...}} or {{"messages": [...]}}.')
+    return conversations
+
+
+def _prompt_of(conversation: Any) -> tuple:
+    """The part of a conversation that asks: drop a trailing answer if the file included one."""
+    messages = conversation.messages
+    return messages[:-1] if messages and messages[-1].role == "assistant" else messages
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_compare(sub)
+    _add_eval(sub)
+    _add_runs(sub)
+    _add_watch(sub)
+    _add_generate(sub)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    compare = sub.add_parser(
+        "compare",
+        help="Base versus tuned on a run's test split, with confidence intervals and a verdict; writes the report.",
+        description="Generate with the base and the tuned model on the same held-out items and score both with "
+        "eval.metrics. Per metric: both values, the paired difference with a bootstrap 95%% CI, a p-value "
+        "(McNemar's exact test for right/wrong metrics, a paired permutation test otherwise), win/tie/loss counts, "
+        "the items that flipped, and a verdict that says when nothing is significant. Also writes "
+        "eval/report.html (self-contained) and eval/report.json.",
+    )
+    compare.add_argument("run", help="Run directory, e.g. runs/quickstart.")
+    compare.add_argument("--split", default="test", choices=["test", "val", "train"], help="Split [default: test].")
+    compare.add_argument("--limit", type=int, default=None, help="Examples to use [default: eval.limit].")
+    compare.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    compare.set_defaults(func=cmd_compare)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser(
+        "eval",
+        help="Score one model (tuned, or --base) on a run's split; predictions saved.",
+        description="Generate (greedy) on a run's split and score with eval.metrics: exact match, token F1, "
+        "ROUGE-L, chrF, BLEU, JSON validity, JSON-schema conformity (eval.schema_path), per-field accuracy, "
+        "accuracy / macro-F1 / confusion matrix, custom module:function metrics; plus teacher-forced loss and "
+        "perplexity. Writes eval/predictions-SPLIT-MODEL.jsonl and eval/eval-SPLIT-MODEL.json.",
+    )
+    evaluate.add_argument("run", help="Run directory, e.g. runs/quickstart.")
+    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"], help="Split [default: test].")
+    evaluate.add_argument("--base", action="store_true", help="Score the base model instead of the tuned one.")
+    evaluate.add_argument("--limit", type=int, default=None, help="Examples to use [default: eval.limit].")
+    evaluate.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    evaluate.set_defaults(func=cmd_eval)
+
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    runs = sub.add_parser(
+        "runs",
+        help="List runs, or show one (status, steps, best val metric, checkpoints).",
+        description="List the runs under --dir (name, model, method, status, steps, best validation metric, "
+        "start time), or `runs show NAME` for one run's details. 'crashed' means the manifest says running but "
+        "its process is gone: resume it with `tunesmith train CONFIG --resume`.",
+    )
+    runs.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show.")
+    runs.add_argument("name", nargs="?", help="With show: the run's name or directory.")
+    runs.add_argument("--dir", default="runs", help="Directory holding the runs [default: runs].")
+    runs.add_argument("--json", action="store_true", help="Print as JSON on stdout.")
+    runs.set_defaults(func=cmd_runs)
+
+
+def _add_watch(sub: argparse._SubParsersAction) -> None:
+    watch = sub.add_parser(
+        "watch",
+        help="Follow a run's metrics live from another terminal.",
+        description="Print a run's metrics (train steps, validations, events) as they are written, until the run "
+        "completes, fails or is interrupted.",
+    )
+    watch.add_argument("run", help="Run name (under --dir) or run directory.")
+    watch.add_argument("--dir", default="runs", help="Directory holding the runs [default: runs].")
+    watch.add_argument("--interval", type=float, default=2.0, help="Seconds between polls [default: 2].")
+    watch.add_argument("--json", action="store_true", help="Print each record as a JSON line.")
+    watch.set_defaults(func=cmd_watch)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="Generate with a run's tuned (or base) model.",
+        description="Generate answers with the same chat rendering as training.",
+    )
+    gen.add_argument("run", help="Run directory, e.g. runs/quickstart.")
+    gen.add_argument("--prompt", help="One user message to answer.")
+    gen.add_argument("--prompts", help="File of prompts: JSONL with prompt or messages, or one prompt per .txt line.")
+    gen.add_argument("--base", action="store_true", help="Answer with the base model instead of the tuned one.")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens per answer [default: 128].")
+    gen.add_argument("--batch-size", type=int, default=8, help="Prompts generated together [default: 8].")
+    gen.add_argument("--json", action="store_true", help="Print prompts and answers as JSON on stdout.")
+    gen.set_defaults(func=cmd_generate)
