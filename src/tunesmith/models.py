@@ -98,6 +98,15 @@ def load_tokenizer(source: str) -> Any:
     return tokenizer
 
 
+def load_chat_tokenizer(model: str, template: str | None = None) -> Any:
+    """The tokenizer of a `model:` setting with the chat template a run of it renders with (see use_chat_template)."""
+    from tunesmith.data.tokenize import use_chat_template
+
+    tokenizer = load_tokenizer(resolve_model_path(model))
+    use_chat_template(tokenizer, template)
+    return tokenizer
+
+
 def load_model(source: str, dtype: Any = None, quantization: Any = None, attention: str | None = None) -> Any:
     """A causal LM in `dtype` (default fp32); 4-bit layers, with `quantization`, go straight to their device."""
     import torch

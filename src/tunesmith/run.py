@@ -255,22 +255,23 @@ def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examp
 
 def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> dict[str, Any]:
     """The plan's time and cost estimate for this run's real workload, kept to compare with what it took."""
-    from tunesmith.plan.estimate import Shape, Workload, estimate
+    from tunesmith.plan.estimate import CPU_ROW, CPU_TFLOPS, GIB, UTILIZATION, Shape, Workload
+    from tunesmith.plan.report import estimate_with_cpu
 
     try:
         shape = Shape.from_config(model_config)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return {"error": f"no estimate for this model shape: {exc}"}
     work = Workload.for_run(config, examples)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    result = estimate(shape, work, 0.4, None, {"memory_gib": ram, "tflops": 0.16, "usd_per_hour": 0.0})
-    here = result.devices.pop("this machine (CPU)")
+    result = estimate_with_cpu(shape, work, cpu_work=work)
+    here = result.devices.pop(CPU_ROW)
     return {
         "tokens": round(work.tokens),
-        "peak_memory_gib": round(result.peak_memory_bytes / 2**30, 3),
+        "peak_memory_gib": round(result.peak_memory_bytes / GIB, 3),
         "this machine": here,
         "cloud": {name: d["cost_usd"] for name, d in result.devices.items() if d["fits"]},
-        "assumptions": "40% utilisation (MFU); this machine at 0.16 TFLOP/s fp32 (2-core AVX-512)",
+        "assumptions": f"{UTILIZATION:.0%} utilisation (MFU); this machine at {CPU_TFLOPS} TFLOP/s fp32 "
+        "(2-core AVX-512)",
     }
 
 

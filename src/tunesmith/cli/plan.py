@@ -5,134 +5,46 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from tunesmith.cli.common import add_config_options, config_from_args, out, print_json
-from tunesmith.errors import TunesmithError
+from tunesmith.plan.advise import METRICS, NEEDS, EvidenceOptions, Situation, advise
+from tunesmith.plan.estimate import CPU_ROW, CPU_TFLOPS, DEFAULT_GPU, GIB, UTILIZATION
 
-
-def _load_prices(path: str | None) -> dict[str, float]:
-    if not path:
-        return {}
-    import yaml
-
-    try:
-        prices = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise TunesmithError(f"--prices {path}: cannot read it ({exc}).") from None
-    if not isinstance(prices, dict) or not all(isinstance(v, (int, float)) for v in prices.values()):
-        raise TunesmithError(
-            f"--prices {path}: expected a mapping of device name to USD per hour, e.g. 'H100 80GB: 2.1'."
-        )
-    return {str(k): float(v) for k, v in prices.items()}
+if TYPE_CHECKING:  # the plan's module imports torch, which `tunesmith --help` need not wait for
+    from tunesmith.plan.report import Plan
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import os
-    from dataclasses import replace
-
-    from transformers import AutoConfig
-
-    from tunesmith.models import resolve_model_path
-    from tunesmith.plan.estimate import (
-        CPU_ROW,
-        DEVICES,
-        GIB,
-        Shape,
-        Workload,
-        estimate,
-        memory_breakdown,
-        peak_bytes,
-        recommend,
-        table_precision,
-    )
-    from tunesmith.train.precision import Precision, resolve
+    from tunesmith.plan.report import PlanOptions, plan_run
 
     if args.weight_dtype:  # the plan, its CPU row and --measure all take it as train.dtype
         args.overrides = [*args.overrides, f"train.dtype={args.weight_dtype}"]
-    config = config_from_args(args)
-    source = resolve_model_path(config.model)
-    model_config = AutoConfig.from_pretrained(source)
-    model_type = getattr(model_config, "model_type", None)
-    shape = Shape.from_config(model_config)
-    examples = None
-    if config.data.path and not args.tokens:
-        from tunesmith.data.formats import read_conversations
-        from tunesmith.data.tokenize import tokenize_all, use_chat_template
-        from tunesmith.models import load_tokenizer
-
-        tokenizer = load_tokenizer(source)
-        use_chat_template(tokenizer, config.chat_template)
-        examples, _ = tokenize_all(
-            tokenizer,
-            read_conversations(config.data.path, config.data.format)[0],
-            config.data.max_length,
-            config.data.train_on,
-        )
-    table = table_precision(config.train.dtype, model_type)
-    try:
-        here: Precision | None = resolve(config.train.dtype, device="cpu", model_type=model_type)
-        no_cpu_row = ""
-    except TunesmithError as exc:  # fp16 has no CPU path: no row for this machine
-        here, no_cpu_row = None, str(exc)
-    if args.weight_dtype:
-        table = Precision(table.name, "set by --weight-dtype")
-        here = here and Precision(here.name, "set by --weight-dtype")
-    work = Workload.for_run(config, examples, args.seq_len, args.tokens, table.name)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    cpu = {"memory_gib": ram, "tflops": args.cpu_tflops, "usd_per_hour": 0.0}
-    cpu_work = replace(work, dtype=here.name) if here else None
-    result = estimate(shape, work, args.utilization, _load_prices(args.prices), cpu if here else None, cpu_work)
-    if args.gpu and args.gpu not in DEVICES:
-        raise TunesmithError(
-            f"--gpu {args.gpu!r} is not in the device table: {', '.join(DEVICES)}; or use --gpu-memory."
-        )
-    device = args.gpu or (f"{args.gpu_memory:g} GiB device" if args.gpu_memory else "RTX 4090 24GB")
-    # GiB, like the device table: a "24GB" card holds 24 GiB.
-    capacity = (args.gpu_memory or DEVICES[device]["memory_gib"]) * GIB
-    advice = recommend(shape, work, device, capacity)
-    report: dict[str, Any] = {
-        "model": config.model,
-        "method": config.method,
-        "precision": table.to_dict(),
-        "workload": work.__dict__,
-        "estimate": {
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "peak_phase": result.peak_phase,
-            "memory_bytes": result.memory_bytes,
-            "params": result.params,
-            "trainable_params": result.trainable_params,
-            "flops": result.flops,
-            "hours": {k: v["hours"] for k, v in result.devices.items()},
-            "cost_usd": {k: v["cost_usd"] for k, v in result.devices.items()},
-        },
-        "fits": {k: v["fits"] for k, v in result.devices.items()},
-        "devices": result.devices,
-        "this_machine": {"precision": here.to_dict()} if here else {"error": no_cpu_row},
-        "recommendation": advice,
-    }
-    if args.measure:
-        from tunesmith.plan.measure import measure
-
-        measured = measure(config, source, work, args.measure_steps)
-        # Compared with the estimate for what the probe ran: this machine's dtype, its CUDA context if any.
-        local = memory_breakdown(
-            shape, replace(work, dtype=measured["precision"]["dtype"]), gpu="cuda_context_bytes" in measured
-        )
-        local_peak, local_phase = peak_bytes(local)
-        measured["estimate_memory_bytes"] = local
-        measured["estimate_peak_memory_bytes"] = local_peak
-        measured["estimate_peak_phase"] = local_phase
-        measured["estimate_error"] = round(local_peak / measured["peak_memory_bytes"] - 1, 4)
-        report["measured"] = measured
+    options = PlanOptions(
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        gpu=args.gpu,
+        gpu_memory=args.gpu_memory,
+        dtype_reason="set by --weight-dtype" if args.weight_dtype else None,
+        utilization=args.utilization,
+        cpu_tflops=args.cpu_tflops,
+        prices=args.prices,
+        measure_steps=args.measure_steps if args.measure else None,
+    )
+    plan = plan_run(config_from_args(args), options)
     if args.json:
-        print_json(report)
-        return 0
+        print_json(plan.to_dict())
+    else:
+        print_plan(plan)
+    return 0
+
+
+def print_plan(plan: Plan) -> None:
+    result, work, table = plan.estimate, plan.workload, plan.precision
     out.print(
-        f"[bold]{config.model}[/]: {result.params / 1e6:,.1f}M parameters, {config.method} trains "
+        f"[bold]{plan.model}[/]: {result.params / 1e6:,.1f}M parameters, {plan.method} trains "
         f"{result.trainable_params / 1e6:,.2f}M; batch {work.batch_size} x {work.seq_len} tokens; "
         f"{work.tokens:,.0f} training tokens; {result.flops:.3g} FLOPs"
     )
@@ -145,7 +57,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # Not the sum: the loss buffers, a recomputed layer and the optimizer's temporaries are never alive together.
     memory.add_row(f"[bold]peak ({result.peak_phase})", f"[bold]{result.peak_memory_bytes / GIB:.2f}")
     out.print(memory)
-    devices = Table(title=f"Devices (at {args.utilization:.0%} utilisation)")
+    devices = Table(title=f"Devices (at {plan.utilization:.0%} utilisation)")
     for column in ("device", "fits", "devices needed", "hours", "cost USD"):
         devices.add_column(column, justify="left" if column == "device" else "right")
     for name, row in result.devices.items():
@@ -157,22 +69,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "-" if row["cost_usd"] is None else f"{row['cost_usd']:.2f}",
         )
     out.print(devices)
-    if here:
-        out.print(f"{CPU_ROW}: {here.name}, without a CUDA context ({here.reason})")
+    if plan.this_machine:
+        out.print(f"{CPU_ROW}: {plan.this_machine.name}, without a CUDA context ({plan.this_machine.reason})")
     else:
-        out.print(f"{CPU_ROW}: not listed: {no_cpu_row}")
-    out.print(f"[bold]Recommendation for {device}:[/] {advice['method'] or 'none'}")
+        out.print(f"{CPU_ROW}: not listed: {plan.no_cpu_row}")
+    advice = plan.recommendation
+    out.print(f"[bold]Recommendation for {advice['device']}:[/] {advice['method'] or 'none'}")
     for reason in advice["reasons"]:
         out.print(f"  - {reason}")
-    if args.measure:
-        m = report["measured"]
+    if plan.measured:
+        m = plan.measured
         out.print(
             f"[bold]Measured[/] ({m['steps']} steps on {m['device']} in {m['precision']['dtype']}, "
             f"{m['precision']['reason']}): peak {m['peak_memory_bytes'] / GIB:.2f} GiB; estimate for it "
             f"{m['estimate_peak_memory_bytes'] / GIB:.2f} GiB ({m['estimate_error']:+.0%}), "
             f"{m['tokens_per_second']:.0f} tokens/s"
         )
-    return 0
 
 
 def _ask(question: str, choices: tuple[str, ...]) -> str:
@@ -184,8 +96,6 @@ def _ask(question: str, choices: tuple[str, ...]) -> str:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    from tunesmith.plan.advise import NEEDS, Situation, decide, gather_evidence
-
     need, changes, fits = args.need, args.knowledge_changes, args.knowledge_in_context
     if need is None and sys.stdin.isatty():
         need = _ask("What must the model learn: a style, an output format, a behaviour, or knowledge?", NEEDS)
@@ -193,35 +103,23 @@ def cmd_advise(args: argparse.Namespace) -> int:
             changes = _ask("Does that knowledge change often?", ("yes", "no")) == "yes"
             fits = _ask("Could the relevant facts be retrieved and put into the prompt?", ("yes", "no")) == "yes"
     situation = Situation(
-        need=need or "format",
+        need=need or Situation.need,
         knowledge_changes=changes,
         knowledge_fits_context=fits,
-        examples=args.examples or 0,
+        examples=args.examples or Situation.examples,
         latency_critical=args.latency_critical,
         private=args.private,
     )
-    evidence = None
-    if args.data:
-        from tunesmith.data.formats import read_conversations
-        from tunesmith.data.tokenize import use_chat_template
-        from tunesmith.models import load_model, load_tokenizer, resolve_model_path
-
-        source = resolve_model_path(args.model)
-        tokenizer = load_tokenizer(source)
-        use_chat_template(tokenizer, None)
-        situation.examples = situation.examples or len(read_conversations(args.data)[0])
-        evidence = gather_evidence(
-            args.data,
-            load_model(source).eval(),
-            tokenizer,
-            args.metric,
-            args.k,
-            args.sample,
-            args.target,
-            args.seed,
-            args.max_new_tokens,
-        )
-    advice = decide(situation, evidence)
+    options = EvidenceOptions(
+        model=args.model,
+        metric=args.metric,
+        k=args.k,
+        sample=args.sample,
+        target=args.target,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+    )
+    advice = advise(situation, args.data, options)
     if args.json:
         print_json(asdict(advice))
         return 0
@@ -248,7 +146,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     add_config_options(plan)
     plan.add_argument("--tokens", type=float, help="Training tokens in total (instead of counting --data).")
     plan.add_argument("--seq-len", type=int, help="Tokens per sequence [default: p95 of the data, else max_length].")
-    plan.add_argument("--gpu", help="Device to recommend for, a name from the device table [default: RTX 4090 24GB].")
+    plan.add_argument("--gpu", help=f"Device to recommend for, a name from the device table [default: {DEFAULT_GPU}].")
     plan.add_argument(
         "--gpu-memory", type=float, help="Recommend for a device with this much memory in GiB instead (24 for 24 GB)."
     )
@@ -261,14 +159,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     plan.add_argument(
         "--utilization",
         type=float,
-        default=0.4,
-        help="Share of peak FLOP/s reached (MFU) for time and cost [default: 0.4].",
+        default=UTILIZATION,
+        help=f"Share of peak FLOP/s reached (MFU) for time and cost [default: {UTILIZATION}].",
     )
     plan.add_argument(
         "--cpu-tflops",
         type=float,
-        default=0.16,
-        help="This machine's matmul speed in TFLOP/s (2-core AVX-512 fp32: 0.16) [default: 0.16].",
+        default=CPU_TFLOPS,
+        help=f"This machine's matmul speed in TFLOP/s (2-core AVX-512 fp32: 0.16) [default: {CPU_TFLOPS}].",
     )
     plan.add_argument("--prices", help="YAML mapping device name -> USD per hour, overriding the table.")
     plan.add_argument("--measure", action="store_true", help="Run a few real training steps here and report them.")
@@ -284,9 +182,7 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
         "Asks when run in a terminal without --need. With --data, runs the base model zero-shot and few-shot "
         "on held-out examples and reports the headroom.",
     )
-    advise.add_argument(
-        "--need", choices=["style", "format", "behaviour", "knowledge"], help="What the model must learn."
-    )
+    advise.add_argument("--need", choices=NEEDS, help="What the model must learn.")
     advise.add_argument("--knowledge-changes", action="store_true", help="The knowledge changes often.")
     advise.add_argument(
         "--knowledge-in-context",
@@ -297,17 +193,33 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
     advise.add_argument("--latency-critical", action="store_true", help="Latency or per-request cost matters.")
     advise.add_argument("--private", action="store_true", help="Data may not leave your infrastructure.")
     advise.add_argument("--data", help="Examples to measure zero-shot and few-shot performance on.")
-    advise.add_argument("--model", default="gemma-3-270m", help="Base model for the evidence [default: gemma-3-270m].")
+    evidence = EvidenceOptions()
     advise.add_argument(
-        "--metric",
-        default="exact_match",
-        choices=["exact_match", "json_valid", "json_fields"],
-        help="Task metric [default: exact_match].",
+        "--model", default=evidence.model, help=f"Base model for the evidence [default: {evidence.model}]."
     )
-    advise.add_argument("--target", type=float, default=0.8, help="Score that counts as solved [default: 0.8].")
-    advise.add_argument("--k", type=int, default=3, help="Examples in the few-shot prompt [default: 3].")
-    advise.add_argument("--sample", type=int, default=20, help="Held-out examples to score [default: 20].")
-    advise.add_argument("--seed", type=int, default=42, help="Seed of the sample [default: 42].")
-    advise.add_argument("--max-new-tokens", type=int, default=64, help="Most tokens per answer [default: 64].")
+    advise.add_argument(
+        "--metric", default=evidence.metric, choices=METRICS, help=f"Task metric [default: {evidence.metric}]."
+    )
+    advise.add_argument(
+        "--target",
+        type=float,
+        default=evidence.target,
+        help=f"Score that counts as solved [default: {evidence.target}].",
+    )
+    advise.add_argument(
+        "--k", type=int, default=evidence.k, help=f"Examples in the few-shot prompt [default: {evidence.k}]."
+    )
+    advise.add_argument(
+        "--sample", type=int, default=evidence.sample, help=f"Held-out examples to score [default: {evidence.sample}]."
+    )
+    advise.add_argument(
+        "--seed", type=int, default=evidence.seed, help=f"Seed of the sample [default: {evidence.seed}]."
+    )
+    advise.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=evidence.max_new_tokens,
+        help=f"Most tokens per answer [default: {evidence.max_new_tokens}].",
+    )
     advise.add_argument("--json", action="store_true", help="Print the advice as JSON on stdout.")
     advise.set_defaults(func=cmd_advise)

@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import DEFAULT_MODEL
 from tunesmith.data.formats import Conversation, Message, read_conversations
 
 NEEDS = ("style", "format", "behaviour", "knowledge")
+METRICS = ("exact_match", "json_valid", "json_fields")  # per-item metrics that need no schema or config
 
 
 @dataclass
@@ -44,10 +46,38 @@ class Evidence:
 
 
 @dataclass
+class EvidenceOptions:
+    """How the base model is measured on the user's examples."""
+
+    model: str = DEFAULT_MODEL  # the base model, as a `model:` setting
+    metric: str = "exact_match"  # one of METRICS
+    k: int = 3  # solved examples in the few-shot prompt
+    sample: int = 20  # held-out examples scored
+    target: float = 0.8  # the score that counts as solved
+    seed: int = 42  # seed of the sample and of the shots
+    max_new_tokens: int = 64  # most tokens per answer
+
+
+@dataclass
 class Advice:
     recommendation: str  # fine-tune | rag | prompting | collect-data
     reasons: list[str]
     evidence: dict[str, Any] | None = None
+
+
+def advise(situation: Situation, data: str | Path | None = None, options: EvidenceOptions | None = None) -> Advice:
+    """The advice for `situation`; with `data`, measured evidence too, and the examples counted from it when
+    the situation does not say how many there are."""
+    if data is None:
+        return decide(situation)
+    from tunesmith.models import load_chat_tokenizer, load_model, resolve_model_path
+
+    options = options or EvidenceOptions()
+    source = resolve_model_path(options.model)
+    tokenizer = load_chat_tokenizer(source)
+    situation.examples = situation.examples or len(read_conversations(data)[0])
+    evidence = gather_evidence(data, load_model(source).eval(), tokenizer, options)
+    return decide(situation, evidence)
 
 
 def decide(situation: Situation, evidence: Evidence | None = None) -> Advice:
@@ -115,32 +145,25 @@ def few_shot_prompt(question: Conversation, shots: list[Conversation]) -> tuple[
     return (*turns, *question.prompt_messages)
 
 
-def gather_evidence(
-    data: str | Path,
-    model: Any,
-    tokenizer: Any,
-    metric: str = "exact_match",
-    k: int = 3,
-    sample: int = 20,
-    target: float = 0.8,
-    seed: int = 42,
-    max_new_tokens: int = 64,
-) -> Evidence:
+def gather_evidence(data: str | Path, model: Any, tokenizer: Any, options: EvidenceOptions) -> Evidence:
     """Score the base model zero-shot and k-shot on a seeded sample; shots come from outside the sample."""
     from tunesmith.evaluate.generate import generate
     from tunesmith.evaluate.metrics import PER_ITEM
 
+    k, max_new_tokens = options.k, options.max_new_tokens
     conversations = [c for c in read_conversations(data)[0] if c.reference is not None]
-    rng = random.Random(seed)
+    rng = random.Random(options.seed)
     rng.shuffle(conversations)
-    held_out, pool = conversations[:sample], conversations[sample:] or conversations[:k]
+    held_out, pool = conversations[: options.sample], conversations[options.sample :] or conversations[:k]
     references = [str(c.reference) for c in held_out]
     zero = generate(model, tokenizer, [c.prompt_messages for c in held_out], max_new_tokens)
     few = generate(
         model, tokenizer, [few_shot_prompt(c, rng.sample(pool, min(k, len(pool)))) for c in held_out], max_new_tokens
     )
-    score = PER_ITEM[metric]
+    score = PER_ITEM[options.metric]
     zero_score = sum(score(p, r) for p, r in zip(zero, references, strict=True)) / len(held_out)
     few_score = sum(score(p, r) for p, r in zip(few, references, strict=True)) / len(held_out)
     rows = [{"reference": r, "zero_shot": z, "few_shot": f} for r, z, f in zip(references, zero, few, strict=True)]
-    return Evidence(metric, len(held_out), round(zero_score, 4), round(few_score, 4), k, target, rows[:5])
+    return Evidence(
+        options.metric, len(held_out), round(zero_score, 4), round(few_score, 4), k, options.target, rows[:5]
+    )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunesmith.train.precision import Precision, resolve
+if TYPE_CHECKING:  # precision imports torch; the CLI reads the device table and defaults below without it
+    from tunesmith.train.precision import Precision
 
 # Device table: memory (GiB), dense bf16 peak TFLOP/s, on-demand USD per hour (typical cloud list
 # prices, overridable with --prices). Every GPU here computes in bf16. "cpu" is filled in from this
@@ -25,7 +26,10 @@ DEVICES: dict[str, dict[str, float]] = {
     "H100 80GB": {"memory_gib": 80, "tflops": 989, "usd_per_hour": 2.50},
     "H200 141GB": {"memory_gib": 141, "tflops": 989, "usd_per_hour": 3.50},
 }
+DEFAULT_GPU = "RTX 4090 24GB"  # the device `plan` recommends for unless told another
 CPU_ROW = "this machine (CPU)"
+CPU_TFLOPS = 0.16  # fp32 matmul TFLOP/s of this machine's row unless told: a 2-core AVX-512 CPU's
+UTILIZATION = 0.4  # share of peak FLOP/s a fine-tune reaches (MFU), for time and cost unless told
 GIB = 1024**3
 USABLE = 0.9  # share of a GPU's memory left after the caching allocator's fragmentation (the context is a term)
 # What a process holds on a GPU besides its tensors: driver state, the kernels loaded so far, cuBLAS and cuDNN
@@ -54,6 +58,8 @@ SHARDED = ("weights", "trainable_weights", "gradients", "optimizer", "autocast_c
 
 def table_precision(setting: str, model_type: str | None = None) -> Precision:
     """The dtype a run of train.dtype `setting` computes in on the device table's GPUs (all have bf16)."""
+    from tunesmith.train.precision import Precision, resolve
+
     if setting == "auto":
         return Precision("bf16", "train.dtype auto: bf16, which every GPU in the device table supports")
     return resolve(setting, device="cuda", model_type=model_type)  # refuses fp16 where the model overflows in it
@@ -154,6 +160,8 @@ class Workload:
                 per_step = train.batch_size * train.grad_accum * sum(lengths) / len(lengths)
                 tokens = train.max_steps * per_step if train.max_steps else sum(lengths) * train.epochs
         if dtype is None:
+            from tunesmith.train.precision import resolve
+
             dtype = resolve(config.train.dtype).name
         return cls(
             method=config.method,
@@ -337,7 +345,7 @@ def training_flops(shape: Shape, work: Workload) -> float:
 def estimate(
     shape: Shape,
     work: Workload,
-    utilization: float = 0.4,
+    utilization: float = UTILIZATION,
     prices: dict[str, float] | None = None,
     cpu: dict[str, float] | None = None,
     cpu_work: Workload | None = None,

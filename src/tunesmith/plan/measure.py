@@ -106,7 +106,7 @@ def warm_up(config: RunConfig, model_config: Any, work: Workload, precision: Pre
         fit(model, examples, _steps(config, work, 1), pad_id=0, console=Console(quiet=True), precision=precision)
 
 
-def measure(config: RunConfig, source: str, work: Workload, steps: int = 3) -> dict[str, Any]:
+def measure(config: RunConfig, source: str, work: Workload, steps: int) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from tunesmith.methods import apply_method, load_base, training_dtype

@@ -1,0 +1,208 @@
+"""The plan of a run before it trains: peak memory, time and cost on the device table and on this machine, the
+technique that fits the chosen GPU, and optionally a short measured probe set beside the estimate.
+
+`tunesmith plan` only prints what plan_run returns, and a training run records its estimate through the same
+estimate_with_cpu; nothing here prints or writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import RunConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.plan.estimate import (
+    CPU_TFLOPS,
+    DEFAULT_GPU,
+    DEVICES,
+    GIB,
+    UTILIZATION,
+    Estimate,
+    Shape,
+    Workload,
+    estimate,
+    memory_breakdown,
+    peak_bytes,
+    recommend,
+    table_precision,
+)
+from tunesmith.train.precision import Precision, resolve
+
+
+@dataclass
+class PlanOptions:
+    """What a plan takes besides the run config."""
+
+    tokens: float | None = None  # training tokens in total, instead of counting the data
+    seq_len: int | None = None  # tokens per sequence, instead of the data's p95 (else data.max_length)
+    gpu: str | None = None  # the device-table name to recommend for (default DEFAULT_GPU)
+    gpu_memory: float | None = None  # recommend for a device of this many GiB instead
+    dtype_reason: str | None = None  # why train.dtype is what it is, when the caller set it for this plan
+    utilization: float = UTILIZATION
+    cpu_tflops: float = CPU_TFLOPS
+    prices: str | None = None  # YAML file of device name -> USD per hour, over the table's
+    measure_steps: int | None = None  # run this many real training steps here; None: estimate only
+
+
+@dataclass
+class Plan:
+    model: str
+    method: str
+    precision: Precision  # the dtype on the device table's GPUs
+    workload: Workload
+    estimate: Estimate
+    this_machine: Precision | None  # the dtype of this machine's CPU row; None when there is none (fp16)
+    no_cpu_row: str  # why there is no CPU row
+    recommendation: dict[str, Any]
+    utilization: float
+    measured: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        result = self.estimate
+        report: dict[str, Any] = {
+            "model": self.model,
+            "method": self.method,
+            "precision": self.precision.to_dict(),
+            "workload": self.workload.__dict__,
+            "estimate": {
+                "peak_memory_bytes": result.peak_memory_bytes,
+                "peak_phase": result.peak_phase,
+                "memory_bytes": result.memory_bytes,
+                "params": result.params,
+                "trainable_params": result.trainable_params,
+                "flops": result.flops,
+                "hours": {k: v["hours"] for k, v in result.devices.items()},
+                "cost_usd": {k: v["cost_usd"] for k, v in result.devices.items()},
+            },
+            "fits": {k: v["fits"] for k, v in result.devices.items()},
+            "devices": result.devices,
+            "this_machine": {"precision": self.this_machine.to_dict()}
+            if self.this_machine
+            else {"error": self.no_cpu_row},
+            "recommendation": self.recommendation,
+        }
+        if self.measured is not None:
+            report["measured"] = self.measured
+        return report
+
+
+def this_machine(tflops: float = CPU_TFLOPS) -> dict[str, float]:
+    """This machine's CPU as a row of the device table: all its physical memory, `tflops`, nothing per hour."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return {"memory_gib": ram, "tflops": tflops, "usd_per_hour": 0.0}
+
+
+def estimate_with_cpu(
+    shape: Shape,
+    work: Workload,
+    cpu_work: Workload | None,
+    utilization: float = UTILIZATION,
+    cpu_tflops: float = CPU_TFLOPS,
+    prices: dict[str, float] | None = None,
+) -> Estimate:
+    """The estimate on the device table plus, given `cpu_work`, a row for this machine's CPU in its dtype."""
+    cpu = this_machine(cpu_tflops) if cpu_work else None
+    return estimate(shape, work, utilization, prices, cpu, cpu_work)
+
+
+def load_prices(path: str | None) -> dict[str, float]:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        prices = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TunesmithError(f"--prices {path}: cannot read it ({exc}).") from None
+    if not isinstance(prices, dict) or not all(isinstance(v, (int, float)) for v in prices.values()):
+        raise TunesmithError(
+            f"--prices {path}: expected a mapping of device name to USD per hour, e.g. 'H100 80GB: 2.1'."
+        )
+    return {str(k): float(v) for k, v in prices.items()}
+
+
+def plan_run(config: RunConfig, options: PlanOptions) -> Plan:
+    """Estimate a run of `config` from its model's config (and its data, unless options.tokens says how much),
+    recommend a technique for the chosen GPU, and with options.measure_steps measure it here."""
+    from transformers import AutoConfig
+
+    from tunesmith.models import resolve_model_path
+
+    source = resolve_model_path(config.model)
+    model_config = AutoConfig.from_pretrained(source)
+    model_type = getattr(model_config, "model_type", None)
+    shape = Shape.from_config(model_config)
+    examples = _tokenized(config, source) if config.data.path and not options.tokens else None
+    table = table_precision(config.train.dtype, model_type)
+    here, no_cpu_row = _cpu_precision(config.train.dtype, model_type)
+    if options.dtype_reason:
+        table = Precision(table.name, options.dtype_reason)
+        here = here and Precision(here.name, options.dtype_reason)
+    work = Workload.for_run(config, examples, options.seq_len, options.tokens, table.name)
+    cpu_work = replace(work, dtype=here.name) if here else None
+    prices = load_prices(options.prices)
+    result = estimate_with_cpu(shape, work, cpu_work, options.utilization, options.cpu_tflops, prices)
+    device, capacity = _target_device(options.gpu, options.gpu_memory)
+    plan = Plan(
+        model=config.model,
+        method=config.method,
+        precision=table,
+        workload=work,
+        estimate=result,
+        this_machine=here,
+        no_cpu_row=no_cpu_row,
+        recommendation=recommend(shape, work, device, capacity),
+        utilization=options.utilization,
+    )
+    if options.measure_steps:
+        plan.measured = _measure(config, source, shape, work, options.measure_steps)
+    return plan
+
+
+def _tokenized(config: RunConfig, source: str) -> list[Any]:
+    """The run's training data tokenized as training would, for its real lengths and answer share."""
+    from tunesmith.data.formats import read_conversations
+    from tunesmith.data.tokenize import tokenize_all
+    from tunesmith.models import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(source, config.chat_template)
+    conversations = read_conversations(config.data.path, config.data.format)[0]
+    examples, _ = tokenize_all(tokenizer, conversations, config.data.max_length, config.data.train_on)
+    return examples
+
+
+def _cpu_precision(setting: str, model_type: str | None) -> tuple[Precision | None, str]:
+    """The dtype this machine's CPU would train in, or None and the reason it cannot."""
+    try:
+        return resolve(setting, device="cpu", model_type=model_type), ""
+    except TunesmithError as exc:  # fp16 has no CPU path: no row for this machine
+        return None, str(exc)
+
+
+def _target_device(gpu: str | None, gpu_memory: float | None) -> tuple[str, float]:
+    """The device to recommend for and its memory in bytes."""
+    if gpu and gpu not in DEVICES:
+        raise TunesmithError(f"--gpu {gpu!r} is not in the device table: {', '.join(DEVICES)}; or use --gpu-memory.")
+    device = gpu or (f"{gpu_memory:g} GiB device" if gpu_memory else DEFAULT_GPU)
+    # GiB, like the device table: a "24GB" card holds 24 GiB.
+    return device, (gpu_memory or DEVICES[device]["memory_gib"]) * GIB
+
+
+def _measure(config: RunConfig, source: str, shape: Shape, work: Workload, steps: int) -> dict[str, Any]:
+    """The probe's measurements beside the estimate for what it ran: this machine's dtype, its CUDA context
+    if any."""
+    from tunesmith.plan.measure import measure
+
+    measured = measure(config, source, work, steps)
+    local = memory_breakdown(
+        shape, replace(work, dtype=measured["precision"]["dtype"]), gpu="cuda_context_bytes" in measured
+    )
+    local_peak, local_phase = peak_bytes(local)
+    measured["estimate_memory_bytes"] = local
+    measured["estimate_peak_memory_bytes"] = local_peak
+    measured["estimate_peak_phase"] = local_phase
+    measured["estimate_error"] = round(local_peak / measured["peak_memory_bytes"] - 1, 4)
+    return measured
