@@ -33,6 +33,11 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def config_default(dotted: str) -> Any:
+    """The run config's default for a dotted field, for options of other commands that mean the same thing."""
+    return dict(leaf_fields())[dotted].get_default(call_default_factory=True)
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML run config (optional: every field is also a flag below).")
     parser.add_argument(

@@ -9,11 +9,14 @@ from typing import Any
 
 from rich.markup import escape
 
-from tunesmith.cli.common import out, print_json
+from tunesmith.cli.common import config_default, out, print_json
+from tunesmith.data.check import CheckOptions, check_data
 from tunesmith.data.review import KEYS_HELP
 
-FORMAT_HELP = "Record format; auto detects it [default: auto]."
-NEAR_HELP = "Jaccard similarity (word 5-grams) at which two examples count as near duplicates [default: 0.8]."
+FORMAT = config_default("data.format")
+FORMAT_HELP = f"Record format; auto detects it [default: {FORMAT}]."
+NEAR = config_default("data.near_threshold")
+NEAR_HELP = f"Jaccard similarity (word 5-grams) at which two examples count as near duplicates [default: {NEAR}]."
 
 
 def print_check(report: Any) -> None:
@@ -44,15 +47,9 @@ def print_check(report: Any) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from tunesmith.data.check import CheckOptions, check_data
+    from tunesmith.models import load_chat_tokenizer
 
-    tokenizer = None
-    if args.model:
-        from tunesmith.data.tokenize import use_chat_template
-        from tunesmith.models import load_tokenizer, resolve_model_path
-
-        tokenizer = load_tokenizer(resolve_model_path(args.model))
-        use_chat_template(tokenizer, None)
+    tokenizer = load_chat_tokenizer(args.model) if args.model else None
     options = CheckOptions(
         max_length=args.max_length,
         near_threshold=args.near_threshold,
@@ -73,13 +70,13 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     result = split_file(
         args.data,
         args.out,
-        args.val,
-        args.test,
-        args.seed,
-        args.stratify,
-        args.format,
-        args.near_threshold,
-        args.overwrite,
+        val=args.val,
+        test=args.test,
+        seed=args.seed,
+        stratify=args.stratify,
+        fmt=args.format,
+        threshold=args.near_threshold,
+        overwrite=args.overwrite,
     )
     if args.json:
         print_json(asdict(result))
@@ -162,18 +159,19 @@ def _add_check(data_sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("data", help="Data file (JSONL, JSON, CSV or Parquet).")
     check.add_argument("--model", help="Model whose tokenizer and chat template measure token lengths.")
+    max_length = config_default("data.max_length")
     check.add_argument(
-        "--max-length", type=int, default=1024, help="Token limit for truncation counts [default: 1024]."
+        "--max-length", type=int, default=max_length, help=f"Token limit for truncation counts [default: {max_length}]."
     )
     check.add_argument("--label-field", help="Record field holding the class label (else detected from answers).")
     check.add_argument("--against", help="Another data file (e.g. the test split) to measure leakage against.")
-    check.add_argument("--format", default="auto", help=FORMAT_HELP)
-    check.add_argument("--near-threshold", type=float, default=0.8, help=NEAR_HELP)
+    check.add_argument("--format", default=FORMAT, help=FORMAT_HELP)
+    check.add_argument("--near-threshold", type=float, default=NEAR, help=NEAR_HELP)
     check.add_argument(
         "--imbalance-ratio",
         type=float,
-        default=3.0,
-        help="Largest/smallest class ratio above which to warn [default: 3.0].",
+        default=CheckOptions.imbalance_ratio,
+        help=f"Largest/smallest class ratio above which to warn [default: {CheckOptions.imbalance_ratio}].",
     )
     check.add_argument("--json", action="store_true", help="Print the report as JSON on stdout.")
     check.set_defaults(func=cmd_data_check)
@@ -192,8 +190,8 @@ def _add_split(data_sub: argparse._SubParsersAction) -> None:
     split.add_argument("--test", type=float, default=0.1, help="Share for test [default: 0.1].")
     split.add_argument("--stratify", help="Record field holding the class label (else detected from answers).")
     split.add_argument("--seed", type=int, default=42, help="Seed; the same seed gives the same split [default: 42].")
-    split.add_argument("--format", default="auto", help=FORMAT_HELP)
-    split.add_argument("--near-threshold", type=float, default=0.8, help=NEAR_HELP)
+    split.add_argument("--format", default=FORMAT, help=FORMAT_HELP)
+    split.add_argument("--near-threshold", type=float, default=NEAR, help=NEAR_HELP)
     split.add_argument("--overwrite", action="store_true", help="Replace split files already in --out.")
     split.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
     split.set_defaults(func=cmd_data_split)

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from tunesmith.cli.common import err, out, print_json
+from tunesmith.cli.common import config_default, err, out, print_json
 from tunesmith.errors import TunesmithError
 
 
@@ -42,11 +42,9 @@ def print_comparison(summary: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tunesmith.evaluate.compare import compare_run
-    from tunesmith.evaluate.report import write_report
+    from tunesmith.evaluate.report import compare_and_report
 
-    summary = compare_run(args.run, limit=args.limit, console=err, split=args.split)
-    report = write_report(args.run)
+    summary, report = compare_and_report(args.run, limit=args.limit, split=args.split, console=err)
     if args.json:
         print_json(asdict(summary))
     else:
@@ -151,16 +149,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tunesmith.data.formats import Message
-    from tunesmith.evaluate.generate import generate, load_run
+    from tunesmith.evaluate.generate import answer_prompts, read_prompts
 
     if bool(args.prompt) == bool(args.prompts):
         raise TunesmithError("Give exactly one of --prompt TEXT or --prompts FILE.")
-    if args.prompt:
-        prompts = [(Message("user", args.prompt),)]
-    else:
-        prompts = [_prompt_of(c) for c in _read_prompt_file(Path(args.prompts))]
-    loaded = load_run(args.run, base=args.base)
-    answers = generate(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    prompts = [(Message("user", args.prompt),)] if args.prompt else read_prompts(Path(args.prompts))
+    answers = answer_prompts(
+        args.run, prompts, base=args.base, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+    )
     if args.json:
         print_json([{"prompt": p[-1].content, "answer": a} for p, a in zip(prompts, answers, strict=True)])
     else:
@@ -169,40 +165,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 out.print(f"[bold]> {messages[-1].content}[/]")
             out.print(answer, highlight=False)
     return 0
-
-
-def _read_prompt_file(path: Path) -> list[Any]:
-    """Prompts as JSONL records: {"prompt": ...}, {"messages": [...]} (answers optional) or plain lines."""
-    from tunesmith.data.formats import Conversation, Message
-
-    if path.suffix.lower() in (".txt", ""):
-        if not path.is_file():
-            raise TunesmithError(f"Prompt file {path} not found.")
-        return [
-            Conversation(messages=(Message("user", line),)) for line in path.read_text().splitlines() if line.strip()
-        ]
-    conversations = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise TunesmithError(f"{path}:{number}: invalid JSON ({exc.msg}).") from None
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            conversations.append(Conversation(messages=(Message("user", record["prompt"]),), line=number))
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            turns = tuple(Message(m["role"], m["content"]) for m in record["messages"])
-            conversations.append(Conversation(messages=turns, line=number))
-        else:
-            raise TunesmithError(f'{path}:{number}: expected {{"prompt": ...}} or {{"messages": [...]}}.')
-    return conversations
-
-
-def _prompt_of(conversation: Any) -> tuple:
-    """The part of a conversation that asks: drop a trailing answer if the file included one."""
-    messages = conversation.messages
-    return messages[:-1] if messages and messages[-1].role == "assistant" else messages
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -286,7 +248,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--prompt", help="One user message to answer.")
     gen.add_argument("--prompts", help="File of prompts: JSONL with prompt or messages, or one prompt per .txt line.")
     gen.add_argument("--base", action="store_true", help="Answer with the base model instead of the tuned one.")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens per answer [default: 128].")
-    gen.add_argument("--batch-size", type=int, default=8, help="Prompts generated together [default: 8].")
+    tokens, batch = config_default("eval.max_new_tokens"), config_default("eval.batch_size")
+    gen.add_argument("--max-new-tokens", type=int, default=tokens, help=f"Most tokens per answer [default: {tokens}].")
+    gen.add_argument("--batch-size", type=int, default=batch, help=f"Prompts generated together [default: {batch}].")
     gen.add_argument("--json", action="store_true", help="Print prompts and answers as JSON on stdout.")
     gen.set_defaults(func=cmd_generate)

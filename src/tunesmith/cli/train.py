@@ -113,16 +113,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tunesmith.evaluate.compare import compare_run
-    from tunesmith.evaluate.report import write_report
+    from tunesmith.evaluate.report import compare_and_report
 
     trained = _train(args)
     err.print(
         f"Trained {trained.steps} steps in {trained.seconds:.0f}s; "
         f"loss {trained.first_loss:.3f} -> {trained.final_loss:.3f}"
     )
-    compared = compare_run(trained.run_dir, console=err)
-    report = write_report(trained.run_dir)
+    compared, report = compare_and_report(trained.run_dir, console=err)
     if args.json:
         print_json({"train": asdict(trained), "compare": asdict(compared), "report": str(report)})
     else:

@@ -6,6 +6,7 @@ sees at inference exactly the prefix it learned to answer in training.
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,3 +107,36 @@ def generate(
         if progress is not None:
             progress(len(chunk))
     return answers
+
+
+def read_prompts(path: Path) -> list[tuple[Message, ...]]:
+    """Prompts from a file: JSONL records {"prompt": ...} or {"messages": [...]}, or one per line of a .txt."""
+    if path.suffix.lower() in (".txt", ""):
+        if not path.is_file():
+            raise TunesmithError(f"Prompt file {path} not found.")
+        return [(Message("user", line),) for line in path.read_text().splitlines() if line.strip()]
+    prompts: list[tuple[Message, ...]] = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise TunesmithError(f"{path}:{number}: invalid JSON ({exc.msg}).") from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            prompts.append((Message("user", record["prompt"]),))
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            turns = tuple(Message(m["role"], m["content"]) for m in record["messages"])
+            # A file of examples may include their answers: the prompt is what comes before.
+            prompts.append(turns[:-1] if turns and turns[-1].role == "assistant" else turns)
+        else:
+            raise TunesmithError(f'{path}:{number}: expected {{"prompt": ...}} or {{"messages": [...]}}.')
+    return prompts
+
+
+def answer_prompts(
+    run_dir: str | Path, prompts: list[tuple[Message, ...]], base: bool, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """The answers of a run's tuned model (or its base model) to each prompt, greedy."""
+    loaded = load_run(run_dir, base=base)
+    return generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size)

@@ -207,3 +207,13 @@ def write_report(run_dir: str | Path) -> Path:
     partial.write_text(render_html(report), encoding="utf-8")
     os.replace(partial, target)
     return target
+
+
+def compare_and_report(
+    run_dir: str | Path, limit: int | None = None, split: str = "test", console: Any = None
+) -> tuple[Any, Path]:
+    """compare_run's summary, and the report written after it (it includes the comparison just made)."""
+    from tunesmith.evaluate.compare import compare_run
+
+    summary = compare_run(run_dir, limit=limit, console=console, split=split)
+    return summary, write_report(run_dir)
