@@ -23,6 +23,14 @@ def test_set_and_the_fields_own_flag_read_a_value_alike(value):
     assert by_flag.name == by_set.name == value
 
 
+def test_a_percent_sign_in_a_fields_description_prints_as_written(capsys):
+    """argparse %-formats help text: an unescaped '~30% slower' printed the option's whole attribute dict."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "option_strings" not in shown and "%%" not in shown
+
+
 def test_gpu_memory_is_gib_like_the_device_table(tmp_path, capsys):
     LLAMA_7B.save_pretrained(tmp_path / "llama7b")
     common = ["plan", "--model", str(tmp_path / "llama7b"), "--tokens", "1e6", "--seq-len", "512", "--json"]

@@ -91,7 +91,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             dest=f"field:{dotted}",
             default=argparse.SUPPRESS,
             metavar=dotted.rsplit(".", 1)[-1].upper(),
-            help=f"{info.description}{one_of} [default: {default}]",
+            # argparse %-formats help: a "%" in a description (e.g. "~30% slower") would print the whole option.
+            help=f"{info.description}{one_of} [default: {default}]".replace("%", "%%"),
         )
 
 
