@@ -10,15 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import build_tokenizer, chat_records
+from tests.conftest import build_model, build_tokenizer, chat_records
 from tests.test_cli import train_args
 from tests.test_resume import _popen_train, _wait_for
 from tunesmith.config import TrainConfig
 from tunesmith.data.formats import Conversation, Message
 from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE, tokenize_conversation
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.batching import collate
 from tunesmith.train.distributed import World, launch_command, strip_option
-from tunesmith.train.loop import loss_tokens_of, micro_batches
+from tunesmith.train.loop import loss_scale, loss_tokens_of, micro_batches
+from tunesmith.train.loss import IGNORE, model_loss_sum
 
 # Dropout off: its masks depend on how a batch is split, everything else must not.
 FLAGS = ["--max-steps", "6", "--train.batch_size", "4", "--lr", "1e-2", "--set", "lora.dropout=0"]
@@ -52,6 +54,35 @@ def test_each_micro_batch_is_partitioned_across_processes(size):
         seen += everyone
     assert sorted(seen) == list(range(22))  # no example twice in the epoch
     assert loss_tokens_of(examples[0]) == sum(examples[0].loss_mask[1:]) > 0
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_a_step_on_any_number_of_processes_is_one_large_batch(size):
+    """loss_scale: accumulated micro-batches on `size` processes, averaged as DDP does, equal one large batch."""
+    examples = _examples(22)  # one epoch is 3 steps; for 3 processes one share is empty (a weight-0 placeholder)
+    settings = TrainConfig(batch_size=4, grad_accum=2, seed=3)
+    model = build_model(1 + max(max(e.input_ids) for e in examples))
+    streams = [micro_batches(examples, settings, 0, 64, world=World(rank, size)) for rank in range(size)]
+    for _ in range(3):
+        drawn = [[next(stream) for _ in range(settings.grad_accum)] for stream in streams]
+        step = [examples[i] for indices, _, _ in drawn[0] for i in indices]
+        step_tokens = sum(loss_tokens_of(e) for e in step)
+        grads, step_loss = [], 0.0
+        for rank, micro in enumerate(drawn):
+            model.zero_grad()
+            for _, batch, weight in micro:
+                loss = model_loss_sum(model, batch) * loss_scale(weight, step_tokens, World(rank, size))
+                loss.backward()
+                step_loss += loss.item() / size
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        model.zero_grad()
+        whole = collate(step, 0)
+        mean = model_loss_sum(model, whole) / int((whole["labels"][:, 1:] != IGNORE).sum())
+        mean.backward()
+        assert step_loss == pytest.approx(mean.item(), rel=1e-5)  # the loss the loop reports for the step
+        for name, parameter in model.named_parameters():
+            averaged = sum(g[name] for g in grads) / size  # what DDP's all-reduce leaves on every process
+            torch.testing.assert_close(averaged, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_launch_command_runs_the_same_tunesmith_command_on_n_cpu_processes():

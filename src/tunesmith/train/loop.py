@@ -118,6 +118,16 @@ def loss_tokens_of(example: TokenizedExample) -> int:
     return sum(example.loss_mask[1:])
 
 
+def loss_scale(weight: float, step_loss_tokens: int, world: distributed.World) -> float:
+    """The factor on a micro-batch's summed answer loss that makes the step's gradient one large batch's.
+
+    `step_loss_tokens` counts the answer tokens of the whole step, all its micro-batches on all processes, so
+    gradient accumulation and data parallelism both give the mean over every answer token of the step. DDP
+    averages gradients over the processes, hence the factor world.size; a placeholder share (weight 0) adds nothing.
+    """
+    return weight * world.size / step_loss_tokens
+
+
 @dataclass
 class Session:
     """What a run adds around the bare loop: checkpoints, resume, validation, trackers, the live view."""
@@ -207,139 +217,264 @@ def _resume_history(metrics_path: Path | None, step: int) -> list[dict[str, Any]
     return [r for r in kept if r.get("type", "train") == "train"]
 
 
-def fit(
-    model: Any,
-    examples: list[TokenizedExample],
-    settings: TrainConfig,
-    pad_id: int,
-    metrics_path: Path | None = None,
-    console: Console | None = None,
-    row_tokens: int = 1024,
-    session: Session | None = None,
-    precision: Precision | None = None,
-) -> TrainResult:
-    """Train `model` on `examples`; `precision` defaults to what train.dtype resolves to on this machine."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+@dataclass
+class StepOutcome:
+    """What one optimizer step measured, for its metrics row."""
 
-    if not examples:
-        raise TunesmithError("No training examples are left after tokenization; check data.max_length.")
-    console = console or Console(stderr=True)
-    session = session or Session(stop_signals=False)
-    world = distributed.setup()
-    set_seed(settings.seed)
-    precision = precision or resolve(settings.dtype, model_type=getattr(model.config, "model_type", None))
-    # Autocast and loss scaling are done here rather than through accelerate's mixed_precision, which is fixed
-    # once per process (a second run in another dtype, as in tests or a sweep, would be refused).
-    accelerator = Accelerator()
-    if settings.batch_size < world.size:
-        raise TunesmithError(
-            f"train.batch_size {settings.batch_size} is smaller than the {world.size} processes: each process needs "
-            f"at least one example per micro-batch. Set train.batch_size to {world.size} or more."
+    loss: float  # mean answer loss of the step over all processes
+    grad_norm: float
+    lr: float
+    loss_tokens: int
+    tokens: int
+
+
+class Trainer:
+    """One training run, built by `fit`: __init__ sets it up, `train()` steps until done, early stop or a signal.
+
+    Each part of a step is a method to read on its own: `train_step` (one optimizer step), `skip_nonfinite`,
+    `report` (the metrics row), `end_of_step` (validation, checkpoint, stop signals), `validate` and `save`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        examples: list[TokenizedExample],
+        settings: TrainConfig,
+        session: Session,
+        precision: Precision,
+        console: Console,
+        pad_id: int,
+        row_tokens: int,
+        metrics_path: Path | None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.examples, self.settings, self.session, self.precision = examples, settings, session, precision
+        self.world = distributed.setup()
+        set_seed(settings.seed)
+        # Autocast and loss scaling are done here rather than through accelerate's mixed_precision, which is fixed
+        # once per process (a second run in another dtype, as in tests or a sweep, would be refused).
+        self.accelerator = Accelerator()
+        self.device = self.accelerator.device
+        if settings.batch_size < self.world.size:
+            raise TunesmithError(
+                f"train.batch_size {settings.batch_size} is smaller than the {self.world.size} processes: each "
+                "process needs at least one example per micro-batch. "
+                f"Set train.batch_size to {self.world.size} or more."
+            )
+        self.n_batches = math.ceil(len(examples) / settings.batch_size)
+        self.total_steps = plan_steps(self.n_batches, settings)
+        self._setup_model(model)
+        self.validate_every = self.session.validation.every or max(1, self.total_steps // 10)
+        self.save_every = self.session.checkpoint.every or self.validate_every
+        self._resume(metrics_path, console)
+        self.releaser = memory_releaser(settings, self.device)
+        if self.releaser:
+            self.releaser.attach(self.model)
+        skip = self.state.micro_batches
+        self.stream = micro_batches(examples, settings, pad_id, row_tokens, skip=skip, world=self.world)
+        self.started = time.perf_counter() - self.state.elapsed_s
+        self.skipped = 0
+        self._setup_output(metrics_path, console)
+
+    def _setup_model(self, model: Any) -> None:
+        """The model with its loss, sharded (FSDP) or replicated (DDP) over the processes; optimizer and schedule."""
+        settings = self.settings
+        self.model = prepare_model(model, settings)
+        self.loss_model: Any = LossModel(self.model)
+        self.sharded = self.world.size > 1 and self.session.strategy == "fsdp"
+        if self.sharded and self.precision.name == "fp16":
+            raise TunesmithError("train.dtype fp16 (loss scaling) is not supported with --strategy fsdp: use bf16.")
+        if self.sharded:  # before the optimizer is built: sharding replaces the parameters with DTensors
+            layers = self.model.get_decoder().layers
+            self.loss_model = distributed.fully_shard_model(self.loss_model.to(self.device), layers)
+        self.parameters = [p for p in self.loss_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+        total, warmup = self.total_steps, int(settings.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, total, settings.schedule)
         )
-    n_batches = math.ceil(len(examples) / settings.batch_size)
-    total_steps = plan_steps(n_batches, settings)
-    model = prepare_model(model, settings)
-    trainer = LossModel(model)
-    sharded = world.size > 1 and session.strategy == "fsdp"
-    if sharded and precision.name == "fp16":
-        raise TunesmithError("train.dtype fp16 (loss scaling) is not supported with --strategy fsdp: use bf16.")
-    if sharded:  # before the optimizer is built: sharding replaces the parameters with DTensors
-        trainer = distributed.fully_shard_model(trainer.to(accelerator.device), model.get_decoder().layers)
-    parameters = [p for p in trainer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    warmup = int(settings.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total_steps, settings.schedule)
-    )
-    if not sharded:
-        # DDP when there are several processes. The scheduler stays unprepared: accelerate would step it
-        # once per process, but every process here takes a share of the same step.
-        trainer, optimizer = accelerator.prepare(trainer, optimizer)
-    trainer.train()
-    # fp16: the loss is scaled so small gradients survive; the scaler skips steps whose gradients overflowed.
-    scaler = torch.amp.GradScaler(accelerator.device.type) if precision.name == "fp16" else None
+        if not self.sharded:
+            # DDP when there are several processes. The scheduler stays unprepared: accelerate would step it
+            # once per process, but every process here takes a share of the same step.
+            self.loss_model, self.optimizer = self.accelerator.prepare(self.loss_model, self.optimizer)
+        self.loss_model.train()
+        # fp16: the loss is scaled so small gradients survive; the scaler skips steps whose gradients overflowed.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.name == "fp16" else None
 
-    def autocast() -> Any:
-        return torch.autocast(accelerator.device.type, dtype=precision.dtype, enabled=precision.name != "fp32")
-    validate_every = session.validation.every or max(1, total_steps // 10)
-    save_every = session.checkpoint.every or validate_every
+    def _resume(self, metrics_path: Path | None, console: Console) -> None:
+        """Continue from the session's checkpoint, if it names one: weights, optimizer, schedule, data position."""
+        self.state = ckpt.TrainState(best_metric=self.session.validation.best_metric)
+        self.history: list[dict[str, Any]] = []
+        self.resumed_at: int | None = None
+        checkpoint = self.session.resume_from
+        if checkpoint is None:
+            return
+        self.state = ckpt.load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, sharded=self.sharded)
+        # The main process owns the metrics file.
+        self.history = _resume_history(metrics_path if self.world.main else None, self.state.step)
+        console.print(f"Resuming from {checkpoint.name}: step {self.state.step} of {self.total_steps}")
+        self.resumed_at = self.state.step
 
-    state = ckpt.TrainState(best_metric=session.validation.best_metric)
-    history: list[dict[str, Any]] = []
-    if session.resume_from is not None:
-        state = ckpt.load_checkpoint(session.resume_from, model, optimizer, scheduler, sharded=sharded)
-        history = _resume_history(metrics_path if world.main else None, state.step)  # the main process owns the file
-        console.print(f"Resuming from {session.resume_from.name}: step {state.step} of {total_steps}")
-    resumed_at = state.step if session.resume_from is not None else None
+    def _setup_output(self, metrics_path: Path | None, console: Console) -> None:
+        """Metrics file, console and progress bar: only the main process writes metrics, logs, prints and saves."""
+        self.metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path and self.world.main else None
+        self.console = console if self.world.main else Console(stderr=True, quiet=True)
+        live = self.session.live
+        self.live = self.console.is_terminal if live is None else live and self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=self.total_steps, completed=self.state.step, status="")
 
-    releaser = memory_releaser(settings, accelerator.device)
-    if releaser:
-        releaser.attach(model)
-    stream = micro_batches(examples, settings, pad_id, row_tokens, skip=state.micro_batches, world=world)
-    started = time.perf_counter() - state.elapsed_s
-    # Only the main process writes metrics, logs to trackers, prints and checkpoints.
-    metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path and world.main else None
-    if not world.main:
-        console = Console(stderr=True, quiet=True)
-    live = console.is_terminal if session.live is None else session.live and console.is_terminal
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not live,
-    )
-    task = progress.add_task("train", total=total_steps, completed=state.step, status="")
-    stopped = "completed"
-    skipped = 0
-
-    def emit(record: dict[str, Any], force: bool = True) -> None:
-        if metrics_file and force:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if session.log and force and world.main:
-            session.log(record)
-
-    def say(text: str) -> None:
-        if live:
-            progress.console.print(text, highlight=False)
-        else:
-            console.print(text, highlight=False)
-            sys.stderr.flush()
-
-    def save(step_state: ckpt.TrainState) -> Path | None:
-        if session.run_dir is None:
-            return None
-        tensors = optimizer_state = None
-        if sharded:  # every process takes part in gathering the shards; the main one writes
-            tensors, optimizer_state = ckpt.trainable_tensors(model), distributed.full_optimizer_state(optimizer)
-        if not world.main:
-            return None
-        path = ckpt.save_checkpoint(session.run_dir, model, optimizer, scheduler, step_state, tensors, optimizer_state)
-        best = step_state.best_step if session.checkpoint.keep_best else None
-        ckpt.prune(session.run_dir, session.checkpoint.keep_last, best)
-        if session.on_checkpoint:
-            session.on_checkpoint(path)
-        return path
-
-    def run_validation(step: int) -> bool:
-        """Validate, track the best, warn on overfitting; True when early stopping should stop the run."""
-        trainer.eval()  # the releaser's layer hooks do nothing outside training mode
-        if sharded:
-            trainer.unshard()  # the root group's weights (embeddings, head) stay gathered while validating
+    def train(self) -> TrainResult:
+        """Step until the planned steps are done, early stopping ends the run or a stop signal arrives."""
+        stopped = "completed"
         try:
-            # Every process validates (same result), so early stopping agrees everywhere; under the training
-            # autocast, so validation computes in the dtype training does.
-            with torch.no_grad(), autocast():
-                scores = session.validate(model)
+            with self.progress, StopRequest(self.console) if self.session.stop_signals else nullcontext() as stop:
+                for step in range(self.state.step + 1, self.total_steps + 1):
+                    step_start = time.perf_counter()
+                    outcome = self.train_step(step)
+                    self.state.step = step
+                    self.state.elapsed_s = time.perf_counter() - self.started
+                    if outcome is None:
+                        self.progress.update(self.task, advance=1)
+                    else:
+                        self.report(step, outcome, step_start)
+                    # A skipped step still validates, saves and honours a stop signal on its schedule: the last
+                    # step must leave a checkpoint, and a Ctrl-C must not be lost because its step was skipped.
+                    if self.end_of_step(step, stop):
+                        stopped = "early_stopped"
+                        break
         finally:
-            if sharded:
-                trainer.reshard()
-            trainer.train()
+            if self.metrics_file:
+                self.metrics_file.close()
+            if self.releaser:
+                self.releaser.detach()
+        return self.result(stopped)
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.name != "fp32")
+
+    def train_step(self, step: int) -> StepOutcome | None:
+        """One optimizer step over grad_accum micro-batches; None when it was skipped for a non-finite loss."""
+        drawn = [next(self.stream) for _ in range(self.settings.grad_accum)]
+        chosen = [self.examples[i] for indices, _, _ in drawn for i in indices]
+        loss_tokens = sum(loss_tokens_of(e) for e in chosen)
+        loss = self._backward(drawn, loss_tokens)
+        if self.scaler:  # an inf norm after unscaling means the loss scale was too high, not bad data
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm or math.inf)
+        grad_norm = float(distributed.whole(norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.state.micro_batches += self.settings.grad_accum
+        if self.scaler and math.isfinite(loss) and not math.isfinite(grad_norm):
+            self.emit({"type": "event", "step": step, "event": "loss_scale_backoff"})
+        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.skip_nonfinite(step, loss, grad_norm, lr, [e.line for e in chosen])
+            return None
+        self.state.skipped_in_row = 0
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.releaser:
+            self.releaser.release()
+        return StepOutcome(loss, grad_norm, lr, loss_tokens, sum(len(e) for e in chosen))
+
+    def _backward(self, drawn: list[tuple[list[int], dict[str, torch.Tensor], float]], loss_tokens: int) -> float:
+        """Forward and backward over the step's micro-batches; the step's mean answer loss over all processes."""
+        step_loss = 0.0
+        for position, (_, batch, weight) in enumerate(drawn):
+            batch = {k: v.to(self.device) for k, v in batch.items() if k != "real_tokens"}
+            skip_sync = position < len(drawn) - 1 and not self.sharded
+            with self.accelerator.no_sync(self.loss_model) if skip_sync else nullcontext(), self.autocast():
+                loss = self.loss_model(batch) * loss_scale(weight, loss_tokens, self.world)
+                self.accelerator.backward(self.scaler.scale(loss) if self.scaler else loss)
+            step_loss += loss.item() / self.world.size
+        return distributed.reduce_sum(step_loss, self.world, self.device)
+
+    def skip_nonfinite(self, step: int, loss: float, grad_norm: float, lr: float, lines: list[int]) -> None:
+        """Drop a step whose loss or gradients are not finite, or stop (train.on_nonfinite stop, or 5 in a row)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_in_row += 1
+        if self.settings.on_nonfinite == "stop" or self.state.skipped_in_row >= 5:
+            raise TunesmithError(_nonfinite_message(step, loss, grad_norm, lr, self.precision.name, lines))
+        self.skipped += 1
+        self.emit({"type": "event", "step": step, "event": "skipped_nonfinite", "loss": str(loss)})
+        self.say(f"[yellow]step {step} skipped: loss {loss}, grad norm {grad_norm}[/]")
+        self.scheduler.step()
+
+    def report(self, step: int, outcome: StepOutcome, step_start: float) -> None:
+        """Smooth the loss, flag spikes, and show the step: metrics row, trackers, progress bar, log line."""
+        state, loss = self.state, outcome.loss
+        spike = (
+            state.smoothed_loss is not None and step > 10 and loss > self.settings.spike_factor * state.smoothed_loss
+        )
+        state.smoothed_loss = loss if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * loss
+        state.tokens += outcome.tokens
+        record = {
+            "type": "train",
+            "step": step,
+            "epoch": round(state.micro_batches / self.n_batches, 4),
+            "loss": round(loss, 6),
+            "smoothed_loss": round(state.smoothed_loss, 6),
+            "lr": outcome.lr,
+            "grad_norm": round(outcome.grad_norm, 6),
+            "tokens": outcome.tokens,
+            "loss_tokens": outcome.loss_tokens,
+            "tokens_per_s": round(outcome.tokens / (time.perf_counter() - step_start), 2),
+            "elapsed_s": round(state.elapsed_s, 3),
+        }
+        if spike:
+            record["spike"] = True
+            self.say(f"[yellow]loss spike at step {step}: {loss:.4f} vs smoothed {state.smoothed_loss:.4f}[/]")
+        self.history.append(record)
+        self.emit(record, force=spike or step % self.settings.log_every == 0 or step == self.total_steps)
+        status = (
+            f"ep {record['epoch']:.2f} loss {state.smoothed_loss:.4f} lr {outcome.lr:.2e} "
+            f"gnorm {outcome.grad_norm:.3f} {record['tokens_per_s']:.0f} tok/s mem {memory_text(self.device)}"
+        )
+        self.progress.update(self.task, advance=1, status=status)
+        total = self.total_steps
+        if not self.live and (step == 1 or step == total or step % max(1, total // 20) == 0):
+            self.say(f"step {step}/{total} {status}")
+
+    def end_of_step(self, step: int, stop: StopRequest | None) -> bool:
+        """Validation, checkpoint and stop-signal handling after a step; True when early stopping ends the run."""
+        early = False
+        if self.session.validate and (step % self.validate_every == 0 or step == self.total_steps):
+            early = self.validate(step)
+            if early:
+                state = self.state
+                self.say(
+                    f"Early stop at step {step}: {state.best_metric} has not improved for "
+                    f"{self.session.validation.patience} validations "
+                    f"(best {state.best_value:.4f} at step {state.best_step})."
+                )
+        signum = stop.signum if stop is not None and stop.signum is not None else 0
+        signum = distributed.reduce_max(signum, self.world, self.device)  # all stop at the same step
+        if step % self.save_every == 0 or step == self.total_steps or early or signum:
+            saved = self.save()
+            if signum:
+                raise TrainingInterrupted(signum, step, str(saved) if saved else None)
+        return early
+
+    def validate(self, step: int) -> bool:
+        """Validate, track the best, warn on overfitting; True when early stopping should stop the run."""
+        scores = self._scores()
+        state = self.state
         record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}}
         previous = state.evaluations[-1] if state.evaluations else None
         state.evaluations.append({"step": step, "train_loss": state.smoothed_loss, **scores})
@@ -354,155 +489,107 @@ def fit(
             and (state.smoothed_loss or 0) < (previous["train_loss"] or 0)
         ):
             record["overfitting"] = True
-            say(
+            self.say(
                 f"[yellow]warning: val loss rose {previous['val_loss']:.4f} -> {scores['val_loss']:.4f} while train "
                 "loss fell: the model may be overfitting (fewer epochs, lower lr, more data)[/]"
             )
-        emit(record)
+        self.emit(record)
         shown = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        say(f"step {step}: {shown}" + (" (best)" if record.get("best") else ""))
+        self.say(f"step {step}: {shown}" + (" (best)" if record.get("best") else ""))
         since_best = step - (state.best_step or 0)
         evals_since = sum(1 for e in state.evaluations if e["step"] > (state.best_step or 0))
-        patience = session.validation.patience
+        patience = self.session.validation.patience
         return bool(patience and since_best > 0 and evals_since >= patience)
 
-    def end_of_step(step: int, stop: StopRequest | None) -> bool:
-        """Validation, checkpoint and stop-signal handling after a step; True when early stopping ends the run."""
-        early = False
-        if session.validate and (step % validate_every == 0 or step == total_steps):
-            early = run_validation(step)
-            if early:
-                say(
-                    f"Early stop at step {step}: {state.best_metric} has not improved for "
-                    f"{session.validation.patience} validations "
-                    f"(best {state.best_value:.4f} at step {state.best_step})."
-                )
-        signum = stop.signum if stop is not None and stop.signum is not None else 0
-        signum = distributed.reduce_max(signum, world, accelerator.device)  # all stop at the same step
-        if step % save_every == 0 or step == total_steps or early or signum:
-            saved = save(state)
-            if signum:
-                raise TrainingInterrupted(signum, step, str(saved) if saved else None)
-        return early
+    def _scores(self) -> dict[str, float]:
+        """The session's validation scores of the model as it is now."""
+        self.loss_model.eval()  # the releaser's layer hooks do nothing outside training mode
+        if self.sharded:
+            self.loss_model.unshard()  # the root group's weights (embeddings, head) stay gathered while validating
+        try:
+            # Every process validates (same result), so early stopping agrees everywhere; under the training
+            # autocast, so validation computes in the dtype training does.
+            with torch.no_grad(), self.autocast():
+                return self.session.validate(self.model)
+        finally:
+            if self.sharded:
+                self.loss_model.reshard()
+            self.loss_model.train()
 
-    try:
-        with progress, StopRequest(console) if session.stop_signals else nullcontext() as stop:
-            for step in range(state.step + 1, total_steps + 1):
-                step_start = time.perf_counter()
-                drawn = [next(stream) for _ in range(settings.grad_accum)]
-                # Normalise by the answer tokens of the whole step on all processes, so accumulation and
-                # data parallelism both equal one large batch. DDP averages gradients over processes,
-                # hence the factor world.size.
-                chosen = [examples[i] for indices, _, _ in drawn for i in indices]
-                loss_tokens = sum(loss_tokens_of(e) for e in chosen)
-                real_tokens = sum(len(e) for e in chosen)
-                step_loss = 0.0
-                for position, (_, batch, weight) in enumerate(drawn):
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "real_tokens"}
-                    last = position == len(drawn) - 1
-                    skip_sync = not last and not sharded
-                    with accelerator.no_sync(trainer) if skip_sync else nullcontext(), autocast():
-                        loss = trainer(batch) * (weight * world.size / loss_tokens)
-                        accelerator.backward(scaler.scale(loss) if scaler else loss)
-                    step_loss += loss.item() / world.size
-                step_loss = distributed.reduce_sum(step_loss, world, accelerator.device)
-                if scaler:  # an inf norm after unscaling means the loss scale was too high, not bad data
-                    scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or math.inf)
-                grad_norm = float(distributed.whole(norm))
-                lr = scheduler.get_last_lr()[0]
-                state.micro_batches += settings.grad_accum
-                if scaler and math.isfinite(step_loss) and not math.isfinite(grad_norm):
-                    emit({"type": "event", "step": step, "event": "loss_scale_backoff"})
-                elif not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                    lines = [e.line for e in chosen]
-                    message = _nonfinite_message(step, step_loss, grad_norm, lr, precision.name, lines)
-                    optimizer.zero_grad(set_to_none=True)
-                    state.skipped_in_row += 1
-                    if settings.on_nonfinite == "stop" or state.skipped_in_row >= 5:
-                        raise TunesmithError(message)
-                    skipped += 1
-                    emit({"type": "event", "step": step, "event": "skipped_nonfinite", "loss": str(step_loss)})
-                    say(f"[yellow]step {step} skipped: loss {step_loss}, grad norm {grad_norm}[/]")
-                    scheduler.step()
-                    state.step = step
-                    state.elapsed_s = time.perf_counter() - started
-                    progress.update(task, advance=1)
-                    # A skipped step still validates, saves and honours a stop signal on its schedule: the last
-                    # step must leave a checkpoint, and a Ctrl-C must not be lost because its step was skipped.
-                    if end_of_step(step, stop):
-                        stopped = "early_stopped"
-                        break
-                    continue
-                state.skipped_in_row = 0
-                if scaler:
-                    scaler.step(optimizer)  # skipped when the gradients overflowed
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if releaser:
-                    releaser.release()
-                spike = (
-                    state.smoothed_loss is not None
-                    and step > 10
-                    and step_loss > settings.spike_factor * state.smoothed_loss
-                )
-                state.smoothed_loss = (
-                    step_loss if state.smoothed_loss is None else 0.9 * state.smoothed_loss + 0.1 * step_loss
-                )
-                state.tokens += real_tokens
-                state.step = step
-                state.elapsed_s = time.perf_counter() - started
-                record = {
-                    "type": "train",
-                    "step": step,
-                    "epoch": round(state.micro_batches / n_batches, 4),
-                    "loss": round(step_loss, 6),
-                    "smoothed_loss": round(state.smoothed_loss, 6),
-                    "lr": lr,
-                    "grad_norm": round(grad_norm, 6),
-                    "tokens": real_tokens,
-                    "loss_tokens": loss_tokens,
-                    "tokens_per_s": round(real_tokens / (time.perf_counter() - step_start), 2),
-                    "elapsed_s": round(state.elapsed_s, 3),
-                }
-                if spike:
-                    record["spike"] = True
-                    say(f"[yellow]loss spike at step {step}: {step_loss:.4f} vs smoothed {state.smoothed_loss:.4f}[/]")
-                history.append(record)
-                emit(record, force=spike or step % settings.log_every == 0 or step == total_steps)
-                status = (
-                    f"ep {record['epoch']:.2f} loss {state.smoothed_loss:.4f} lr {lr:.2e} gnorm {grad_norm:.3f} "
-                    f"{record['tokens_per_s']:.0f} tok/s mem {memory_text(accelerator.device)}"
-                )
-                progress.update(task, advance=1, status=status)
-                if not live and (step == 1 or step == total_steps or step % max(1, total_steps // 20) == 0):
-                    say(f"step {step}/{total_steps} {status}")
-                if end_of_step(step, stop):
-                    stopped = "early_stopped"
-                    break
-    finally:
-        if metrics_file:
-            metrics_file.close()
-        if releaser:
-            releaser.detach()
-    seconds = time.perf_counter() - started
-    trainable = ckpt.trainable_tensors(model) if sharded else None
-    best = None
-    if state.best_step is not None:
-        best = {"metric": state.best_metric, "value": state.best_value, "step": state.best_step}
-    return TrainResult(
-        steps=state.step,
-        epochs=round(state.micro_batches / n_batches, 4),
-        final_loss=history[-1]["loss"] if history else float("nan"),
-        tokens=state.tokens,
-        seconds=seconds,
-        history=history,
-        stopped=stopped,
-        best=best,
-        resumed_from=resumed_at,
-        skipped_steps=skipped,
-        trainable=trainable,
-    )
+    def save(self) -> Path | None:
+        """Write a checkpoint of this step and prune older ones; its path on the main process, else None."""
+        run_dir = self.session.run_dir
+        if run_dir is None:
+            return None
+        tensors = optimizer_state = None
+        if self.sharded:  # every process takes part in gathering the shards; the main one writes
+            tensors = ckpt.trainable_tensors(self.model)
+            optimizer_state = distributed.full_optimizer_state(self.optimizer)
+        if not self.world.main:
+            return None
+        path = ckpt.save_checkpoint(
+            run_dir, self.model, self.optimizer, self.scheduler, self.state, tensors, optimizer_state
+        )
+        settings = self.session.checkpoint
+        ckpt.prune(run_dir, settings.keep_last, self.state.best_step if settings.keep_best else None)
+        if self.session.on_checkpoint:
+            self.session.on_checkpoint(path)
+        return path
+
+    def emit(self, record: dict[str, Any], force: bool = True) -> None:
+        """Append a record to metrics.jsonl and hand it to the trackers (force False: neither)."""
+        if not force:
+            return
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.session.log and self.world.main:
+            self.session.log(record)
+
+    def say(self, text: str) -> None:
+        if self.live:
+            self.progress.console.print(text, highlight=False)
+        else:
+            self.console.print(text, highlight=False)
+            sys.stderr.flush()
+
+    def result(self, stopped: str) -> TrainResult:
+        seconds = time.perf_counter() - self.started
+        trainable = ckpt.trainable_tensors(self.model) if self.sharded else None  # a collective: every process
+        state = self.state
+        best = None
+        if state.best_step is not None:
+            best = {"metric": state.best_metric, "value": state.best_value, "step": state.best_step}
+        return TrainResult(
+            steps=state.step,
+            epochs=round(state.micro_batches / self.n_batches, 4),
+            final_loss=self.history[-1]["loss"] if self.history else float("nan"),
+            tokens=state.tokens,
+            seconds=seconds,
+            history=self.history,
+            stopped=stopped,
+            best=best,
+            resumed_from=self.resumed_at,
+            skipped_steps=self.skipped,
+            trainable=trainable,
+        )
+
+
+def fit(
+    model: Any,
+    examples: list[TokenizedExample],
+    settings: TrainConfig,
+    pad_id: int,
+    metrics_path: Path | None = None,
+    console: Console | None = None,
+    row_tokens: int = 1024,
+    session: Session | None = None,
+    precision: Precision | None = None,
+) -> TrainResult:
+    """Train `model` on `examples`; `precision` defaults to what train.dtype resolves to on this machine."""
+    if not examples:
+        raise TunesmithError("No training examples are left after tokenization; check data.max_length.")
+    precision = precision or resolve(settings.dtype, model_type=getattr(model.config, "model_type", None))
+    session = session or Session(stop_signals=False)
+    console = console or Console(stderr=True)
+    return Trainer(model, examples, settings, session, precision, console, pad_id, row_tokens, metrics_path).train()
