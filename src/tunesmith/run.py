@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
@@ -26,7 +26,11 @@ from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import check_replaceable, is_marked, mark, save_atomic, sha256_file, write_text_atomic
+from tunesmith.train import distributed
 from tunesmith.train.precision import Precision, resolve
+
+if TYPE_CHECKING:  # for annotations only: the loop is imported where a run trains, as methods and models are
+    from tunesmith.train.loop import TrainResult
 
 
 @dataclass
@@ -281,7 +285,7 @@ def _saved_splits(run_dir: Path) -> dict[str, list[Conversation]]:
 
 
 def _prepare(
-    config: RunConfig, run_dir: Path, resuming: bool, overwrite: bool, console: Console, world: Any
+    config: RunConfig, run_dir: Path, resuming: bool, overwrite: bool, console: Console, world: distributed.World
 ) -> tuple[dict[str, list[Conversation]], str, dict[str, Any], Path | None]:
     """Splits, data format, manifest info and the checkpoint to resume from; the main process writes them.
 
@@ -323,6 +327,35 @@ def _prepare(
     return splits, fmt, info, latest
 
 
+@dataclass
+class _Run:
+    """A run directory ready to train in, as this process sees it; what the stages of train_run hand along."""
+
+    run_dir: Path
+    world: distributed.World
+    console: Console
+    splits: dict[str, list[Conversation]]
+    fmt: str
+    info: dict[str, Any]  # the manifest
+    latest: Path | None  # the checkpoint to resume from
+    resuming: bool
+
+    def write_manifest(self, status: str, **extra: Any) -> None:
+        if self.world.main:
+            _write_manifest(self.run_dir, self.info, status, **extra)
+
+
+@dataclass
+class _Tokenized:
+    """The run's tokenizer and chat template, its tokenized train and val examples, the tokenize report."""
+
+    tokenizer: Any
+    template: str
+    examples: list[Any]
+    val_examples: list[Any]
+    report: dict[str, Any]
+
+
 def train_run(
     config: RunConfig,
     overwrite: bool = False,
@@ -334,39 +367,45 @@ def train_run(
 
     With config.resume, an existing run directory continues from its last complete checkpoint.
     """
-    from tunesmith.data.cache import cached_tokenize
-    from tunesmith.methods import (
-        apply_method,
-        count_parameters,
-        load_base,
-        save_trained,
-        training_dtype,
-        weights_dir,
-    )
-    from tunesmith.models import cache_root, load_tokenizer, resolve_model_path
-    from tunesmith.runs import plot_losses
-    from tunesmith.train import checkpoint as ckpt
-    from tunesmith.train import distributed
-    from tunesmith.train.loop import Session, fit
-    from tunesmith.train.trackers import Trackers
+    from tunesmith.models import resolve_model_path
 
+    run = _open_run(config, overwrite, console or Console(stderr=True))
+    run.console.print(f"[bold]Model[/] {config.model}  [bold]method[/] {config.method}  [bold]run[/] {run.run_dir}")
+    source = resolve_model_path(config.model)
+    precision = run_precision(config, source, run.info if run.resuming else {}, run.console)
+    run.info["precision"] = precision.to_dict()
+    run.write_manifest("running")
+    data = _tokenize(config, run, source)
+    model, parameters = _build_model(config, run, source, precision, data.examples)
+    result = _train(config, run, data, model, precision, live, strategy)
+    trained = _final_weights(config, run, model, result)
+    model.eval()
+    if not run.world.main:  # the main process writes the run's weights and summary; wait for it, then leave
+        distributed.barrier(run.world)
+        return read_summary(run.run_dir)
+    _save_model(config, run, data, model, trained)
+    summary = _write_summary(config, run, data, parameters, result)
+    distributed.barrier(run.world)
+    return summary
+
+
+def _open_run(config: RunConfig, overwrite: bool, console: Console) -> _Run:
+    """Create the run directory (or check the one to resume), split and write the data, mark the run running."""
     world = distributed.setup()
-    console = console or Console(stderr=True)
     if not world.main:  # one process speaks and writes; the others train alongside it
         console = Console(stderr=True, quiet=True)
     run_dir = config.run_dir
     existing = (run_dir / "manifest.json").is_file()
-    resuming = bool(config.resume) and existing
     if config.resume is True and not existing:
         raise TunesmithError(
             f"--resume: {run_dir} holds no run to resume. Drop --resume (or use --resume auto) to start it."
         )
+    resuming = bool(config.resume) and existing
     distributed.barrier(world)  # every process has looked at the run directory before the main one changes it
     with distributed.main_first(world):
         splits, fmt, info, latest = _prepare(config, run_dir, resuming, overwrite, console, world)
-        if world.main:
-            _write_manifest(run_dir, info, "running")
-    train, val, test = splits["train"], splits["val"], splits["test"]
+        run = _Run(run_dir, world, console, splits, fmt, info, latest, resuming)
+        run.write_manifest("running")
     if world.size > 1:
         per = config.train.batch_size / world.size
         console.print(
@@ -374,66 +413,83 @@ def train_run(
             f"{config.train.batch_size * config.train.grad_accum} examples per step (train.batch_size is per step "
             "over all processes, so results do not depend on their number)"
         )
+    return run
 
-    console.print(f"[bold]Model[/] {config.model}  [bold]method[/] {config.method}  [bold]run[/] {run_dir}")
-    source = resolve_model_path(config.model)
-    precision = run_precision(config, source, info if resuming else {}, console)
-    info["precision"] = precision.to_dict()
-    if world.main:
-        _write_manifest(run_dir, info, "running")
+
+def _tokenize(config: RunConfig, run: _Run, source: str) -> _Tokenized:
+    """The model's tokenizer and chat template, and the train and val examples tokenized (through the cache)."""
+    from tunesmith.data.cache import cached_tokenize
+    from tunesmith.models import cache_root, load_tokenizer
+
     tokenizer = load_tokenizer(source)
     template = use_chat_template(tokenizer, config.chat_template)
-    tokenized_root = cache_root() / "tokenized"
-    with distributed.main_first(world):  # the main process fills the tokenized cache, the others read it
-        examples, stats, hit = cached_tokenize(
-            tokenizer, train, config.data.max_length, config.data.train_on, tokenized_root
-        )
-        val_examples = (
-            cached_tokenize(tokenizer, val, config.data.max_length, config.data.train_on, tokenized_root)[0]
-            if val
-            else []
-        )
-    token_report = stats.summary()
-    if world.main:
-        (run_dir / "data" / "tokenize.json").write_text(json.dumps(token_report, indent=2))
-    console.print(
-        f"{fmt} data: {len(train)} train / {len(val)} val / {len(test)} test examples, {token_report['tokens']} "
+    root = cache_root() / "tokenized"
+    train, val, test = run.splits["train"], run.splits["val"], run.splits["test"]
+
+    def tokenize(conversations: list[Conversation]) -> tuple[list[Any], Any, bool]:
+        return cached_tokenize(tokenizer, conversations, config.data.max_length, config.data.train_on, root)
+
+    with distributed.main_first(run.world):  # the main process fills the tokenized cache, the others read it
+        examples, stats, hit = tokenize(train)
+        val_examples = tokenize(val)[0] if val else []
+    report = stats.summary()
+    if run.world.main:
+        (run.run_dir / "data" / "tokenize.json").write_text(json.dumps(report, indent=2))
+    run.console.print(
+        f"{run.fmt} data: {len(train)} train / {len(val)} val / {len(test)} test examples, {report['tokens']} "
         f"tokens; {stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped "
         "(no answer left)" + (" [tokenized cache hit]" if hit else "")
     )
-    validate = None
-    if val:
-        validate = _validator(config, tokenizer, val, val_examples)
+    return _Tokenized(tokenizer, template, examples, val_examples, report)
 
+
+def _build_model(
+    config: RunConfig, run: _Run, source: str, precision: Precision, examples: list[Any]
+) -> tuple[Any, tuple[int, int]]:
+    """The base model with the method applied, its (trainable, total) parameters; a new run's plan estimate."""
     from accelerate.utils import set_seed
+
+    from tunesmith.methods import apply_method, count_parameters, load_base, training_dtype
 
     set_seed(config.train.seed)  # the new weights (LoRA A, adapters) start the same in every run of this config
     model, _ = apply_method(load_base(config, source, training_dtype(config, precision.dtype)), config)
     trainable, total = count_parameters(model)
-    console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    if not resuming and world.main:
+    run.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if not run.resuming and run.world.main:
         plan = plan_estimate(config, model.config, examples)
-        (run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
-    trackers = Trackers(config, run_dir) if world.main else None
+        (run.run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    return model, (trainable, total)
+
+
+def _train(
+    config: RunConfig, run: _Run, data: _Tokenized, model: Any, precision: Precision, live: bool | None, strategy: str
+) -> TrainResult:
+    """The training loop with the run's checkpoints, validation and trackers; the manifest says how it ended."""
+    from tunesmith.runs import plot_losses
+    from tunesmith.train.loop import Session, fit
+    from tunesmith.train.trackers import Trackers
+
+    val = run.splits["val"]
+    trackers = Trackers(config, run.run_dir) if run.world.main else None
     session = Session(
-        run_dir=run_dir,
+        run_dir=run.run_dir,
         checkpoint=config.checkpoint,
         validation=config.validation,
-        validate=validate,
-        resume_from=latest,
+        validate=_validator(config, data.tokenizer, val, data.val_examples) if val else None,
+        resume_from=run.latest,
         log=trackers.log if trackers else None,
-        on_checkpoint=lambda path: plot_losses(run_dir),
+        on_checkpoint=lambda path: plot_losses(run.run_dir),
         live=live,
         strategy=strategy,
     )
     try:
         result = fit(
             model,
-            examples,
+            data.examples,
             config.train,
-            tokenizer.pad_token_id,
-            run_dir / "metrics.jsonl",
-            console,
+            data.tokenizer.pad_token_id,
+            run.run_dir / "metrics.jsonl",
+            run.console,
             row_tokens=config.data.max_length,
             session=session,
             precision=precision,
@@ -441,51 +497,70 @@ def train_run(
     except TrainingInterrupted:
         if trackers:
             trackers.close("interrupted")
-            _write_manifest(run_dir, info, "interrupted")
+            run.write_manifest("interrupted")
         raise
     except BaseException as exc:
         if trackers:
             trackers.close("failed")
-            _write_manifest(run_dir, info, "failed", error=str(exc)[:2000])
+            run.write_manifest("failed", error=str(exc)[:2000])
         raise
     if trackers:
         trackers.close("completed")
+    return result
 
-    trained = result.trainable  # whole weights when training sharded them (FSDP), else the model holds them
-    if config.validation.load_best_at_end and result.best:
-        best_dir = ckpt.checkpoints_dir(run_dir) / f"step-{result.best['step']:06d}"
-        if (best_dir / "state.json").is_file():
-            if trained is None:
-                ckpt.load_trainable(model, best_dir / "trainable.safetensors")
-            else:
-                from safetensors.torch import load_file
 
-                trained = load_file(str(best_dir / "trainable.safetensors"))
-            console.print(f"Saving the best checkpoint ({best_dir.name}) as the run's model.")
-    model.eval()
-    weights = weights_dir(config, run_dir)
-    if not world.main:  # the main process writes the run's weights and summary; wait for it, then leave
-        distributed.barrier(world)
-        return read_summary(run_dir)
+def _final_weights(config: RunConfig, run: _Run, model: Any, result: TrainResult) -> dict[str, Any] | None:
+    """Load the best checkpoint's weights when validation.load_best_at_end asks for them.
+
+    Returns the whole trained weights when training sharded them (FSDP); None when the model holds them.
+    """
+    from tunesmith.train import checkpoint as ckpt
+
+    trained = result.trainable
+    if not (config.validation.load_best_at_end and result.best):
+        return trained
+    best_dir = ckpt.checkpoints_dir(run.run_dir) / f"step-{result.best['step']:06d}"
+    if not (best_dir / "state.json").is_file():
+        return trained
+    if trained is None:
+        ckpt.load_trainable(model, best_dir / "trainable.safetensors")
+    else:
+        from safetensors.torch import load_file
+
+        trained = load_file(str(best_dir / "trainable.safetensors"))
+    run.console.print(f"Saving the best checkpoint ({best_dir.name}) as the run's model.")
+    return trained
+
+
+def _save_model(config: RunConfig, run: _Run, data: _Tokenized, model: Any, trained: dict[str, Any] | None) -> None:
+    """The trained weights with their tokenizer, the tokenizer and chat template alone, and the loss plot."""
+    from tunesmith.methods import save_trained, weights_dir
+    from tunesmith.runs import plot_losses
 
     def write_weights(path: Path) -> None:
         save_trained(model, config, path, trained)
-        tokenizer.save_pretrained(path)
+        data.tokenizer.save_pretrained(path)
 
     # A resumed run that had finished once: the old weights go only once the new ones are complete.
-    save_atomic(weights, write_weights, replace=True)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-    (run_dir / "chat_template.jinja").write_text(template)
-    plot_losses(run_dir)
+    save_atomic(weights_dir(config, run.run_dir), write_weights, replace=True)
+    data.tokenizer.save_pretrained(run.run_dir / "tokenizer")
+    (run.run_dir / "chat_template.jinja").write_text(data.template)
+    plot_losses(run.run_dir)
+
+
+def _write_summary(
+    config: RunConfig, run: _Run, data: _Tokenized, parameters: tuple[int, int], result: TrainResult
+) -> TrainSummary:
+    """train_summary.json, and the manifest marked completed."""
     history = result.history
     summary = TrainSummary(
-        run_dir=str(run_dir),
+        run_dir=str(run.run_dir),
         method=config.method,
-        format=fmt,
-        train_examples=len(train),
-        test_examples=len(test),
-        trainable_params=trainable,
-        total_params=total,
+        format=run.fmt,
+        train_examples=len(run.splits["train"]),
+        test_examples=len(run.splits["test"]),
+        trainable_params=parameters[0],
+        total_params=parameters[1],
         steps=result.steps,
         epochs=result.epochs,
         final_loss=result.final_loss,
@@ -493,15 +568,14 @@ def train_run(
         tokens=result.tokens,
         seconds=round(result.seconds, 2),
         tokens_per_second=round(result.tokens_per_second, 2),
-        tokenize=token_report,
-        val_examples=len(val),
+        tokenize=data.report,
+        val_examples=len(run.splits["val"]),
         stopped=result.stopped,
         best=result.best,
         resumed_from=result.resumed_from,
     )
-    (run_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
-    _write_manifest(run_dir, info, "completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    distributed.barrier(world)
+    (run.run_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    run.write_manifest("completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return summary
 
 
