@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.metrics import KNOWN as KNOWN_METRICS
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -165,10 +166,7 @@ class TrainConfig(Section):
     )
 
 
-METRIC_NAMES = [
-    "exact_match", "token_f1", "rouge_l", "chrf", "chrf_corpus", "bleu", "json_valid", "json_schema",
-    "json_fields", "accuracy", "macro_f1",
-]  # fmt: skip
+METRIC_NAMES = KNOWN_METRICS  # defined once, beside the metrics themselves
 
 
 def check_metric_names(names: list[str]) -> list[str]:
