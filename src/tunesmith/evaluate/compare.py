@@ -72,29 +72,25 @@ def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversati
 
 
 @torch.inference_mode()
+@torch.no_grad()
 def item_losses(model: Any, tokenizer: Any, items: list[Conversation], config: Any) -> list[tuple[float, int]]:
     """(summed answer-token loss, answer tokens) per item, teacher-forced, as in training."""
     from tunesmith.data.tokenize import tokenize_all
     from tunesmith.train.batching import collate
-    from tunesmith.train.loss import answer_loss_sum
+    from tunesmith.train.loss import model_loss_sum
 
     examples, _ = tokenize_all(tokenizer, items, config.data.max_length, config.data.train_on)
     by_line = {e.line: e for e in examples}
     device = next(model.parameters()).device
     results: list[tuple[float, int]] = []
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     for item in items:
         example = by_line.get(item.line)
         if example is None:
             results.append((0.0, 0))
             continue
         batch = {k: v.to(device) for k, v in collate([example], tokenizer.pad_token_id).items() if k != "real_tokens"}
-        hidden = model.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
         count = int((batch["labels"][:, 1:] != -100).sum())
-        results.append((float(answer_loss_sum(hidden, batch["labels"], head, softcap)), count))
+        results.append((float(model_loss_sum(model, batch)), count))
     return results
 
 
