@@ -19,20 +19,25 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.requests import Request  # at module level, where FastAPI resolves the endpoints' annotations
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
+
+if TYPE_CHECKING:
+    from fastapi.exceptions import RequestValidationError
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 MAX_BODY_BYTES = 4 * 2**20
@@ -246,6 +251,95 @@ class Metrics:
         )  # fmt: skip
 
 
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+@dataclass
+class ServerState:
+    """What every route of one server shares: the engine, the request log and its writer, the metrics, the limits."""
+
+    engine: Engine
+    log: RequestLog
+    metrics: Metrics
+    max_tokens_limit: int
+    default_max_tokens: int
+    # One writer thread: SQLite writes are serialised anyway, and a locked database must not stall the event loop.
+    log_writer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tunesmith-log")
+    )
+
+    def busy_error(self, endpoint: str, retry_after: int) -> ApiError:
+        self.metrics.busy.labels(endpoint).inc()
+        return ApiError(
+            503,
+            f"The server is busy ({self.engine.queue_size} requests waiting); retry in {retry_after} s.",
+            None,
+            "server_busy",
+            {"Retry-After": str(retry_after)},
+        )
+
+    def refuse(self, path: str) -> Response | None:
+        """While the waiting list is full, refuse a generation before its body is read and tokenized: under a
+        storm of retries, refusals should cost next to nothing, so the CPU (and the GIL) stays with generation."""
+        if path not in ENDPOINTS or self.engine.waiting < self.engine.queue_size:
+            return None
+        error = self.busy_error(ENDPOINTS[path], self.engine.retry_after())
+        return error_body(error.status, error.message, error.param, error.kind, error.headers)
+
+    def served(self, name: str) -> Served:
+        if name not in self.engine.models:
+            raise ApiError(
+                404,
+                f"Model '{name}' is not served here; available: {', '.join(self.engine.models)}.",
+                "model",
+                "not_found_error",
+            )
+        return self.engine.models[name]
+
+    def limit_tokens(self, requested: int | None) -> int:
+        tokens = requested or self.default_max_tokens
+        if tokens > self.max_tokens_limit:
+            raise ApiError(
+                400,
+                f"max_tokens {tokens} is over this server's limit of {self.max_tokens_limit}; ask for fewer.",
+                "max_tokens",
+            )
+        return tokens
+
+    def submit(self, job: Job, endpoint: str) -> None:
+        try:
+            self.engine.submit(job)
+        except Busy as busy:  # filled up while this one was read and tokenized
+            raise self.busy_error(endpoint, busy.retry_after) from None
+        except Stopped:
+            raise ApiError(
+                503, "The generation worker has stopped; restart the server (its log says why).", None, "server_error"
+            ) from None
+        self.metrics.queue.set(self.engine.waiting)
+
+    def save(self, row: dict) -> None:
+        """Write one request-log row; a failure is counted and logged, never passed to the client."""
+        try:
+            self.log.record(**row)
+        except Exception as error:  # whatever it is (locked, disk full, a bad value), the answer goes out
+            self.metrics.log_errors.inc()
+            logger.error("Could not write request %s to the request log %s: %s", row["id"], self.log.path, error)
+
+    async def saved(self, row: dict) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.log_writer, self.save, row)
+
+    async def logged(self, call: Callable[[], Any]) -> Any:
+        """A read or feedback write on the request log, answered 503 while the log cannot be used."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.log_writer, call)
+        except (sqlite3.Error, OSError) as error:
+            logger.error("The request log %s failed: %s", self.log.path, error)
+            raise ApiError(
+                503, "The request log is unavailable; retry shortly.", None, "server_error", {"Retry-After": "5"}
+            ) from None
+
+
 def create_app(
     engine: Engine,
     log: RequestLog,
@@ -256,10 +350,6 @@ def create_app(
     docs: bool = False,
 ) -> Any:
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import StreamingResponse
-    from jinja2 import TemplateError
-    from starlette.exceptions import HTTPException
 
     app = FastAPI(
         title="tunesmith",
@@ -268,333 +358,349 @@ def create_app(
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
-    metrics = Metrics()
-    app.state.engine, app.state.log, app.state.metrics = engine, log, metrics
-    engine.on_batch = metrics.batch.observe
-    public = {"/health", "/metrics", *(("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json") if docs else ())}
-    endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+    state = ServerState(engine, log, Metrics(), max_tokens_limit, default_max_tokens)
+    app.state.server = state
+    app.state.engine, app.state.log, app.state.metrics = engine, log, state.metrics
+    engine.on_batch = state.metrics.batch.observe
+    public = frozenset({"/health", "/metrics", *(DOCS_PATHS if docs else ())})
+    app.add_middleware(Guard, api_key=api_key, public=public, max_body_bytes=max_body_bytes, refuse=state.refuse)
+    register_error_handlers(app)
+    register_routes(app)
+    return app
 
-    def busy_error(endpoint: str, retry_after: int) -> ApiError:
-        metrics.busy.labels(endpoint).inc()
-        return ApiError(
-            503,
-            f"The server is busy ({engine.queue_size} requests waiting); retry in {retry_after} s.",
-            None,
-            "server_busy",
-            {"Retry-After": str(retry_after)},
+
+def register_error_handlers(app: Any) -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    app.exception_handler(ApiError)(api_error)
+    app.exception_handler(RequestValidationError)(invalid_request)
+    app.exception_handler(HTTPException)(http_error)
+    app.exception_handler(Exception)(unexpected_error)
+
+
+def register_routes(app: Any) -> None:
+    app.post("/v1/chat/completions")(chat)
+    app.post("/v1/completions")(completions)
+    app.get("/v1/models")(models)
+    app.post("/v1/feedback")(feedback)
+    app.get("/health")(health)
+    app.get("/metrics")(prometheus)
+
+
+async def api_error(request: Request, exc: ApiError) -> Response:
+    return error_body(exc.status, exc.message, exc.param, exc.kind, exc.headers)
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        message = f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})."
+        return error_body(400, message, None, "invalid_request_error")
+    where = ".".join(str(part) for part in first.get("loc", ())[1:])
+    if not where:
+        message = "The request body must be a JSON object sent with 'Content-Type: application/json'."
+        return error_body(400, message, None, "invalid_request_error")
+    return error_body(400, f"Field '{where}': {first.get('msg')}.", where, "invalid_request_error")
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    messages = {
+        400: "The request body could not be read as JSON; send UTF-8 JSON with 'Content-Type: application/json'.",
+        404: f"No endpoint at {request.scope['path']}; the API is under /v1 (chat/completions, completions, "
+        "models, feedback).",
+        405: f"{request.method} is not allowed on {request.scope['path']}.",
+    }
+    message = messages.get(exc.status_code, str(exc.detail))
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_body(exc.status_code, message, None, kind, exc.headers)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the server's log; the client learns nothing of the server's insides.
+    return error_body(500, "Internal server error; the server's log has the details.", None, "server_error")
+
+
+def server_state(request: Request) -> ServerState:
+    """The routes are module-level, shared by every app in the process; each request finds its own server here."""
+    return request.app.state.server
+
+
+def check_chat(body: ChatRequest) -> None:
+    if not body.messages:
+        raise ApiError(400, "messages is empty: send at least one message with role 'user'.", "messages")
+    if body.messages[-1].role == "assistant":
+        raise ApiError(
+            400, "The last message is the assistant's; end with a user message to get an answer.", "messages"
         )
 
-    def refuse(path: str) -> Response | None:
-        """While the waiting list is full, refuse a generation before its body is read and tokenized: under a
-        storm of retries, refusals should cost next to nothing, so the CPU (and the GIL) stays with generation."""
-        if path not in endpoints or engine.waiting < engine.queue_size:
-            return None
-        error = busy_error(endpoints[path], engine.retry_after())
-        return error_body(error.status, error.message, error.param, error.kind, error.headers)
 
-    app.add_middleware(Guard, api_key=api_key, public=frozenset(public), max_body_bytes=max_body_bytes, refuse=refuse)
-    # One writer thread: SQLite writes are serialised anyway, and a locked database must not stall the event loop.
-    log_writer = ThreadPoolExecutor(1, thread_name_prefix="tunesmith-log")
+def check_completion(body: CompletionRequest) -> None:
+    if not body.prompt:
+        raise ApiError(400, "prompt is empty.", "prompt")
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> Response:
-        return error_body(exc.status, exc.message, exc.param, exc.kind, exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            message = f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})."
-            return error_body(400, message, None, "invalid_request_error")
-        where = ".".join(str(part) for part in first.get("loc", ())[1:])
-        if not where:
-            message = "The request body must be a JSON object sent with 'Content-Type: application/json'."
-            return error_body(400, message, None, "invalid_request_error")
-        return error_body(400, f"Field '{where}': {first.get('msg')}.", where, "invalid_request_error")
+def check_feedback(body: FeedbackRequest) -> None:
+    if body.rating is None and body.correction is None:
+        raise ApiError(400, "Send a rating, a correction, or both.", "rating")
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException) -> Response:
-        messages = {
-            400: "The request body could not be read as JSON; send UTF-8 JSON with 'Content-Type: application/json'.",
-            404: f"No endpoint at {request.scope['path']}; the API is under /v1 (chat/completions, completions, "
-            "models, feedback).",
-            405: f"{request.method} is not allowed on {request.scope['path']}.",
-        }
-        message = messages.get(exc.status_code, str(exc.detail))
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_body(exc.status_code, message, None, kind, exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        # The traceback goes to the server's log; the client learns nothing of the server's insides.
-        return error_body(500, "Internal server error; the server's log has the details.", None, "server_error")
+def check_prompt_length(engine: Engine, endpoint: str, ids: list[int], max_tokens: int) -> None:
+    if len(ids) > engine.max_prompt_tokens:
+        raise ApiError(
+            400,
+            f"The prompt is {len(ids)} tokens; this server takes at most {engine.max_prompt_tokens} (the length "
+            "the run was trained on, unless --max-prompt-tokens says otherwise). Shorten the prompt.",
+            "messages" if endpoint == "chat" else "prompt",
+        )
+    if len(ids) + max_tokens > engine.context_limit:
+        raise ApiError(
+            400,
+            f"The prompt is {len(ids)} tokens; with max_tokens {max_tokens} it exceeds the context of "
+            f"{engine.context_limit}. Shorten the prompt or lower max_tokens.",
+            "max_tokens",
+        )
 
-    def served(name: str) -> Served:
-        if name not in engine.models:
-            raise ApiError(
-                404,
-                f"Model '{name}' is not served here; available: {', '.join(engine.models)}.",
-                "model",
-                "not_found_error",
-            )
-        return engine.models[name]
 
-    def limit_tokens(requested: int | None) -> int:
-        tokens = requested or default_max_tokens
-        if tokens > max_tokens_limit:
-            raise ApiError(
-                400,
-                f"max_tokens {tokens} is over this server's limit of {max_tokens_limit}; ask for fewer.",
-                "max_tokens",
-            )
-        return tokens
+async def tokenize(encode: Callable[[], list[int]], param: str) -> list[int]:
+    """Render and tokenize in a thread: a long prompt must not hold up /health and the other requests."""
+    from jinja2 import TemplateError
 
-    async def tokenize(encode: Callable[[], list[int]], param: str) -> list[int]:
-        """Render and tokenize in a thread: a long prompt must not hold up /health and the other requests."""
-        try:
-            return await asyncio.to_thread(encode)
-        except TemplateError as error:  # the run's template refuses this conversation (e.g. roles out of order)
-            raise ApiError(400, f"The chat template cannot render these messages: {error}", param) from None
+    try:
+        return await asyncio.to_thread(encode)
+    except TemplateError as error:  # the run's template refuses this conversation (e.g. roles out of order)
+        raise ApiError(400, f"The chat template cannot render these messages: {error}", param) from None
 
-    def save(row: dict) -> None:
-        """Write one request-log row; a failure is counted and logged, never passed to the client."""
-        try:
-            log.record(**row)
-        except Exception as error:  # whatever it is (locked, disk full, a bad value), the answer goes out
-            metrics.log_errors.inc()
-            logger.error("Could not write request %s to the request log %s: %s", row["id"], log.path, error)
 
-    async def saved(row: dict) -> None:
-        await asyncio.get_running_loop().run_in_executor(log_writer, save, row)
+async def chat(body: ChatRequest, request: Request) -> Any:
+    state = server_state(request)
+    model = state.served(body.model)
+    check_chat(body)
+    max_tokens = state.limit_tokens(body.max_completion_tokens or body.max_tokens)
+    messages = tuple(Message(m.role, m.content) for m in body.messages)
+    ids = await tokenize(lambda: prompt_ids(model.tokenizer, messages), "messages")
+    record = {"messages": [m.model_dump() for m in body.messages]}
+    return await answer(request, state, "chat", body, model, ids, max_tokens, record)
 
-    async def logged(call: Callable[[], Any]) -> Any:
-        """A read or feedback write on the request log, answered 503 while the log cannot be used."""
-        try:
-            return await asyncio.get_running_loop().run_in_executor(log_writer, call)
-        except (sqlite3.Error, OSError) as error:
-            logger.error("The request log %s failed: %s", log.path, error)
-            raise ApiError(
-                503, "The request log is unavailable; retry shortly.", None, "server_error", {"Retry-After": "5"}
-            ) from None
 
-    async def answer(
-        request: Request, endpoint: str, body: Sampling, model: Served, ids: list[int], max_tokens: int, record: dict
-    ) -> Any:
-        param = "messages" if endpoint == "chat" else "prompt"
-        if len(ids) > engine.max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"The prompt is {len(ids)} tokens; this server takes at most {engine.max_prompt_tokens} (the length "
-                "the run was trained on, unless --max-prompt-tokens says otherwise). Shorten the prompt.",
-                param,
-            )
-        if len(ids) + max_tokens > engine.context_limit:
-            raise ApiError(
-                400,
-                f"The prompt is {len(ids)} tokens; with max_tokens {max_tokens} it exceeds the context of "
-                f"{engine.context_limit}. Shorten the prompt or lower max_tokens.",
-                "max_tokens",
-            )
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state = server_state(request)
+    model = state.served(body.model)
+    check_completion(body)
+    max_tokens = state.limit_tokens(body.max_tokens)
+    ids = await tokenize(lambda: model.tokenizer(body.prompt, add_special_tokens=True)["input_ids"], "prompt")
+    record = {"messages": [{"role": "prompt", "content": body.prompt}]}
+    return await answer(request, state, "completions", body, model, ids, max_tokens, record)
 
-        def emit(kind: str, value: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit, body.stream)
-        started = time.perf_counter()
-        labels = (endpoint, model.name)
-        try:
-            engine.submit(job)
-        except Busy as busy:  # filled up while this one was read and tokenized
-            raise busy_error(endpoint, busy.retry_after) from None
-        except Stopped:
-            raise ApiError(
-                503, "The generation worker has stopped; restart the server (its log says why).", None, "server_error"
-            ) from None
-        metrics.queue.set(engine.waiting)
-        response_id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
+async def models(request: Request) -> Any:
+    # No paths: where the runs live on the server is none of a client's business.
+    created = int(time.time())
+    names = server_state(request).engine.models
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "tunesmith"} for name in names]
+    return {"object": "list", "data": data}
 
-        def finish(result: Result | None, status: int, error: str | None = None, output: str | None = None) -> dict:
-            """Count the request in the metrics; the row for the request log."""
-            elapsed = time.perf_counter() - started
-            metrics.requests.labels(*labels, str(status)).inc()
-            metrics.latency.labels(*labels).observe(elapsed)
-            metrics.queue.set(engine.waiting)
-            if status >= 400:
-                metrics.errors.labels(*labels, str(status)).inc()
-            if result is not None:
-                metrics.prompt_tokens.labels(*labels).inc(result.prompt_tokens)
-                metrics.generated_tokens.labels(*labels).inc(result.completion_tokens)
-                if result.first_token_s is not None:
-                    metrics.first_token.labels(*labels).observe(result.first_token_s)
-            return dict(
-                id=response_id,
-                endpoint=endpoint,
-                model=model.name,
-                status=status,
-                latency_ms=elapsed * 1000,
-                first_token_ms=None if result is None or result.first_token_s is None else result.first_token_s * 1000,
-                prompt_tokens=len(ids),
-                completion_tokens=None if result is None else result.completion_tokens,
-                output=output if result is None else result.text,
-                finish_reason=None if result is None else result.finish_reason,
-                error=error,
-                **record,
-            )
 
-        def dropped(output: str | None) -> None:
-            """The client left: stop its generation and log the request, without waiting on the log."""
-            job.cancelled.set()
-            loop.run_in_executor(log_writer, save, finish(None, CLIENT_GONE, "client disconnected", output))
+async def feedback(body: FeedbackRequest, request: Request) -> Any:
+    state = server_state(request)
+    check_feedback(body)
+    if not await state.logged(lambda: state.log.has(body.id)):
+        raise ApiError(404, f"No response with id '{body.id}' was logged by this server.", "id", "not_found_error")
+    feedback_id = await state.logged(lambda: state.log.feedback(body.id, body.rating, body.correction, body.comment))
+    return {"id": feedback_id, "request_id": body.id, "status": "recorded"}
 
-        def reply(kind: str, choice: dict, result: Result | None = None) -> dict:
-            """The OpenAI envelope shared by every answer and stream chunk; usage once generation is done."""
-            reply_ = {"id": response_id, "object": kind, "created": created, "model": model.name, "choices": [choice]}
-            if result is not None:
-                total = result.prompt_tokens + result.completion_tokens
-                reply_["usage"] = {
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens,
-                    "total_tokens": total,
-                }
-            return reply_
 
-        def reason(result: Result) -> str:
-            return "length" if result.finish_reason == "length" else "stop"  # a cancelled row has no client left
+async def health(request: Request) -> Any:
+    engine = server_state(request).engine
+    alive = engine.alive
+    content = {
+        "status": "ok" if alive else "down",
+        "worker": "alive" if alive else "stopped",
+        "models": list(engine.models),
+        "queued": engine.waiting,
+    }
+    return JSONResponse(content, status_code=200 if alive else 503)  # load balancers read the status
 
-        role_sent = False
 
-        def chunk(delta: str | None, finish_reason: str | None, result: Result | None = None) -> str:
-            nonlocal role_sent
-            if endpoint == "chat":
-                choice = {
-                    "index": 0,
-                    "delta": {} if delta is None else {"content": delta},
-                    "finish_reason": finish_reason,
-                }
-                if delta is not None and not role_sent:  # the first delta names the speaker, as OpenAI's do
-                    choice["delta"]["role"] = "assistant"
-                    role_sent = True
-                kind = "chat.completion.chunk"
+async def prometheus(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    state = server_state(request)
+    state.metrics.queue.set(state.engine.waiting)
+    state.metrics.queue_peak.set(state.engine.peak_waiting)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@dataclass
+class Generation:
+    """One submitted request: where its events arrive, and what its metrics, log row and replies are made of."""
+
+    state: ServerState
+    endpoint: str
+    model: Served
+    ids: list[int]
+    record: dict
+    job: Job
+    events: asyncio.Queue
+    # The request's loop: a stream's cleanup can run where no loop is current.
+    loop: asyncio.AbstractEventLoop
+    started: float
+    response_id: str = field(init=False)
+    created: int = field(init=False)
+    role_sent: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.response_id = f"{'chatcmpl' if self.endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    @property
+    def failed(self) -> str:
+        return f"Generation failed; the server's log has the details (request {self.response_id})."
+
+    def finish(self, result: Result | None, status: int, error: str | None = None, output: str | None = None) -> dict:
+        """Count the request in the metrics; the row for the request log."""
+        elapsed = time.perf_counter() - self.started
+        metrics, labels = self.state.metrics, (self.endpoint, self.model.name)
+        metrics.requests.labels(*labels, str(status)).inc()
+        metrics.latency.labels(*labels).observe(elapsed)
+        metrics.queue.set(self.state.engine.waiting)
+        if status >= 400:
+            metrics.errors.labels(*labels, str(status)).inc()
+        if result is not None:
+            metrics.prompt_tokens.labels(*labels).inc(result.prompt_tokens)
+            metrics.generated_tokens.labels(*labels).inc(result.completion_tokens)
+            if result.first_token_s is not None:
+                metrics.first_token.labels(*labels).observe(result.first_token_s)
+        return dict(
+            id=self.response_id,
+            endpoint=self.endpoint,
+            model=self.model.name,
+            status=status,
+            latency_ms=elapsed * 1000,
+            first_token_ms=None if result is None or result.first_token_s is None else result.first_token_s * 1000,
+            prompt_tokens=len(self.ids),
+            completion_tokens=None if result is None else result.completion_tokens,
+            output=output if result is None else result.text,
+            finish_reason=None if result is None else result.finish_reason,
+            error=error,
+            **self.record,
+        )
+
+    def dropped(self, output: str | None) -> None:
+        """The client left: stop its generation and log the request, without waiting on the log."""
+        self.job.cancelled.set()
+        row = self.finish(None, CLIENT_GONE, "client disconnected", output)
+        self.loop.run_in_executor(self.state.log_writer, self.state.save, row)
+
+    def reply(self, kind: str, choice: dict, result: Result | None = None) -> dict:
+        """The OpenAI envelope shared by every answer and stream chunk; usage once generation is done."""
+        reply = {"id": self.response_id, "object": kind, "created": self.created, "model": self.model.name}
+        reply["choices"] = [choice]
+        if result is not None:
+            total = result.prompt_tokens + result.completion_tokens
+            reply["usage"] = {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": total,
+            }
+        return reply
+
+    def chunk(self, delta: str | None, finish_reason: str | None, result: Result | None = None) -> str:
+        if self.endpoint == "chat":
+            choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish_reason}
+            if delta is not None and not self.role_sent:  # the first delta names the speaker, as OpenAI's do
+                choice["delta"]["role"] = "assistant"
+                self.role_sent = True
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+            kind = "text_completion"
+        return f"data: {json.dumps(self.reply(kind, choice, result))}\n\n"
+
+
+def reason(result: Result) -> str:
+    return "length" if result.finish_reason == "length" else "stop"  # a cancelled row has no client left
+
+
+async def answer(
+    request: Request,
+    state: ServerState,
+    endpoint: str,
+    body: Sampling,
+    model: Served,
+    ids: list[int],
+    max_tokens: int,
+    record: dict,
+) -> Any:
+    """Check the prompt fits, submit the job, and answer as a stream or as one reply."""
+    check_prompt_length(state.engine, endpoint, ids, max_tokens)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(kind: str, value: Any) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+    job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit, body.stream)
+    started = time.perf_counter()
+    state.submit(job, endpoint)
+    generation = Generation(state, endpoint, model, ids, record, job, events, loop, started)
+    if body.stream:
+        headers = {"Cache-Control": "no-cache"}
+        return StreamingResponse(stream_answer(generation), media_type="text/event-stream", headers=headers)
+    return await whole_answer(request, generation)
+
+
+async def stream_answer(generation: Generation) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per delta, then the finish with usage and [DONE], or an error event."""
+    sent, ended = "", False
+    try:
+        while True:
+            kind, value = await generation.events.get()
+            if kind == "delta":
+                sent += value
+                yield generation.chunk(value, None)
+                continue
+            ended = True
+            if kind == "done":
+                await generation.state.saved(generation.finish(value, 200))
+                yield generation.chunk(None, reason(value), value)
+                yield "data: [DONE]\n\n"
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
-                kind = "text_completion"
-            return f"data: {json.dumps(reply(kind, choice, result))}\n\n"
+                await generation.state.saved(generation.finish(None, 500, value, sent))
+                error = {"error": {"message": generation.failed, "type": "server_error"}}
+                yield f"data: {json.dumps(error)}\n\n"
+            return
+    finally:
+        if not ended:  # the client went away mid-stream
+            generation.dropped(sent)
 
-        failed = f"Generation failed; the server's log has the details (request {response_id})."
-        if body.stream:
 
-            async def stream() -> Any:
-                sent, ended = "", False
-                try:
-                    while True:
-                        kind, value = await events.get()
-                        if kind == "delta":
-                            sent += value
-                            yield chunk(value, None)
-                            continue
-                        ended = True
-                        if kind == "done":
-                            await saved(finish(value, 200))
-                            yield chunk(None, reason(value), value)
-                            yield "data: [DONE]\n\n"
-                        else:
-                            await saved(finish(None, 500, value, sent))
-                            yield f"data: {json.dumps({'error': {'message': failed, 'type': 'server_error'}})}\n\n"
-                        return
-                finally:
-                    if not ended:  # the client went away mid-stream
-                        dropped(sent)
+async def whole_answer(request: Request, generation: Generation) -> Any:
+    """One JSON reply once generation is done; a client that leaves before then cancels its job."""
 
-            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async def watch() -> None:
+        """Tell the wait below when the client disconnects (the body is read, so only that can arrive)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        generation.events.put_nowait(("gone", None))
 
-        async def watch() -> None:
-            """Tell the wait below when the client disconnects (the body is read, so only that can arrive)."""
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            events.put_nowait(("gone", None))
-
-        watcher = asyncio.create_task(watch())
-        try:
-            kind, value = await events.get()  # no deltas come for a job that does not stream
-        finally:
-            watcher.cancel()
-        if kind == "gone":
-            dropped(None)
-            return Response(status_code=CLIENT_GONE)
-        if kind == "error":
-            await saved(finish(None, 500, value))
-            raise ApiError(500, failed, None, "server_error")
-        await saved(finish(value, 200))
-        if endpoint == "chat":
-            message = {"role": "assistant", "content": value.text}
-            return reply("chat.completion", {"index": 0, "message": message, "finish_reason": reason(value)}, value)
-        choice = {"index": 0, "text": value.text, "finish_reason": reason(value), "logprobs": None}
-        return reply("text_completion", choice, value)
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request) -> Any:
-        model = served(body.model)
-        if not body.messages:
-            raise ApiError(400, "messages is empty: send at least one message with role 'user'.", "messages")
-        if body.messages[-1].role == "assistant":
-            raise ApiError(
-                400, "The last message is the assistant's; end with a user message to get an answer.", "messages"
-            )
-        max_tokens = limit_tokens(body.max_completion_tokens or body.max_tokens)
-        messages = tuple(Message(m.role, m.content) for m in body.messages)
-        ids = await tokenize(lambda: prompt_ids(model.tokenizer, messages), "messages")
-        record = {"messages": [m.model_dump() for m in body.messages]}
-        return await answer(request, "chat", body, model, ids, max_tokens, record)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        model = served(body.model)
-        if not body.prompt:
-            raise ApiError(400, "prompt is empty.", "prompt")
-        max_tokens = limit_tokens(body.max_tokens)
-        ids = await tokenize(lambda: model.tokenizer(body.prompt, add_special_tokens=True)["input_ids"], "prompt")
-        record = {"messages": [{"role": "prompt", "content": body.prompt}]}
-        return await answer(request, "completions", body, model, ids, max_tokens, record)
-
-    @app.get("/v1/models")
-    async def models() -> Any:
-        # No paths: where the runs live on the server is none of a client's business.
-        created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "tunesmith"} for name in engine.models]
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/feedback")
-    async def feedback(body: FeedbackRequest) -> Any:
-        if body.rating is None and body.correction is None:
-            raise ApiError(400, "Send a rating, a correction, or both.", "rating")
-        if not await logged(lambda: log.has(body.id)):
-            raise ApiError(404, f"No response with id '{body.id}' was logged by this server.", "id", "not_found_error")
-        feedback_id = await logged(lambda: log.feedback(body.id, body.rating, body.correction, body.comment))
-        return {"id": feedback_id, "request_id": body.id, "status": "recorded"}
-
-    @app.get("/health")
-    async def health() -> Any:
-        alive = engine.alive
-        content = {
-            "status": "ok" if alive else "down",
-            "worker": "alive" if alive else "stopped",
-            "models": list(engine.models),
-            "queued": engine.waiting,
-        }
-        return JSONResponse(content, status_code=200 if alive else 503)  # load balancers read the status
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        metrics.queue.set(engine.waiting)
-        metrics.queue_peak.set(engine.peak_waiting)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+    watcher = asyncio.create_task(watch())
+    try:
+        kind, value = await generation.events.get()  # no deltas come for a job that does not stream
+    finally:
+        watcher.cancel()
+    if kind == "gone":
+        generation.dropped(None)
+        return Response(status_code=CLIENT_GONE)
+    if kind == "error":
+        await generation.state.saved(generation.finish(None, 500, value))
+        raise ApiError(500, generation.failed, None, "server_error")
+    await generation.state.saved(generation.finish(value, 200))
+    if generation.endpoint == "chat":
+        message = {"role": "assistant", "content": value.text}
+        choice = {"index": 0, "message": message, "finish_reason": reason(value)}
+        return generation.reply("chat.completion", choice, value)
+    choice = {"index": 0, "text": value.text, "finish_reason": reason(value), "logprobs": None}
+    return generation.reply("text_completion", choice, value)
 
 
 def default_log_path(run_dir: Path) -> Path:
