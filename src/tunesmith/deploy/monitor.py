@@ -117,12 +117,26 @@ def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: flo
     rows = read_requests(db, since)
     tokenizer = run_tokenizer(run_dir)
     ok = [r for r in rows if r["status"] == 200]
+    report = {
+        "run": str(run_dir),
+        "log": str(db),
+        "traffic": _traffic(rows, ok),
+        "drift": _drift(_training_prompts(run_dir), tokenizer, [r for r in ok if r["endpoint"] == "chat"]),
+        "format": _format_failures(_format_checks(config), ok),
+        "feedback": _feedback(db),
+    }
+    report["alerts"] = _alerts(report)
+    return report
+
+
+def _traffic(rows: list[dict[str, Any]], ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """Requests, errors, latency percentiles and tokens; `ok` are the rows answered with status 200."""
     # 499: the client left before its answer (serve logs those); the server did not fail them.
     failed = [r for r in rows if r["status"] not in (200, CLIENT_GONE)]
     latencies = [r["latency_ms"] for r in ok if r["latency_ms"] is not None]
     first = [r["first_token_ms"] for r in ok if r["first_token_ms"] is not None]
     span_h = (rows[-1]["created"] - rows[0]["created"]) / 3600 if len(rows) > 1 else 0.0
-    traffic = {
+    return {
         "requests": len(rows),
         "errors": len(failed),
         "error_rate": round(len(failed) / len(rows), 4) if rows else 0.0,
@@ -136,8 +150,9 @@ def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: flo
         "requests_per_hour": round(len(rows) / span_h, 2) if span_h else None,
     }
 
-    chat = [r for r in ok if r["endpoint"] == "chat"]
-    train_prompts = _training_prompts(run_dir)
+
+def _drift(train_prompts: list[tuple[Message, ...]], tokenizer: Any, chat: list[dict[str, Any]]) -> dict[str, Any]:
+    """Prompt length and vocabulary of answered chat requests against the training prompts."""
     train_lengths = [len(prompt_ids(tokenizer, p)) for p in train_prompts]
     live_lengths = [r["prompt_tokens"] for r in chat if r["prompt_tokens"] is not None]
     train_words = Counter(
@@ -145,25 +160,30 @@ def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: flo
     )
     live_words = Counter(w.lower() for r in chat for w in WORD.findall(_prompt_text(_messages(r))))
     drift: dict[str, Any] = {"requests_compared": len(chat), "training_prompts": len(train_prompts)}
-    if live_lengths:
-        statistic, p_value = ks_two_sample([float(x) for x in train_lengths], [float(x) for x in live_lengths])
-        drift["prompt_tokens"] = {
-            "training": {f"p{int(q * 100)}": _round(quantile(train_lengths, q)) for q in (0.05, 0.5, 0.95)},
-            "production": {f"p{int(q * 100)}": _round(quantile(live_lengths, q)) for q in (0.05, 0.5, 0.95)},
-            "ks_statistic": round(statistic, 4),
-            "ks_p_value": float(f"{p_value:.3g}"),
-            "longer_than_training": round(sum(x > max(train_lengths) for x in live_lengths) / len(live_lengths), 4),
-        }
-        unseen = sum(count for word, count in live_words.items() if word not in train_words)
-        drift["vocabulary"] = {
-            "js_divergence": round(js_divergence(train_words, live_words), 4),
-            "unseen_word_share": round(unseen / max(1, sum(live_words.values())), 4),
-            "top_unseen": [
-                w for w, _ in Counter({w: c for w, c in live_words.items() if w not in train_words}).most_common(10)
-            ],
-        }
+    # With no chat request that logged its prompt length there is nothing to compare; only the counts are reported.
+    if not live_lengths:
+        return drift
+    statistic, p_value = ks_two_sample([float(x) for x in train_lengths], [float(x) for x in live_lengths])
+    drift["prompt_tokens"] = {
+        "training": {f"p{int(q * 100)}": _round(quantile(train_lengths, q)) for q in (0.05, 0.5, 0.95)},
+        "production": {f"p{int(q * 100)}": _round(quantile(live_lengths, q)) for q in (0.05, 0.5, 0.95)},
+        "ks_statistic": round(statistic, 4),
+        "ks_p_value": float(f"{p_value:.3g}"),
+        "longer_than_training": round(sum(x > max(train_lengths) for x in live_lengths) / len(live_lengths), 4),
+    }
+    unseen = sum(count for word, count in live_words.items() if word not in train_words)
+    drift["vocabulary"] = {
+        "js_divergence": round(js_divergence(train_words, live_words), 4),
+        "unseen_word_share": round(unseen / max(1, sum(live_words.values())), 4),
+        "top_unseen": [
+            w for w, _ in Counter({w: c for w, c in live_words.items() if w not in train_words}).most_common(10)
+        ],
+    }
+    return drift
 
-    checks = _format_checks(config)
+
+def _format_failures(checks: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per format check, how many logged answers fail it, their share and the first few request ids."""
     answered = [r for r in ok if r["output"] is not None]
     formats: dict[str, Any] = {"checks": list(checks)}
     for name, check in checks.items():
@@ -173,23 +193,17 @@ def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: flo
             "share": round(len(failing) / len(answered), 4) if answered else 0.0,
             "examples": failing[:5],
         }
+    return formats
 
+
+def _feedback(db: Path) -> dict[str, Any]:
     feedback = read_feedback(db)
     ratings = [f["rating"] for f in feedback if f["rating"] is not None]
-    report = {
-        "run": str(run_dir),
-        "log": str(db),
-        "traffic": traffic,
-        "drift": drift,
-        "format": formats,
-        "feedback": {
-            "count": len(feedback),
-            "mean_rating": round(sum(ratings) / len(ratings), 3) if ratings else None,
-            "corrections": sum(1 for f in feedback if f["correction"]),
-        },
+    return {
+        "count": len(feedback),
+        "mean_rating": round(sum(ratings) / len(ratings), 3) if ratings else None,
+        "corrections": sum(1 for f in feedback if f["correction"]),
     }
-    report["alerts"] = _alerts(report)
-    return report
 
 
 def _round(value: float | None) -> float | None:

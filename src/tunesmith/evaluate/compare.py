@@ -197,6 +197,7 @@ def compare_run(
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
+    # A PEFT run answers as its base with the adapter off, so it needs no second copy of the weights.
     base = loaded if loaded.shares_base else load_run(run_dir, base=True)
     settings = loaded.config.eval
     items = split_items(run_dir, split, limit or settings.limit)
@@ -205,11 +206,55 @@ def compare_run(
         "base": _generate(base, items, base is loaded, console, "base"),
         "tuned": _generate(loaded, items, False, console, "tuned"),
     }
+    base_losses, tuned_losses = _losses_of_both(loaded, base, items)
+    scores = {label: m.score(settings.metrics, outputs[label], references, settings.schema_path) for label in outputs}
+    compared = _compare_metrics(settings, scores, outputs, references)
+    results = {name: result.to_dict() for name, result in compared.items()}
+    results |= _compare_losses(settings, base_losses, tuned_losses)
+
+    primary = settings.metrics[0]
+    primary_base = scores["base"].get(primary) or [0.0] * len(items)
+    primary_tuned = scores["tuned"].get(primary) or [0.0] * len(items)
+    wins, ties, losses = stats.wins_ties_losses(primary_base, primary_tuned)
+    rows = _compare_rows(items, references, outputs, scores)
+    summary = CompareSummary(
+        run_dir=str(run_dir),
+        split=split,
+        items=len(items),
+        primary=primary,
+        metrics=results,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        flipped=_flipped(rows, primary_base, primary_tuned),
+        verdict=stats.verdict(primary, compared[primary]),
+        examples=rows[:3],
+        field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
+    )
+    if settings.lm_eval_tasks:
+        from tunesmith.evaluate.general import general_ability
+
+        summary.general_ability = general_ability(loaded, base, settings)
+    _write_compare(run_dir / "eval", rows, summary)
+    return summary
+
+
+def _losses_of_both(
+    loaded: Any, base: Any, items: list[Conversation]
+) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+    """Per-item answer losses of (base, tuned), both with the tuned run's tokenizer and data settings."""
     with base.base_only() if base is loaded else nullcontext():
         base_losses = item_losses(base.model, loaded.tokenizer, items, loaded.config)
-    tuned_losses = item_losses(loaded.model, loaded.tokenizer, items, loaded.config)
+    return base_losses, item_losses(loaded.model, loaded.tokenizer, items, loaded.config)
 
-    scores = {label: m.score(settings.metrics, outputs[label], references, settings.schema_path) for label in outputs}
+
+def _compare_metrics(
+    settings: Any,
+    scores: dict[str, dict[str, list[float]]],
+    outputs: dict[str, list[str]],
+    references: list[str],
+) -> dict[str, stats.Comparison]:
+    """Paired statistics per metric: per-item metrics item by item, corpus metrics (BLEU-like) on the whole set."""
     compared: dict[str, stats.Comparison] = {}
     for index, name in enumerate(scores["tuned"]):
         compared[name] = stats.compare_per_item(
@@ -230,25 +275,34 @@ def compare_run(
                 settings.bootstrap // 2,
                 settings.seed,
             )
-    results: dict[str, dict[str, Any]] = {name: result.to_dict() for name, result in compared.items()}
-    scored = [i for i, (_, n) in enumerate(tuned_losses) if n and base_losses[i][1]]
-    if scored:
-        per_base = [base_losses[i][0] / base_losses[i][1] for i in scored]
-        per_tuned = [tuned_losses[i][0] / tuned_losses[i][1] for i in scored]
-        loss = stats.compare_per_item("loss", per_base, per_tuned, False, settings.bootstrap, settings.seed)
-        results["loss"] = loss.to_dict() | {"lower_is_better": True}
-        base_ppl, tuned_ppl = _loss_of(base_losses)[1], _loss_of(tuned_losses)[1]
-        results["perplexity"] = {
-            "base": base_ppl,
-            "tuned": tuned_ppl,
-            "diff": round((tuned_ppl or 0) - (base_ppl or 0), 4),
-        }
+    return compared
 
-    primary = settings.metrics[0]
-    primary_base = scores["base"].get(primary) or [0.0] * len(items)
-    primary_tuned = scores["tuned"].get(primary) or [0.0] * len(items)
-    wins, ties, losses = stats.wins_ties_losses(primary_base, primary_tuned)
-    rows = [
+
+def _compare_losses(
+    settings: Any, base_losses: list[tuple[float, int]], tuned_losses: list[tuple[float, int]]
+) -> dict[str, dict[str, Any]]:
+    """Paired loss per answer token and corpus perplexity, over the items both models have answer tokens for."""
+    scored = [i for i, (_, n) in enumerate(tuned_losses) if n and base_losses[i][1]]
+    if not scored:
+        return {}
+    per_base = [base_losses[i][0] / base_losses[i][1] for i in scored]
+    per_tuned = [tuned_losses[i][0] / tuned_losses[i][1] for i in scored]
+    loss = stats.compare_per_item("loss", per_base, per_tuned, False, settings.bootstrap, settings.seed)
+    base_ppl, tuned_ppl = _loss_of(base_losses)[1], _loss_of(tuned_losses)[1]
+    return {
+        "loss": loss.to_dict() | {"lower_is_better": True},
+        "perplexity": {"base": base_ppl, "tuned": tuned_ppl, "diff": round((tuned_ppl or 0) - (base_ppl or 0), 4)},
+    }
+
+
+def _compare_rows(
+    items: list[Conversation],
+    references: list[str],
+    outputs: dict[str, list[str]],
+    scores: dict[str, dict[str, list[float]]],
+) -> list[dict[str, Any]]:
+    """One row per item with both answers and both scores of every per-item metric."""
+    return [
         {
             "line": c.line,
             "prompt": c.prompt_messages[-1].content,
@@ -261,32 +315,21 @@ def compare_run(
         }
         for i, (c, ref, b, t) in enumerate(zip(items, references, outputs["base"], outputs["tuned"], strict=True))
     ]
-    flipped = {
+
+
+def _flipped(
+    rows: list[dict[str, Any]], primary_base: list[float], primary_tuned: list[float]
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows the tuned model fixed or broke on the primary metric; the epsilon keeps float noise from counting."""
+    return {
         "fixed": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if t > b + 1e-12],
         "broken": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if b > t + 1e-12],
     }
-    summary = CompareSummary(
-        run_dir=str(run_dir),
-        split=split,
-        items=len(items),
-        primary=primary,
-        metrics=results,
-        wins=wins,
-        ties=ties,
-        losses=losses,
-        flipped=flipped,
-        verdict=stats.verdict(primary, compared[primary]),
-        examples=rows[:3],
-        field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
-    )
-    if settings.lm_eval_tasks:
-        from tunesmith.evaluate.general import general_ability
 
-        summary.general_ability = general_ability(loaded, base, settings)
-    out = run_dir / "eval"
+
+def _write_compare(out: Path, rows: list[dict[str, Any]], summary: CompareSummary) -> None:
     out.mkdir(exist_ok=True)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out / "compare.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
-    return summary
