@@ -83,3 +83,32 @@ def test_split_refuses_to_overwrite_and_bad_fractions(tmp_path, capsys):
         split_file(data, tmp_path / "x", val=0.5, test=0.5)
     with pytest.raises(TunesmithError, match="no record has the field 'nope'"):
         split_file(data, tmp_path / "y", stratify="nope")
+
+
+def test_a_run_reads_and_hashes_its_data_once(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """The gate and the split share one parse and one MinHash pass over the training file."""
+    from tunesmith.cli import main
+    from tunesmith.data import check, formats, similarity, split
+
+    from .test_cli import train_args
+
+    calls = {"hash": 0, "parse": 0}
+    real_pairs, real_parse = similarity.near_duplicate_pairs, formats.parse_file
+
+    def counted_pairs(*args, **kwargs):
+        calls["hash"] += 1
+        return real_pairs(*args, **kwargs)
+
+    def counted_parse(*args, **kwargs):
+        calls["parse"] += 1
+        return real_parse(*args, **kwargs)
+
+    for module in (check, split):
+        monkeypatch.setattr(module, "near_duplicate_pairs", counted_pairs)
+    import tunesmith.run as run
+
+    monkeypatch.setattr(run, "parse_file", counted_parse)
+    monkeypatch.setattr(run, "read_conversations", lambda *a, **k: pytest.fail("the data file was read again"))
+    out = tmp_path / "runs" / "once"
+    assert main(train_args(tiny_model_dir, chat_file, out, "--max-steps", "1", "--quiet")) == 0
+    assert calls == {"hash": 1, "parse": 1}

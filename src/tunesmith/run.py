@@ -22,7 +22,7 @@ from rich.console import Console
 import tunesmith
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.data.check import CheckReport
-from tunesmith.data.formats import Conversation, read_conversations, write_jsonl
+from tunesmith.data.formats import Conversation, ParsedFile, parse_file, read_conversations, write_jsonl
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import check_replaceable, is_marked, mark, save_atomic, sha256_file, write_text_atomic
@@ -119,14 +119,24 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     mark(run_dir, "run")  # first, so that a run that dies before its manifest is still known as ours
 
 
-def gate_data(config: RunConfig) -> CheckReport:
+@dataclass
+class CheckedData:
+    """The training file read and checked once: the split reuses its records and near-duplicate pairs."""
+
+    report: CheckReport
+    parsed: ParsedFile
+    near_pairs: list[tuple[int, int]]
+
+
+def gate_data(config: RunConfig) -> CheckedData:
     """Run the data check; stop on errors always, and on warnings unless data.allow_warnings."""
-    from tunesmith.data.check import CheckOptions, check_data
+    from tunesmith.data.check import CheckOptions, check_parsed
 
     if not config.data.path:
         raise TunesmithError("No training data: set data.path in the config or pass --data FILE.")
     options = CheckOptions(max_length=config.data.max_length, near_threshold=config.data.near_threshold)
-    report = check_data(config.data.path, config.data.format, None, options, against=config.data.test_path)
+    parsed = parse_file(config.data.path, config.data.format)
+    report, near_pairs = check_parsed(parsed, None, options, config.data.test_path, config.data.format)
     unit = "record" if Path(config.data.path).suffix.lower() == ".json" else "line"  # a .json file counts records
     problems = [f"{unit} {e['line']}: {e['message']}" for e in report.errors]
     if not config.data.allow_warnings:
@@ -137,22 +147,29 @@ def gate_data(config: RunConfig) -> CheckReport:
         if not report.errors:
             hint += ", or set data.allow_warnings: true (--set data.allow_warnings=true) to train anyway"
         raise TunesmithError(f"The data check of {config.data.path} stopped the run:\n{listed}\n{hint}.")
-    return report
+    return CheckedData(report, parsed, near_pairs)
 
 
-def split_data(config: RunConfig) -> tuple[dict[str, list[Conversation]], str, list[Path]]:
-    """Train, val and test conversations: the files given, else a group-aware, stratified split."""
+def split_data(config: RunConfig, checked: CheckedData) -> tuple[dict[str, list[Conversation]], str, list[Path]]:
+    """Train, val and test conversations: the files given, else a group-aware, stratified split of the checked
+    file (its records and near-duplicate pairs as the check found them)."""
     from tunesmith.data.check import CheckOptions, labels_of
     from tunesmith.data.split import split_conversations
 
     path = Path(str(config.data.path))
-    conversations, fmt = read_conversations(path, config.data.format)
+    conversations, fmt = checked.parsed.conversations, checked.parsed.format
     files = [path]
     val_share = 0.0 if config.data.val_path else config.data.val_fraction
     test_share = 0.0 if config.data.test_path else config.data.test_fraction
     labels = labels_of(path, conversations, CheckOptions())
     splits, _ = split_conversations(
-        conversations, val_share, test_share, config.train.seed, labels, config.data.near_threshold
+        conversations,
+        val_share,
+        test_share,
+        config.train.seed,
+        labels,
+        config.data.near_threshold,
+        near_pairs=checked.near_pairs,
     )
     for name, given in (("test", config.data.test_path), ("val", config.data.val_path)):
         if given:
@@ -315,10 +332,10 @@ def _prepare(
             {"from": latest.name if latest else None, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         ]
     else:
-        report = gate_data(config)
-        splits, fmt, files = split_data(config)
+        checked = gate_data(config)
+        splits, fmt, files = split_data(config, checked)
         prepare_run_dir(run_dir, overwrite)
-        (run_dir / "data" / "check.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (run_dir / "data" / "check.json").write_text(json.dumps(checked.report.to_dict(), indent=2))
         for name, rows in splits.items():
             write_jsonl(run_dir / "data" / f"{name}.jsonl", rows)
         (run_dir / "config.yaml").write_text(dump_config(config))

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.formats import Conversation, Problems, iter_raw_records, parse_file
+from tunesmith.data.formats import Conversation, ParsedFile, Problems, iter_raw_records, parse_file
 from tunesmith.data.similarity import (
     clusters_from_pairs,
     exact_clusters,
@@ -113,7 +113,11 @@ def _shown(lines: list[int]) -> str:
     return head + (f" (+{len(lines) - MAX_EXAMPLE_LINES} more)" if len(lines) > MAX_EXAMPLE_LINES else "")
 
 
-def check_duplicates(report: CheckReport, conversations: list[Conversation], options: CheckOptions) -> None:
+def check_duplicates(
+    report: CheckReport, conversations: list[Conversation], options: CheckOptions
+) -> list[tuple[int, int]]:
+    """Exact and near-duplicate clusters into the report; returns the near-duplicate index pairs (the split
+    keeps those together and reuses them rather than hashing every example again)."""
     texts = [full_text(c) for c in conversations]
     report.exact_duplicates = sorted(_lines(conversations, g) for g in exact_clusters(texts))
     if report.exact_duplicates:
@@ -123,7 +127,8 @@ def check_duplicates(report: CheckReport, conversations: list[Conversation], opt
             f"{extra} exact duplicate(s) in {len(report.exact_duplicates)} cluster(s), e.g. lines "
             f"{_shown(report.exact_duplicates[0])}. Keep one of each: duplicates overfit and leak across splits.",
         )
-    near = clusters_from_pairs(len(texts), near_duplicate_pairs(texts, options.near_threshold))
+    pairs = near_duplicate_pairs(texts, options.near_threshold)
+    near = clusters_from_pairs(len(texts), pairs)
     exact_sets = {tuple(g) for g in report.exact_duplicates}
     report.near_duplicates = [
         lines for lines in (_lines(conversations, g) for g in near) if tuple(lines) not in exact_sets
@@ -137,6 +142,7 @@ def check_duplicates(report: CheckReport, conversations: list[Conversation], opt
         )
     largest = max((len(g) for g in near), default=1)
     report.diversity["largest_near_duplicate_cluster_share"] = round(largest / max(1, len(texts)), 4)
+    return pairs
 
 
 def check_conflicts(report: CheckReport, conversations: list[Conversation]) -> None:
@@ -348,9 +354,20 @@ def check_data(
     against: str | Path | None = None,
 ) -> CheckReport:
     """Run every check on one data file. Raises TunesmithError only if the file cannot be read."""
+    return check_parsed(parse_file(path, fmt), tokenizer, options, against, fmt)[0]
+
+
+def check_parsed(
+    parsed: ParsedFile,
+    tokenizer: Any = None,
+    options: CheckOptions | None = None,
+    against: str | Path | None = None,
+    fmt: str = "auto",
+) -> tuple[CheckReport, list[tuple[int, int]]]:
+    """Every check on a file already parsed; also returns the near-duplicate pairs found (for the split).
+    `fmt` is the format asked for, used for the `against` file too."""
     options = options or CheckOptions()
-    path = Path(path)
-    parsed = parse_file(path, fmt)
+    path = parsed.problems.path
     conversations = parsed.conversations
     report = CheckReport(path=str(path), format=parsed.format, examples=len(conversations) + len(parsed.problems.items))
     report.errors = [{"line": line, "message": message} for line, message in parsed.problems.items]
@@ -369,8 +386,8 @@ def check_data(
             f"{RECOMMENDED_EXAMPLES}-1000+ examples.",
         )
     if not conversations:
-        return report
-    check_duplicates(report, conversations, options)
+        return report, []
+    pairs = check_duplicates(report, conversations, options)
     check_conflicts(report, conversations)
     if tokenizer is not None:
         check_token_lengths(report, conversations, tokenizer, options)
@@ -381,4 +398,4 @@ def check_data(
     if against is not None:
         other = parse_file(against, fmt).conversations
         check_leakage(report, conversations, other, str(against), options)
-    return report
+    return report, pairs

@@ -39,13 +39,16 @@ class SplitResult:
     leakage: dict[str, dict[str, int]]
 
 
-def group_indices(texts: list[str], threshold: float) -> list[list[int]]:
-    """Groups of indices that must share a split: exact and near duplicates, transitively."""
+def group_indices(
+    texts: list[str], threshold: float, near_pairs: list[tuple[int, int]] | None = None
+) -> list[list[int]]:
+    """Groups of indices that must share a split: exact and near duplicates, transitively (`near_pairs`: the
+    near-duplicate pairs when already computed for these texts, e.g. by the data check)."""
     union = UnionFind(len(texts))
     for cluster in exact_clusters(texts):
         for other in cluster[1:]:
             union.union(cluster[0], other)
-    for a, b in near_duplicate_pairs(texts, threshold):
+    for a, b in near_duplicate_pairs(texts, threshold) if near_pairs is None else near_pairs:
         union.union(a, b)
     return union.groups()
 
@@ -103,12 +106,13 @@ def split_conversations(
     seed: int,
     labels: dict[int, str] | None = None,
     threshold: float = 0.8,
+    near_pairs: list[tuple[int, int]] | None = None,
 ) -> tuple[dict[str, list[Conversation]], int]:
     """Train/val/test Conversations and how many multi-example groups were kept together."""
     if val < 0 or test < 0 or val + test >= 1:
         raise TunesmithError(f"--val {val} and --test {test} must be >= 0 and add up to less than 1.")
     texts = [full_text(c) for c in conversations]
-    groups = group_indices(texts, threshold)
+    groups = group_indices(texts, threshold, near_pairs)
     label_list = [labels.get(c.line) if labels else None for c in conversations]
     assigned = assign_groups(groups, label_list, {"val": val, "test": test}, seed)
     splits = {name: [conversations[i] for i in indices] for name, indices in assigned.items()}
