@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from rich.console import Console
 
 import tunesmith
@@ -25,7 +24,8 @@ from tunesmith.data.check import CheckReport
 from tunesmith.data.formats import Conversation, ParsedFile, parse_file, read_conversations, write_jsonl
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
-from tunesmith.files import check_replaceable, is_marked, mark, save_atomic, sha256_file, write_text_atomic
+from tunesmith.files import check_replaceable, mark, save_atomic, sha256_file
+from tunesmith.rundir import RunDir
 from tunesmith.train import distributed
 from tunesmith.train.precision import Precision, resolve
 
@@ -96,16 +96,6 @@ def manifest(config: RunConfig, data_files: list[Path]) -> dict[str, Any]:
     }
 
 
-def is_run_dir(path: Path) -> bool:
-    """A folder tunesmith made as a run: our marker, or (runs from before the marker) our manifest."""
-    if is_marked(path):
-        return True
-    try:
-        return "tunesmith" in json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -113,7 +103,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
                 f"Run directory {run_dir} already exists. Choose another --out, pass --resume to continue it from "
                 "its last checkpoint, or --overwrite to replace it."
             )
-        check_replaceable(run_dir, is_run_dir(run_dir), "a run directory")
+        check_replaceable(run_dir, RunDir(run_dir).made_by_tunesmith(), "a run directory")
         shutil.rmtree(run_dir)
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     mark(run_dir, "run")  # first, so that a run that dies before its manifest is still known as ours
@@ -191,9 +181,7 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def check_resumable(config: RunConfig, run_dir: Path) -> dict[str, Any]:
     """The run's manifest, after checking config and data are those the run started with."""
-    from tunesmith.config import build_config
-
-    saved = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir / "config.yaml"))
+    saved = RunDir(run_dir).read_config()
     ignore = {"resume"}
     changed = _differences(
         {k: v for k, v in saved.model_dump(mode="json").items() if k not in ignore},
@@ -203,9 +191,10 @@ def check_resumable(config: RunConfig, run_dir: Path) -> dict[str, Any]:
         listed = "\n".join(f"  - {c}" for c in changed)
         raise TunesmithError(
             f"Cannot resume {run_dir}: the config differs from the one the run started with:\n{listed}\n"
-            "Resume with the same config (or the run's own config.yaml), or start a new run with another --out."
+            f"Resume with the same config (or the run's own {RunDir(run_dir).config}), "
+            "or start a new run with another --out."
         )
-    info = json.loads((run_dir / "manifest.json").read_text())
+    info = RunDir(run_dir).read_manifest()
     for name, digest in info.get("data", {}).items():
         if Path(name).is_file() and sha256_file(Path(name)) != digest:
             raise TunesmithError(
@@ -213,11 +202,6 @@ def check_resumable(config: RunConfig, run_dir: Path) -> dict[str, Any]:
                 "Restore the file, or start a new run with another --out."
             )
     return info
-
-
-def _write_manifest(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> None:
-    record = info | {"status": status, **extra}
-    write_text_atomic(run_dir / "manifest.json", json.dumps(record, indent=2))  # `watch` reads it meanwhile
 
 
 def run_precision(config: RunConfig, source: str, recorded: dict[str, Any], console: Console) -> Precision:
@@ -298,7 +282,7 @@ def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> 
 
 def _saved_splits(run_dir: Path) -> dict[str, list[Conversation]]:
     """The train/val/test splits a run wrote when it started (read on resume and by other processes)."""
-    return {n: read_conversations(run_dir / "data" / f"{n}.jsonl", "chat")[0] for n in ("train", "val", "test")}
+    return {n: read_conversations(RunDir(run_dir).split(n), "chat")[0] for n in ("train", "val", "test")}
 
 
 def _prepare(
@@ -311,7 +295,7 @@ def _prepare(
     from tunesmith.train import checkpoint as ckpt
 
     if not world.main:
-        info = json.loads((run_dir / "manifest.json").read_text())
+        info = RunDir(run_dir).read_manifest()
         splits = _saved_splits(run_dir)
         return splits, info.get("format", "chat"), info, ckpt.latest_checkpoint(run_dir) if resuming else None
     latest = None
@@ -327,7 +311,7 @@ def _prepare(
             console.print(f"Removed unfinished checkpoint write(s): {', '.join(swept)}")
         if latest is None:
             console.print(f"{run_dir} has no complete checkpoint yet: training it again from step 0.")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            RunDir(run_dir).metrics.unlink(missing_ok=True)
         info["resumed"] = info.get("resumed", []) + [
             {"from": latest.name if latest else None, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         ]
@@ -335,10 +319,11 @@ def _prepare(
         checked = gate_data(config)
         splits, fmt, files = split_data(config, checked)
         prepare_run_dir(run_dir, overwrite)
-        (run_dir / "data" / "check.json").write_text(json.dumps(checked.report.to_dict(), indent=2))
+        layout = RunDir(run_dir)
+        layout.check_report.write_text(json.dumps(checked.report.to_dict(), indent=2))
         for name, rows in splits.items():
-            write_jsonl(run_dir / "data" / f"{name}.jsonl", rows)
-        (run_dir / "config.yaml").write_text(dump_config(config))
+            write_jsonl(layout.split(name), rows)
+        layout.write_config(dump_config(config))
         info = manifest(config, files) | {"format": fmt}
     info |= {"pid": os.getpid(), "host": platform.node()}
     return splits, fmt, info, latest
@@ -359,7 +344,7 @@ class _Run:
 
     def write_manifest(self, status: str, **extra: Any) -> None:
         if self.world.main:
-            _write_manifest(self.run_dir, self.info, status, **extra)
+            RunDir(self.run_dir).write_manifest(self.info, status, **extra)
 
 
 @dataclass
@@ -412,7 +397,7 @@ def _open_run(config: RunConfig, overwrite: bool, console: Console) -> _Run:
     if not world.main:  # one process speaks and writes; the others train alongside it
         console = Console(stderr=True, quiet=True)
     run_dir = config.run_dir
-    existing = (run_dir / "manifest.json").is_file()
+    existing = RunDir(run_dir).is_run()
     if config.resume is True and not existing:
         raise TunesmithError(
             f"--resume: {run_dir} holds no run to resume. Drop --resume (or use --resume auto) to start it."
@@ -505,7 +490,7 @@ def _train(
             data.examples,
             config.train,
             data.tokenizer.pad_token_id,
-            run.run_dir / "metrics.jsonl",
+            RunDir(run.run_dir).metrics,
             run.console,
             row_tokens=config.data.max_length,
             session=session,
@@ -551,7 +536,7 @@ def _final_weights(config: RunConfig, run: _Run, model: Any, result: TrainResult
 
 def _save_model(config: RunConfig, run: _Run, data: _Tokenized, model: Any, trained: dict[str, Any] | None) -> None:
     """The trained weights with their tokenizer, the tokenizer and chat template alone, and the loss plot."""
-    from tunesmith.methods import save_trained, weights_dir
+    from tunesmith.methods import save_trained
     from tunesmith.runs import plot_losses
 
     def write_weights(path: Path) -> None:
@@ -559,16 +544,16 @@ def _save_model(config: RunConfig, run: _Run, data: _Tokenized, model: Any, trai
         data.tokenizer.save_pretrained(path)
 
     # A resumed run that had finished once: the old weights go only once the new ones are complete.
-    save_atomic(weights_dir(config, run.run_dir), write_weights, replace=True)
-    data.tokenizer.save_pretrained(run.run_dir / "tokenizer")
-    (run.run_dir / "chat_template.jinja").write_text(data.template)
+    save_atomic(RunDir(run.run_dir).weights(config), write_weights, replace=True)
+    data.tokenizer.save_pretrained(RunDir(run.run_dir).tokenizer)
+    RunDir(run.run_dir).chat_template.write_text(data.template)
     plot_losses(run.run_dir)
 
 
 def _write_summary(
     config: RunConfig, run: _Run, data: _Tokenized, parameters: tuple[int, int], result: TrainResult
 ) -> TrainSummary:
-    """train_summary.json, and the manifest marked completed."""
+    """The training summary written, and the manifest marked completed."""
     history = result.history
     summary = TrainSummary(
         run_dir=str(run.run_dir),
@@ -591,11 +576,11 @@ def _write_summary(
         best=result.best,
         resumed_from=result.resumed_from,
     )
-    (run.run_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    RunDir(run.run_dir).summary.write_text(json.dumps(asdict(summary), indent=2))
     run.write_manifest("completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return summary
 
 
 def read_summary(run_dir: Path) -> TrainSummary:
-    """The train_summary.json of a finished run."""
-    return TrainSummary(**json.loads((run_dir / "train_summary.json").read_text()))
+    """The training summary of a finished run."""
+    return TrainSummary(**json.loads(RunDir(run_dir).summary.read_text()))

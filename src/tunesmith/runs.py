@@ -1,7 +1,7 @@
 """Runs on disk: list them, show one, follow one live from another terminal, plot its loss curves.
 
-Everything here only reads a run directory (manifest.json, config.yaml, metrics.jsonl,
-checkpoints/), so it works while training writes, after a crash, and on a copied directory.
+Everything here only reads a run directory (its manifest, config, metrics and checkpoints; see
+rundir.py), so it works while training writes, after a crash, and on a copied directory.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 from tunesmith.train.checkpoint import complete_checkpoints
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(Path(run_dir)).metrics
     if not path.is_file():
         return []
     records = []
@@ -54,8 +53,8 @@ def run_status(manifest: dict[str, Any]) -> str:
 
 def describe(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    manifest = RunDir(run_dir).read_manifest()
+    config = RunDir(run_dir).read_config_fields()
     metrics = read_metrics(run_dir)
     train = [r for r in metrics if r.get("type", "train") == "train"]
     val = [r for r in metrics if r.get("type") == "val"]
@@ -80,24 +79,24 @@ def find_runs(root: Path) -> list[dict[str, Any]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [describe(p) for p in sorted(root.iterdir()) if (p / "manifest.json").is_file()]
+    found = [describe(p) for p in sorted(root.iterdir()) if RunDir(p).is_run()]
     return sorted(found, key=lambda r: r.get("started") or "", reverse=True)
 
 
 def resolve_run(name: str, root: Path) -> Path:
     """A run directory from a path or a name under root."""
     for candidate in (Path(name), Path(root) / name):
-        if (candidate / "manifest.json").is_file():
+        if RunDir(candidate).is_run():
             return candidate
     known = ", ".join(r["name"] for r in find_runs(root)) or "none"
     raise TunesmithError(
-        f"No run '{name}' (looked for {name}/manifest.json and {root}/{name}). Runs in {root}: {known}."
+        f"No run '{name}' (looked for {RunDir(Path(name)).manifest} and {root}/{name}). Runs in {root}: {known}."
     )
 
 
 def follow(run_dir: Path, interval: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> Iterator[dict]:
     """Yield metrics records as they are written, until the run is no longer running."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(Path(run_dir)).metrics
     position = 0
     pending = ""
     while True:
@@ -112,7 +111,7 @@ def follow(run_dir: Path, interval: float = 2.0, sleep: Callable[[float], None] 
             for line in complete:
                 if line.strip():
                     yield json.loads(line)
-        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+        manifest = RunDir(Path(run_dir)).read_manifest()
         if run_status(manifest) != "running":
             return
         sleep(interval)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Fault injection for the kill-while-writing test: "SECONDS" or "STEP:SECONDS" to pause after the first
@@ -65,7 +66,7 @@ class TrainState:
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(Path(run_dir)).checkpoints
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
