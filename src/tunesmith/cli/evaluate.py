@@ -12,6 +12,7 @@ from rich.table import Table
 
 from tunesmith.cli.common import config_default, err, out, print_json
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 
 
 def print_comparison(summary: Any) -> None:
@@ -142,7 +143,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 f"gnorm {record.get('grad_norm') or 0:.3f} {record.get('tokens_per_s', 0):.0f} tok/s",
                 highlight=False,
             )
-    status = json.loads((run_dir / "manifest.json").read_text()).get("status")
+    status = RunDir(run_dir).read_manifest().get("status")
     out.print(f"Run {run_dir} is {status}.")
     return 0
 

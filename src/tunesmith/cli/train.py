@@ -13,6 +13,7 @@ from typing import Any
 from tunesmith.cli.common import add_config_options, config_from_args, err, out, print_json
 from tunesmith.cli.evaluate import print_comparison
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 
 
 def resume_command(argv: list[str]) -> list[str]:
@@ -55,7 +56,6 @@ def _train(args: argparse.Namespace) -> Any:
 
 def _train_workers(args: argparse.Namespace) -> Any:
     """Start --nproc training processes, pass Ctrl-C/SIGTERM on to them once, and read back what they wrote."""
-    import json
     import signal
     import subprocess
 
@@ -84,9 +84,10 @@ def _train_workers(args: argparse.Namespace) -> Any:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     run_dir = config.run_dir
-    if code == 0 and (run_dir / "train_summary.json").is_file():
+    layout = RunDir(run_dir)
+    if code == 0 and layout.summary.is_file():
         return read_summary(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    manifest = layout.read_manifest() if layout.is_run() else {}
     if manifest.get("status") == "interrupted" or received:
         words = resume_command(argv)
         err.print(f"[yellow]Stopped.[/] Resume with:\n  tunesmith {' '.join(words)} --resume", highlight=False)

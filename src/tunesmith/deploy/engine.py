@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 
 BASE = "base"
 RETRY_AFTER_MAX_S = 60  # the longest a busy server asks a client to wait
@@ -93,11 +94,9 @@ class Engine:
         max_batch: int = 8,
         max_prompt_tokens: int | None = None,
     ) -> None:
-        from tunesmith.evaluate.generate import read_run_config
-
         if not run_dirs:
             raise TunesmithError("Name at least one run to serve.")
-        configs = [read_run_config(path) for path in run_dirs]
+        configs = [RunDir(path).read_config() for path in run_dirs]
         names = [path.name for path in run_dirs]
         if len(set(names)) != len(names) or BASE in names:
             raise TunesmithError(f"Served runs need distinct names other than '{BASE}'; got {names}.")
@@ -128,13 +127,11 @@ class Engine:
 
     def _load(self, run_dirs: list[Path], configs: list[Any]) -> Any:
         from tunesmith.deploy.export import run_tokenizer
-        from tunesmith.methods import load_base, load_trained, weights_dir
+        from tunesmith.methods import load_base, load_trained
         from tunesmith.models import resolve_model_path
         from tunesmith.train.precision import run_inference_dtype
 
-        for path, config in zip(run_dirs, configs, strict=True):
-            if not weights_dir(config, path).is_dir():
-                raise TunesmithError(f"{path} has no {weights_dir(config, path).name}/: training has not finished.")
+        weights = [RunDir(path).trained_weights(config) for path, config in zip(run_dirs, configs, strict=True)]
         peft = all(config.uses_peft for config in configs)
         bases = {config.model for config in configs}
         if len(run_dirs) > 1 and (not peft or len(bases) > 1):
@@ -145,18 +142,17 @@ class Engine:
         source = resolve_model_path(configs[0].model)
         dtype = run_inference_dtype(run_dirs[0])  # the dtype the (first) run trained in, where this machine has it
         if not peft:  # one full fine-tune or bottleneck-adapter run, served on its own
-            model = load_trained(configs[0], source, weights_dir(configs[0], run_dirs[0]), dtype)
+            model = load_trained(configs[0], source, weights[0], dtype)
             self._register(run_dirs[0].name, run_dirs[0], run_tokenizer(run_dirs[0]), None, configs[0])
             return model.eval()
         from peft import PeftModel
 
         model = load_base(configs[0], source, dtype)
-        for index, (path, config) in enumerate(zip(run_dirs, configs, strict=True)):
-            weights = str(weights_dir(config, path))
+        for index, (path, config, folder) in enumerate(zip(run_dirs, configs, weights, strict=True)):
             if index == 0:
-                model = PeftModel.from_pretrained(model, weights, adapter_name=path.name)
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=path.name)
             else:
-                model.load_adapter(weights, adapter_name=path.name)
+                model.load_adapter(str(folder), adapter_name=path.name)
             self._register(path.name, path, run_tokenizer(path), path.name, config)
         self._register(BASE, None, self.models[run_dirs[0].name].tokenizer, None, configs[0])
         return model.eval()

@@ -21,6 +21,7 @@ from typing import Any
 from tunesmith.deploy.template import TurnFormat, check_equal, go_template, stop_tokens, turn_format
 from tunesmith.errors import TunesmithError
 from tunesmith.files import check_replaceable, is_marked, mark, save_atomic
+from tunesmith.rundir import RunDir
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 
@@ -29,25 +30,25 @@ def run_tokenizer(run_dir: Path) -> Any:
     """The run's tokenizer with the chat template it was trained with."""
     from tunesmith.models import load_tokenizer
 
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    template_file = run_dir / "chat_template.jinja"
-    if template_file.is_file():
-        tokenizer.chat_template = template_file.read_text()
+    layout = RunDir(run_dir)
+    tokenizer = load_tokenizer(str(layout.tokenizer))
+    if layout.chat_template.is_file():
+        tokenizer.chat_template = layout.chat_template.read_text()
     if not tokenizer.chat_template:
-        raise TunesmithError(f"{run_dir} has no chat template (chat_template.jinja); was it trained by tunesmith?")
+        raise TunesmithError(
+            f"{run_dir} has no chat template ({layout.chat_template.name}); was it trained by tunesmith?"
+        )
     return tokenizer
 
 
 def _merged(run_dir: Path) -> Any:
-    from tunesmith.evaluate.generate import read_run_config
-    from tunesmith.methods import merged_model, weights_dir
+    from tunesmith.methods import merged_model
     from tunesmith.models import load_model, resolve_model_path
     from tunesmith.train.precision import run_inference_dtype
 
-    config = read_run_config(run_dir)
-    weights = weights_dir(config, run_dir)
-    if not weights.is_dir():
-        raise TunesmithError(f"{run_dir} has no {weights.name}/: training has not finished, nothing to export.")
+    layout = RunDir(run_dir)
+    config = layout.read_config()
+    weights = layout.trained_weights(config, ", nothing to export.")
     dtype = run_inference_dtype(run_dir)  # merged exports are written in the run's dtype
     if config.method == "full":
         return load_model(str(weights), dtype)
@@ -66,17 +67,16 @@ def _write_merged(model: Any, tokenizer: Any, path: Path) -> None:
 
 
 def _write_adapter(run_dir: Path, tokenizer: Any, path: Path) -> None:
-    from tunesmith.evaluate.generate import read_run_config
-    from tunesmith.methods import weights_dir
     from tunesmith.models import resolve_model_path
 
-    config = read_run_config(run_dir)
+    layout = RunDir(run_dir)
+    config = layout.read_config()
     if not config.uses_peft:
         raise TunesmithError(
             f"--format adapter exports PEFT adapters (methods lora, qlora, dora); this run used {config.method}. "
             "Use --format merged."
         )
-    shutil.copytree(weights_dir(config, run_dir), path)
+    shutil.copytree(layout.weights(config), path)
     settings = json.loads((path / "adapter_config.json").read_text())
     # PEFT and vLLM find the base through this field; point it at the real base, not a temp path.
     settings["base_model_name_or_path"] = resolve_model_path(config.model)
@@ -108,19 +108,19 @@ def export_run(
 ) -> Path:
     """Export a finished run; returns the folder written."""
     from tunesmith.deploy.gguf_writer import pre_tokenizer_name, write_gguf
-    from tunesmith.evaluate.generate import read_run_config
     from tunesmith.models import source_gguf
 
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise TunesmithError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
-    config = read_run_config(run_dir)
-    target = Path(out) if out else run_dir / "export" / fmt
+    layout = RunDir(run_dir)
+    config = layout.read_config()
+    target = Path(out) if out else layout.export(fmt)
     if target.exists():
         if not overwrite:
             raise TunesmithError(f"{target} already exists; pass --overwrite to replace it, or --out another folder.")
         # Exports from before the marker count as ours only where export puts them by default.
-        ours = is_marked(target) or target.resolve() == (run_dir / "export" / fmt).resolve()
+        ours = is_marked(target) or target.resolve() == layout.export(fmt).resolve()
         check_replaceable(target, ours, "an export")
     tokenizer = run_tokenizer(run_dir)
     turns = turn_format(tokenizer) if fmt == "ollama" else None

@@ -26,6 +26,7 @@ from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy.requestlog import CLIENT_GONE, read_feedback, read_requests
 from tunesmith.errors import TunesmithError
 from tunesmith.files import check_file_target, write_file_atomic
+from tunesmith.rundir import RunDir
 
 WORD = re.compile(r"\w+", re.UNICODE)
 LIMITS = {"error_rate": 0.05, "js_divergence": 0.2, "ks_statistic": 0.3, "format_failures": 0.05, "longer": 0.1}
@@ -91,10 +92,10 @@ def _format_checks(config: Any) -> dict[str, Any]:
 
 
 def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
-    path = run_dir / "data" / "train.jsonl"
+    path = RunDir(run_dir).split("train")
     if not path.is_file():
         raise TunesmithError(
-            f"{run_dir} has no data/train.jsonl; monitor compares traffic with the run's training split."
+            f"{run_dir} has no {path.relative_to(run_dir)}; monitor compares traffic with the run's training split."
         )
     conversations, _ = read_conversations(path)
     prompts = []
@@ -107,10 +108,9 @@ def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
 def monitor_report(run_dir: str | Path, db: str | Path | None = None, since: float = 0.0) -> dict[str, Any]:
     from tunesmith.deploy.export import run_tokenizer
     from tunesmith.deploy.serve import default_log_path
-    from tunesmith.evaluate.generate import read_run_config
 
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
+    config = RunDir(run_dir).read_config()
     db = Path(db) if db else default_log_path(run_dir)
     if not db.is_file():
         raise TunesmithError(f"No request log at {db}. Serve the run first (tunesmith serve {run_dir}) or pass --db.")

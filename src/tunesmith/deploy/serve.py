@@ -35,6 +35,7 @@ from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
+from tunesmith.rundir import RunDir
 
 if TYPE_CHECKING:
     from fastapi.exceptions import RequestValidationError
@@ -704,4 +705,4 @@ async def whole_answer(request: Request, generation: Generation) -> Any:
 
 
 def default_log_path(run_dir: Path) -> Path:
-    return run_dir / "serve" / "requests.sqlite"
+    return RunDir(run_dir).serve_log

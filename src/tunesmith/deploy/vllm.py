@@ -13,19 +13,17 @@ from pathlib import Path
 
 from tunesmith.deploy.engine import BASE
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates LoRA slots for
 
 
 def vllm_command(run_dirs: list[Path], host: str, port: int, api_key: str | None, max_tokens_limit: int) -> list[str]:
-    from tunesmith.evaluate.generate import read_run_config
-    from tunesmith.methods import weights_dir
     from tunesmith.models import resolve_model_path
 
-    configs = [read_run_config(path) for path in run_dirs]
+    configs = [RunDir(path).read_config() for path in run_dirs]
+    weights = [RunDir(path).trained_weights(config) for path, config in zip(run_dirs, configs, strict=True)]
     for path, config in zip(run_dirs, configs, strict=True):
-        if not weights_dir(config, path).is_dir():
-            raise TunesmithError(f"{path} has no {weights_dir(config, path).name}/: training has not finished.")
         if config.method == "adapter":
             raise TunesmithError(f"{path}: bottleneck adapters are not a vLLM format; serve it with --engine native.")
     first = run_dirs[0]
@@ -38,14 +36,14 @@ def vllm_command(run_dirs: list[Path], host: str, port: int, api_key: str | None
         command += [resolve_model_path(configs[0].model), "--served-model-name", BASE, "--enable-lora"]
         command += [
             "--lora-modules",
-            *[f"{path.name}={weights_dir(c, path)}" for path, c in zip(run_dirs, configs, strict=True)],
+            *[f"{path.name}={folder}" for path, folder in zip(run_dirs, weights, strict=True)],
         ]
         command += ["--max-lora-rank", str(slot), "--max-loras", str(len(run_dirs))]
     elif len(run_dirs) == 1:
-        command += [str(weights_dir(configs[0], first)), "--served-model-name", first.name]
+        command += [str(weights[0]), "--served-model-name", first.name]
     else:
         raise TunesmithError("vLLM serves several runs together only as LoRA adapters over one base model.")
-    command += ["--chat-template", str(first / "chat_template.jinja"), "--host", host, "--port", str(port)]
+    command += ["--chat-template", str(RunDir(first).chat_template), "--host", host, "--port", str(port)]
     command += ["--override-generation-config", f'{{"max_new_tokens": {max_tokens_limit}}}']
     if api_key:
         command += ["--api-key", api_key]

@@ -24,6 +24,7 @@ from tunesmith.data.formats import Conversation, read_conversations
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import metrics as m
 from tunesmith.evaluate import stats
+from tunesmith.rundir import RunDir
 
 SPLITS = ("test", "val", "train")
 
@@ -62,7 +63,7 @@ class CompareSummary:
 def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversation]:
     if split not in SPLITS:
         raise TunesmithError(f"--split {split!r}: choose one of {', '.join(SPLITS)}.")
-    path = run_dir / "data" / f"{split}.jsonl"
+    path = RunDir(run_dir).split(split)
     if not path.is_file():
         raise TunesmithError(f"{path} does not exist: this run has no {split} split.")
     items = [c for c in read_conversations(path, "chat")[0] if c.reference is not None][:limit]
@@ -164,7 +165,7 @@ def eval_run(
     values = {name: round(sum(v) / len(v), 6) for name, v in per_item.items()}
     values |= {k: round(v, 6) for k, v in m.corpus_scores(settings.metrics, predictions, references).items()}
     loss, perplexity = _loss_of(item_losses(loaded.model, loaded.tokenizer, items, loaded.config))
-    out = run_dir / "eval"
+    out = RunDir(run_dir).eval
     out.mkdir(exist_ok=True)
     path = out / f"predictions-{split}-{label}.jsonl"
     with path.open("w", encoding="utf-8") as handle:
@@ -235,7 +236,7 @@ def compare_run(
         from tunesmith.evaluate.general import general_ability
 
         summary.general_ability = general_ability(loaded, base, settings)
-    _write_compare(run_dir / "eval", rows, summary)
+    _write_compare(RunDir(run_dir).eval, rows, summary)
     return summary
 
 

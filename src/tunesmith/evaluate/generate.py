@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import RunConfig, build_config, read_config_file
+from tunesmith.config import RunConfig
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.errors import TunesmithError
-from tunesmith.methods import load_base, load_trained, weights_dir
+from tunesmith.methods import load_base, load_trained
 from tunesmith.models import load_tokenizer, resolve_model_path
+from tunesmith.rundir import RunDir
 from tunesmith.train.precision import run_inference_dtype
 
 
@@ -42,23 +43,13 @@ class LoadedRun:
         return nullcontext()
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise TunesmithError(f"{run_dir} is not a tunesmith run (no config.yaml). Pass a directory under runs/.")
-    return build_config(read_config_file(path), source=str(path))
-
-
 def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
     """The run's tuned model (or its base model with base=True) and the run's tokenizer."""
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    weights = weights_dir(config, run_dir)
-    if not base and not weights.is_dir():
-        raise TunesmithError(
-            f"{run_dir} has no {weights.name}/ yet: training has not finished. Use --base or train first."
-        )
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    layout = RunDir(run_dir)
+    config = layout.read_config()
+    weights = layout.weights(config) if base else layout.trained_weights(config, ". Use --base or train first.")
+    tokenizer = load_tokenizer(str(layout.tokenizer))
     source = resolve_model_path(config.model)
     dtype = run_inference_dtype(run_dir)
     model = load_base(config, source, dtype) if base else load_trained(config, source, weights, dtype)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunesmith.rundir import RunDir
 from tunesmith.runs import read_metrics
 
 
@@ -21,14 +22,13 @@ def _read(path: Path) -> Any:
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    check = _read(run_dir / "data" / "check.json") or {}
-    summary = _read(run_dir / "train_summary.json") or {}
-    plan = _read(run_dir / "plan.json")
-    compare = _read(run_dir / "eval" / "compare.json")
+    layout = RunDir(run_dir)
+    config = layout.read_config_fields()
+    check = _read(layout.check_report) or {}
+    summary = _read(layout.summary) or {}
+    plan = _read(layout.plan)
+    compare = _read(layout.eval / "compare.json")
     metrics = read_metrics(run_dir)
     train_config = config.get("train", {})
     spent = summary.get("seconds")
@@ -199,7 +199,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write eval/report.json and eval/report.html; returns the HTML path."""
     run_dir = Path(run_dir)
     report = build_report(run_dir)
-    out = run_dir / "eval"
+    out = RunDir(run_dir).eval
     out.mkdir(exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     target = out / "report.html"
