@@ -7,7 +7,6 @@ where bf16 is emulated and hundreds of times slower. This module only decides; i
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Overrides the CPU's bf16 detection ("0" or "1"): for reproducible numbers across machines (the tests set
@@ -122,7 +122,7 @@ def keep_trainable_fp32(model: Any) -> int:
 def trained_dtype(run_dir: Path) -> str:
     """The dtype a run trained in, from its manifest (runs from before the record: fp32)."""
     try:
-        recorded = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8")).get("precision")
+        recorded = RunDir(Path(run_dir)).read_manifest().get("precision")
     except (OSError, ValueError, AttributeError):
         recorded = None
     return recorded["dtype"] if isinstance(recorded, dict) and recorded.get("dtype") in TORCH_DTYPES else "fp32"
