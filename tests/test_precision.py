@@ -137,6 +137,7 @@ def test_bf16_resume_equals_an_uninterrupted_run(tiny_model_dir, chat_file, tmp_
 
     straight = model()
     fit(straight, examples, settings, 0, session=Session(run_dir=tmp_path / "a", checkpoint=CheckpointConfig(every=3)))
+
     def terminate_at_step_3(record):
         if record.get("step") == 3:
             os.kill(os.getpid(), signal.SIGTERM)

@@ -436,7 +436,7 @@ def _tokenize(config: RunConfig, run: _Run, source: str) -> _Tokenized:
         val_examples = tokenize(val)[0] if val else []
     report = stats.summary()
     if run.world.main:
-        (run.run_dir / "data" / "tokenize.json").write_text(json.dumps(report, indent=2))
+        RunDir(run.run_dir).tokenize_report.write_text(json.dumps(report, indent=2))
     run.console.print(
         f"{run.fmt} data: {len(train)} train / {len(val)} val / {len(test)} test examples, {report['tokens']} "
         f"tokens; {stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped "

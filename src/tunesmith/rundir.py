@@ -3,7 +3,7 @@
 runs/NAME/
   manifest.json        status, data hashes, precision, pid/host (rewritten atomically; `watch` reads it)
   config.yaml          the validated config the run started with
-  data/                train/val/test splits as the run saw them, check.json (the data gate's report)
+  data/                train/val/test splits as the run saw them, check.json (data gate), tokenize.json (tokens)
   model/ or adapter/   the trained weights (full fine-tuning: model/, every other method: adapter/)
   tokenizer/, chat_template.jinja
   checkpoints/         step-NNNNNN/ directories while training
@@ -48,6 +48,10 @@ class RunDir:
     @property
     def check_report(self) -> Path:
         return self.data / "check.json"
+
+    @property
+    def tokenize_report(self) -> Path:
+        return self.data / "tokenize.json"
 
     @property
     def tokenizer(self) -> Path:
