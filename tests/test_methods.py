@@ -5,14 +5,21 @@ import pytest
 import torch
 
 from tunesmith.config import RunConfig
-from tunesmith.methods import apply_method, count_parameters, load_base, load_trained, merged_model, save_trained
+from tunesmith.methods import (
+    METHODS,
+    apply_method,
+    count_parameters,
+    load_base,
+    load_trained,
+    merged_model,
+    method_of,
+    save_trained,
+)
 from tunesmith.train.batching import collate
 from tunesmith.train.loop import fit
 
 from .conftest import build_tokenizer
 from .test_train import examples_for, snapshot
-
-METHODS = ["lora", "dora", "qlora", "adapter", "full"]
 
 
 def make_config(method, **sections):
@@ -30,14 +37,14 @@ def expected_trainable(method, name):
     return {"lora": "lora_", "dora": "lora_", "qlora": "lora_", "adapter": "_bottleneck"}.get(method, "") in name
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_only_its_parameters_and_round_trips(method, tiny_model_dir, chat_file, tmp_path):
     tokenizer = build_tokenizer()
     config = make_config(method)
     model, trainable = apply_method(load_base(config, str(tiny_model_dir)), config)
     counted, total = count_parameters(model)
     assert trainable == counted and 0 < trainable <= total
-    if method != "full":
+    if not method_of(config).base_in_fp32:
         assert trainable < total / 2
     before = snapshot(model)
     examples = examples_for(chat_file, tokenizer)
@@ -61,7 +68,7 @@ def test_method_trains_only_its_parameters_and_round_trips(method, tiny_model_di
     save_trained(model, config, tmp_path / "w")
     reloaded = load_trained(config, str(tiny_model_dir), tmp_path / "w").eval()
     torch.testing.assert_close(logits(reloaded, batch), trained, rtol=0, atol=0)
-    if config.uses_peft:
+    if method_of(config).merge is not None:  # every registered method that defines a merge is checked
         merged = merged_model(config, str(tiny_model_dir), tmp_path / "w").eval()
         assert not any("lora" in n for n, _ in merged.named_parameters())
         torch.testing.assert_close(logits(merged, batch), trained, rtol=1e-4, atol=1e-4)

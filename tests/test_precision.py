@@ -11,7 +11,15 @@ import torch
 from tunesmith.cli import main
 from tunesmith.config import CheckpointConfig
 from tunesmith.errors import TrainingInterrupted, TunesmithError
-from tunesmith.methods import apply_method, load_base, load_trained, merged_model, save_trained, training_dtype
+from tunesmith.methods import (
+    apply_method,
+    load_base,
+    load_trained,
+    merged_model,
+    method_of,
+    save_trained,
+    training_dtype,
+)
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import precision as prec
 from tunesmith.train.batching import collate
@@ -119,7 +127,7 @@ def test_bf16_run_keeps_frozen_weights_bf16_and_trainable_state_fp32(method, tin
         return
     reloaded = load_trained(config, str(tiny_model_dir), tmp_path / "w", torch.bfloat16).eval()
     torch.testing.assert_close(logits(reloaded, batch), trained, rtol=0, atol=0)
-    if config.uses_peft:
+    if method_of(config).merge is not None:
         merged = merged_model(config, str(tiny_model_dir), tmp_path / "w", torch.bfloat16).eval()
         assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
         torch.testing.assert_close(logits(merged, batch).float(), trained.float(), rtol=0.05, atol=0.05)

@@ -320,11 +320,6 @@ class RunConfig(Section):
         return self
 
     @property
-    def uses_peft(self) -> bool:
-        """Whether the run saves a PEFT adapter (adapter/) rather than a full model (model/)."""
-        return self.method in ("lora", "qlora", "dora")
-
-    @property
     def run_dir(self) -> Path:
         return Path(str(self.out))
 

@@ -127,12 +127,12 @@ class Engine:
 
     def _load(self, run_dirs: list[Path], configs: list[Any]) -> Any:
         from tunesmith.deploy.export import run_tokenizer
-        from tunesmith.methods import load_base, load_trained
+        from tunesmith.methods import load_base, load_trained, method_of
         from tunesmith.models import resolve_model_path
         from tunesmith.train.precision import run_inference_dtype
 
         weights = [RunDir(path).trained_weights(config) for path, config in zip(run_dirs, configs, strict=True)]
-        peft = all(config.uses_peft for config in configs)
+        peft = all(method_of(config).uses_peft for config in configs)
         bases = {config.model for config in configs}
         if len(run_dirs) > 1 and (not peft or len(bases) > 1):
             raise TunesmithError(

@@ -42,7 +42,7 @@ def run_tokenizer(run_dir: Path) -> Any:
 
 
 def _merged(run_dir: Path) -> Any:
-    from tunesmith.methods import merged_model
+    from tunesmith.methods import method_of
     from tunesmith.models import load_model, resolve_model_path
     from tunesmith.train.precision import run_inference_dtype
 
@@ -50,14 +50,15 @@ def _merged(run_dir: Path) -> Any:
     config = layout.read_config()
     weights = layout.trained_weights(config, ", nothing to export.")
     dtype = run_inference_dtype(run_dir)  # merged exports are written in the run's dtype
-    if config.method == "full":
-        return load_model(str(weights), dtype)
-    if config.method == "adapter":
+    method = method_of(config)
+    if "merged" not in method.exports:
         raise TunesmithError(
             "Bottleneck adapters add layers that standard runtimes do not have, so they cannot be merged or "
             "converted; serve this run with `tunesmith serve`, or train with method lora to export."
         )
-    return merged_model(config, resolve_model_path(config.model), weights, dtype)
+    if method.merge is None:  # a method that exports merged without merging saves a whole model
+        return load_model(str(weights), dtype)
+    return method.merge(config, resolve_model_path(config.model), weights, dtype)
 
 
 def _write_merged(model: Any, tokenizer: Any, path: Path) -> None:
@@ -67,11 +68,12 @@ def _write_merged(model: Any, tokenizer: Any, path: Path) -> None:
 
 
 def _write_adapter(run_dir: Path, tokenizer: Any, path: Path) -> None:
+    from tunesmith.methods import method_of
     from tunesmith.models import resolve_model_path
 
     layout = RunDir(run_dir)
     config = layout.read_config()
-    if not config.uses_peft:
+    if "adapter" not in method_of(config).exports:
         raise TunesmithError(
             f"--format adapter exports PEFT adapters (methods lora, qlora, dora); this run used {config.method}. "
             "Use --format merged."

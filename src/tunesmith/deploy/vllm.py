@@ -19,16 +19,17 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates LoR
 
 
 def vllm_command(run_dirs: list[Path], host: str, port: int, api_key: str | None, max_tokens_limit: int) -> list[str]:
+    from tunesmith.methods import method_of
     from tunesmith.models import resolve_model_path
 
     configs = [RunDir(path).read_config() for path in run_dirs]
     weights = [RunDir(path).trained_weights(config) for path, config in zip(run_dirs, configs, strict=True)]
     for path, config in zip(run_dirs, configs, strict=True):
-        if config.method == "adapter":
+        if not method_of(config).exports:  # no standard-runtime format at all
             raise TunesmithError(f"{path}: bottleneck adapters are not a vLLM format; serve it with --engine native.")
     first = run_dirs[0]
     command = ["vllm", "serve"]
-    if all(config.uses_peft for config in configs):
+    if all(method_of(config).uses_peft for config in configs):
         if len({config.model for config in configs}) > 1:
             raise TunesmithError("vLLM serves adapters over one base model; these runs use different bases.")
         rank = max(config.lora.r for config in configs)

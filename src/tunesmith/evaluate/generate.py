@@ -18,7 +18,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.errors import TunesmithError
-from tunesmith.methods import load_base, load_trained
+from tunesmith.methods import load_base, load_trained, method_of
 from tunesmith.models import load_tokenizer, resolve_model_path
 from tunesmith.rundir import RunDir
 from tunesmith.train.precision import run_inference_dtype
@@ -34,11 +34,11 @@ class LoadedRun:
     @property
     def shares_base(self) -> bool:
         """A PEFT model can answer as its base by switching the adapter off, without a second copy."""
-        return self.config.uses_peft
+        return method_of(self.config).uses_peft
 
     def base_only(self):
         """Context in which this model answers as the base model."""
-        if self.config.uses_peft and self.tuned:
+        if method_of(self.config).uses_peft and self.tuned:
             return self.model.disable_adapter()
         return nullcontext()
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from tunesmith.config import AdapterConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.method import Method, load_plain_base
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 CONFIG_FILE = "bottleneck_config.json"
@@ -99,3 +100,17 @@ def load_adapters(model: Any, path: Path) -> Any:
     if unexpected or any(MARK in key for key in missing):
         raise TunesmithError(f"{path}: the adapter weights do not fit this base model.")
     return model
+
+
+ADAPTER = Method(
+    name="adapter",
+    weights_dir="adapter",
+    uses_peft=False,
+    exports=(),  # added layers that standard runtimes do not have: served natively only
+    base_in_fp32=False,
+    load_base=load_plain_base,
+    apply=lambda model, config: apply_adapters(model, config.adapter),
+    save=lambda model, config, path, trained: save_adapters(model, config.adapter, path, trained),
+    load=lambda config, source, path, dtype: load_adapters(load_plain_base(config, source, dtype), path),
+    merge=None,
+)

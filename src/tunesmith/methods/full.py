@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from tunesmith.config import FullConfig
+import torch
+
+from tunesmith.config import FullConfig, RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.methods.method import Method, load_plain_base, save_pretrained
 
 
 def apply_full(model: Any, settings: FullConfig | None = None) -> tuple[Any, int]:
@@ -28,3 +32,23 @@ def apply_full(model: Any, settings: FullConfig | None = None) -> tuple[Any, int
         # With tied weights this also freezes the output layer: they are one tensor.
         model.get_input_embeddings().requires_grad_(False)
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_full(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
+    from tunesmith.models import load_model
+
+    return load_model(str(path), dtype)
+
+
+FULL = Method(
+    name="full",
+    weights_dir="model",
+    uses_peft=False,
+    exports=("merged", "gguf", "ollama"),
+    base_in_fp32=True,
+    load_base=load_plain_base,
+    apply=lambda model, config: apply_full(model, config.full),
+    save=save_pretrained,
+    load=load_full,
+    merge=None,
+)

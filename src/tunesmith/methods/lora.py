@@ -6,9 +6,13 @@ low-rank direction update; QLoRA is LoRA over a 4-bit base (see qlora.py).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from tunesmith.config import LoraConfig
+import torch
+
+from tunesmith.config import LoraConfig, RunConfig
+from tunesmith.methods.method import Method, load_plain_base, save_pretrained
 
 
 def apply_lora(model: Any, settings: LoraConfig, dora: bool = False) -> tuple[Any, int]:
@@ -25,3 +29,54 @@ def apply_lora(model: Any, settings: LoraConfig, dora: bool = False) -> tuple[An
     )
     model = get_peft_model(model, peft_config)
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_peft(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
+    """The base as the method loads it, with the saved PEFT adapter on top."""
+    from peft import PeftModel
+
+    from tunesmith.methods import method_of
+
+    return PeftModel.from_pretrained(method_of(config).load_base(config, source, dtype), str(path))
+
+
+def merge_peft(base: Any, path: Path, dtype: torch.dtype) -> Any:
+    """`base` with the PEFT update at `path` added in fp32, returned in `dtype`."""
+    from peft import PeftModel
+
+    # nn.Module's own casts: transformers refuses .float()/.to() on a model it loaded quantized, even dequantized.
+    merged = PeftModel.from_pretrained(torch.nn.Module.float(base), str(path)).merge_and_unload()
+    return torch.nn.Module.to(merged, dtype)
+
+
+def merge_lora(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
+    return merge_peft(load_plain_base(config, source, dtype), path, dtype)
+
+
+PEFT_EXPORTS = ("adapter", "merged", "gguf", "ollama")
+
+LORA = Method(
+    name="lora",
+    weights_dir="adapter",
+    uses_peft=True,
+    exports=PEFT_EXPORTS,
+    base_in_fp32=False,
+    load_base=load_plain_base,
+    apply=lambda model, config: apply_lora(model, config.lora),
+    save=save_pretrained,
+    load=load_peft,
+    merge=merge_lora,
+)
+
+DORA = Method(
+    name="dora",
+    weights_dir="adapter",
+    uses_peft=True,
+    exports=PEFT_EXPORTS,
+    base_in_fp32=False,
+    load_base=load_plain_base,
+    apply=lambda model, config: apply_lora(model, config.lora, dora=True),
+    save=save_pretrained,
+    load=load_peft,
+    merge=merge_lora,
+)

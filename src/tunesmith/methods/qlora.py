@@ -7,11 +7,15 @@ reproduces the trained (quantized-base) model rather than the original weights.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunesmith.config import QloraConfig
+from tunesmith.config import QloraConfig, RunConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.methods.lora import PEFT_EXPORTS, apply_lora, load_peft, merge_peft
+from tunesmith.methods.method import Method, save_pretrained
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,3 +85,40 @@ def dequantize_linears(model: Any, dtype: torch.dtype = torch.float32) -> int:
     if replaced and hasattr(model, "config"):
         model.config.quantization_config = None
     return replaced
+
+
+def load_quantized_base(config: RunConfig, source: str, dtype: torch.dtype) -> Any:
+    """The base with its linear weights in 4-bit, its other weights in the compute dtype."""
+    from tunesmith.models import load_model
+    from tunesmith.train.speed import attention_implementation
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunesmithError("method qlora needs bitsandbytes: pip install bitsandbytes.") from None
+    dtype = compute_dtype(config.qlora, dtype)
+    attention = attention_implementation(config.train.attention)
+    model = load_model(source, dtype, quantization_config(config.qlora, dtype), attention)
+    use_portable_kernels(model)  # same numbers and correct gradients on every CPU (see its docstring)
+    return model
+
+
+def merge_qlora(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
+    base = load_quantized_base(config, source, dtype)
+    # The update was learned against the 4-bit weights, so it is merged into exactly those, dequantized.
+    dequantize_linears(base, torch.float32)
+    return merge_peft(base, path, dtype)
+
+
+QLORA = Method(
+    name="qlora",
+    weights_dir="adapter",
+    uses_peft=True,
+    exports=PEFT_EXPORTS,
+    base_in_fp32=False,
+    load_base=load_quantized_base,
+    apply=lambda model, config: apply_lora(model, config.lora),
+    save=save_pretrained,
+    load=load_peft,
+    merge=merge_qlora,
+)

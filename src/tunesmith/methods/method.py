@@ -1,0 +1,55 @@
+"""What a fine-tuning method is: one object per method, registered in `tunesmith.methods.METHODS`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import RunConfig
+
+Apply = Callable[[Any, RunConfig], tuple[Any, int]]
+LoadBase = Callable[[RunConfig, str, torch.dtype], Any]
+Save = Callable[[Any, RunConfig, Path, "dict[str, Any] | None"], None]
+Load = Callable[[RunConfig, str, Path, torch.dtype], Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    weights_dir: str
+    """Folder of the run the trained weights are saved in: "model" (a whole model) or "adapter"."""
+    uses_peft: bool
+    """Whether the run saves a PEFT adapter, which PEFT, vLLM and `--format adapter` read."""
+    exports: tuple[str, ...]
+    """The `tunesmith export` formats this method's runs support."""
+    base_in_fp32: bool
+    """Whether the base is loaded in fp32 for training (it trains: master weights); otherwise the run's dtype.
+    Trainable weights are fp32 either way."""
+    load_base: LoadBase
+    """The base model as the method trains on it, its weights in the given dtype."""
+    apply: Apply
+    """The model to train and its trainable-parameter count."""
+    save: Save
+    """Writes the trained part; the dict holds the trained weights by name when the model's are shards (FSDP)."""
+    load: Load
+    """The trained model from its saved weights (config, base source, weights folder, dtype)."""
+    merge: Load | None
+    """The base with the saved update folded into its weights; None where merging is not defined."""
+
+
+def load_plain_base(config: RunConfig, source: str, dtype: torch.dtype) -> Any:
+    from tunesmith.models import load_model
+    from tunesmith.train.speed import attention_implementation
+
+    return load_model(source, dtype, attention=attention_implementation(config.train.attention))
+
+
+def save_pretrained(model: Any, config: RunConfig, path: Path, trained: dict[str, Any] | None = None) -> None:
+    if trained is not None:
+        model.save_pretrained(path, state_dict=trained)
+    else:
+        model.save_pretrained(path)
