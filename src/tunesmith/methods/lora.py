@@ -55,28 +55,22 @@ def merge_lora(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -
 
 PEFT_EXPORTS = ("adapter", "merged", "gguf", "ollama")
 
-LORA = Method(
-    name="lora",
-    weights_dir="adapter",
-    uses_peft=True,
-    exports=PEFT_EXPORTS,
-    base_in_fp32=False,
-    load_base=load_plain_base,
-    apply=lambda model, config: apply_lora(model, config.lora),
-    save=save_pretrained,
-    load=load_peft,
-    merge=merge_lora,
-)
 
-DORA = Method(
-    name="dora",
-    weights_dir="adapter",
-    uses_peft=True,
-    exports=PEFT_EXPORTS,
-    base_in_fp32=False,
-    load_base=load_plain_base,
-    apply=lambda model, config: apply_lora(model, config.lora, dora=True),
-    save=save_pretrained,
-    load=load_peft,
-    merge=merge_lora,
-)
+def peft_method(name: str, load_base: Any, merge: Any, dora: bool = False) -> Method:
+    """A LoRA-family method: PEFT adapter saved in adapter/, exportable every way, merged by `merge`."""
+    return Method(
+        name=name,
+        weights_dir="adapter",
+        uses_peft=True,
+        exports=PEFT_EXPORTS,
+        base_in_fp32=False,
+        load_base=load_base,
+        apply=lambda model, config: apply_lora(model, config.lora, dora=dora),
+        save=save_pretrained,
+        load=load_peft,
+        merge=merge,
+    )
+
+
+LORA = peft_method("lora", load_plain_base, merge_lora)
+DORA = peft_method("dora", load_plain_base, merge_lora, dora=True)

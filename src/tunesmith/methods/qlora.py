@@ -14,8 +14,7 @@ import torch
 
 from tunesmith.config import QloraConfig, RunConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.lora import PEFT_EXPORTS, apply_lora, load_peft, merge_peft
-from tunesmith.methods.method import Method, save_pretrained
+from tunesmith.methods.lora import merge_peft, peft_method
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,15 +109,4 @@ def merge_qlora(config: RunConfig, source: str, path: Path, dtype: torch.dtype) 
     return merge_peft(base, path, dtype)
 
 
-QLORA = Method(
-    name="qlora",
-    weights_dir="adapter",
-    uses_peft=True,
-    exports=PEFT_EXPORTS,
-    base_in_fp32=False,
-    load_base=load_quantized_base,
-    apply=lambda model, config: apply_lora(model, config.lora),
-    save=save_pretrained,
-    load=load_peft,
-    merge=merge_qlora,
-)
+QLORA = peft_method("qlora", load_quantized_base, merge_qlora)
