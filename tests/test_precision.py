@@ -79,7 +79,6 @@ def test_explicit_dtypes_and_refusals(machine, monkeypatch):
     assert prec.resolve("auto", model_type="llama").name == "fp16"
     with pytest.raises(TunesmithError, match="gemma3_text models overflow in fp16"):
         prec.resolve("auto", model_type="gemma3_text")
-    monkeypatch.setenv(prec.CPU_BF16_ENV, "1")
     machine({"avx2"}, None)
     monkeypatch.setenv(prec.CPU_BF16_ENV, "1")
     assert prec.resolve("auto").name == "bf16" and prec.CPU_BF16_ENV in prec.resolve("auto").reason

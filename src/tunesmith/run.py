@@ -21,7 +21,14 @@ from rich.console import Console
 import tunesmith
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.data.check import CheckReport
-from tunesmith.data.formats import Conversation, ParsedFile, parse_file, read_conversations, write_jsonl
+from tunesmith.data.formats import (
+    Conversation,
+    ParsedFile,
+    parse_file,
+    position_word,
+    read_conversations,
+    write_jsonl,
+)
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import check_replaceable, mark, save_atomic, sha256_file
@@ -127,7 +134,7 @@ def gate_data(config: RunConfig) -> CheckedData:
     options = CheckOptions(max_length=config.data.max_length, near_threshold=config.data.near_threshold)
     parsed = parse_file(config.data.path, config.data.format)
     report, near_pairs = check_parsed(parsed, None, options, config.data.test_path, config.data.format)
-    unit = "record" if Path(config.data.path).suffix.lower() == ".json" else "line"  # a .json file counts records
+    unit = position_word(config.data.path)
     problems = [f"{unit} {e['line']}: {e['message']}" for e in report.errors]
     if not config.data.allow_warnings:
         problems += [f"{w['code']}: {w['message']}" for w in report.warnings]

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from tunesmith.cli.common import config_default, out, print_json
 from tunesmith.data.check import CheckOptions, check_data
+from tunesmith.data.formats import position_word
 from tunesmith.data.review import KEYS_HELP
 
 FORMAT = config_default("data.format")
@@ -25,7 +26,7 @@ def print_check(report: Any) -> None:
         f"[bold]{report.path}[/]: {report.examples} examples ({report.format}), {verdict}, "
         f"{len(report.warnings)} warning(s)"
     )
-    unit = "record" if Path(report.path).suffix.lower() == ".json" else "line"  # a .json file counts records
+    unit = position_word(report.path)
     for error in report.errors[:50]:
         where = f"{unit} {error['line']}" if error["line"] else "file"
         out.print(f"  [red]error[/] {where}: {escape(error['message'])}", highlight=False)

@@ -67,6 +67,11 @@ class Conversation:
         return answers[-1] if answers else None
 
 
+def position_word(path: str | Path) -> str:
+    """What a record's number counts in this file: its position ("record") in a .json file, else its line."""
+    return "record" if Path(path).suffix.lower() == ".json" else "line"
+
+
 @dataclass
 class Problems:
     """Bad records found while reading, each as (line, message)."""
@@ -79,7 +84,7 @@ class Problems:
 
     def where(self, line: int) -> str:
         """The file and line of a record, or its position for a .json file (see _json_records)."""
-        return f"{self.path}: record {line}" if self.path.suffix.lower() == ".json" else f"{self.path}:{line}"
+        return f"{self.path}: record {line}" if position_word(self.path) == "record" else f"{self.path}:{line}"
 
     def raise_if_any(self) -> None:
         if not self.items:

@@ -15,13 +15,12 @@ import torch
 from tunesmith.config import QloraConfig, RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.lora import merge_peft, peft_method
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from tunesmith.train.precision import TORCH_DTYPES
 
 
 def compute_dtype(settings: QloraConfig, run_dtype: torch.dtype) -> torch.dtype:
     """qlora.compute_dtype when set, else the run's dtype (train.dtype is the one switch)."""
-    return DTYPES[settings.compute_dtype] if settings.compute_dtype else run_dtype
+    return TORCH_DTYPES[settings.compute_dtype] if settings.compute_dtype else run_dtype
 
 
 def quantization_config(settings: QloraConfig, run_dtype: torch.dtype) -> Any:
