@@ -60,6 +60,22 @@ def test_lora_trainable_count_and_memory_breakdown():
     assert checkpointed.memory_bytes["activations"] < lora.memory_bytes["activations"] / 5
 
 
+def test_every_registered_method_is_planned_from_its_own_memory_terms():
+    """plan reads what a method costs from its registry entry: a method added to METHODS is planned too."""
+    from tunesmith.methods import METHODS
+
+    shape = Shape.from_config(LLAMA_7B)
+    lora = estimate(shape, Workload(method="lora", dtype="bf16"))
+    for name, method in METHODS.items():
+        planned = estimate(shape, Workload(method=name, dtype="bf16"))
+        assert all(value >= 0 for value in planned.memory_bytes.values()), name
+        trains_base = method.memory.trains_base
+        assert (planned.trainable_params == shape.total_params) == trains_base, name
+        assert planned.flops == pytest.approx(lora.flops * (1.5 if trains_base else 1), rel=0.01), name
+        quantized = planned.memory_bytes["weights"] < lora.memory_bytes["weights"] / 3
+        assert quantized == method.memory.quantized_base, name
+
+
 def test_every_term_counts_in_the_dtype_it_has():
     shape = Shape.from_config(LLAMA_7B)
     lora16, lora32 = (memory_breakdown(shape, Workload(method="lora", dtype=d)) for d in ("bf16", "fp32"))

@@ -16,7 +16,7 @@ from torch import nn
 
 from tunesmith.config import AdapterConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.method import Method, load_plain_base
+from tunesmith.methods.method import MemoryTerms, Method, load_plain_base
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 CONFIG_FILE = "bottleneck_config.json"
@@ -113,4 +113,5 @@ ADAPTER = Method(
     save=lambda model, config, path, trained: save_adapters(model, config.adapter, path, trained),
     load=lambda config, source, path, dtype: load_adapters(load_plain_base(config, source, dtype), path),
     merge=None,
+    memory=MemoryTerms("bottleneck"),
 )

@@ -9,7 +9,7 @@ import torch
 
 from tunesmith.config import FullConfig, RunConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.methods.method import Method, load_plain_base, save_pretrained
+from tunesmith.methods.method import MemoryTerms, Method, load_plain_base, save_pretrained
 
 
 def apply_full(model: Any, settings: FullConfig | None = None) -> tuple[Any, int]:
@@ -51,4 +51,5 @@ FULL = Method(
     save=save_pretrained,
     load=load_full,
     merge=None,
+    memory=MemoryTerms("weights"),
 )

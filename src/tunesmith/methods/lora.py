@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import LoraConfig, RunConfig
-from tunesmith.methods.method import Method, load_plain_base, save_pretrained
+from tunesmith.methods.method import MemoryTerms, Method, load_plain_base, save_pretrained
 
 
 def apply_lora(model: Any, settings: LoraConfig, dora: bool = False) -> tuple[Any, int]:
@@ -56,7 +56,7 @@ def merge_lora(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -
 PEFT_EXPORTS = ("adapter", "merged", "gguf", "ollama")
 
 
-def peft_method(name: str, load_base: Any, merge: Any, dora: bool = False) -> Method:
+def peft_method(name: str, load_base: Any, merge: Any, dora: bool = False, quantized_base: bool = False) -> Method:
     """A LoRA-family method: PEFT adapter saved in adapter/, exportable every way, merged by `merge`."""
     return Method(
         name=name,
@@ -69,6 +69,7 @@ def peft_method(name: str, load_base: Any, merge: Any, dora: bool = False) -> Me
         save=save_pretrained,
         load=load_peft,
         merge=merge,
+        memory=MemoryTerms("low_rank", quantized_base=quantized_base, magnitudes=dora),
     )
 
 

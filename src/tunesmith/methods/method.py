@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -15,6 +15,23 @@ Apply = Callable[[Any, RunConfig], tuple[Any, int]]
 LoadBase = Callable[[RunConfig, str, torch.dtype], Any]
 Save = Callable[[Any, RunConfig, Path, "dict[str, Any] | None"], None]
 Load = Callable[[RunConfig, str, Path, torch.dtype], Any]
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """What `plan` must know of a method to count its training memory and compute (plan/estimate.py)."""
+
+    update: Literal["weights", "low_rank", "bottleneck"]
+    """What trains: every weight of the model ("weights": fp32 master weights, weight gradients, 6·N·T FLOPs),
+    low-rank matrices beside each linear layer ("low_rank"), or bottleneck layers between blocks."""
+    quantized_base: bool = False
+    """The frozen base's linear weights are 4-bit NF4 (QLoRA) and compute in `qlora.compute_dtype`."""
+    magnitudes: bool = False
+    """DoRA: one trained magnitude per output feature, and each adapted layer's output kept twice."""
+
+    @property
+    def trains_base(self) -> bool:
+        return self.update == "weights"
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,8 @@ class Method:
     """The trained model from its saved weights (config, base source, weights folder, dtype)."""
     merge: Load | None
     """The base with the saved update folded into its weights; None where merging is not defined."""
+    memory: MemoryTerms
+    """How `plan` counts this method's memory and compute."""
 
 
 def load_plain_base(config: RunConfig, source: str, dtype: torch.dtype) -> Any:

@@ -108,4 +108,4 @@ def merge_qlora(config: RunConfig, source: str, path: Path, dtype: torch.dtype) 
     return merge_peft(base, path, dtype)
 
 
-QLORA = peft_method("qlora", load_quantized_base, merge_qlora)
+QLORA = peft_method("qlora", load_quantized_base, merge_qlora, quantized_base=True)

@@ -12,7 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # precision imports torch; the CLI reads the device table and defaults below without it
+if TYPE_CHECKING:  # these import torch; the CLI reads the device table and defaults below without it
+    from tunesmith.methods.method import MemoryTerms
     from tunesmith.train.precision import Precision
 
 # Device table: memory (GiB), dense bf16 peak TFLOP/s, on-demand USD per hour (typical cloud list
@@ -127,16 +128,23 @@ class Workload:
     qlora_compute_dtype: str | None = None  # qlora.compute_dtype; None follows dtype
 
     @property
+    def terms(self) -> MemoryTerms:
+        """The method's memory facts, from its registry entry (methods/)."""
+        from tunesmith.methods import METHODS
+
+        return METHODS[self.method].memory
+
+    @property
     def compute_dtype(self) -> str:
         """Dtype of the frozen base's dense weights and of the activations (QLoRA: its compute dtype)."""
-        if self.method == "qlora" and self.qlora_compute_dtype:
+        if self.terms.quantized_base and self.qlora_compute_dtype:
             return self.qlora_compute_dtype
         return self.dtype
 
     @property
     def residual_dtype(self) -> str:
-        """Dtype of the hidden states between layers: the embeddings' (fp32 master weights for full)."""
-        return "fp32" if self.method == "full" else self.compute_dtype
+        """Dtype of the hidden states between layers: the embeddings' (fp32 master weights when the base trains)."""
+        return "fp32" if self.terms.trains_base else self.compute_dtype
 
     @classmethod
     def for_run(
@@ -193,13 +201,14 @@ class Estimate:
 
 
 def trainable_params(shape: Shape, work: Workload) -> int:
-    if work.method == "full":
+    terms = work.terms
+    if terms.trains_base:
         return shape.total_params
-    if work.method == "adapter":
+    if terms.update == "bottleneck":
         width = max(1, shape.hidden // work.adapter_reduction)
         return shape.layers * 2 * (2 * shape.hidden * width + width + shape.hidden)
     per_layer = sum(work.lora_r * (a + b) for a, b in shape.linears())
-    if work.method == "dora":
+    if terms.magnitudes:
         per_layer += sum(b for _, b in shape.linears())  # one magnitude per output feature
     return shape.layers * per_layer
 
@@ -207,10 +216,10 @@ def trainable_params(shape: Shape, work: Workload) -> int:
 def weight_bytes(shape: Shape, work: Workload) -> int:
     """The base weights: fp32 masters for full fine-tuning (autocast computes from them), else the frozen base
     in the compute dtype (QLoRA: its linear weights in 4 bits)."""
-    if work.method == "full":
+    if work.terms.trains_base:
         return shape.total_params * FP32
     dense = DTYPE_BYTES[work.compute_dtype]
-    if work.method == "qlora":
+    if work.terms.quantized_base:
         rest = shape.total_params - shape.linear_params
         return int(shape.linear_params * NF4_BYTES + rest * dense)
     return shape.total_params * dense
@@ -222,7 +231,7 @@ def autocast_copy_bytes(shape: Shape, work: Workload, trainable: int) -> int:
     if work.dtype == "fp32":
         return 0
     # Full: every linear and the output layer (the input embedding is a lookup, never cast); else the adapters.
-    matrices = shape.linear_params + shape.embedding_params if work.method == "full" else trainable
+    matrices = shape.linear_params + shape.embedding_params if work.terms.trains_base else trainable
     return matrices * DTYPE_BYTES[work.dtype]
 
 
@@ -251,9 +260,10 @@ def layer_activation_bytes(shape: Shape, work: Workload) -> int:
     compute, residual = DTYPE_BYTES[work.compute_dtype], DTYPE_BYTES[work.residual_dtype]
     sixteen_bit = work.compute_dtype != "fp32"
     per_token = 2 * h * FP32 + (3 * q + 3 * kv + 3 * i) * compute
-    if work.method == "full":
+    terms = work.terms
+    if terms.trains_base:
         per_token += 2 * h * residual + i * compute + (2 * h * compute if sixteen_bit else 0)
-    elif work.method == "adapter":
+    elif terms.update == "bottleneck":
         width = max(1, h // work.adapter_reduction)
         per_token += 2 * (h + 2 * width) * compute
     else:
@@ -262,7 +272,7 @@ def layer_activation_bytes(shape: Shape, work: Workload) -> int:
             per_token += adapted * (FP32 + compute)
         else:
             per_token += adapted * compute if sixteen_bit else (2 * h + i) * FP32
-        if work.method == "dora":
+        if terms.magnitudes:
             per_token += 2 * sum(outputs for _, outputs in shape.linears()) * compute
     return per_token
 
@@ -292,9 +302,9 @@ def optimizer_step_bytes(shape: Shape, work: Workload, trainable: int, gpu: bool
     size of the largest (sqrt(v), then its division)."""
     if gpu:
         return trainable * FP32
-    if work.method == "full":
+    if work.terms.trains_base:
         largest = max(shape.embedding_params, *(a * b for a, b in shape.linears()))
-    elif work.method == "adapter":
+    elif work.terms.update == "bottleneck":
         largest = shape.hidden * max(1, shape.hidden // work.adapter_reduction)
     else:
         largest = work.lora_r * max(max(pair) for pair in shape.linears())
@@ -308,7 +318,7 @@ def memory_breakdown(shape: Shape, work: Workload, gpu: bool = True) -> dict[str
     memory = {
         "weights": weight_bytes(shape, work),
         # Adapter methods' weights in fp32 over the frozen base (full: the weights themselves, counted above).
-        "trainable_weights": 0 if work.method == "full" else trainable * FP32,
+        "trainable_weights": 0 if work.terms.trains_base else trainable * FP32,
         "optimizer": trainable * ADAM_STATE_BYTES,
         "gradients": trainable * GRAD_BYTES,
         "autocast_copies": autocast_copy_bytes(shape, work, trainable),
@@ -337,7 +347,7 @@ def peak_bytes(memory: dict[str, int], shards: int = 1) -> tuple[int, str]:
 
 def training_flops(shape: Shape, work: Workload) -> float:
     """6·N·T for full fine-tuning, 4·N·T when the base is frozen (no weight gradients), plus attention."""
-    per_param = 6 if work.method == "full" else 4
+    per_param = 6 if work.terms.trains_base else 4
     attention = 3 * 2 * shape.layers * work.seq_len * shape.heads * shape.head_dim  # causal: half of 4·s·d·h, ×3
     return work.tokens * (per_param * shape.total_params + attention)
 
