@@ -112,7 +112,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
             )
         check_replaceable(run_dir, RunDir(run_dir).made_by_tunesmith(), "a run directory")
         shutil.rmtree(run_dir)
-    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    RunDir(run_dir).data.mkdir(parents=True, exist_ok=True)
     mark(run_dir, "run")  # first, so that a run that dies before its manifest is still known as ours
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tunesmith.cli.common import err, out, print_json
+from tunesmith.deploy import limits
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -96,9 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from tunesmith.deploy.engine import RETRY_AFTER_MAX_S, Engine
+    from tunesmith.deploy.engine import Engine
     from tunesmith.deploy.requestlog import RequestLog
-    from tunesmith.deploy.serve import MAX_BODY_BYTES, create_app, default_log_path
+    from tunesmith.deploy.serve import create_app, default_log_path
 
     if "OMP_NUM_THREADS" not in os.environ:
         # Leave a core to the event loop: sharing one with torch's intra-op threads makes every parallel op wait
@@ -113,9 +114,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine,
         RequestLog(log_path),
         api_key,
-        args.max_tokens_limit,
-        args.default_max_tokens,
-        max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+        max_body_bytes=args.max_body_bytes,
         docs=args.docs,
     )
     err.print(
@@ -131,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level="warning" if args.quiet else "info",
-        timeout_keep_alive=RETRY_AFTER_MAX_S + 5,
+        timeout_keep_alive=limits.RETRY_AFTER_MAX_S + 5,
     )
     engine.close()
     return 0
@@ -162,10 +163,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 calls [default: $TUNESMITH_API_KEY, else none]."
     )
     serve.add_argument(
-        "--max-tokens-limit", type=int, default=1024, help="Largest max_tokens a request may ask for [default: 1024]."
+        "--max-tokens-limit",
+        type=_positive,
+        default=limits.MAX_TOKENS_LIMIT,
+        help=f"Largest max_tokens a request may ask for [default: {limits.MAX_TOKENS_LIMIT}].",
     )
     serve.add_argument(
-        "--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none [default: 256]."
+        "--default-max-tokens",
+        type=_positive,
+        default=limits.DEFAULT_MAX_TOKENS,
+        help=f"max_tokens when a request gives none [default: {limits.DEFAULT_MAX_TOKENS}].",
     )
     serve.add_argument(
         "--max-prompt-tokens",
@@ -176,18 +183,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--queue-size",
         type=_positive,
-        default=64,
+        default=limits.QUEUE_SIZE,
         help="Requests that may wait for the model (not counting those generating); more get 503 with "
-        "Retry-After [default: 64].",
+        f"Retry-After [default: {limits.QUEUE_SIZE}].",
     )
     serve.add_argument(
-        "--max-batch", type=_positive, default=8,
-        help="Most waiting requests generated together in one batch [default: 8].",
-    )  # fmt: skip
+        "--max-batch",
+        type=_positive,
+        default=limits.MAX_BATCH,
+        help=f"Most waiting requests generated together in one batch [default: {limits.MAX_BATCH}].",
+    )
     serve.add_argument(
         "--max-body-bytes",
         type=_positive,
-        help="Largest request body in bytes; a larger one gets 413 before it is read [default: 4 MiB].",
+        default=limits.MAX_BODY_BYTES,
+        help="Largest request body in bytes; a larger one gets 413 before it is read "
+        f"[default: {limits.MAX_BODY_BYTES} = {limits.MAX_BODY_BYTES // 2**20} MiB].",
     )
     serve.add_argument(
         "--docs", action="store_true", help="Serve the interactive API docs at /docs, /redoc and /openapi.json."

@@ -26,12 +26,13 @@ def print_comparison(summary: Any) -> None:
         mark = "*" if r["significant"] else ""
         table.add_row(
             name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}{mark}",
-            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", f"{r['p_value']:.3g}", r["test"],
+            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", r["p_text"] + (f" (Holm {r['p_holm']:.3g})" if "p_holm" in r else ""), r["test"],
         )  # fmt: skip
     out.print(table)
     out.print(
-        f"On {summary.primary}: {summary.wins} wins, {summary.ties} ties, {summary.losses} losses; "
-        f"{len(summary.flipped['fixed'])} fixed, {len(summary.flipped['broken'])} broken. (* = CI excludes 0)"
+        f"Per item by {summary.decided_by}: {summary.wins} wins, {summary.ties} ties, {summary.losses} losses; "
+        f"{len(summary.flipped['fixed'])} fixed, {len(summary.flipped['broken'])} broken. "
+        f"(* = {summary.primary}'s CI excludes 0; the others: Holm-adjusted p < 0.05)"
     )
     out.print(f"[bold]Verdict:[/] {summary.verdict}", highlight=False)
     for kind in ("fixed", "broken"):
@@ -126,7 +127,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from tunesmith.runs import follow, resolve_run
+    from tunesmith.runs import follow, resolve_run, run_status
 
     run_dir = resolve_run(args.run, Path(args.dir))
     for record in follow(run_dir, args.interval):
@@ -143,7 +144,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 f"gnorm {record.get('grad_norm') or 0:.3f} {record.get('tokens_per_s', 0):.0f} tok/s",
                 highlight=False,
             )
-    status = RunDir(run_dir).read_manifest().get("status")
+    status = run_status(RunDir(run_dir).read_manifest())  # "crashed" when its process is gone
     out.print(f"Run {run_dir} is {status}.")
     return 0
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
+from tunesmith.deploy import limits
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
 
 BASE = "base"
-RETRY_AFTER_MAX_S = 60  # the longest a busy server asks a client to wait
 
 logger = logging.getLogger("tunesmith.serve")
 
@@ -43,7 +43,6 @@ class Served:
     adapter: str | None  # PEFT adapter name, None for the base (adapters off) or a non-PEFT model
     stop_ids: list[int]
     stop_texts: list[str]
-    format_metrics: list[str]
 
 
 @dataclass
@@ -89,9 +88,9 @@ class Engine:
     def __init__(
         self,
         run_dirs: list[Path],
-        queue_size: int = 64,
+        queue_size: int = limits.QUEUE_SIZE,
         context_limit: int | None = None,
-        max_batch: int = 8,
+        max_batch: int = limits.MAX_BATCH,
         max_prompt_tokens: int | None = None,
     ) -> None:
         if not run_dirs:
@@ -143,26 +142,25 @@ class Engine:
         dtype = run_inference_dtype(run_dirs[0])  # the dtype the (first) run trained in, where this machine has it
         if not peft:  # one full fine-tune or bottleneck-adapter run, served on its own
             model = load_trained(configs[0], source, weights[0], dtype)
-            self._register(run_dirs[0].name, run_dirs[0], run_tokenizer(run_dirs[0]), None, configs[0])
+            self._register(run_dirs[0].name, run_dirs[0], run_tokenizer(run_dirs[0]), None)
             return model.eval()
         from peft import PeftModel
 
         model = load_base(configs[0], source, dtype)
-        for index, (path, config, folder) in enumerate(zip(run_dirs, configs, weights, strict=True)):
+        for index, (path, folder) in enumerate(zip(run_dirs, weights, strict=True)):
             if index == 0:
                 model = PeftModel.from_pretrained(model, str(folder), adapter_name=path.name)
             else:
                 model.load_adapter(str(folder), adapter_name=path.name)
-            self._register(path.name, path, run_tokenizer(path), path.name, config)
-        self._register(BASE, None, self.models[run_dirs[0].name].tokenizer, None, configs[0])
+            self._register(path.name, path, run_tokenizer(path), path.name)
+        self._register(BASE, None, self.models[run_dirs[0].name].tokenizer, None)
         return model.eval()
 
-    def _register(self, name: str, run_dir: Path | None, tokenizer: Any, adapter: str | None, config: Any) -> None:
+    def _register(self, name: str, run_dir: Path | None, tokenizer: Any, adapter: str | None) -> None:
         from tunesmith.deploy.template import stop_tokens
 
         ids, texts = stop_tokens(tokenizer)
-        formats = [m for m in config.eval.metrics if m in ("json_valid", "json_schema")]
-        self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts, formats)
+        self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts)
 
     def submit(self, job: Job) -> None:
         """Put a job on the waiting list, or raise Busy (list full) or Stopped (no worker to answer it)."""
@@ -191,7 +189,7 @@ class Engine:
         """Seconds until places on the waiting list free up: when the batch generating now ends (at the recent
         pace), the worker takes the next one off the list."""
         left = self.batch_seconds - (time.perf_counter() - self.batch_started)
-        return min(RETRY_AFTER_MAX_S, math.ceil(max(1.0, left)))
+        return min(limits.RETRY_AFTER_MAX_S, math.ceil(max(1.0, left)))
 
     def close(self) -> None:
         with self.changed:

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
+from tunesmith.deploy import limits
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
 from tunesmith.rundir import RunDir
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from fastapi.exceptions import RequestValidationError
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
-MAX_BODY_BYTES = 4 * 2**20
 MAX_MESSAGES = 512
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
@@ -345,9 +345,9 @@ def create_app(
     engine: Engine,
     log: RequestLog,
     api_key: str | None = None,
-    max_tokens_limit: int = 1024,
-    default_max_tokens: int = 256,
-    max_body_bytes: int = MAX_BODY_BYTES,
+    max_tokens_limit: int = limits.MAX_TOKENS_LIMIT,
+    default_max_tokens: int = limits.DEFAULT_MAX_TOKENS,
+    max_body_bytes: int = limits.MAX_BODY_BYTES,
     docs: bool = False,
 ) -> Any:
     from fastapi import FastAPI
