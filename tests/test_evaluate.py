@@ -1,12 +1,20 @@
 """Metrics, paired statistics, eval/compare on a tiny model (a real win and a no-difference case), the report."""
 
+import importlib.util
+import itertools
 import json
 import math
+import random
 import shutil
 import subprocess
+from dataclasses import asdict
 from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from tunesmith.cli import main
 from tunesmith.config import build_config
@@ -32,8 +40,9 @@ def learnable_model_dir(tmp_path_factory):
 
 
 def test_text_metrics_have_known_values():
-    assert m.token_f1("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 0.75 / 1.75)
-    assert m.token_f1("", "") == 1.0 and m.token_f1("a", "") == 0.0
+    assert m.token_f1("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 2 / 3 / (1 + 2 / 3))  # no "the"
+    assert m.token_f1("The cat, sat.", "cat sat") == 1.0  # SQuAD: case, punctuation and articles do not count
+    assert m.token_f1("", "") == 1.0 and m.token_f1("x", "") == 0.0 and m.token_f1("a", "") == 1.0  # "a" is an article
     assert m.rouge_l("a b c d", "a c d") == pytest.approx(2 * 0.75 * 1.0 / 1.75)  # LCS a c d
     assert m.rouge_l("x y", "a b") == 0.0
     assert m.chrf("hello world", "hello world") == pytest.approx(1.0)
@@ -71,6 +80,109 @@ def test_custom_metric_from_a_file_and_unknown_metrics(tmp_path):
         build_config({"eval": {"metrics": ["exact_matsh"]}})
 
 
+def _squad_reference():
+    """lm-eval's copy of the official SQuAD v1.1 evaluation functions, loaded from its file (no task registry)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    path = Path(lm_eval.__file__).parent / "tasks" / "qasper" / "metrics.py"
+    spec = importlib.util.spec_from_file_location("squad_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_token_f1_is_squad_f1():
+    squad = _squad_reference()
+    pairs = [
+        ("The Eiffel Tower, in Paris.", "eiffel tower paris"),
+        ("an apple a day", "The apple!"),
+        ("It was 1,200 metres (tall)", "1200 metres"),
+        ("red red blue", "red blue blue green"),
+        ("nothing alike", "completely different"),
+        ("Hello-world", "hello world"),
+    ]
+    for prediction, reference in pairs:
+        assert m.squad_normalise(prediction) == squad.normalize_answer(prediction)
+        assert m.token_f1(prediction, reference) == pytest.approx(squad.f1_abstractive([prediction], [reference]))
+
+
+def test_macro_f1_matches_scikit_learn():
+    f1_score = pytest.importorskip("sklearn.metrics").f1_score
+    rng = random.Random(0)
+    labels = ["pos", "neg", "neutral"]
+    for _ in range(20):
+        references = [rng.choice(labels) for _ in range(25)]
+        predictions = [rng.choice([*labels, "maybe"]) for _ in range(25)]  # an answer outside the labels too
+        expected = f1_score(references, predictions, average="macro", labels=sorted(set(references)), zero_division=0)
+        assert m.macro_f1(predictions, references) == pytest.approx(expected)
+
+
+def test_exact_tests_match_scipy_and_enumeration():
+    base, tuned = [0.0] * 7 + [1.0] * 3, [1.0] * 7 + [0.0] * 3  # 7 fixed, 3 broken
+    two_sided = min(1.0, 2 * sum(math.comb(10, k) for k in range(4)) / 2**10)
+    assert stats.mcnemar_exact(base, tuned) == pytest.approx(two_sided)
+    assert stats.mcnemar_exact(base, tuned) == pytest.approx(scipy_stats.binomtest(7, 10).pvalue)
+    # Sign-flip permutation test on 10 items: exact, the share of all 2**10 sign patterns as extreme as observed.
+    diffs = np.array([0.3, 0.1, -0.05, 0.2, 0.15, 0.0, 0.25, -0.1, 0.05, 0.4])
+    flipped = [abs(np.mean(diffs * signs)) for signs in itertools.product([-1, 1], repeat=diffs.size)]
+    enumerated = np.mean(np.array(flipped) >= abs(diffs.mean()) - 1e-12)
+    p_value, resamples = stats.permutation_p(diffs, 2000, seed=0)
+    assert resamples is None and p_value == pytest.approx(enumerated)
+    # Beyond 16 items it resamples, and its p-value is never below 1/(resamples + 1).
+    p_value, resamples = stats.permutation_p(np.full(40, 0.1), 500, seed=0)
+    assert resamples == 500 and p_value == pytest.approx(1 / 501)
+    noisy = np.random.default_rng(0).normal(0.02, 0.2, 40)
+    p_value, _ = stats.permutation_p(noisy, 4000, seed=0)
+    theirs = scipy_stats.permutation_test((noisy,), np.mean, permutation_type="samples", n_resamples=4000, rng=0)
+    assert p_value == pytest.approx(theirs.pvalue, abs=0.03)  # the same null, counted on |mean| and by tails
+
+
+def test_bootstrap_ci_is_scipys_paired_bca():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, 40)
+    tuned = np.clip(base + rng.normal(0.05, 0.1, 40), 0, 1)
+    result = stats.compare_per_item("token_f1", list(base), list(tuned), binary=False, rounds=999, seed=3)
+    theirs = scipy_stats.bootstrap(
+        (base, tuned), lambda b, t, axis: np.mean(t - b, axis=axis), paired=True, method="BCa",
+        n_resamples=999, rng=3, vectorized=True,
+    ).confidence_interval  # fmt: skip
+    assert (result.ci_low, result.ci_high) == pytest.approx((theirs.low, theirs.high))
+    same = stats.compare_per_item("token_f1", [0.5] * 12, [0.5] * 12, binary=False)
+    assert (same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 1.0)  # BCa undefined: no NaN, no false alarm
+
+
+def test_a_resampling_p_value_is_never_zero():
+    result = stats.Comparison(0.1, 0.6, 0.5, 0.4, 0.6, 1 / 2001, "paired_bootstrap", 2000)
+    assert result.p_text == "p < 1/2001" and "p < 1/2001" in stats.verdict("macro_f1", result)
+    assert result.to_dict()["p_value"] > 0 and result.to_dict()["p_text"] == "p < 1/2001"
+    exact = stats.Comparison(0.0, 0.8, 0.8, 0.6, 0.9, 6e-8, "mcnemar_exact")
+    assert exact.p_text == "p=6e-08"
+    references = [f"label{i % 3}" for i in range(30)]
+    clear = stats.compare_corpus(m.macro_f1, ["label0"] * 30, references, references, rounds=200)
+    assert clear.test == "paired_bootstrap" and clear.p_value == pytest.approx(1 / 201) and clear.p_text == "p < 1/201"
+
+
+def test_bleu_and_chrf_take_sacrebleus_paired_test():
+    from sacrebleu.metrics import CHRF
+    from sacrebleu.significance import PairedTest
+
+    references = [f"the {c} cat sat on the {w} mat today" for c in ("red", "blue", "green") for w in ("big", "old")]
+    tuned = [r.replace("today", "") for r in references]
+    base = [r.split(" on ")[0] for r in references]
+    result = stats.compare_corpus(m.chrf_corpus, base, tuned, references, rounds=300, sacrebleu_metric=CHRF())
+    _, theirs = PairedTest([("b", base), ("t", tuned)], {"chrF": CHRF()}, [references], "ar", 300)()
+    (column,) = [v for k, v in theirs.items() if k != "System"]
+    assert result.test == "sacrebleu_paired_ar" and result.p_value == column[1].p_value > 0
+    assert result.tuned == pytest.approx(column[1].score / 100) and result.ci_low > 0
+    # Identical outputs: sacrebleu alone would say p = 1/(trials + 1); no difference is never significant.
+    same = stats.compare_corpus(m.bleu, base, base, references, rounds=300, sacrebleu_metric=m.sacrebleu_metric("bleu"))
+    assert same.p_value == 1.0 and not same.significant
+
+
+def test_holm_adjusts_the_secondary_metrics():
+    assert stats.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert stats.holm({"a": 0.5, "b": 0.6}) == pytest.approx({"a": 1.0, "b": 1.0})
+
+
 def test_mcnemar_and_bootstrap_on_clear_and_null_effects():
     assert stats.mcnemar_exact([0] * 10, [1] * 10) == pytest.approx(2 / 1024)
     assert stats.mcnemar_exact([1, 0, 1, 0], [0, 1, 1, 0]) == 1.0  # one fixed, one broken
@@ -82,13 +194,43 @@ def test_mcnemar_and_bootstrap_on_clear_and_null_effects():
     assert not null.significant and null.ci_low < 0 < null.ci_high and null.p_value > 0.5
     assert stats.verdict("exact_match", null).startswith("No significant difference")
     noisy = stats.compare_per_item("token_f1", [0.5, 0.6, 0.4, 0.55] * 5, [0.52, 0.58, 0.41, 0.55] * 5, binary=False)
-    assert noisy.test == "paired_permutation" and 0 <= noisy.p_value <= 1
+    assert noisy.test == "paired_permutation" and 0 < noisy.p_value <= 1 and noisy.resamples == 2000
 
 
 def test_corpus_metric_comparison_is_paired():
     references = [f"label{i % 3}" for i in range(30)]
     result = stats.compare_corpus(m.macro_f1, ["label0"] * 30, references, references, rounds=200)
-    assert result.tuned == 1.0 and result.significant and result.test == "bootstrap"
+    assert result.tuned == 1.0 and result.significant and result.test == "paired_bootstrap"
+
+
+def test_wins_come_from_a_per_item_metric_when_a_corpus_metric_comes_first(tmp_path, monkeypatch):
+    """eval.metrics [chrf_corpus, chrf]: per-item chrF decides wins and flips, and the summary says so."""
+    from tunesmith.data.formats import Conversation, Message
+    from tunesmith.evaluate import compare, generate
+
+    references = [f"the {c} cat sat on the {w} mat" for c in ("red", "blue", "green") for w in ("big", "old")] * 2
+    items = [
+        Conversation((Message("user", f"describe {i}"), Message("assistant", ref)), line=i + 1)
+        for i, ref in enumerate(references)
+    ]
+    outputs = {"base": ["a dog"] * 12, "tuned": [r.replace(" mat", "") for r in references]}
+    config = build_config({"eval": {"metrics": ["chrf_corpus", "chrf"], "bootstrap": 400}})
+    loaded = SimpleNamespace(shares_base=True, config=config)
+    monkeypatch.setattr(generate, "load_run", lambda run_dir, base=False: loaded)
+    monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
+    monkeypatch.setattr(compare, "_generate", lambda model, items, base, console, label: outputs[label])
+    losses = [(2.0, 4)] * 12, [(1.0, 4)] * 12
+    monkeypatch.setattr(compare, "_losses_of_both", lambda loaded, base, items: losses)
+    summary = compare.compare_run(tmp_path)
+    assert summary.primary == "chrf_corpus" and summary.decided_by == "chrf"
+    assert (summary.wins, summary.ties, summary.losses) == (12, 0, 0) and len(summary.flipped["fixed"]) == 12
+    primary, chrf = summary.metrics["chrf_corpus"], summary.metrics["chrf"]
+    assert primary["role"] == "primary" and primary["test"] == "sacrebleu_paired_ar" and primary["p_value"] > 0
+    assert primary["p_text"] == "p < 1/201" and "p < 1/201" in summary.verdict  # bootstrap // 2 trials
+    assert chrf["role"] == "secondary" and chrf["p_holm"] >= chrf["p_value"] and "holm" in summary.correction
+    assert summary.metrics["loss"]["role"] == "secondary"
+    assert "p=0 " not in json.dumps(asdict(summary)) and "p=0," not in summary.verdict
+    assert m.deciding_metric(["bleu"]) == "chrf" and m.deciding_metric(["macro_f1", "bleu"]) == "accuracy"
 
 
 class _Text(HTMLParser):

@@ -24,9 +24,10 @@ def print_comparison(summary: Any) -> None:
             table.add_row(name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}", "", "", "")
             continue
         mark = "*" if r["significant"] else ""
+        p = r["p_text"] + (f" (Holm {r['p_holm']:.3g})" if "p_holm" in r else "")
         table.add_row(
             name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}{mark}",
-            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", r["p_text"] + (f" (Holm {r['p_holm']:.3g})" if "p_holm" in r else ""), r["test"],
+            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", p, r["test"],
         )  # fmt: skip
     out.print(table)
     out.print(

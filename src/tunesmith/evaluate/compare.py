@@ -3,8 +3,8 @@
 Both generate on the run's saved split with the run's own chat rendering (greedy by default), save
 every prediction, and score with the metrics of `eval.metrics`. Compare scores base and tuned on the
 same items and reports, per metric, both values, the paired difference with a bootstrap 95% CI and a
-p-value, win/tie/loss counts, the items that flipped, and a verdict that says when nothing is
-significant.
+p-value (Holm-corrected for all but the first, primary, metric), win/tie/loss counts and the items that
+flipped on a per-item metric, and a verdict on the primary metric that says when nothing is significant.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class CompareSummary:
     run_dir: str
     split: str
     items: int
-    primary: str
+    primary: str  # eval.metrics[0]: the verdict's metric, tested alone
+    decided_by: str  # the per-item metric whose scores give wins, ties, losses and flipped items
+    correction: str  # how the secondary metrics' p-values are corrected for multiple comparisons
     metrics: dict[str, dict[str, Any]]
     wins: int
     ties: int
@@ -212,22 +214,25 @@ def compare_run(
     compared = _compare_metrics(settings, scores, outputs, references)
     results = {name: result.to_dict() for name, result in compared.items()}
     results |= _compare_losses(settings, base_losses, tuned_losses)
-
     primary = settings.metrics[0]
-    primary_base = scores["base"].get(primary) or [0.0] * len(items)
-    primary_tuned = scores["tuned"].get(primary) or [0.0] * len(items)
-    wins, ties, losses = stats.wins_ties_losses(primary_base, primary_tuned)
+    _correct_secondaries(primary, results)
+
+    decided_by = m.deciding_metric(settings.metrics)
+    decider_base, decider_tuned = _deciding_scores(decided_by, scores, outputs, references, settings.schema_path)
+    wins, ties, losses = stats.wins_ties_losses(decider_base, decider_tuned)
     rows = _compare_rows(items, references, outputs, scores)
     summary = CompareSummary(
         run_dir=str(run_dir),
         split=split,
         items=len(items),
         primary=primary,
+        decided_by=decided_by,
+        correction=SECONDARY_CORRECTION,
         metrics=results,
         wins=wins,
         ties=ties,
         losses=losses,
-        flipped=_flipped(rows, primary_base, primary_tuned),
+        flipped=_flipped(rows, decider_base, decider_tuned),
         verdict=stats.verdict(primary, compared[primary]),
         examples=rows[:3],
         field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
@@ -275,8 +280,38 @@ def _compare_metrics(
                 references,
                 settings.bootstrap // 2,
                 settings.seed,
+                m.sacrebleu_metric(name),
             )
     return compared
+
+
+SECONDARY_CORRECTION = (
+    "holm: the primary metric (first in eval.metrics) is tested alone; the others, loss included, carry "
+    "Holm-Bonferroni adjusted p-values (p_holm) and count as significant only when p_holm < 0.05"
+)
+
+
+def _correct_secondaries(primary: str, results: dict[str, dict[str, Any]]) -> None:
+    """Mark the primary metric, and give every other tested metric its Holm-adjusted p-value and significance."""
+    tested = {name: r["p_value"] for name, r in results.items() if "p_value" in r and name != primary}
+    for name, adjusted in stats.holm(tested).items():
+        significant = adjusted < stats.ALPHA
+        results[name] |= {"role": "secondary", "p_holm": float(f"{adjusted:.3g}"), "significant": significant}
+    if primary in results:
+        results[primary]["role"] = "primary"
+
+
+def _deciding_scores(
+    name: str,
+    scores: dict[str, dict[str, list[float]]],
+    outputs: dict[str, list[str]],
+    references: list[str],
+    schema_path: str | None,
+) -> tuple[list[float], list[float]]:
+    """Per-item (base, tuned) scores of the deciding metric, scored here when eval.metrics lists only corpus ones."""
+    if name not in scores["tuned"]:
+        scores = {label: m.score([name], outputs[label], references, schema_path) for label in outputs}
+    return scores["base"][name], scores["tuned"][name]
 
 
 def _compare_losses(
@@ -321,7 +356,7 @@ def _compare_rows(
 def _flipped(
     rows: list[dict[str, Any]], primary_base: list[float], primary_tuned: list[float]
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows the tuned model fixed or broke on the primary metric; the epsilon keeps float noise from counting."""
+    """Rows the tuned model fixed or broke on the deciding metric; the epsilon keeps float noise from counting."""
     return {
         "fixed": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if t > b + 1e-12],
         "broken": [r for r, b, t in zip(rows, primary_base, primary_tuned, strict=True) if b > t + 1e-12],

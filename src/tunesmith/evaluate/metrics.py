@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
+import string
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +39,19 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalise(prediction) == normalise(reference))
 
 
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = set(string.punctuation)
+
+
+def squad_normalise(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
 def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style F1 over lower-cased whitespace tokens."""
-    got, want = prediction.lower().split(), reference.lower().split()
+    """SQuAD F1: token overlap after SQuAD's normalisation (two empty answers agree, as in SQuAD 2.0)."""
+    got, want = squad_normalise(prediction).split(), squad_normalise(reference).split()
     if not got or not want:
         return float(got == want)
     common = sum((Counter(got) & Counter(want)).values())
@@ -152,19 +164,26 @@ PER_ITEM: dict[str, Callable[[str, str], float]] = {
 }
 
 
-def bleu(predictions: list[str], references: list[str]) -> float:
-    from sacrebleu.metrics import BLEU
+def sacrebleu_metric(name: str) -> Any:
+    """The sacrebleu metric object behind a corpus metric (bleu, chrf_corpus), for its paired test; else None."""
+    from sacrebleu.metrics import BLEU, CHRF
 
-    return BLEU().corpus_score(predictions, [references]).score / 100
+    return {"bleu": BLEU, "chrf_corpus": CHRF}[name]() if name in ("bleu", "chrf_corpus") else None
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    return sacrebleu_metric("bleu").corpus_score(predictions, [references]).score / 100
 
 
 def chrf_corpus(predictions: list[str], references: list[str]) -> float:
-    from sacrebleu.metrics import CHRF
-
-    return CHRF().corpus_score(predictions, [references]).score / 100
+    return sacrebleu_metric("chrf_corpus").corpus_score(predictions, [references]).score / 100
 
 
 def macro_f1(predictions: list[str], references: list[str]) -> float:
+    """F1 averaged over the reference labels; a prediction outside them only costs its item's label a miss.
+
+    The same as scikit-learn's `f1_score(references, predictions, average="macro", labels=<reference labels>)`.
+    """
     labels = sorted({normalise(r) for r in references})
     scores = []
     for label in labels:
@@ -181,6 +200,18 @@ CORPUS_METRICS: dict[str, Callable[[list[str], list[str]], float]] = {
     "macro_f1": macro_f1,
 }
 KNOWN = sorted(set(PER_ITEM) | set(CORPUS_METRICS) | {"json_schema"})
+# The per-item metric that stands in for a corpus metric when only corpus metrics are listed: sentence chrF
+# for BLEU too (sentence BLEU is mostly zeros on short answers), the label being right for macro-F1.
+ITEM_COUNTERPART = {"bleu": "chrf", "chrf_corpus": "chrf", "macro_f1": "accuracy"}
+
+
+def deciding_metric(names: list[str]) -> str:
+    """The per-item metric that decides wins, ties, losses and flipped items: the first per-item one of names,
+    else the per-item counterpart of the first (corpus) metric. A corpus score has no per-item values to compare."""
+    for name in names:
+        if name not in CORPUS_METRICS:
+            return name
+    return ITEM_COUNTERPART[names[0]]
 
 
 def confusion(predictions: list[str], references: list[str]) -> dict[str, dict[str, int]]:

@@ -132,7 +132,8 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     compare = report.get("comparison")
     if compare:
-        significant = any(m.get("significant") for m in compare["metrics"].values() if isinstance(m, dict))
+        primary = compare["metrics"].get(compare["primary"]) or {}
+        significant = bool(primary.get("significant"))
         sections.append(
             f"<div class='verdict {'good' if significant else 'plain'}'>{html.escape(compare['verdict'])}</div>"
         )
@@ -140,15 +141,18 @@ def render_html(report: dict[str, Any]) -> str:
             [
                 name, _fmt(m.get("base")), _fmt(m.get("tuned")), _fmt(m.get("diff"), 4),
                 f"[{_fmt(m.get('ci_low'), 4)}, {_fmt(m.get('ci_high'), 4)}]" if "ci_low" in m else "-",
-                f"{m['p_value']:.3g}" if m.get("p_value") is not None else "-", m.get("test") or "-",
+                m.get("p_text") or "-", _fmt(m.get("p_holm"), 4), m.get("test") or "-", m.get("role") or "-",
                 "yes" if m.get("significant") else "no",
             ]
             for name, m in compare["metrics"].items()
         ]  # fmt: skip
         sections.append(f"<h2>Base vs tuned ({compare['items']} {compare['split']} items)</h2>")
-        sections.append(_table(["metric", "base", "tuned", "diff", "95% CI", "p", "test", "significant"], rows))
+        headers = ["metric", "base", "tuned", "diff", "95% CI", "p", "p (Holm)", "test", "role", "significant"]
+        sections.append(_table(headers, rows))
+        sections.append(f"<p class='muted'>Multiple comparisons: {html.escape(compare.get('correction', '-'))}.</p>")
+        decided_by = compare.get("decided_by", compare["primary"])
         sections.append(
-            f"<p>On {html.escape(compare['primary'])}: {compare['wins']} wins, {compare['ties']} ties, "
+            f"<p>Decided per item by {html.escape(decided_by)}: {compare['wins']} wins, {compare['ties']} ties, "
             f"{compare['losses']} losses.</p>"
         )
         for kind in ("fixed", "broken"):

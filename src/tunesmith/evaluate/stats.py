@@ -1,18 +1,25 @@
-"""Paired statistics for base versus tuned on the same items: bootstrap CIs, McNemar, permutation tests.
+"""Paired statistics for base versus tuned on the same items: BCa bootstrap CIs, exact and resampling tests.
 
-Every comparison is paired: both models answer the same items, so the resampling draws item indices
-once and scores both models on the same draw. Binary per-item metrics (right/wrong) get McNemar's
-exact test on the discordant pairs; continuous per-item metrics a sign-flip permutation test of the
-mean difference; corpus metrics (BLEU, macro-F1) a p-value from the bootstrap distribution.
+Every comparison is paired: both models answer the same items. scipy does the statistics: `binomtest`
+for McNemar's exact test on the discordant pairs of a binary metric, `permutation_test` (sign flips,
+exact while 2**n <= resamples) for a continuous per-item metric, and a paired BCa `bootstrap` for every
+95% CI. Corpus BLEU and chrF take sacrebleu's paired approximate-randomization test; other corpus
+metrics (macro-F1) a p-value from the paired bootstrap distribution. A resampling p-value is never 0:
+at best it is 1/(resamples + 1), and it is printed as below that. Our own code is only what no library
+here does: that bootstrap p-value and Holm's correction.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
+
+ALPHA = 0.05
 
 
 @dataclass
@@ -24,57 +31,129 @@ class Comparison:
     ci_high: float
     p_value: float
     test: str
+    resamples: int | None = None  # None: an exact test, whose p-value has no resampling floor
 
     @property
     def significant(self) -> bool:
         return self.ci_low > 0 or self.ci_high < 0
 
-    def to_dict(self) -> dict[str, float | str | bool]:
+    @property
+    def p_text(self) -> str:
+        return p_text(self.p_value, self.resamples)
+
+    def to_dict(self) -> dict[str, Any]:
         values = {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
         values["p_value"] = float(f"{self.p_value:.3g}")  # significant digits: 1.8e-12 must not print as 0
-        return values | {"significant": self.significant}
+        return values | {"p_text": self.p_text, "significant": self.significant}
+
+
+def p_text(p_value: float, resamples: int | None) -> str:
+    """'p=0.012', or 'p < 1/2001' when no resample of 2000 was as extreme as the observed difference."""
+    if resamples and p_value <= (1 + 1e-9) / (resamples + 1):
+        return f"p < 1/{resamples + 1}"
+    return f"p={p_value:.3g}"
 
 
 def mcnemar_exact(base: list[float], tuned: list[float]) -> float:
-    """Two-sided exact McNemar p-value: binomial test of the discordant pairs at p = 1/2."""
+    """Two-sided exact McNemar p-value: scipy's binomial test of the discordant pairs at p = 1/2."""
     fixed = sum(1 for b, t in zip(base, tuned, strict=True) if b < 0.5 <= t)
     broken = sum(1 for b, t in zip(base, tuned, strict=True) if t < 0.5 <= b)
-    n = fixed + broken
-    if n == 0:
+    if fixed + broken == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return float(scipy_stats.binomtest(fixed, fixed + broken, 0.5).pvalue)
 
 
-def permutation_p(diffs: np.ndarray, rounds: int, rng: np.random.Generator) -> float:
-    """Two-sided sign-flip permutation test of a mean paired difference of zero."""
-    observed = abs(diffs.mean())
+def _mean(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(values, axis=axis)
+
+
+EXACT_UP_TO = 16  # items: 2**16 sign patterns enumerate in well under a second
+
+
+def permutation_p(diffs: np.ndarray, rounds: int, seed: int) -> tuple[float, int | None]:
+    """Two-sided sign-flip permutation test of a mean paired difference of zero: (p-value, resamples).
+
+    Up to EXACT_UP_TO items (or 2**n <= rounds) scipy enumerates every sign pattern and its p-value is exact
+    (resamples None). Beyond, scipy draws `rounds` patterns; the p-value is then (extreme + 1)/(rounds + 1) with
+    extreme counted on |mean| (the sign-flip null is symmetric), so its floor is 1/(rounds + 1), where scipy's
+    doubled smaller tail would floor at 2/(rounds + 1).
+    """
     if not np.any(diffs):
-        return 1.0
-    signs = rng.choice([-1.0, 1.0], size=(rounds, diffs.size))
-    extreme = np.sum(np.abs((signs * diffs).mean(axis=1)) >= observed - 1e-12)
-    return float((extreme + 1) / (rounds + 1))
+        return 1.0, None
+    exact = diffs.size <= EXACT_UP_TO or 2**diffs.size <= rounds
+    result = scipy_stats.permutation_test(
+        (diffs,),
+        _mean,
+        permutation_type="samples",
+        n_resamples=2**diffs.size if exact else rounds,
+        vectorized=True,
+        rng=seed,
+    )
+    if exact:
+        return float(result.pvalue), None
+    extreme = int(np.sum(np.abs(result.null_distribution) >= abs(result.statistic) - 1e-12))
+    return (extreme + 1) / (rounds + 1), rounds
 
 
-def bootstrap_indices(n: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, n, size=(rounds, n))
+def _interval(result: Any, observed: float) -> tuple[float, float]:
+    """The BCa interval, or the percentile one where BCa is undefined (every resample equal, say)."""
+    low, high = result.confidence_interval
+    if np.isfinite(low) and np.isfinite(high):
+        return float(low), float(high)
+    distribution = result.bootstrap_distribution
+    if not np.ptp(distribution):
+        return observed, observed
+    low, high = np.percentile(distribution, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable[..., Any], rounds: int, seed: int, **kw: Any) -> Any:
+    with warnings.catch_warnings():  # a degenerate sample (all differences equal) is handled by _interval
+        warnings.simplefilter("ignore", scipy_stats.DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return scipy_stats.bootstrap(data, statistic, n_resamples=rounds, paired=True, method="BCa", rng=seed, **kw)
+
+
+def _mean_difference(base: np.ndarray, tuned: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(tuned - base, axis=axis)
 
 
 def compare_per_item(
     name: str, base: list[float], tuned: list[float], binary: bool, rounds: int = 2000, seed: int = 0
 ) -> Comparison:
-    """Means, paired-bootstrap 95% CI of the difference, and McNemar (binary) or permutation p-value."""
-    rng = np.random.default_rng(seed)
+    """Means, paired BCa bootstrap 95% CI of the difference, and McNemar (binary) or permutation p-value."""
     b, t = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
-    diffs = t - b
-    draws = bootstrap_indices(len(diffs), rounds, rng)
-    boot = diffs[draws].mean(axis=1)
-    low, high = np.percentile(boot, [2.5, 97.5])
+    diff = float((t - b).mean())
+    low, high = _interval(_bootstrap((b, t), _mean_difference, rounds, seed, vectorized=True), diff)
     if binary:
-        p_value, test = mcnemar_exact(base, tuned), "mcnemar_exact"
+        p_value, resamples, test = mcnemar_exact(base, tuned), None, "mcnemar_exact"
     else:
-        p_value, test = permutation_p(diffs, rounds, rng), "paired_permutation"
-    return Comparison(float(b.mean()), float(t.mean()), float(diffs.mean()), float(low), float(high), p_value, test)
+        p_value, resamples = permutation_p(t - b, rounds, seed)
+        test = "paired_permutation" if resamples else "paired_permutation_exact"
+    return Comparison(float(b.mean()), float(t.mean()), diff, low, high, p_value, test, resamples)
+
+
+def bootstrap_p(distribution: np.ndarray, observed: float) -> float:
+    """Two-sided p-value of a zero difference from a paired bootstrap distribution of the difference.
+
+    The distribution is shifted to mean 0 (the null) and the observed difference compared with it
+    (Koehn 2004; sacrebleu's paired bootstrap does the same): (extreme + 1)/(resamples + 1), never 0.
+    """
+    if observed == 0:
+        return 1.0
+    centred = distribution - distribution.mean()
+    extreme = int(np.sum(np.abs(centred) >= abs(observed) - 1e-12))
+    return (extreme + 1) / (distribution.size + 1)
+
+
+def sacrebleu_paired_ar(metric: Any, base: list[str], tuned: list[str], references: list[str], trials: int) -> float:
+    """sacrebleu's paired approximate-randomization p-value of tuned against base (a `sacrebleu.metrics` object)."""
+    from sacrebleu.significance import PairedTest
+
+    test = PairedTest([("base", base), ("tuned", tuned)], {"metric": metric}, [references], "ar", trials)
+    _, results = test()
+    (scores,) = [column for name, column in results.items() if name != "System"]
+    return float(scores[1].p_value)
 
 
 def compare_corpus(
@@ -84,20 +163,41 @@ def compare_corpus(
     references: list[str],
     rounds: int = 1000,
     seed: int = 0,
+    sacrebleu_metric: Any = None,
 ) -> Comparison:
-    """A corpus metric on both output lists; CI and p-value from resampling items for both at once."""
-    rng = np.random.default_rng(seed)
+    """A corpus metric on both output lists; a paired BCa bootstrap CI of the difference from resampling items.
+
+    The p-value is sacrebleu's paired approximate-randomization test where `sacrebleu_metric` is given (BLEU,
+    chrF), else one from the paired bootstrap distribution (macro-F1).
+    """
     base_value, tuned_value = function(base, references), function(tuned, references)
-    diffs = []
-    for draw in bootstrap_indices(len(references), rounds, rng):
+    observed = tuned_value - base_value
+
+    def difference(index: np.ndarray) -> float:
+        draw = index.astype(int)
         refs = [references[i] for i in draw]
-        diffs.append(function([tuned[i] for i in draw], refs) - function([base[i] for i in draw], refs))
-    boot = np.asarray(diffs)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    p_value = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
-    return Comparison(
-        base_value, tuned_value, tuned_value - base_value, float(low), float(high), float(p_value), "bootstrap"
-    )
+        return function([tuned[i] for i in draw], refs) - function([base[i] for i in draw], refs)
+
+    result = _bootstrap((np.arange(len(references)),), difference, rounds, seed, vectorized=False)
+    low, high = _interval(result, observed)
+    if sacrebleu_metric is None:
+        p_value, test = bootstrap_p(np.asarray(result.bootstrap_distribution), observed), "paired_bootstrap"
+    elif observed == 0:
+        # sacrebleu counts only strictly larger shuffled differences, so a zero difference would come out p=1/(n+1).
+        p_value, test = 1.0, "sacrebleu_paired_ar"
+    else:
+        p_value, test = sacrebleu_paired_ar(sacrebleu_metric, base, tuned, references, rounds), "sacrebleu_paired_ar"
+    return Comparison(base_value, tuned_value, observed, low, high, p_value, test, rounds)
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values: step-down, monotone, valid whatever the dependence between metrics."""
+    adjusted, running = {}, 0.0
+    ordered = sorted(p_values, key=lambda name: p_values[name])
+    for rank, name in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
 
 
 def wins_ties_losses(base: list[float], tuned: list[float]) -> tuple[int, int, int]:
@@ -111,7 +211,7 @@ def verdict(metric: str, result: Comparison, higher_is_better: bool = True) -> s
     diff = result.diff if higher_is_better else -result.diff
     detail = (
         f"{metric} {result.base:.3f} -> {result.tuned:.3f} (diff {result.diff:+.3f}, 95% CI "
-        f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}], p={result.p_value:.3g}, {result.test})"
+        f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}], {result.p_text}, {result.test})"
     )
     if not result.significant:
         return f"No significant difference: {detail}; the interval includes 0."
