@@ -5,7 +5,9 @@ import json
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.plan.advise import Evidence, Situation, decide, few_shot_prompt
+from tunesmith.evaluate import baselines
+from tunesmith.evaluate.baselines import few_shot_prompt
+from tunesmith.plan.advise import Evidence, Situation, decide
 
 from .conftest import build_model, build_tokenizer, chat_records, write_jsonl
 
@@ -39,6 +41,61 @@ def test_few_shot_prompt_puts_solved_examples_first():
     prompt = few_shot_prompt(convs[2], convs[:2])
     assert [m.role for m in prompt] == ["user", "assistant", "user", "assistant", "user"]
     assert prompt[1].content == convs[0].reference and prompt[-1] == convs[2].messages[0]
+
+
+def _conversations(n: int):
+    from tunesmith.data.formats import normalise
+
+    return [normalise(r, "chat", i) for i, r in enumerate(chat_records(n))]
+
+
+def test_shots_never_include_the_question_and_similar_picks_the_closest():
+    convs = _conversations(12)
+    picked = baselines.pick_shots(convs[:3], convs, 4, seed=1)
+    for question, shots in zip(convs[:3], picked, strict=True):
+        assert len(shots) == 4 and question not in shots
+    assert baselines.pick_shots(convs[:3], convs, 4, seed=1) == picked  # seeded
+    # "colour red item 0": the other red items share two of its three words, the rest one.
+    similar = baselines.pick_shots(convs[:1], convs, 1, seed=1, similar=True)[0]
+    assert similar[0].prompt_messages[0].content in ("colour red item 6",)
+
+
+def test_few_shot_takes_as_many_shots_as_fit_the_context():
+    from tunesmith.data.tokenize import prompt_ids, use_chat_template
+
+    tokenizer = build_tokenizer()
+    use_chat_template(tokenizer, None)
+    convs = _conversations(20)
+    roomy = baselines.few_shot(tokenizer, convs[:2], convs, shots=None, limit=4096, max_new_tokens=16, seed=0)
+    assert roomy.k == baselines.MAX_AUTO_SHOTS
+    one_shot = max(len(prompt_ids(tokenizer, few_shot_prompt(q, [convs[5]]))) for q in convs[:2])
+    tight = baselines.few_shot(tokenizer, convs[:2], convs, shots=3, limit=one_shot + 40, max_new_tokens=16, seed=0)
+    assert 1 <= tight.k < 3
+    assert all(len(prompt_ids(tokenizer, p)) + 16 <= one_shot + 40 for p in tight.prompts)
+    none = baselines.few_shot(tokenizer, convs[:2], convs, shots=3, limit=8, max_new_tokens=16, seed=0)
+    assert none.k == 0 and none.prompts == [c.prompt_messages for c in convs[:2]]
+
+
+def test_answers_stop_at_the_templates_turn_boundary():
+    from tunesmith.data.tokenize import use_chat_template
+
+    tokenizer = build_tokenizer()
+    use_chat_template(tokenizer, None)  # the plain "### User:" / "### Assistant:" template
+    stops = baselines.turn_stops(tokenizer)
+    assert "### User:" in stops and "### Assistant:" in stops
+    continued = '{"age": 44, "sex": "M"}\n\n### User:\nExtract the intake record as JSON.'
+    assert baselines.cut_at_stops(continued, stops) == '{"age": 44, "sex": "M"}'
+    assert baselines.cut_at_stops(" plain answer ", stops) == "plain answer"
+
+
+def test_every_metric_eval_knows_gives_one_value():
+    from tunesmith.evaluate.metrics import KNOWN
+
+    predictions, references = ['{"a": 1}', "red"], ['{"a": 1}', "blue"]
+    for name in KNOWN:
+        if name != "json_schema":
+            assert 0.0 <= baselines.metric_value(name, predictions, references) <= 100.0, name
+    assert baselines.metric_value("exact_match", predictions, references) == 0.5
 
 
 @pytest.fixture(scope="module")

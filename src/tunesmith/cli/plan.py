@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from tunesmith.cli.common import add_config_options, config_from_args, out, print_json
-from tunesmith.plan.advise import METRICS, NEEDS, EvidenceOptions, Situation, advise
+from tunesmith.evaluate.baselines import MAX_AUTO_SHOTS
+from tunesmith.evaluate.metrics import KNOWN as METRICS
+from tunesmith.plan.advise import NEEDS, EvidenceOptions, Situation, advise
 from tunesmith.plan.estimate import CPU_ROW, CPU_TFLOPS, DEFAULT_GPU, GIB, UTILIZATION
 
 if TYPE_CHECKING:  # the plan's module imports torch, which `tunesmith --help` need not wait for
@@ -113,7 +115,9 @@ def cmd_advise(args: argparse.Namespace) -> int:
     options = EvidenceOptions(
         model=args.model,
         metric=args.metric,
+        schema_path=args.schema,
         k=args.k,
+        similar=args.similar_shots,
         sample=args.sample,
         target=args.target,
         seed=args.seed,
@@ -206,8 +210,17 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
         default=evidence.target,
         help=f"Score that counts as solved [default: {evidence.target}].",
     )
+    advise.add_argument("--schema", help="JSON Schema file for --metric json_schema.")
     advise.add_argument(
-        "--k", type=int, default=evidence.k, help=f"Examples in the few-shot prompt [default: {evidence.k}]."
+        "--k",
+        type=int,
+        default=evidence.k,
+        help=f"Solved examples in the few-shot prompt [default: as many as fit the context, at most {MAX_AUTO_SHOTS}].",
+    )
+    advise.add_argument(
+        "--similar-shots",
+        action="store_true",
+        help="Show each question the examples whose prompts share the most words with it [default: seeded random].",
     )
     advise.add_argument(
         "--sample", type=int, default=evidence.sample, help=f"Held-out examples to score [default: {evidence.sample}]."

@@ -67,11 +67,19 @@ def generate(
     progress: Any = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    stops: list[str] | None = None,
 ) -> list[str]:
-    """Answers to each conversation prefix, generated in left-padded batches: greedy at temperature 0."""
+    """Answers to each conversation prefix, generated in left-padded batches: greedy at temperature 0.
+
+    Generation ends at EOS and, with `stops`, at the first of those texts, which is cut from the answer
+    (evaluate/baselines.py: turn_stops gives the template's turn boundaries)."""
+    from tunesmith.evaluate.baselines import cut_at_stops
+
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
+    if stops:
+        sampling |= {"stop_strings": stops, "tokenizer": tokenizer}
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
@@ -94,7 +102,7 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
         )
         for row, index in enumerate(chunk):
-            answers[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True).strip()
+            answers[index] = cut_at_stops(tokenizer.decode(output[row, width:], skip_special_tokens=True), stops or [])
         if progress is not None:
             progress(len(chunk))
     return answers

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DEFAULT_MODEL
-from tunesmith.data.formats import Conversation, Message, read_conversations
+from tunesmith.data.formats import read_conversations
 
 NEEDS = ("style", "format", "behaviour", "knowledge")
-METRICS = ("exact_match", "json_valid", "json_fields")  # per-item metrics that need no schema or config
 
 
 @dataclass
@@ -50,8 +49,10 @@ class EvidenceOptions:
     """How the base model is measured on the user's examples."""
 
     model: str = DEFAULT_MODEL  # the base model, as a `model:` setting
-    metric: str = "exact_match"  # one of METRICS
-    k: int = 3  # solved examples in the few-shot prompt
+    metric: str = "exact_match"  # any metric `eval` knows (evaluate/metrics.py)
+    schema_path: str | None = None  # JSON Schema file of the json_schema metric
+    k: int | None = None  # solved examples in the few-shot prompt; None: as many as fit, up to MAX_AUTO_SHOTS
+    similar: bool = False  # shots most similar to each question instead of seeded random ones
     sample: int = 20  # held-out examples scored
     target: float = 0.8  # the score that counts as solved
     seed: int = 42  # seed of the sample and of the shots
@@ -136,34 +137,45 @@ def _evidence_line(evidence: Evidence) -> str:
     )
 
 
-def few_shot_prompt(question: Conversation, shots: list[Conversation]) -> tuple[Message, ...]:
-    """The question's prompt preceded by k solved examples as earlier turns of the same conversation."""
-    turns: list[Message] = []
-    for shot in shots:
-        turns.extend(shot.prompt_messages)
-        turns.append(Message("assistant", str(shot.reference)))
-    return (*turns, *question.prompt_messages)
-
-
 def gather_evidence(data: str | Path, model: Any, tokenizer: Any, options: EvidenceOptions) -> Evidence:
-    """Score the base model zero-shot and k-shot on a seeded sample; shots come from outside the sample."""
+    """Score the base model zero-shot and few-shot on a seeded sample, as `compare` prompts it
+    (evaluate/baselines.py); the shots come from outside the sample."""
+    from tunesmith.evaluate import baselines
     from tunesmith.evaluate.generate import generate
-    from tunesmith.evaluate.metrics import PER_ITEM
 
-    k, max_new_tokens = options.k, options.max_new_tokens
     conversations = [c for c in read_conversations(data)[0] if c.reference is not None]
-    rng = random.Random(options.seed)
-    rng.shuffle(conversations)
-    held_out, pool = conversations[: options.sample], conversations[options.sample :] or conversations[:k]
+    random.Random(options.seed).shuffle(conversations)
+    held_out, pool = conversations[: options.sample], conversations[options.sample :] or conversations
     references = [str(c.reference) for c in held_out]
-    zero = generate(model, tokenizer, [c.prompt_messages for c in held_out], max_new_tokens)
-    few = generate(
-        model, tokenizer, [few_shot_prompt(c, rng.sample(pool, min(k, len(pool)))) for c in held_out], max_new_tokens
+    few = baselines.few_shot(
+        tokenizer,
+        held_out,
+        pool,
+        shots=options.k,
+        limit=baselines.context_limit(model),
+        max_new_tokens=options.max_new_tokens,
+        seed=options.seed,
+        similar=options.similar,
     )
-    score = PER_ITEM[options.metric]
-    zero_score = sum(score(p, r) for p, r in zip(zero, references, strict=True)) / len(held_out)
-    few_score = sum(score(p, r) for p, r in zip(few, references, strict=True)) / len(held_out)
-    rows = [{"reference": r, "zero_shot": z, "few_shot": f} for r, z, f in zip(references, zero, few, strict=True)]
+    stops = baselines.turn_stops(tokenizer)
+    answers = {
+        baseline.name: generate(model, tokenizer, baseline.prompts, options.max_new_tokens, stops=stops)
+        for baseline in (baselines.zero_shot(held_out), few)
+    }
+    value = {
+        name: baselines.metric_value(options.metric, predictions, references, options.schema_path)
+        for name, predictions in answers.items()
+    }
+    rows = [
+        {"reference": r, "zero_shot": z, "few_shot": f}
+        for r, z, f in zip(references, answers["zero_shot"], answers["few_shot"], strict=True)
+    ]
     return Evidence(
-        options.metric, len(held_out), round(zero_score, 4), round(few_score, 4), k, options.target, rows[:5]
+        options.metric,
+        len(held_out),
+        round(value["zero_shot"], 4),
+        round(value["few_shot"], 4),
+        few.k,
+        options.target,
+        rows[:5],
     )
