@@ -3,6 +3,7 @@
 import json
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,32 @@ def test_follow_streams_new_lines_until_the_run_ends(tmp_path):
 
     assert [r["step"] for r in follow(run_dir, 0.5, sleep)] == [1, 2]
     assert polls == [0.5, 0.5]
+
+
+def test_drift_statistics_are_scipys_ks_and_jensen_shannon(monkeypatch):
+    """Tied integer prompt lengths: D is the largest gap between the two empirical CDFs, the p-value scipy's."""
+    import numpy as np
+    from scipy.stats import ks_2samp
+
+    from tunesmith.data.formats import Message
+    from tunesmith.deploy import monitor
+
+    train = [3, 3, 4, 4, 4, 5, 5, 6, 7, 7, 8, 8, 8, 9]
+    live = [5, 6, 6, 8, 8, 9, 9, 9, 10, 12, 12]
+    monkeypatch.setattr(monitor, "prompt_ids", lambda tokenizer, prompt: [0] * len(prompt[0].content.split()))
+    prompts = [(Message("user", " ".join(["red"] * n)),) for n in train]
+    chat = [{"prompt_tokens": n, "messages": json.dumps([{"role": "user", "content": "blue red"}])} for n in live]
+    drift = monitor._drift(prompts, None, chat)
+    grid = np.array(sorted(set(train) | set(live)))
+    gap = np.abs(
+        np.searchsorted(sorted(train), grid, "right") / len(train)
+        - np.searchsorted(sorted(live), grid, "right") / len(live)
+    )
+    assert drift["prompt_tokens"]["ks_statistic"] == pytest.approx(gap.max(), abs=1e-4)
+    assert drift["prompt_tokens"]["ks_p_value"] == pytest.approx(ks_2samp(train, live).pvalue, rel=1e-2)
+    # Words: training is all "red"; production half "blue", half "red". JS = H(M) - (H(P) + H(Q))/2 in bits.
+    m = np.array([0.75, 0.25])
+    expected = -(m * np.log2(m)).sum() - (0 + 1) / 2
+    assert drift["vocabulary"]["js_divergence"] == pytest.approx(expected, abs=1e-4)
+    assert monitor.js_divergence(Counter(a=3), Counter(b=1)) == pytest.approx(1.0)
+    assert monitor.js_divergence(Counter(a=2, b=1), Counter(a=4, b=2)) == pytest.approx(0.0, abs=1e-12)

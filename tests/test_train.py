@@ -1,12 +1,14 @@
+import json
+
 import torch
 
-from tunesmith.config import LoraConfig, TrainConfig
+from tunesmith.config import CheckpointConfig, LoraConfig, TrainConfig, ValidationConfig
 from tunesmith.data.formats import read_conversations
 from tunesmith.data.tokenize import tokenize_all, use_chat_template
 from tunesmith.methods.full import apply_full
 from tunesmith.methods.lora import apply_lora
 from tunesmith.train.batching import batch_order, collate
-from tunesmith.train.loop import fit, plan_steps
+from tunesmith.train.loop import Session, fit, overfitting, plan_steps
 from tunesmith.train.loss import answer_loss_sum, model_loss_sum
 
 from .conftest import build_model, build_tokenizer
@@ -203,3 +205,43 @@ def test_packing_restarts_positions_and_never_predicts_across_examples(chat_file
     for start in starts:
         assert batch["labels"][0, start] == -100
     assert int(batch["real_tokens"].sum()) == sum(len(e) for e in examples)
+
+
+def _evaluations(val_losses, train_losses):
+    return [
+        {"step": i, "val_loss": v, "train_loss": t}
+        for i, (v, t) in enumerate(zip(val_losses, train_losses, strict=True))
+    ]
+
+
+def test_overfitting_needs_a_sustained_rise_while_train_loss_falls():
+    falling = [0.30, 0.20, 0.15, 0.10]
+    assert not overfitting(_evaluations([0.0140, 0.0131, 0.0122, 0.0129], falling))  # the quickstart's last step
+    assert not overfitting(_evaluations([0.0122, 0.0129, 0.0125, 0.0131], falling))  # up, down, up: noise
+    assert overfitting(_evaluations([0.0131, 0.0122, 0.0129, 0.0137], falling))  # two rises in a row
+    assert not overfitting(_evaluations([0.0131, 0.0122, 0.0129, 0.0137], [0.1, 0.15, 0.2, 0.3]))  # both rose
+    assert not overfitting(_evaluations([0.0122, 0.0129], falling[:2]))  # too few validations to tell
+
+
+def test_fit_does_not_warn_of_overfitting_on_one_noisy_rise(chat_file, tmp_path):
+    tokenizer = build_tokenizer()
+    model, _ = apply_full(build_model(len(tokenizer)))
+    val_losses = iter([0.0150, 0.0122, 0.0129])  # the quickstart: a rise at the last validation only
+    session = Session(
+        run_dir=tmp_path,
+        checkpoint=CheckpointConfig(keep_last=1),
+        validation=ValidationConfig(every=2),
+        validate=lambda model: {"val_loss": next(val_losses)},
+    )
+    settings = TrainConfig(max_steps=6, batch_size=8, lr=5e-3)
+    fit(
+        model,
+        examples_for(chat_file, tokenizer),
+        settings,
+        tokenizer.pad_token_id,
+        tmp_path / "m.jsonl",
+        session=session,
+    )
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["type"] == "val"]
+    assert [r["val_loss"] for r in val] == [0.015, 0.0122, 0.0129] and not any(r.get("overfitting") for r in val)

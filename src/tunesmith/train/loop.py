@@ -150,6 +150,24 @@ def better(metric: str, value: float, best: float | None) -> bool:
     return value < best if metric.endswith("loss") else value > best
 
 
+OVERFIT_RISES = 2  # validations in a row with a higher val loss before the overfitting warning
+
+
+def overfitting(evaluations: list[dict[str, Any]], rises: int = OVERFIT_RISES) -> bool:
+    """True when val loss rose at each of the last `rises` validations while the train loss fell across them.
+
+    One rise is as often noise as not (the quickstart's val loss went 0.0122 -> 0.0129 at its last step and
+    nothing was wrong); a rise sustained over validations is the overfitting signal.
+    """
+    recent = [e for e in evaluations if e.get("val_loss") is not None][-(rises + 1) :]
+    if len(recent) <= rises:
+        return False
+    val = [e["val_loss"] for e in recent]
+    first_train, last_train = recent[0].get("train_loss"), recent[-1].get("train_loss")
+    train_fell = first_train is not None and last_train is not None and last_train < first_train
+    return train_fell and all(later > earlier for earlier, later in itertools.pairwise(val))
+
+
 def memory_text(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
@@ -476,22 +494,17 @@ class Trainer:
         scores = self._scores()
         state = self.state
         record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}}
-        previous = state.evaluations[-1] if state.evaluations else None
         state.evaluations.append({"step": step, "train_loss": state.smoothed_loss, **scores})
         value = scores.get(state.best_metric)
         if value is not None and better(state.best_metric, value, state.best_value):
             state.best_value, state.best_step = value, step
             record["best"] = True
-        if (
-            previous
-            and "val_loss" in scores
-            and scores["val_loss"] > previous["val_loss"]
-            and (state.smoothed_loss or 0) < (previous["train_loss"] or 0)
-        ):
+        if overfitting(state.evaluations):
+            rose = " -> ".join(f"{e['val_loss']:.4f}" for e in state.evaluations[-(OVERFIT_RISES + 1) :])
             record["overfitting"] = True
             self.say(
-                f"[yellow]warning: val loss rose {previous['val_loss']:.4f} -> {scores['val_loss']:.4f} while train "
-                "loss fell: the model may be overfitting (fewer epochs, lower lr, more data)[/]"
+                f"[yellow]warning: val loss rose at {OVERFIT_RISES} validations in a row ({rose}) while train loss "
+                "fell: the model may be overfitting (fewer epochs, lower lr, more data)[/]"
             )
         self.emit(record)
         shown = " ".join(f"{k} {v:.4f}" for k, v in scores.items())
