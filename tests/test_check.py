@@ -239,3 +239,34 @@ def test_unreadable_file_exits_2_and_bad_records_exit_1_with_their_lines(tmp_pat
     )
     assert main(["data", "check", str(bad)]) == 1
     assert "error line 14: 3 cells but the header has 2 columns" in capsys.readouterr().out
+
+
+EIGHTEEN = "Please explain in plain words how the heron waits in the shallow water before it strikes at fish"
+
+
+def test_one_word_edit_of_a_short_example_is_a_near_duplicate(tmp_path):
+    """Word 5-gram MinHash missed these: one changed word kills five of an 18-word text's fourteen 5-grams."""
+    records = clean_records(30)
+    records[3] = chat(EIGHTEEN, "It stands still, then strikes fast.")
+    records[17] = chat(EIGHTEEN.replace("shallow", "muddy"), "It stands still, then strikes fast.")
+    records[22] = chat("Why does the otter float on its back?", "To rest and to keep its fur dry while it eats.")
+    records[25] = chat("Why does the otter float on its back?", "To rest and to keep its fur dry wihle it eats.")
+    report = check_data(write_jsonl(tmp_path / "d.jsonl", records))
+    assert report.near_duplicates == [[4, 18], [23, 26]]
+
+
+def test_shared_template_with_other_values_is_not_a_near_duplicate(tmp_path):
+    """Another age, another medication, another label: different examples though a word or two apart."""
+    note = "Extract the intake record as JSON.\nNote: Female, aged {age}, presents with cough for 1 week. Takes {med}."
+    answer = '{{"age": {age}, "sex": "F", "complaint": "cough", "duration_days": 7, "medications": ["{med}"]}}'
+    records = clean_records(30)
+    for i, (age, med) in enumerate([(59, "warfarin"), (58, "warfarin"), (59, "metformin")]):
+        records[i] = chat(note.format(age=age, med=med), answer.format(age=age, med=med))
+    records[10] = chat(EIGHTEEN + " and frogs", "positive")
+    records[11] = chat(EIGHTEEN + " and toads", "negative")
+    report = check_data(write_jsonl(tmp_path / "d.jsonl", records))
+    assert report.near_duplicates == [] and "near_duplicates" not in codes(report)
+
+
+def test_quickstart_data_has_no_near_duplicates():
+    assert check_data("examples/quickstart/notes.jsonl").near_duplicates == []

@@ -6,7 +6,7 @@ import pytest
 
 from tunesmith.cli import main
 from tunesmith.data.check import check_data
-from tunesmith.data.split import split_file
+from tunesmith.data.split import SPLITS, split_file
 from tunesmith.errors import TunesmithError
 
 from .conftest import write_jsonl
@@ -112,3 +112,22 @@ def test_a_run_reads_and_hashes_its_data_once(tiny_model_dir, chat_file, tmp_pat
     out = tmp_path / "runs" / "once"
     assert main(train_args(tiny_model_dir, chat_file, out, "--max-steps", "1", "--quiet")) == 0
     assert calls == {"hash": 1, "parse": 1}
+
+
+def test_one_word_edit_pair_shares_a_split_and_leaks_when_split_apart(tmp_path):
+    from .test_check import EIGHTEEN
+
+    records = clean_records(60)
+    records[5] = chat(EIGHTEEN, "It stands still, then strikes fast.")
+    records[40] = chat(EIGHTEEN.replace("heron", "egret"), "It stands still, then strikes fast.")
+    result = split_file(write_jsonl(tmp_path / "d.jsonl", records), tmp_path / "s", val=0.2, test=0.3, seed=1)
+    assert result.groups_kept_together == 1
+    where = {name: [r["messages"][0]["content"] for r in read(tmp_path / "s" / f"{name}.jsonl")] for name in SPLITS}
+    assert [name for name in SPLITS for p in where[name] if "wait" in p and "shallow" in p] in (
+        ["train"] * 2,
+        ["val"] * 2,
+        ["test"] * 2,
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", [records[5]] + clean_records(20, seed=1))
+    test = write_jsonl(tmp_path / "test.jsonl", [records[40]] + clean_records(20, seed=2)[10:])
+    assert check_data(test, against=train).leakage["near_duplicate"] == {"count": 1, "lines": [1]}

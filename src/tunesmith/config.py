@@ -59,7 +59,13 @@ class DataConfig(Section):
         False, description="Train even when the data check finds warnings; errors always stop the run."
     )
     near_threshold: float = Field(
-        0.8, gt=0.0, le=1.0, description="Jaccard similarity at which examples count as near duplicates."
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="How alike two examples must be to count as near duplicates: the Jaccard similarity of their "
+        "character 5-grams for examples of about 30 words or more; shorter ones may differ in (1 - near_threshold) "
+        "x 160 5-grams (32 at 0.8: one changed word or three typos). Their answers must also agree (the same words "
+        "and numbers in order, typos aside; answers of 100+ words may differ in a few words, never a number).",
     )
     train_on: Literal["assistant", "all"] = Field(
         "assistant",

@@ -127,7 +127,7 @@ def check_duplicates(
             f"{extra} exact duplicate(s) in {len(report.exact_duplicates)} cluster(s), e.g. lines "
             f"{_shown(report.exact_duplicates[0])}. Keep one of each: duplicates overfit and leak across splits.",
         )
-    pairs = near_duplicate_pairs(texts, options.near_threshold)
+    pairs = near_duplicate_pairs(texts, options.near_threshold, [answer_text(c) for c in conversations])
     near = clusters_from_pairs(len(texts), pairs)
     exact_sets = {tuple(g) for g in report.exact_duplicates}
     report.near_duplicates = [
@@ -137,7 +137,8 @@ def check_duplicates(
         report.warn(
             "near_duplicates",
             f"{sum(len(g) for g in report.near_duplicates)} examples in {len(report.near_duplicates)} near-duplicate "
-            f"cluster(s) (Jaccard >= {options.near_threshold}), largest at lines {_shown(report.near_duplicates[0])}. "
+            f"cluster(s) (near_threshold {options.near_threshold}), largest at lines "
+            f"{_shown(report.near_duplicates[0])}. "
             "Keep one per cluster or vary them; `tunesmith data split` keeps each cluster inside one split.",
         )
     largest = max((len(g) for g in near), default=1)
@@ -329,7 +330,9 @@ def check_leakage(
     texts, others = [full_text(c) for c in conversations], [full_text(c) for c in other]
     other_keys = {normalise_text(t) for t in others}
     exact = [c.line for c, t in zip(conversations, texts, strict=True) if normalise_text(t) in other_keys]
-    near = sorted({conversations[i].line for i, _ in near_duplicates_across(texts, others, options.near_threshold)})
+    answers, other_answers = [answer_text(c) for c in conversations], [answer_text(c) for c in other]
+    found = near_duplicates_across(texts, others, options.near_threshold, answers, other_answers)
+    near = sorted({conversations[i].line for i, _ in found})
     ngram = [conversations[i].line for i in ngram_overlaps(texts, others)]
     report.leakage = {
         "against": other_path,

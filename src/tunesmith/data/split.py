@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.check import CheckOptions, full_text, labels_of
+from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of
 from tunesmith.data.formats import Conversation, Problems, iter_raw_records, parse_file
 from tunesmith.data.similarity import (
     UnionFind,
@@ -40,15 +40,19 @@ class SplitResult:
 
 
 def group_indices(
-    texts: list[str], threshold: float, near_pairs: list[tuple[int, int]] | None = None
+    texts: list[str],
+    threshold: float,
+    near_pairs: list[tuple[int, int]] | None = None,
+    answers: list[str] | None = None,
 ) -> list[list[int]]:
     """Groups of indices that must share a split: exact and near duplicates, transitively (`near_pairs`: the
-    near-duplicate pairs when already computed for these texts, e.g. by the data check)."""
+    near-duplicate pairs when already computed for these texts, e.g. by the data check; `answers`: each text's
+    answer, which near duplicates must agree on)."""
     union = UnionFind(len(texts))
     for cluster in exact_clusters(texts):
         for other in cluster[1:]:
             union.union(cluster[0], other)
-    for a, b in near_duplicate_pairs(texts, threshold) if near_pairs is None else near_pairs:
+    for a, b in near_duplicate_pairs(texts, threshold, answers) if near_pairs is None else near_pairs:
         union.union(a, b)
     return union.groups()
 
@@ -88,13 +92,15 @@ def assign_groups(
 
 def _leakage(splits: dict[str, list[Conversation]], threshold: float) -> dict[str, dict[str, int]]:
     train_texts = [full_text(c) for c in splits["train"]]
+    train_answers = [answer_text(c) for c in splits["train"]]
     train_keys = {normalise_text(t) for t in train_texts}
     report = {}
     for name in ("val", "test"):
-        texts = [full_text(c) for c in splits[name]]
+        texts, answers = [full_text(c) for c in splits[name]], [answer_text(c) for c in splits[name]]
+        near = near_duplicates_across(texts, train_texts, threshold, answers, train_answers)
         report[name] = {
             "exact": sum(normalise_text(t) in train_keys for t in texts),
-            "near_duplicate": len({i for i, _ in near_duplicates_across(texts, train_texts, threshold)}),
+            "near_duplicate": len({i for i, _ in near}),
         }
     return report
 
@@ -112,7 +118,7 @@ def split_conversations(
     if val < 0 or test < 0 or val + test >= 1:
         raise TunesmithError(f"--val {val} and --test {test} must be >= 0 and add up to less than 1.")
     texts = [full_text(c) for c in conversations]
-    groups = group_indices(texts, threshold, near_pairs)
+    groups = group_indices(texts, threshold, near_pairs, [answer_text(c) for c in conversations])
     label_list = [labels.get(c.line) if labels else None for c in conversations]
     assigned = assign_groups(groups, label_list, {"val": val, "test": test}, seed)
     splits = {name: [conversations[i] for i in indices] for name, indices in assigned.items()}
