@@ -95,13 +95,26 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+FILLER = (
+    "patient reports chest pain shortness breath note record age sex diagnosis hello world quick brown fox jumps"
+).split()
+
+
+def chat_prompt(i: int) -> str:
+    """Item i's question: its colour, and three filler words that make items of one colour differ by more than
+    a near-duplicate (data check would group "colour red item 0" with "colour red item 6": same answer)."""
+    colours = ["red", "green", "blue", "black", "white", "pink"]
+    filler = (FILLER[i % 17], FILLER[(i * 7 + 3) % 17], FILLER[(i * 5 + 11) % 17])
+    return f"colour {colours[i % 6]} item {i} " + " ".join(filler)
+
+
 def chat_records(n: int) -> list[dict]:
     """A learnable toy task: answer a colour question with a fixed JSON record."""
     colours = ["red", "green", "blue", "black", "white", "pink"]
     return [
         {
             "messages": [
-                {"role": "user", "content": f"colour {colours[i % 6]} item {i}"},
+                {"role": "user", "content": chat_prompt(i)},
                 {"role": "assistant", "content": json.dumps({"colour": colours[i % 6]})},
             ]
         }

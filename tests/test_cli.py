@@ -7,7 +7,7 @@ import torch
 
 from tunesmith.cli import main
 
-from .conftest import chat_records, write_jsonl
+from .conftest import chat_prompt, chat_records, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_generate_tuned_and_base(trained_run, tmp_path, capsys):
         == 0
     )
     base = json.loads(capsys.readouterr().out)
-    assert [row["prompt"] for row in base] == ["a", "colour red item 0"]
+    assert [row["prompt"] for row in base] == ["a", chat_prompt(0)]
 
 
 def test_compare_scores_base_and_tuned(trained_run, capsys):

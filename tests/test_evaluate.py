@@ -22,7 +22,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import metrics as m
 from tunesmith.evaluate import stats
 
-from .conftest import build_model, build_tokenizer
+from .conftest import build_model, build_tokenizer, chat_records, write_jsonl
 from .test_cli import train_args
 
 
@@ -213,12 +213,12 @@ def test_wins_come_from_a_per_item_metric_when_a_corpus_metric_comes_first(tmp_p
         Conversation((Message("user", f"describe {i}"), Message("assistant", ref)), line=i + 1)
         for i, ref in enumerate(references)
     ]
-    outputs = {"base": ["a dog"] * 12, "tuned": [r.replace(" mat", "") for r in references]}
+    outputs = {"zero-shot": ["a dog"] * 12, "tuned": [r.replace(" mat", "") for r in references]}
     config = build_config({"eval": {"metrics": ["chrf_corpus", "chrf"], "bootstrap": 400}})
-    loaded = SimpleNamespace(shares_base=True, config=config)
+    loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None)
     monkeypatch.setattr(generate, "load_run", lambda run_dir, base=False: loaded)
     monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
-    monkeypatch.setattr(compare, "_generate", lambda model, items, base, console, label: outputs[label])
+    monkeypatch.setattr(compare, "_generate", lambda model, items, base, console, label, stops: outputs[label])
     losses = [(2.0, 4)] * 12, [(1.0, 4)] * 12
     monkeypatch.setattr(compare, "_losses_of_both", lambda loaded, base, items: losses)
     summary = compare.compare_run(tmp_path)
@@ -252,9 +252,10 @@ def _train(tiny_model_dir, chat_file, out, *flags):
 
 
 @pytest.mark.slow
-def test_compare_finds_a_real_win_and_writes_the_report(learnable_model_dir, chat_file, tmp_path, capsys):
+def test_compare_finds_a_real_win_and_writes_the_report(learnable_model_dir, tmp_path, capsys):
     out = tmp_path / "learned"
-    _train(learnable_model_dir, chat_file, out, "--method", "full", "--lr", "3e-3", "--max-steps", "200")
+    data = write_jsonl(tmp_path / "colours.jsonl", chat_records(100))  # enough items of each colour to generalise
+    _train(learnable_model_dir, data, out, "--method", "full", "--lr", "3e-3", "--max-steps", "300")
     capsys.readouterr()
     assert main(["compare", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -262,7 +263,13 @@ def test_compare_finds_a_real_win_and_writes_the_report(learnable_model_dir, cha
     exact = result["metrics"]["exact_match"]
     assert {"base", "tuned", "diff", "ci_low", "ci_high", "p_value"} <= set(exact)
     assert exact["tuned"] > 0.8 and exact["base"] == 0.0 and exact["ci_low"] > 0 and exact["p_value"] < 0.01
-    assert result["verdict"].startswith("Fine-tuning helped") and result["wins"] >= 8
+    assert result["verdict"].startswith("Fine-tuning beat the strongest prompting baseline") and result["wins"] >= 8
+    # The few-shot baseline: k shots from the training split, compared too, chosen or not on the val split.
+    few = result["few_shot"]
+    assert result["shots"] >= 1 and few["against"] == "few_shot" and few["metrics"]["exact_match"]["significant"]
+    assert result["strongest"] in ("base", "few_shot") and "validation items" in result["chosen_on"]
+    assert {"base", "few_shot", "tuned", "choosing the strongest baseline"} <= set(result["seconds"])
+    assert all({"base", "few_shot", "tuned"} <= set(row) for row in few["flipped"]["fixed"])
     assert result["flipped"]["fixed"] and all(r["base"] != r["tuned"] for r in result["flipped"]["fixed"])
     assert result["metrics"]["loss"]["tuned"] < result["metrics"]["loss"]["base"]
     assert (
@@ -278,7 +285,8 @@ def test_compare_finds_a_real_win_and_writes_the_report(learnable_model_dir, cha
     parser = _Text()
     parser.feed(page)
     text = " ".join(parser.text)
-    assert "Fine-tuning helped" in text and "95% CI" in text and "Fixed by fine-tuning" in text
+    assert "Fine-tuning beat" in text and "95% CI" in text and "Fixed by fine-tuning" in text
+    assert "-shot" in text and "Tuned vs" in text
     assert any(tag == "polyline" for tag, _ in parser.tags)
     assert not any(
         attrs.get("src", "").startswith("http") or attrs.get("href", "").startswith("http") for _, attrs in parser.tags
@@ -323,7 +331,7 @@ def test_compare_says_not_significant_when_nothing_changed(tiny_model_dir, chat_
     result = json.loads(capsys.readouterr().out)
     exact = result["metrics"]["exact_match"]
     assert exact["diff"] == 0 and exact["p_value"] == 1.0 and not exact["significant"]
-    assert result["verdict"].startswith("No significant difference")
+    assert result["verdict"].startswith("Prompting is as good: fine-tuning not needed for exact_match")
     assert math.isclose(result["metrics"]["loss"]["diff"], 0, abs_tol=1e-3)
 
 

@@ -267,6 +267,16 @@ class EvalConfig(Section):
         + ", or a custom module:function / file.py:function taking (prediction, reference) and returning a number.",
     )
     schema_path: str | None = Field(None, description="JSON Schema file for the json_schema metric.")
+    shots: int | None = Field(
+        None,
+        ge=0,
+        description="Solved training examples in the prompt of compare's few-shot baseline (the base model prompted "
+        "with examples, which fine-tuning must beat); null: as many as fit the model's context with room for the "
+        "answer, at most 4; 0: no few-shot baseline.",
+    )
+    similar_shots: bool = Field(
+        False, description="Give each few-shot question the training examples most like it instead of random ones."
+    )
     bootstrap: int = Field(2000, ge=100, description="Paired bootstrap resamples for the confidence intervals.")
     lm_eval_tasks: list[str] = Field(
         [],

@@ -17,7 +17,11 @@ from tunesmith.data.review import KEYS_HELP
 FORMAT = config_default("data.format")
 FORMAT_HELP = f"Record format; auto detects it [default: {FORMAT}]."
 NEAR = config_default("data.near_threshold")
-NEAR_HELP = f"Jaccard similarity (word 5-grams) at which two examples count as near duplicates [default: {NEAR}]."
+NEAR_HELP = (
+    "How alike two examples must be to count as near duplicates: Jaccard similarity of character 5-grams for "
+    "examples of ~30+ words, a budget of (1 - value) x 160 differing 5-grams for shorter ones (one changed word at "
+    f"0.8); their answers must agree too [default: {NEAR}]."
+)
 
 
 def print_check(report: Any) -> None:

@@ -15,11 +15,11 @@ from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
 
 
-def print_comparison(summary: Any) -> None:
-    table = Table(title=f"Base vs tuned on {summary.items} held-out examples ({summary.run_dir})")
-    for column in ("metric", "base", "tuned", "diff", "95% CI", "p", "test"):
+def _versus_table(title: str, label: str, metrics: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for column in ("metric", label, "tuned", "diff", "95% CI", "p", "test"):
         table.add_column(column, justify="left" if column in ("metric", "test") else "right")
-    for name, r in summary.metrics.items():
+    for name, r in metrics.items():
         if "ci_low" not in r:
             table.add_row(name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}", "", "", "")
             continue
@@ -29,19 +29,31 @@ def print_comparison(summary: Any) -> None:
             name, f"{r['base']:.3f}", f"{r['tuned']:.3f}", f"{r['diff']:+.3f}{mark}",
             f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", p, r["test"],
         )  # fmt: skip
-    out.print(table)
-    out.print(
-        f"Per item by {summary.decided_by}: {summary.wins} wins, {summary.ties} ties, {summary.losses} losses; "
-        f"{len(summary.flipped['fixed'])} fixed, {len(summary.flipped['broken'])} broken. "
-        f"(* = {summary.primary}'s CI excludes 0; the others: Holm-adjusted p < 0.05)"
-    )
+    return table
+
+
+def print_comparison(summary: Any) -> None:
+    where = f"{summary.items} held-out examples ({summary.run_dir})"
+    versus = [("zero-shot", "base", asdict(summary) | {"against": "base"})]
+    if summary.few_shot:
+        versus.append((f"{summary.shots}-shot", "few_shot", summary.few_shot))
+    for label, column, result in versus:
+        out.print(_versus_table(f"Base model {label} vs tuned on {where}", label, result["metrics"]))
+        out.print(
+            f"Per item by {result['decided_by']}: {result['wins']} wins, {result['ties']} ties, "
+            f"{result['losses']} losses; {len(result['flipped']['fixed'])} fixed, "
+            f"{len(result['flipped']['broken'])} broken against {label}."
+        )
+        for kind in ("fixed", "broken"):
+            for row in result["flipped"][kind][:2]:
+                out.print(f"[bold]{kind}[/] (line {row['line']}): {row['prompt'][:200]}", highlight=False)
+                out.print(f"  reference: {row['reference'][:200]}", highlight=False)
+                out.print(f"  {label + ':':10} {row[column][:200]}", highlight=False)
+                out.print(f"  tuned:     {row['tuned'][:200]}", highlight=False)
+    out.print(f"(* = {summary.primary}'s CI excludes 0; the others: Holm-adjusted p < 0.05)")
+    seconds = ", ".join(f"{name} {value:.1f} s" for name, value in summary.seconds.items())
+    out.print(f"Generation time: {seconds}.", highlight=False)
     out.print(f"[bold]Verdict:[/] {summary.verdict}", highlight=False)
-    for kind in ("fixed", "broken"):
-        for row in summary.flipped[kind][:2]:
-            out.print(f"[bold]{kind}[/] (line {row['line']}): {row['prompt'][:200]}", highlight=False)
-            out.print(f"  reference: {row['reference'][:200]}", highlight=False)
-            out.print(f"  base:      {row['base'][:200]}", highlight=False)
-            out.print(f"  tuned:     {row['tuned'][:200]}", highlight=False)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +23,8 @@ from rich.progress import Progress
 
 from tunesmith.data.formats import Conversation, read_conversations
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate import baselines, stats
 from tunesmith.evaluate import metrics as m
-from tunesmith.evaluate import stats
 from tunesmith.rundir import RunDir
 
 SPLITS = ("test", "val", "train")
@@ -44,6 +45,21 @@ class EvalSummary:
 
 
 @dataclass
+class Versus:
+    """The tuned model against one baseline on the same items: per-metric paired statistics (the primary
+    metric tested alone, the others Holm-corrected), per-item wins/ties/losses and flips, and a verdict."""
+
+    against: str  # "base" (zero-shot) or "few_shot"
+    metrics: dict[str, dict[str, Any]]
+    decided_by: str  # the per-item metric whose scores give wins, ties, losses and flipped items
+    wins: int
+    ties: int
+    losses: int
+    flipped: dict[str, list[dict[str, Any]]]
+    verdict: str
+
+
+@dataclass
 class CompareSummary:
     run_dir: str
     split: str
@@ -51,15 +67,20 @@ class CompareSummary:
     primary: str  # eval.metrics[0]: the verdict's metric, tested alone
     decided_by: str  # the per-item metric whose scores give wins, ties, losses and flipped items
     correction: str  # how the secondary metrics' p-values are corrected for multiple comparisons
-    metrics: dict[str, dict[str, Any]]
+    metrics: dict[str, dict[str, Any]]  # tuned against the base model zero-shot
     wins: int
     ties: int
     losses: int
     flipped: dict[str, list[dict[str, Any]]]
-    verdict: str
+    verdict: str  # against the strongest prompting baseline
     examples: list[dict[str, str]]
     field_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     general_ability: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    few_shot: dict[str, Any] | None = None  # tuned against the few-shot baseline (a Versus), when it has shots
+    shots: int = 0  # solved examples in each few-shot prompt (0: no few-shot baseline)
+    strongest: str = "base"  # the prompting baseline the verdict is against: "base" (zero-shot) or "few_shot"
+    chosen_on: str = ""  # the split (and primary-metric scores) the strongest baseline was chosen on
+    seconds: dict[str, float] = field(default_factory=dict)  # generation time per contestant on the compared items
 
 
 def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversation]:
@@ -113,24 +134,27 @@ def mean_answer_loss(model: Any, examples: list[Any], pad_id: int, batch_size: i
     return total / max(1, count)
 
 
-def _generate(loaded: Any, items: list[Conversation], base: bool, console: Console, label: str) -> list[str]:
+def _generate(
+    loaded: Any, prompts: list[tuple[Any, ...]], base: bool, console: Console, label: str, stops: list[str]
+) -> list[str]:
     from tunesmith.evaluate.generate import generate
 
     settings = loaded.config.eval
     if settings.temperature > 0:
         torch.manual_seed(settings.seed)  # sampled answers repeat for the same eval.seed
     with Progress(console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"generate ({label})", total=len(items))
+        task = progress.add_task(f"generate ({label})", total=len(prompts))
         with loaded.base_only() if base else nullcontext():
             return generate(
                 loaded.model,
                 loaded.tokenizer,
-                [c.prompt_messages for c in items],
+                prompts,
                 settings.max_new_tokens,
                 settings.batch_size,
                 progress=lambda n: progress.advance(task, n),
                 temperature=settings.temperature,
                 top_p=settings.top_p,
+                stops=stops,
             )
 
 
@@ -162,7 +186,8 @@ def eval_run(
     items = split_items(run_dir, split, limit or settings.limit)
     label = "base" if base else "tuned"
     references = [str(c.reference) for c in items]
-    predictions = _generate(loaded, items, False, console, label)
+    stops = baselines.turn_stops(loaded.tokenizer)
+    predictions = _generate(loaded, [c.prompt_messages for c in items], False, console, label, stops)
     per_item = m.score(settings.metrics, predictions, references, settings.schema_path)
     values = {name: round(sum(v) / len(v), 6) for name, v in per_item.items()}
     values |= {k: round(v, 6) for k, v in m.corpus_scores(settings.metrics, predictions, references).items()}
@@ -194,7 +219,9 @@ def eval_run(
 def compare_run(
     run_dir: str | Path, limit: int | None = None, console: Console | None = None, split: str = "test"
 ) -> CompareSummary:
-    """Generate with the base and the tuned model on the same items and compare them with paired statistics."""
+    """Generate with the base model (zero-shot and few-shot) and the tuned model on the same items and compare
+    the tuned model with each prompting baseline, with paired statistics; the verdict is against the strongest
+    baseline, chosen on the validation split (choosing on the compared items would flatter it)."""
     from tunesmith.evaluate.generate import load_run
 
     console = console or Console(stderr=True)
@@ -205,37 +232,40 @@ def compare_run(
     settings = loaded.config.eval
     items = split_items(run_dir, split, limit or settings.limit)
     references = [str(c.reference) for c in items]
-    outputs = {
-        "base": _generate(base, items, base is loaded, console, "base"),
-        "tuned": _generate(loaded, items, False, console, "tuned"),
-    }
+    prompting = _prompting(run_dir, loaded, base, items)
+    outputs, seconds = _answers(loaded, base, prompting, [c.prompt_messages for c in items], console)
     base_losses, tuned_losses = _losses_of_both(loaded, base, items)
     scores = {label: m.score(settings.metrics, outputs[label], references, settings.schema_path) for label in outputs}
-    compared = _compare_metrics(settings, scores, outputs, references)
-    results = {name: result.to_dict() for name, result in compared.items()}
-    results |= _compare_losses(settings, base_losses, tuned_losses)
-    primary = settings.metrics[0]
-    _correct_secondaries(primary, results)
-
-    decided_by = m.deciding_metric(settings.metrics)
-    decider_base, decider_tuned = _deciding_scores(decided_by, scores, outputs, references, settings.schema_path)
-    wins, ties, losses = stats.wins_ties_losses(decider_base, decider_tuned)
     rows = _compare_rows(items, references, outputs, scores)
+    losses = _compare_losses(settings, base_losses, tuned_losses)  # the base's own, so against zero-shot only
+    versus = {
+        b.name: _versus(settings, b.name, scores, outputs, references, rows, losses if b.name == "base" else {})
+        for b in prompting
+    }
+    start = time.perf_counter()
+    strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, split, limit, console)
+    seconds["choosing the strongest baseline"] = round(time.perf_counter() - start, 2)
+    zero = versus["base"]
     summary = CompareSummary(
         run_dir=str(run_dir),
         split=split,
         items=len(items),
-        primary=primary,
-        decided_by=decided_by,
+        primary=settings.metrics[0],
+        decided_by=zero.decided_by,
         correction=SECONDARY_CORRECTION,
-        metrics=results,
-        wins=wins,
-        ties=ties,
-        losses=losses,
-        flipped=_flipped(rows, decider_base, decider_tuned),
-        verdict=stats.verdict(primary, compared[primary]),
+        metrics=zero.metrics,
+        wins=zero.wins,
+        ties=zero.ties,
+        losses=zero.losses,
+        flipped=zero.flipped,
+        verdict=_final_verdict(versus[strongest], settings.metrics[0], _label(prompting, strongest), chosen_on),
         examples=rows[:3],
         field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
+        few_shot=asdict(versus["few_shot"]) if "few_shot" in versus else None,
+        shots=prompting[-1].k,
+        strongest=strongest,
+        chosen_on=chosen_on,
+        seconds=seconds,
     )
     if settings.lm_eval_tasks:
         from tunesmith.evaluate.general import general_ability
@@ -243,6 +273,126 @@ def compare_run(
         summary.general_ability = general_ability(loaded, base, settings)
     _write_compare(RunDir(run_dir).eval, rows, summary)
     return summary
+
+
+def _prompting(run_dir: Path, loaded: Any, base: Any, items: list[Conversation]) -> list[baselines.Baseline]:
+    """The prompting baselines on `items`: zero-shot ("base"), and few-shot from the run's training split when
+    eval.shots allows at least one shot in the model's context."""
+    settings = loaded.config.eval
+    zero = baselines.Baseline("base", 0, [c.prompt_messages for c in items])
+    train = RunDir(run_dir).split("train")
+    if settings.shots == 0 or not train.is_file():
+        return [zero]
+    pool = [c for c in read_conversations(train, "chat")[0] if c.reference is not None]
+    few = baselines.few_shot(
+        loaded.tokenizer,
+        items,
+        pool,
+        shots=settings.shots,
+        limit=baselines.context_limit(base.model),
+        max_new_tokens=settings.max_new_tokens,
+        seed=settings.seed,
+        similar=settings.similar_shots,
+    )
+    return [zero, few] if few.k else [zero]
+
+
+def _answers(
+    loaded: Any,
+    base: Any,
+    prompting: list[baselines.Baseline],
+    tuned: list[tuple[Any, ...]] | None,
+    console: Console,
+) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Every contestant's answers (the tuned model's to `tuned` unless None), each stopped at the template's
+    turn boundary, and its generation seconds."""
+    stops = baselines.turn_stops(loaded.tokenizer)
+    contestants = [(b.name, base, b.prompts, base is loaded, _label(prompting, b.name)) for b in prompting]
+    if tuned is not None:
+        contestants.append(("tuned", loaded, tuned, False, "tuned"))
+    outputs, seconds = {}, {}
+    for name, model, prompts, as_base, label in contestants:
+        start = time.perf_counter()
+        outputs[name] = _generate(model, prompts, as_base, console, label, stops)
+        seconds[name] = round(time.perf_counter() - start, 2)
+    return outputs, seconds
+
+
+def _label(prompting: list[baselines.Baseline], name: str) -> str:
+    k = next((b.k for b in prompting if b.name == name), 0)
+    return f"{k}-shot" if k else "zero-shot"
+
+
+def _strongest(
+    run_dir: Path,
+    loaded: Any,
+    base: Any,
+    prompting: list[baselines.Baseline],
+    split: str,
+    limit: int | None,
+    console: Console,
+) -> tuple[str, str]:
+    """The prompting baseline with the best primary metric on the validation split, and how it was chosen.
+    Without a separate validation split the few-shot baseline is taken (the usual stronger one) and said so."""
+    if len(prompting) == 1:
+        return prompting[0].name, "the only prompting baseline (no few-shot examples fit or eval.shots is 0)"
+    settings = loaded.config.eval
+    try:
+        items = split_items(run_dir, "val", limit or settings.limit) if split != "val" else []
+    except TunesmithError:
+        items = []
+    if not items:
+        return "few_shot", "no separate validation split: the few-shot baseline is taken as the stronger"
+    chosen = _prompting(run_dir, loaded, base, items)
+    if len(chosen) == 1:
+        return "base", "the few-shot prompts of the validation split do not fit the context"
+    outputs, _ = _answers(loaded, base, chosen, None, console)
+    references = [str(c.reference) for c in items]
+    primary = settings.metrics[0]
+    value = {b.name: baselines.metric_value(primary, outputs[b.name], references, settings.schema_path) for b in chosen}
+    strongest = max(value, key=lambda name: (value[name], name == "base"))  # a tie goes to the cheaper zero-shot
+    shown = ", ".join(f"{_label(chosen, name)} {score:.3f}" for name, score in value.items())
+    return strongest, f"{primary} on {len(items)} validation items: {shown}"
+
+
+def _versus(
+    settings: Any,
+    against: str,
+    scores: dict[str, dict[str, list[float]]],
+    outputs: dict[str, list[str]],
+    references: list[str],
+    rows: list[dict[str, Any]],
+    extra: dict[str, dict[str, Any]],
+) -> Versus:
+    """The tuned model against one baseline's answers to the same items; `extra` holds further compared
+    metrics (the answer loss), corrected for multiple comparisons with the others."""
+    pair = {"base": scores[against], "tuned": scores["tuned"]}
+    answers = {"base": outputs[against], "tuned": outputs["tuned"]}
+    compared = _compare_metrics(settings, pair, answers, references)
+    results = {name: result.to_dict() for name, result in compared.items()} | extra
+    primary = settings.metrics[0]
+    _correct_secondaries(primary, results)
+    decided_by = m.deciding_metric(settings.metrics)
+    decider_base, decider_tuned = _deciding_scores(decided_by, pair, answers, references, settings.schema_path)
+    wins, ties, losses = stats.wins_ties_losses(decider_base, decider_tuned)
+    flipped = _flipped(rows, decider_base, decider_tuned)
+    verdict = stats.verdict(primary, compared[primary])
+    return Versus(against, results, decided_by, wins, ties, losses, flipped, verdict)
+
+
+def _final_verdict(versus: Versus, primary: str, label: str, chosen_on: str) -> str:
+    """Whether the tuned model beat the strongest prompting baseline on the primary metric, in plain words."""
+    result = versus.metrics[primary]
+    detail = (
+        f"{primary} {label} {result['base']:.3f} -> tuned {result['tuned']:.3f} (diff {result['diff']:+.3f}, 95% CI "
+        f"[{result['ci_low']:+.3f}, {result['ci_high']:+.3f}], {result['p_text']}, {result['test']}); strongest "
+        f"baseline chosen by {chosen_on}"
+    )
+    if not result["significant"]:
+        return f"Prompting is as good: fine-tuning not needed for {primary} ({label} prompting vs tuned: {detail})."
+    if result["diff"] > 0:
+        return f"Fine-tuning beat the strongest prompting baseline ({label}): {detail}."
+    return f"Prompting is better: {label} prompting beat the tuned model: {detail}."
 
 
 def _losses_of_both(
@@ -337,19 +487,16 @@ def _compare_rows(
     outputs: dict[str, list[str]],
     scores: dict[str, dict[str, list[float]]],
 ) -> list[dict[str, Any]]:
-    """One row per item with both answers and both scores of every per-item metric."""
+    """One row per item with every contestant's answer and score on each per-item metric."""
     return [
         {
             "line": c.line,
             "prompt": c.prompt_messages[-1].content,
-            "reference": ref,
-            "base": b,
-            "tuned": t,
-            "scores": {
-                name: {"base": scores["base"][name][i], "tuned": scores["tuned"][name][i]} for name in scores["tuned"]
-            },
+            "reference": references[i],
+            **{label: answers[i] for label, answers in outputs.items()},
+            "scores": {name: {label: scores[label][name][i] for label in scores} for name in scores["tuned"]},
         }
-        for i, (c, ref, b, t) in enumerate(zip(items, references, outputs["base"], outputs["tuned"], strict=True))
+        for i, c in enumerate(items)
     ]
 
 

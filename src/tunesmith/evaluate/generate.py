@@ -78,8 +78,12 @@ def generate(
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
-    if stops:
-        sampling |= {"stop_strings": stops, "tokenizer": tokenizer}
+    special = set(tokenizer.all_special_tokens)
+    texts = [stop for stop in stops or [] if stop not in special]
+    # A stop that is one special token (an end-of-turn such as Gemma's) ends generation as an EOS id.
+    eos = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(stop) for stop in stops or [] if stop in special)]
+    if texts:
+        sampling |= {"stop_strings": texts, "tokenizer": tokenizer}
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
@@ -99,10 +103,10 @@ def generate(
             max_new_tokens=max_new_tokens,
             **sampling,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=sorted({token for token in eos if token is not None}) or None,
         )
         for row, index in enumerate(chunk):
-            answers[index] = cut_at_stops(tokenizer.decode(output[row, width:], skip_special_tokens=True), stops or [])
+            answers[index] = cut_at_stops(tokenizer.decode(output[row, width:], skip_special_tokens=True), texts)
         if progress is not None:
             progress(len(chunk))
     return answers

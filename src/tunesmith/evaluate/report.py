@@ -124,6 +124,77 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
 
+def _comparison_html(compare: dict[str, Any]) -> list[str]:
+    """The verdict against the strongest prompting baseline, every contestant side by side, then the tuned model
+    against each baseline with its statistics and flipped items."""
+    shots = compare.get("shots") or 0
+    labels = {"base": "zero-shot", "few_shot": f"{shots}-shot"}
+    few = compare.get("few_shot")
+    versus = {"base": {**compare, "against": "base"}} | ({"few_shot": few} if few else {})
+    strongest = versus.get(compare.get("strongest", "base"), versus["base"])
+    primary = strongest["metrics"].get(compare["primary"]) or {}
+    good = bool(primary.get("significant")) and (primary.get("diff") or 0) > 0
+    sections = [f"<div class='verdict {'good' if good else 'plain'}'>{html.escape(compare['verdict'])}</div>"]
+    contestants = [*versus, "tuned"]
+    rows = [
+        [name, *(_fmt(versus[c]["metrics"].get(name, {}).get("base")) for c in versus), _fmt(m.get("tuned"))]
+        for name, m in compare["metrics"].items()
+        if "tuned" in m
+    ]
+    seconds = compare.get("seconds") or {}
+    rows.append(["generation seconds", *(_fmt(seconds.get(c)) for c in contestants)])
+    sections.append(f"<h2>Base prompted vs tuned ({compare['items']} {compare['split']} items)</h2>")
+    sections.append(_table(["metric", *(labels.get(c, c) for c in contestants)], rows))
+    if compare.get("chosen_on"):
+        chosen = labels.get(compare.get("strongest", "base"), "zero-shot")
+        sections.append(
+            f"<p class='muted'>Strongest baseline: {chosen}, chosen by {html.escape(compare['chosen_on'])}.</p>"
+        )
+    sections.append(f"<p class='muted'>Multiple comparisons: {html.escape(compare.get('correction', '-'))}.</p>")
+    for name, against in versus.items():
+        sections.extend(_versus_html(against, labels[name], compare["primary"]))
+    general = compare.get("general_ability") or {}
+    if general:
+        rows = [
+            [task, metric, _fmt(v["base"]), _fmt(v["tuned"]), _fmt(v["diff"], 4)]
+            for task, metrics in general.items()
+            for metric, v in metrics.items()
+        ]
+        sections.append("<h3>General ability (lm-eval): forgetting check</h3>")
+        sections.append(_table(["task", "metric", "base", "tuned", "diff"], rows))
+    return sections
+
+
+def _versus_html(versus: dict[str, Any], label: str, primary: str) -> list[str]:
+    """One baseline against the tuned model: paired statistics per metric, wins/ties/losses, flipped items."""
+    rows = [
+        [
+            name, _fmt(m.get("base")), _fmt(m.get("tuned")), _fmt(m.get("diff"), 4),
+            f"[{_fmt(m.get('ci_low'), 4)}, {_fmt(m.get('ci_high'), 4)}]" if "ci_low" in m else "-",
+            m.get("p_text") or "-", _fmt(m.get("p_holm"), 4), m.get("test") or "-", m.get("role") or "-",
+            "yes" if m.get("significant") else "no",
+        ]
+        for name, m in versus["metrics"].items()
+    ]  # fmt: skip
+    headers = ["metric", label, "tuned", "diff", "95% CI", "p", "p (Holm)", "test", "role", "significant"]
+    sections = [f"<h2>Tuned vs {html.escape(label)} prompting</h2>", _table(headers, rows)]
+    sections.append(
+        f"<p>Decided per item by {html.escape(versus.get('decided_by', primary))}: {versus['wins']} wins, "
+        f"{versus['ties']} ties, {versus['losses']} losses.</p>"
+    )
+    for kind in ("fixed", "broken"):
+        flipped = versus["flipped"][kind]
+        sections.append(f"<h3>{kind.capitalize()} by fine-tuning against {html.escape(label)} ({len(flipped)})</h3>")
+        if flipped:
+            column = versus.get("against", "base")
+            rows = [
+                [r["line"], r["prompt"][:300], r["reference"][:300], r.get(column, "")[:300], r["tuned"][:300]]
+                for r in flipped[:10]
+            ]
+            sections.append(_table(["line", "prompt", "reference", label, "tuned"], rows))
+    return sections
+
+
 def render_html(report: dict[str, Any]) -> str:
     config, training, timing = report["config"], report["training"], report["time_and_cost"]
     sections = [
@@ -132,51 +203,7 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     compare = report.get("comparison")
     if compare:
-        primary = compare["metrics"].get(compare["primary"]) or {}
-        significant = bool(primary.get("significant"))
-        sections.append(
-            f"<div class='verdict {'good' if significant else 'plain'}'>{html.escape(compare['verdict'])}</div>"
-        )
-        rows = [
-            [
-                name, _fmt(m.get("base")), _fmt(m.get("tuned")), _fmt(m.get("diff"), 4),
-                f"[{_fmt(m.get('ci_low'), 4)}, {_fmt(m.get('ci_high'), 4)}]" if "ci_low" in m else "-",
-                m.get("p_text") or "-", _fmt(m.get("p_holm"), 4), m.get("test") or "-", m.get("role") or "-",
-                "yes" if m.get("significant") else "no",
-            ]
-            for name, m in compare["metrics"].items()
-        ]  # fmt: skip
-        sections.append(f"<h2>Base vs tuned ({compare['items']} {compare['split']} items)</h2>")
-        headers = ["metric", "base", "tuned", "diff", "95% CI", "p", "p (Holm)", "test", "role", "significant"]
-        sections.append(_table(headers, rows))
-        sections.append(f"<p class='muted'>Multiple comparisons: {html.escape(compare.get('correction', '-'))}.</p>")
-        decided_by = compare.get("decided_by", compare["primary"])
-        sections.append(
-            f"<p>Decided per item by {html.escape(decided_by)}: {compare['wins']} wins, {compare['ties']} ties, "
-            f"{compare['losses']} losses.</p>"
-        )
-        for kind in ("fixed", "broken"):
-            flipped = compare["flipped"][kind]
-            sections.append(f"<h3>{kind.capitalize()} by fine-tuning ({len(flipped)})</h3>")
-            if flipped:
-                sections.append(
-                    _table(
-                        ["line", "prompt", "reference", "base", "tuned"],
-                        [
-                            [r["line"], r["prompt"][:300], r["reference"][:300], r["base"][:300], r["tuned"][:300]]
-                            for r in flipped[:10]
-                        ],
-                    )
-                )
-        general = compare.get("general_ability") or {}
-        if general:
-            rows = [
-                [task, metric, _fmt(v["base"]), _fmt(v["tuned"]), _fmt(v["diff"], 4)]
-                for task, metrics in general.items()
-                for metric, v in metrics.items()
-            ]
-            sections.append("<h3>General ability (lm-eval): forgetting check</h3>")
-            sections.append(_table(["task", "metric", "base", "tuned", "diff"], rows))
+        sections.extend(_comparison_html(compare))
     else:
         sections.append("<p>No comparison yet: run <code>tunesmith compare RUN</code>.</p>")
     sections.append("<h2>Loss curves</h2>" + _svg_curves(report["loss_curve"]))

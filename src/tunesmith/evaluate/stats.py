@@ -206,13 +206,18 @@ def wins_ties_losses(base: list[float], tuned: list[float]) -> tuple[int, int, i
     return wins, len(base) - wins - losses, losses
 
 
-def verdict(metric: str, result: Comparison, higher_is_better: bool = True) -> str:
-    """One sentence: better, worse, or not significant, with the numbers."""
-    diff = result.diff if higher_is_better else -result.diff
-    detail = (
+def describe(metric: str, result: Comparison) -> str:
+    """The numbers of one comparison: both scores, the difference with its CI, the p-value and the test."""
+    return (
         f"{metric} {result.base:.3f} -> {result.tuned:.3f} (diff {result.diff:+.3f}, 95% CI "
         f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}], {result.p_text}, {result.test})"
     )
+
+
+def verdict(metric: str, result: Comparison, higher_is_better: bool = True) -> str:
+    """One sentence: better, worse, or not significant, with the numbers."""
+    diff = result.diff if higher_is_better else -result.diff
+    detail = describe(metric, result)
     if not result.significant:
         return f"No significant difference: {detail}; the interval includes 0."
     return f"{'Fine-tuning helped' if diff > 0 else 'Fine-tuning hurt'}: {detail}."
