@@ -66,3 +66,51 @@ def model_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return answer_loss_sum(hidden, batch["labels"], model.get_output_embeddings(), softcap)
+
+
+def _chunk_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def answer_logps(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed fp32 log-probability of labels[t + 1] given hidden[t] over the non-IGNORE labels, and
+    how many such tokens the row has (float). Same selected-positions, chunked, recomputed path as answer_loss_sum."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    selected = hidden[:, :-1][keep]
+    wanted = targets[keep]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
+    sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
+    chunk_size = chunk_size or chunk_tokens(head.weight.shape[0])
+    for start in range(0, wanted.numel(), chunk_size):
+        piece = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            logps = checkpoint(_chunk_logps, selected[piece], wanted[piece], head, softcap, use_reentrant=False)
+        else:
+            logps = _chunk_logps(selected[piece], wanted[piece], head, softcap)
+        sums = sums.index_add(0, rows[piece], logps)
+    return sums, keep.sum(dim=1).float()
+
+
+def model_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decoder as model_loss_sum does, then answer_logps: per row, the answer's summed log-probability and
+    its token count. Each row must hold one sequence: on a packed row the sum would run across its sequences."""
+    decoder = model.get_decoder()
+    if "position_ids" in batch:
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return answer_logps(hidden, batch["labels"], model.get_output_embeddings(), softcap)
