@@ -26,8 +26,9 @@ NEAR_HELP = (
 
 def print_check(report: Any) -> None:
     verdict = "[green]no errors[/]" if report.ok else f"[red]{len(report.errors)} error(s)[/]"
+    noun = {"pair": "preference pairs", "kto": "KTO rows"}.get(report.kind, "examples")
     out.print(
-        f"[bold]{report.path}[/]: {report.examples} examples ({report.format}), {verdict}, "
+        f"[bold]{report.path}[/]: {report.examples} {noun} (format {report.format}), {verdict}, "
         f"{len(report.warnings)} warning(s)"
     )
     unit = position_word(report.path)
@@ -41,6 +42,18 @@ def print_check(report: Any) -> None:
         out.print(
             f"  tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
             f"{t['truncated']} over {t['max_length']}"
+        )
+    p = report.preference
+    if p and report.kind == "pair":
+        out.print(
+            f"  pairs: chosen longer than rejected in {p['chosen_longer_share']:.0%} (warn above "
+            f"{p['length_bias_share']:.0%}), mean length ratio chosen/rejected {p['mean_length_ratio']:.2f}; "
+            f"{p['identical']} identical, {p['near_identical']} near-identical, {len(p['contradicting'])} contradicting"
+        )
+    if p and report.kind == "kto":
+        out.print(
+            f"  labels: {p['desirable']} desirable, {p['undesirable']} undesirable "
+            f"({p['desirable_share']:.0%} desirable; warn when a side is under {p['kto_min_share']:.0%})"
         )
     if report.class_balance:
         out.print("  classes: " + ", ".join(f"{escape(str(k))}: {v}" for k, v in report.class_balance.items()))
@@ -60,6 +73,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         near_threshold=args.near_threshold,
         imbalance_ratio=args.imbalance_ratio,
         label_field=args.label_field,
+        length_bias_share=args.length_bias_share,
     )
     report = check_data(args.data, args.format, tokenizer, options, args.against)
     if args.json:
@@ -177,6 +191,13 @@ def _add_check(data_sub: argparse._SubParsersAction) -> None:
         type=float,
         default=CheckOptions.imbalance_ratio,
         help=f"Largest/smallest class ratio above which to warn [default: {CheckOptions.imbalance_ratio}].",
+    )
+    check.add_argument(
+        "--length-bias-share",
+        type=float,
+        default=CheckOptions.length_bias_share,
+        help="Preference pairs: warn when the chosen answer is the longer one in more than this share of pairs "
+        f"(DPO learns length when it separates the answers) [default: {CheckOptions.length_bias_share}].",
     )
     check.add_argument("--json", action="store_true", help="Print the report as JSON on stdout.")
     check.set_defaults(func=cmd_data_check)

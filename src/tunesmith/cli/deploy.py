@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tunesmith.cli.common import err, out, print_json
 from tunesmith.deploy import limits
+from tunesmith.errors import TunesmithError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -220,8 +221,23 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from tunesmith.deploy.monitor import export_feedback, monitor_report
+    from tunesmith.deploy.monitor import export_feedback, export_preferences, monitor_report
 
+    if args.export and args.export_preferences:
+        raise TunesmithError("Pass --export or --export-preferences, not both: they write different datasets.")
+    if args.export_preferences:
+        result = export_preferences(
+            args.run, args.export_preferences, args.db, args.good_rating, args.bad_rating, args.kto, args.overwrite
+        )
+        what = "KTO rows" if result.kind == "kto" else "preference pairs"
+        out.print(
+            f"Wrote {result.rows} {what} to {result.target} ({result.from_corrections} from corrections, "
+            f"{result.from_ratings} from ratings: good >= {result.good_rating:g}, bad <= {result.bad_rating:g}"
+            + (f"; {result.dropped_conflicts} answer(s) rated both ways dropped" if result.dropped_conflicts else "")
+            + f"). Next: tunesmith data check {result.target}",
+            highlight=False,
+        )
+        return 0
     if args.export:
         count = export_feedback(args.run, args.export, args.db, args.min_rating, args.overwrite)
         out.print(f"Wrote {count} examples to {args.export}. Next: tunesmith data check {args.export}", highlight=False)
@@ -272,13 +288,16 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    from tunesmith.deploy.monitor import BAD_RATING, GOOD_RATING
+
     monitor = sub.add_parser(
         "monitor",
         help="Production traffic, drift against the training data, format failures and feedback.",
         description="Read the request log of `tunesmith serve` and compare production prompts with the run's "
         "training data (prompt-length distribution with a KS test, vocabulary Jensen-Shannon divergence, unseen "
         "words), count answers failing the run's format check, summarise feedback, and raise alerts. With "
-        "--export, turn corrected answers into a dataset for the next fine-tune.",
+        "--export, turn corrected answers into a dataset for the next fine-tune; with --export-preferences, into "
+        "preference pairs (or KTO rows) for dpo, orpo, simpo or kto.",
     )
     monitor.add_argument("run", help="Run directory, e.g. runs/quickstart.")
     monitor.add_argument("--db", help="Request log [default: RUN/serve/requests.sqlite].")
@@ -288,5 +307,32 @@ def _add_monitor(sub: argparse._SubParsersAction) -> None:
     monitor.add_argument(
         "--min-rating", type=float, help="With --export: also keep uncorrected answers rated at least this."
     )
-    monitor.add_argument("--overwrite", action="store_true", help="With --export: replace an existing FILE.")
+    monitor.add_argument(
+        "--export-preferences",
+        metavar="FILE",
+        help="Write feedback as JSONL preference pairs to FILE: each correction (chosen) against the model's answer "
+        "(rejected), and for one prompt a well-rated answer against a poorly rated one; every row names the served "
+        "model of each side (chosen_model/rejected_model; null for a person's correction).",
+    )
+    monitor.add_argument(
+        "--good-rating",
+        type=float,
+        help=f"With --export-preferences: a rating at least this is a good answer [default: {GOOD_RATING:g}, "
+        "on 1-5 stars; for thumbs up/down pass 1].",
+    )
+    monitor.add_argument(
+        "--bad-rating",
+        type=float,
+        help=f"With --export-preferences: a rating at most this is a poor answer [default: {BAD_RATING:g}, "
+        "on 1-5 stars; for thumbs up/down pass 0 or -1].",
+    )
+    monitor.add_argument(
+        "--kto",
+        action="store_true",
+        help="With --export-preferences: write KTO rows (prompt, completion, label true/false) instead of pairs: "
+        "corrections and good answers desirable, corrected and poor answers undesirable.",
+    )
+    monitor.add_argument(
+        "--overwrite", action="store_true", help="With --export or --export-preferences: replace an existing FILE."
+    )
     monitor.set_defaults(func=cmd_monitor)

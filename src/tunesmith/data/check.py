@@ -2,7 +2,9 @@
 
 Reports format errors, size, exact and near duplicates, conflicting answers, token lengths, class
 balance, diversity, hygiene (short answers, template leftovers, PII) and leakage against another
-file, each with line numbers and a suggested fix. It reads data and never changes it.
+file, each with line numbers and a suggested fix. Preference pairs also get identical and contradicting
+pairs and DPO's length bias; KTO rows the balance of desirable and undesirable answers. It reads data
+and never changes it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import re
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import Conversation, ParsedFile, Problems, iter_raw_records, parse_file
 from tunesmith.data.similarity import (
+    answers_agree,
     clusters_from_pairs,
     exact_clusters,
     near_duplicate_pairs,
@@ -59,6 +62,11 @@ class CheckOptions:
     imbalance_ratio: float = 3.0
     label_field: str | None = None
     train_on: str = "assistant"
+    # Pairs: warn when more than this share has the chosen answer longer than the rejected one. DPO learns
+    # length where length separates the answers (Park et al. 2024, "Disentangling length from quality in DPO").
+    length_bias_share: float = 0.7
+    # KTO rows: warn when desirable or undesirable answers are fewer than this share of the rows.
+    kto_min_share: float = 0.1
 
 
 @dataclass
@@ -76,6 +84,8 @@ class CheckReport:
     diversity: dict[str, Any] = field(default_factory=dict)
     hygiene: dict[str, Any] = field(default_factory=dict)
     leakage: dict[str, Any] | None = None
+    kind: str = "sft"
+    preference: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -99,9 +109,23 @@ def answer_text(conversation: Conversation) -> str:
 
 
 def full_text(conversation: Conversation) -> str:
+    """All the text of an example; a pair's rejected answer included, so pairs differing only there differ."""
     if conversation.text is not None:
         return conversation.text
-    return "\n".join(m.content for m in conversation.messages)
+    text = "\n".join(m.content for m in conversation.messages)
+    return text if conversation.rejected is None else f"{text}\n{conversation.rejected}"
+
+
+def _duplicate_key(conversation: Conversation) -> str:
+    # A KTO answer labelled both ways is a contradiction (check_kto), not a duplicate.
+    label = "" if conversation.label is None else f"\n\x00label={conversation.label}"
+    return full_text(conversation) + label
+
+
+def _duplicate_answer(conversation: Conversation) -> str:
+    # Near-duplicate pairs must agree on both answers.
+    rejected = conversation.rejected
+    return answer_text(conversation) if rejected is None else f"{answer_text(conversation)}\n{rejected}"
 
 
 def _lines(conversations: list[Conversation], indices: list[int]) -> list[int]:
@@ -118,16 +142,17 @@ def check_duplicates(
 ) -> list[tuple[int, int]]:
     """Exact and near-duplicate clusters into the report; returns the near-duplicate index pairs (the split
     keeps those together and reuses them rather than hashing every example again)."""
-    texts = [full_text(c) for c in conversations]
+    texts = [_duplicate_key(c) for c in conversations]
     report.exact_duplicates = sorted(_lines(conversations, g) for g in exact_clusters(texts))
     if report.exact_duplicates:
         extra = sum(len(g) - 1 for g in report.exact_duplicates)
+        what = " pair(s) (the same prompt, chosen and rejected answers)" if report.kind == "pair" else "(s)"
         report.warn(
-            "exact_duplicates",
-            f"{extra} exact duplicate(s) in {len(report.exact_duplicates)} cluster(s), e.g. lines "
+            "duplicate_pairs" if report.kind == "pair" else "exact_duplicates",
+            f"{extra} exact duplicate{what} in {len(report.exact_duplicates)} cluster(s), e.g. lines "
             f"{_shown(report.exact_duplicates[0])}. Keep one of each: duplicates overfit and leak across splits.",
         )
-    pairs = near_duplicate_pairs(texts, options.near_threshold, [answer_text(c) for c in conversations])
+    pairs = near_duplicate_pairs(texts, options.near_threshold, [_duplicate_answer(c) for c in conversations])
     near = clusters_from_pairs(len(texts), pairs)
     exact_sets = {tuple(g) for g in report.exact_duplicates}
     report.near_duplicates = [
@@ -176,11 +201,13 @@ def check_token_lengths(
 
     lengths, truncated, lost = [], [], []
     for c in conversations:
-        example = tokenize_conversation(tokenizer, c, options.train_on)
-        lengths.append(len(example))
-        if len(example) > options.max_length:
+        # A pair is as long as its longer side, and is cut when either side is.
+        sides = [c] if c.rejected is None else [c, replace(c, messages=c.rejected_messages, rejected=None)]
+        examples = [tokenize_conversation(tokenizer, side, options.train_on) for side in sides]
+        lengths.append(max(len(example) for example in examples))
+        if lengths[-1] > options.max_length:
             truncated.append(c.line)
-            if sum(example.loss_mask[1 : options.max_length]) == 0:
+            if any(sum(example.loss_mask[1 : options.max_length]) == 0 for example in examples):
                 lost.append(c.line)
     if not lengths:
         return
@@ -194,17 +221,112 @@ def check_token_lengths(
         "answer_lost": len(lost),
         "max_length": options.max_length,
     }
+    sides = " (the prompt with the chosen or the rejected answer)" if report.kind == "pair" else ""
     if truncated:
         report.warn(
             "truncation",
-            f"{len(truncated)} example(s) exceed max_length {options.max_length} tokens and will be truncated "
-            f"(lines {_shown(truncated)}). Raise data.max_length or shorten them.",
+            f"{len(truncated)} example(s) exceed max_length {options.max_length} tokens{sides} and will be "
+            f"truncated (lines {_shown(truncated)}). Raise data.max_length or shorten them.",
         )
     if lost:
         report.warn(
             "answer_lost",
-            f"{len(lost)} example(s) would lose their whole answer to truncation (lines {_shown(lost)}); "
+            f"{len(lost)} example(s) would lose a whole answer to truncation{sides} (lines {_shown(lost)}); "
             "they will be dropped. Shorten their prompts or raise data.max_length.",
+        )
+
+
+def check_pairs(report: CheckReport, conversations: list[Conversation], options: CheckOptions) -> None:
+    """Pairs that teach nothing or contradict each other, and DPO's length bias."""
+    identical, near, lines_of = [], [], defaultdict(list)
+    longer, ratios = 0, []
+    for c in conversations:
+        chosen, rejected = answer_text(c), str(c.rejected)
+        if chosen.strip() == rejected.strip():
+            identical.append(c.line)
+        elif normalise_text(chosen) == normalise_text(rejected) or answers_agree(
+            chosen, rejected, options.near_threshold
+        ):
+            near.append(c.line)
+        key = (normalise_text(prompt_text(c)), normalise_text(chosen), normalise_text(rejected))
+        lines_of[key].append(c.line)
+        longer += len(chosen) > len(rejected)
+        ratios.append(len(chosen) / max(1, len(rejected)))
+    for line in identical:
+        report.errors.append(
+            {
+                "line": line,
+                "code": "identical_pair",
+                "message": "chosen and rejected are the same answer: the pair teaches nothing. "
+                "Replace the rejected answer or remove the pair.",
+            }
+        )
+    if near:
+        report.warn(
+            "near_identical_pairs",
+            f"{len(near)} pair(s) have chosen and rejected answers that say the same (they differ only in case, "
+            f"punctuation, spacing or typos; lines {_shown(near)}). The preference is noise: make the rejected "
+            "answer differ in what matters, or remove them.",
+        )
+    contradicting = sorted(
+        sorted(lines + lines_of[(prompt, rejected, chosen)])
+        for (prompt, chosen, rejected), lines in lines_of.items()
+        if chosen < rejected and (prompt, rejected, chosen) in lines_of
+    )
+    if contradicting:
+        report.warn(
+            "contradicting_pairs",
+            f"{len(contradicting)} prompt(s) prefer A over B in one pair and B over A in another, e.g. lines "
+            f"{_shown(contradicting[0])}. Decide which answer is better and keep one direction.",
+        )
+    share = longer / len(conversations)
+    report.preference = {
+        "pairs": len(conversations),
+        "identical": len(identical),
+        "near_identical": len(near),
+        "contradicting": contradicting,
+        "chosen_longer_share": round(share, 4),
+        "mean_length_ratio": round(statistics.fmean(ratios), 4),
+        "length_bias_share": options.length_bias_share,
+    }
+    if share > options.length_bias_share:
+        report.warn(
+            "length_bias",
+            f"the chosen answer is the longer one in {share:.0%} of pairs (over {options.length_bias_share:.0%}; "
+            f"mean length ratio chosen/rejected {report.preference['mean_length_ratio']:.2f}): DPO then learns "
+            "that longer is better. Add pairs where the shorter answer wins, or use a length-normalised "
+            "objective (simpo).",
+        )
+
+
+def check_kto(report: CheckReport, conversations: list[Conversation], options: CheckOptions) -> None:
+    """The balance of desirable and undesirable answers, and answers labelled both ways."""
+    desirable = sum(1 for c in conversations if c.label)
+    undesirable = len(conversations) - desirable
+    labels: dict[tuple[str, str], dict[bool, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for c in conversations:
+        labels[(normalise_text(prompt_text(c)), normalise_text(answer_text(c)))][bool(c.label)].append(c.line)
+    contradicting = sorted(sorted(by[True] + by[False]) for by in labels.values() if len(by) == 2)
+    report.preference = {
+        "desirable": desirable,
+        "undesirable": undesirable,
+        "desirable_share": round(desirable / len(conversations), 4),
+        "contradicting": contradicting,
+        "kto_min_share": options.kto_min_share,
+    }
+    rare, rare_n = ("desirable", desirable) if desirable <= undesirable else ("undesirable", undesirable)
+    if rare_n / len(conversations) < options.kto_min_share:
+        report.warn(
+            "kto_imbalance",
+            f"only {rare_n} of {len(conversations)} rows ({rare_n / len(conversations):.1%}) are {rare}, under "
+            f"{options.kto_min_share:.0%}: KTO learns little from the rare side. Add {rare} answers, or weigh them "
+            f"up (preference.{rare}_weight).",
+        )
+    if contradicting:
+        report.warn(
+            "contradicting_labels",
+            f"{len(contradicting)} answer(s) are labelled both desirable and undesirable for the same prompt, e.g. "
+            f"lines {_shown(contradicting[0])}. Keep one label for each.",
         )
 
 
@@ -390,8 +512,15 @@ def check_parsed(
         )
     if not conversations:
         return report, []
+    report.kind = conversations[0].kind
     pairs = check_duplicates(report, conversations, options)
-    check_conflicts(report, conversations)
+    if report.kind == "pair":
+        check_pairs(report, conversations, options)
+    elif report.kind == "kto":
+        check_kto(report, conversations, options)
+    else:
+        # Several answers to one prompt is what pairs and KTO rows are made of; for SFT it is a conflict.
+        check_conflicts(report, conversations)
     if tokenizer is not None:
         check_token_lengths(report, conversations, tokenizer, options)
     labels = labels_of(path, conversations, options)

@@ -2,7 +2,9 @@
 
 Files: JSONL, JSON (a list of records), CSV, Parquet. Record formats: chat `messages` (OpenAI roles),
 ShareGPT `conversations` (from/value), Alpaca (instruction/input/output), prompt/completion, plain
-text. Every bad record is reported with its line (or row) number; reading never stops at the first.
+text, and for preference tuning: pairs of a chosen and a rejected answer, and KTO's single answers
+labelled desirable or not. A file holds one format, detected from its first record. Every bad record
+is reported with its line (or row) number; reading never stops at the first.
 Whatever the bytes of a file, reading it raises nothing but TunesmithError (tests/test_data_fuzz.py).
 """
 
@@ -25,7 +27,7 @@ from tunesmith.errors import TunesmithError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto")
 MAX_REPORTED = 50
 CSV_FIELD_LIMIT = 2**31 - 1
 TURN_COLUMNS = ("messages", "conversations")
@@ -43,16 +45,42 @@ class Message:
 
 @dataclass(frozen=True)
 class Conversation:
-    """One training example. `text` is set (and `messages` empty) for plain-text pretraining records."""
+    """One training example. `text` is set (and `messages` empty) for plain-text pretraining records.
+
+    A preference pair is its chosen conversation (the last assistant turn is the chosen answer) with the
+    rejected answer in `rejected`; a KTO row is its conversation with `label` saying whether the last
+    answer is desirable. So a pair or a KTO row reads as an SFT example wherever only one answer matters.
+    """
 
     messages: tuple[Message, ...] = ()
     text: str | None = None
     line: int = 0
+    rejected: str | None = None
+    label: bool | None = None
+
+    @property
+    def kind(self) -> str:
+        """ "sft", "pair" (chosen and rejected answers) or "kto" (one answer labelled desirable or not)."""
+        if self.rejected is not None:
+            return "pair"
+        return "sft" if self.label is None else "kto"
 
     def to_record(self) -> dict[str, Any]:
         if self.text is not None:
             return {"text": self.text}
-        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+        if self.kind == "sft":
+            return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+        prompt = [{"role": m.role, "content": m.content} for m in self.prompt_messages]
+        if self.kind == "pair":
+            return {"prompt": prompt, "chosen": self.reference, "rejected": self.rejected}
+        return {"prompt": prompt, "completion": self.reference, "label": self.label}
+
+    @property
+    def rejected_messages(self) -> tuple[Message, ...]:
+        """A pair's rejected conversation: the prompt and the rejected answer (empty for other kinds)."""
+        if self.rejected is None:
+            return ()
+        return (*self.prompt_messages, Message("assistant", self.rejected))
 
     @property
     def prompt_messages(self) -> tuple[Message, ...]:
@@ -78,6 +106,8 @@ class Problems:
 
     path: Path
     items: list[tuple[int, str]] = field(default_factory=list)
+    # How the records were read, named in the message: "format 'kto', detected from line 1".
+    read_as: str | None = None
 
     def add(self, line: int, message: str) -> None:
         self.items.append((line, message))
@@ -91,8 +121,10 @@ class Problems:
             return
         shown = "\n".join(f"  {self.where(line)}: {msg}" for line, msg in self.items[:MAX_REPORTED])
         more = f"\n  ... and {len(self.items) - MAX_REPORTED} more" if len(self.items) > MAX_REPORTED else ""
+        read_as = f" (read as {self.read_as})" if self.read_as else ""
         raise TunesmithError(
-            f"{self.path}: {len(self.items)} bad record(s):\n{shown}{more}\nFix or remove these records and run again."
+            f"{self.path}: {len(self.items)} bad record(s){read_as}:\n{shown}{more}\n"
+            "Fix or remove these records and run again."
         )
 
 
@@ -302,8 +334,13 @@ def detect_format(record: Any) -> str | None:
         return "chat"
     if "conversations" in record:
         return "sharegpt"
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "instruction" in record and "output" in record:
         return "alpaca"
+    # Before prompt_completion: a KTO row read as SFT would teach its undesirable answers.
+    if "prompt" in record and "completion" in record and "label" in record:
+        return "kto"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
     if "text" in record:
@@ -347,10 +384,100 @@ def _turns(items: Any, field_name: str, role_key: str, content_key: str, roles: 
     return messages
 
 
+def _prompt(value: Any) -> list[Message]:
+    """A preference or KTO prompt: a string (one user turn) or a list of chat turns not ending with an answer."""
+    if value is None:
+        raise ValueError("missing field 'prompt'")
+    if isinstance(value, str):
+        return [Message("user", _string(value, "field 'prompt'"))]
+    messages = _turns(value, "prompt", "role", "content", {r: r for r in ROLES})
+    if messages[-1].role == "assistant":
+        raise ValueError("'prompt' ends with an assistant turn; the answers go in the answer fields")
+    return messages
+
+
+def _answer(record: dict[str, Any], key: str) -> str:
+    """One answer: a string, or a list holding one assistant turn."""
+    value = record.get(key)
+    if isinstance(value, list):
+        turns = _turns(value, key, "role", "content", {r: r for r in ROLES})
+        if len(turns) != 1 or turns[0].role != "assistant":
+            raise ValueError(
+                f"'{key}' must be a string or a list of one assistant turn when a 'prompt' is given, "
+                f"got {len(turns)} turn(s) ({', '.join(t.role for t in turns)})"
+            )
+        answer = turns[0].content
+    else:
+        answer = _text(record, key)
+    if not answer.strip():
+        raise ValueError(f"'{key}' is empty")
+    return answer
+
+
+def _preference(record: dict[str, Any], line: int) -> Conversation:
+    """A pair: prompt + chosen/rejected answers, or chosen/rejected conversations that share the prompt."""
+    if record.get("prompt") is not None:
+        prompt = _prompt(record["prompt"])
+        chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
+    else:
+        for key in ("chosen", "rejected"):
+            if not isinstance(record.get(key), list):
+                got = "missing" if key not in record else _kind(record[key])
+                raise ValueError(
+                    f"without a 'prompt', '{key}' must be a list of chat turns (the whole conversation), got {got}; "
+                    "or give the prompt in 'prompt' and the answers as strings"
+                )
+        sides = {
+            key: _turns(record[key], key, "role", "content", {r: r for r in ROLES}) for key in ("chosen", "rejected")
+        }
+        for key, turns in sides.items():
+            if turns[-1].role != "assistant":
+                raise ValueError(f"'{key}' must end with an assistant turn (the answer)")
+        prompt = sides["chosen"][:-1]
+        if sides["rejected"][:-1] != prompt:
+            other = sides["rejected"][:-1]
+            same = [a == b for a, b in zip(prompt, other, strict=False)]
+            turn = same.index(False) if False in same else len(same)
+            raise ValueError(
+                "'chosen' and 'rejected' must share every turn before their last assistant turn (the prompt); "
+                f"they differ at turn {turn}"
+            )
+        if not prompt:
+            raise ValueError("'chosen' and 'rejected' hold only the answer; put the prompt before it, or in 'prompt'")
+        chosen, rejected = sides["chosen"][-1].content, sides["rejected"][-1].content
+        for key, answer in (("chosen", chosen), ("rejected", rejected)):
+            if not answer.strip():
+                raise ValueError(f"the '{key}' answer is empty")
+    return Conversation(messages=(*prompt, Message("assistant", chosen)), line=line, rejected=rejected)
+
+
+def _kto_label(record: dict[str, Any]) -> bool:
+    value = record.get("label")
+    # CSV cells are text: "true" and "false" are the only way to write the label there.
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        shown = repr(value)[:40] if isinstance(value, str | int | float) else _kind(value)
+        raise ValueError(
+            f"'label' must be true (a desirable answer) or false (an undesirable one), got {shown}. If 'label' is "
+            "a class label of SFT data, set the format to prompt_completion (data.format / --format)"
+        )
+    return value
+
+
+def _kto(record: dict[str, Any], line: int) -> Conversation:
+    prompt, completion, label = _prompt(record.get("prompt")), _answer(record, "completion"), _kto_label(record)
+    return Conversation(messages=(*prompt, Message("assistant", completion)), line=line, label=label)
+
+
 def normalise(record: Any, fmt: str, line: int) -> Conversation:
     """Turn one raw record of a known format into a Conversation; ValueError says what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object with fields, got {_kind(record)}")
+    if fmt == "preference":
+        return _preference(record, line)
+    if fmt == "kto":
+        return _kto(record, line)
     if fmt == "text":
         text = _text(record, "text")
         if not text.strip():
@@ -394,9 +521,10 @@ def parse_file(path: str | Path, fmt: str = "auto") -> ParsedFile:
         raise TunesmithError(f"Data file {path} not found. Check data.path (or --data).")
     if fmt != "auto" and fmt not in FORMATS:
         raise TunesmithError(f"Unknown data format {fmt!r}; use auto or one of {', '.join(FORMATS)}.")
-    problems = Problems(path)
+    problems = Problems(path, read_as=None if fmt == "auto" else f"format '{fmt}', as set")
     conversations: list[Conversation] = []
     chosen = None if fmt == "auto" else fmt
+    detected_at = 0
     for line, record in iter_raw_records(path, problems):
         # A record that is not an object says nothing about the format; normalise reports it below.
         if chosen is None and isinstance(record, dict):
@@ -406,9 +534,19 @@ def parse_file(path: str | Path, fmt: str = "auto") -> ParsedFile:
                 fields = ", ".join(names) + (", ..." if len(record) > 10 else "") if names else "none"
                 raise TunesmithError(
                     f"{problems.where(line)}: cannot tell the format from the fields ({fields}). Use 'messages', "
-                    "'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text', "
-                    "or set data.format."
+                    "'conversations', 'instruction'/'output', 'prompt'/'completion', 'text', 'chosen'/'rejected' "
+                    "(preference pairs) or 'prompt'/'completion'/'label' (KTO), or set data.format."
                 )
+            detected_at = line
+            problems.read_as = f"format '{chosen}', detected from the fields of {position_word(path)} {line}"
+        if detected_at and chosen == "prompt_completion" and isinstance(record, dict) and "label" in record:
+            problems.add(
+                line,
+                "has a 'label' like a KTO row, but the file was read as prompt_completion from its first record "
+                f"({position_word(path)} {detected_at}), which has none; give every row a true/false label (KTO) "
+                "or none (SFT)",
+            )
+            continue
         try:
             conversations.append(normalise(record, chosen or fmt, line))
         except ValueError as exc:

@@ -1,6 +1,7 @@
 """Split one data file into train, validation and test without leakage.
 
-Exact and near-duplicate clusters are kept inside one split (group-aware), classes keep their
+Exact and near-duplicate clusters are kept inside one split (group-aware), and so are all the preference
+pairs or KTO rows of one prompt (a prompt seen in training is no test of the preference), classes keep their
 proportions (stratified), and the same seed gives the same split. The leakage between the written
 splits is measured and stored with them.
 """
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of
+from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of, prompt_text
 from tunesmith.data.formats import Conversation, Problems, iter_raw_records, parse_file
 from tunesmith.data.similarity import (
     UnionFind,
@@ -44,12 +45,14 @@ def group_indices(
     threshold: float,
     near_pairs: list[tuple[int, int]] | None = None,
     answers: list[str] | None = None,
+    prompts: list[str] | None = None,
 ) -> list[list[int]]:
     """Groups of indices that must share a split: exact and near duplicates, transitively (`near_pairs`: the
     near-duplicate pairs when already computed for these texts, e.g. by the data check; `answers`: each text's
-    answer, which near duplicates must agree on)."""
+    answer, which near duplicates must agree on; `prompts`: texts whose prompts are equal after normalisation
+    also share a split, as the pairs or KTO rows of one prompt do)."""
     union = UnionFind(len(texts))
-    for cluster in exact_clusters(texts):
+    for cluster in exact_clusters(texts) + exact_clusters(prompts or []):
         for other in cluster[1:]:
             union.union(cluster[0], other)
     for a, b in near_duplicate_pairs(texts, threshold, answers) if near_pairs is None else near_pairs:
@@ -118,7 +121,9 @@ def split_conversations(
     if val < 0 or test < 0 or val + test >= 1:
         raise TunesmithError(f"--val {val} and --test {test} must be >= 0 and add up to less than 1.")
     texts = [full_text(c) for c in conversations]
-    groups = group_indices(texts, threshold, near_pairs, [answer_text(c) for c in conversations])
+    preference = any(c.kind != "sft" for c in conversations)
+    prompts = [prompt_text(c) for c in conversations] if preference else None
+    groups = group_indices(texts, threshold, near_pairs, [answer_text(c) for c in conversations], prompts)
     label_list = [labels.get(c.line) if labels else None for c in conversations]
     assigned = assign_groups(groups, label_list, {"val": val, "test": test}, seed)
     splits = {name: [conversations[i] for i in indices] for name, indices in assigned.items()}

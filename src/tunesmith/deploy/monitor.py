@@ -8,7 +8,7 @@ Reads the server's request log and the run's own training split and reports:
 - format: the share of answers failing the run's own format check (json_valid / json_schema from
   eval.metrics);
 - feedback: ratings and corrections, which `export_feedback` turns into a dataset in tunesmith's own
-  format for the next fine-tune.
+  format for the next fine-tune, and `export_preferences` into preference pairs or KTO rows.
 Alerts name what crossed a threshold and what to do about it.
 """
 
@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scipy.spatial.distance import jensenshannon
-from scipy.stats import ks_2samp
-
-from tunesmith.data.formats import Conversation, Message, read_conversations, write_jsonl
+from tunesmith.data.formats import ROLES, Conversation, Message, read_conversations, write_jsonl
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy.requestlog import CLIENT_GONE, read_feedback, read_requests
 from tunesmith.errors import TunesmithError
@@ -32,6 +30,9 @@ from tunesmith.files import check_file_target, write_file_atomic
 from tunesmith.rundir import RunDir
 
 WORD = re.compile(r"\w+", re.UNICODE)
+# /v1/feedback takes ratings from -1 to 5; these defaults read them as 1-5 stars.
+GOOD_RATING = 4.0
+BAD_RATING = 2.0
 LIMITS = {"error_rate": 0.05, "js_divergence": 0.2, "ks_statistic": 0.3, "format_failures": 0.05, "longer": 0.1}
 
 
@@ -49,6 +50,8 @@ def js_divergence(p: Counter, q: Counter) -> float:
 
     scipy returns the Jensen-Shannon distance, the divergence's square root.
     """
+    from scipy.spatial.distance import jensenshannon
+
     if not sum(p.values()) or not sum(q.values()):
         return 0.0
     words = sorted(set(p) | set(q))
@@ -137,6 +140,8 @@ def _traffic(rows: list[dict[str, Any]], ok: list[dict[str, Any]]) -> dict[str, 
 
 def _drift(train_prompts: list[tuple[Message, ...]], tokenizer: Any, chat: list[dict[str, Any]]) -> dict[str, Any]:
     """Prompt length and vocabulary of answered chat requests against the training prompts."""
+    from scipy.stats import ks_2samp
+
     train_lengths = [len(prompt_ids(tokenizer, p)) for p in train_prompts]
     live_lengths = [r["prompt_tokens"] for r in chat if r["prompt_tokens"] is not None]
     train_words = Counter(
@@ -233,18 +238,11 @@ def export_feedback(
     overwrite: bool = False,
 ) -> int:
     """Write corrected (and, with min_rating, well-rated) answers as chat examples; returns how many."""
-    from tunesmith.deploy.serve import default_log_path
-
-    run_dir, target = Path(run_dir), Path(target)
-    db = Path(db) if db else default_log_path(run_dir)
-    if not db.is_file():
-        raise TunesmithError(f"No request log at {db}. Serve the run first or pass --db.")
+    target = Path(target)
+    latest = _latest_feedback(run_dir, db)
     check_file_target(target, overwrite, "a feedback export")
-    latest: dict[str, dict[str, Any]] = {}
-    for item in read_feedback(db):  # the newest feedback on a response wins
-        latest[item["request_id"]] = item
     conversations = []
-    for item in latest.values():
+    for item in latest:
         if item["endpoint"] != "chat":
             continue
         if item["correction"]:
@@ -259,3 +257,195 @@ def export_feedback(
         raise TunesmithError("No feedback with a correction (or a rating at or above --min-rating) to export yet.")
     write_file_atomic(target, lambda tmp: write_jsonl(tmp, conversations), overwrite, "a feedback export")
     return len(conversations)
+
+
+def _latest_feedback(run_dir: str | Path, db: str | Path | None) -> list[dict[str, Any]]:
+    """Each rated or corrected response once, with its newest feedback (joined with the request)."""
+    from tunesmith.deploy.serve import default_log_path
+
+    db = Path(db) if db else default_log_path(Path(run_dir))
+    if not db.is_file():
+        raise TunesmithError(f"No request log at {db}. Serve the run first or pass --db.")
+    latest: dict[str, dict[str, Any]] = {}
+    for item in read_feedback(db):  # ordered by time: the newest feedback on a response wins
+        latest[item["request_id"]] = item
+    return list(latest.values())
+
+
+@dataclass
+class PreferenceExport:
+    """What `export_preferences` wrote: rows of one kind ("pair" or "kto") and where they came from."""
+
+    target: str
+    kind: str
+    rows: int
+    from_corrections: int
+    from_ratings: int
+    good_rating: float
+    bad_rating: float
+    dropped_conflicts: int
+
+
+@dataclass(frozen=True)
+class _Answer:
+    text: str
+    model: str | None  # None: a person's correction
+    request: str
+    source: str
+
+
+def _prompt_of(item: dict[str, Any]) -> tuple[Message, ...] | None:
+    """The chat prompt of a logged request, or None when it cannot be a training prompt."""
+    if item["endpoint"] != "chat" or not item["messages"]:
+        return None
+    turns = json.loads(item["messages"])
+    if not turns or any(t.get("role") not in ROLES or not isinstance(t.get("content"), str) for t in turns):
+        return None
+    if turns[-1]["role"] == "assistant":
+        return None
+    return tuple(Message(t["role"], t["content"]) for t in turns)
+
+
+def _thresholds(items: list[dict[str, Any]], good: float | None, bad: float | None) -> tuple[float, float]:
+    ratings = [item["rating"] for item in items if item["rating"] is not None]
+    if (good is None or bad is None) and ratings and max(ratings) <= 1:
+        raise TunesmithError(
+            "Every rating in the log is 1 or below: thumbs up/down (1 and -1 or 0) rather than the 1-5 stars the "
+            f"default --good-rating {GOOD_RATING:g} and --bad-rating {BAD_RATING:g} assume. Pass both for the "
+            "clients' scale, e.g. --good-rating 1 --bad-rating 0."
+        )
+    good = GOOD_RATING if good is None else good
+    bad = BAD_RATING if bad is None else bad
+    if bad >= good:
+        raise TunesmithError(f"--bad-rating {bad:g} must be below --good-rating {good:g}.")
+    return good, bad
+
+
+def _record(prompt: tuple[Message, ...]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def _same(first: str, second: str) -> bool:
+    return " ".join(first.split()) == " ".join(second.split())
+
+
+def export_preferences(
+    run_dir: str | Path,
+    target: str | Path,
+    db: str | Path | None = None,
+    good_rating: float | None = None,
+    bad_rating: float | None = None,
+    kto: bool = False,
+    overwrite: bool = False,
+) -> PreferenceExport:
+    """Write served traffic's feedback as preference pairs (or, with `kto`, KTO rows) for `data check` and training.
+
+    Pairs: a correction (chosen) against the model's answer (rejected); and for one prompt, answers rated at least
+    `good_rating` against answers rated at most `bad_rating`, each answer used at least once. KTO rows: corrections
+    and well-rated answers are desirable, corrected and poorly rated answers undesirable. An answer rated both well
+    and poorly for one prompt is dropped. Every row names the served model that wrote each side (None: a person).
+    """
+    target = Path(target)
+    items = _latest_feedback(run_dir, db)
+    check_file_target(target, overwrite, "a preference export")
+    good_rating, bad_rating = _thresholds(items, good_rating, bad_rating)
+    # Per prompt: (answer, desirable) for every rated or corrected answer, in the order of the log.
+    judged: dict[tuple[Message, ...], list[tuple[_Answer, bool]]] = defaultdict(list)
+    for item in items:
+        prompt = _prompt_of(item)
+        if prompt is None:
+            continue
+        output = item["output"] if item["output"] and item["output"].strip() else None
+        if item["correction"] and item["correction"].strip():
+            judged[prompt].append((_Answer(item["correction"], None, item["request_id"], "correction"), True))
+            if output is not None and not _same(output, item["correction"]):
+                judged[prompt].append((_Answer(output, item["model"], item["request_id"], "correction"), False))
+        elif output is not None and item["rating"] is not None:
+            if item["rating"] >= good_rating:
+                judged[prompt].append((_Answer(output, item["model"], item["request_id"], "rating"), True))
+            elif item["rating"] <= bad_rating:
+                judged[prompt].append((_Answer(output, item["model"], item["request_id"], "rating"), False))
+    rows: list[dict[str, Any]] = []
+    dropped = 0
+    for prompt, answers in judged.items():
+        verdicts: dict[str, set[bool]] = defaultdict(set)
+        for answer, desirable in answers:
+            verdicts[" ".join(answer.text.split())].add(desirable)
+        clear = [(a, d) for a, d in answers if len(verdicts[" ".join(a.text.split())]) == 1]
+        dropped += len(answers) - len(clear)
+        rows += _kto_rows(prompt, clear) if kto else _pair_rows(prompt, clear)
+    if not rows:
+        raise TunesmithError(
+            "No feedback to export as preferences yet: it takes a correction, or for one prompt an answer rated at "
+            f"least {good_rating:g} and one rated at most {bad_rating:g}"
+            + (" (with --kto: one rated answer)." if kto else ".")
+        )
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_file_atomic(target, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite, "a preference export")
+    return PreferenceExport(
+        target=str(target),
+        kind="kto" if kto else "pair",
+        rows=len(rows),
+        from_corrections=sum(row["source"] == "correction" for row in rows),
+        from_ratings=sum(row["source"] == "rating" for row in rows),
+        good_rating=good_rating,
+        bad_rating=bad_rating,
+        dropped_conflicts=dropped,
+    )
+
+
+def _pair_rows(prompt: tuple[Message, ...], answers: list[tuple[_Answer, bool]]) -> list[dict[str, Any]]:
+    """Correction pairs first, then the prompt's well-rated answers against its poorly rated ones."""
+    rows, seen = [], set()
+
+    def add(chosen: _Answer, rejected: _Answer, source: str) -> None:
+        key = (" ".join(chosen.text.split()), " ".join(rejected.text.split()))
+        if key in seen or _same(chosen.text, rejected.text):
+            return
+        seen.add(key)
+        rows.append(
+            {
+                "prompt": _record(prompt),
+                "chosen": chosen.text,
+                "rejected": rejected.text,
+                "chosen_model": chosen.model,
+                "rejected_model": rejected.model,
+                "source": source,
+                "chosen_request": chosen.request,
+                "rejected_request": rejected.request,
+            }
+        )
+
+    by_request: dict[str, list[_Answer]] = defaultdict(list)
+    for answer, _ in answers:
+        if answer.source == "correction":
+            by_request[answer.request].append(answer)
+    for correction, *model_answer in by_request.values():
+        if model_answer:
+            add(correction, model_answer[0], "correction")
+    good = [a for a, desirable in answers if desirable and a.source == "rating"]
+    bad = [a for a, desirable in answers if not desirable and a.source == "rating"]
+    if good and bad:
+        for index in range(max(len(good), len(bad))):
+            add(good[index % len(good)], bad[index % len(bad)], "rating")
+    return rows
+
+
+def _kto_rows(prompt: tuple[Message, ...], answers: list[tuple[_Answer, bool]]) -> list[dict[str, Any]]:
+    rows, seen = [], set()
+    for answer, desirable in answers:
+        key = " ".join(answer.text.split())
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(
+            {
+                "prompt": _record(prompt),
+                "completion": answer.text,
+                "label": desirable,
+                "completion_model": answer.model,
+                "source": answer.source,
+                "request": answer.request,
+            }
+        )
+    return rows
