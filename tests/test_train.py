@@ -178,7 +178,7 @@ def test_packed_batch_gives_the_unpacked_loss_and_gradients(chat_file):
     tokenizer = build_tokenizer()
     examples = examples_for(chat_file, tokenizer)[:6]
     results = []
-    for batch in (collate(examples, tokenizer.pad_token_id), pack(examples, tokenizer.pad_token_id, row_tokens=100)):
+    for batch in (collate(examples, tokenizer.pad_token_id), pack(examples, tokenizer.pad_token_id, row_tokens=200)):
         model = build_model(len(tokenizer), seed=11)
         batch = {k: v for k, v in batch.items() if k != "real_tokens"}
         n = int((batch["labels"][:, 1:] != -100).sum())

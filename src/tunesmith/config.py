@@ -35,7 +35,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     path: str | None = Field(None, description="Training data file: JSONL, JSON, CSV or Parquet.")
-    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+    format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"] = Field(
         "auto", description="Record format; 'auto' detects it from the fields of the first record."
     )
     test_path: str | None = Field(
@@ -293,6 +293,28 @@ class EvalConfig(Section):
         return split_commas(value)
 
 
+OBJECTIVE_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}  # the papers' usual starts
+
+
+class PreferenceConfig(Section):
+    beta: float | None = Field(
+        None,
+        gt=0.0,
+        description="Strength of the preference term. dpo/ipo/kto: how far the model may move from the reference "
+        "(higher: closer); orpo: the odds-ratio term's weight (lambda); simpo: the reward scale. Default per "
+        "objective: " + ", ".join(f"{k} {v}" for k, v in OBJECTIVE_BETA.items()) + ".",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo: the share of pairs assumed mislabelled (conservative DPO)."
+    )
+    gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin between chosen and rejected.")
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the desirable examples' loss.")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the undesirable examples' loss.")
+
+    def beta_for(self, objective: str) -> float:
+        return self.beta if self.beta is not None else OBJECTIVE_BETA[objective]
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name; defaults to the last part of out, else 'run'.")
     model: str = Field(
@@ -303,6 +325,22 @@ class RunConfig(Section):
         "lora",
         description="Fine-tuning technique: lora (recommended start), qlora (4-bit base + LoRA), dora "
         "(weight-decomposed LoRA), adapter (bottleneck layers), full (every weight).",
+    )
+    objective: Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"] = Field(
+        "sft",
+        description="What the method trains toward: sft (imitate the answers: the default), or a preference "
+        "objective on pairs of a chosen and a rejected answer: dpo, ipo (DPO's squared variant), orpo (SFT plus an "
+        "odds-ratio term, no reference), simpo (length-normalised, no reference), or kto (single answers marked "
+        "desirable or not). dpo, ipo and kto measure against the model the run starts from.",
+    )
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Preference objectives' settings (objective other than sft)."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Start from an earlier run's trained weights (e.g. runs/sft) instead of the base model: the "
+        "usual SFT then DPO path. LoRA-family runs continue the earlier run's adapter (same method), full runs its "
+        "model; the earlier run is also the reference of dpo/ipo/kto.",
     )
     out: str | None = Field(None, description="Run directory; defaults to runs/<name>.")
     chat_template: str | None = Field(

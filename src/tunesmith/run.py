@@ -32,6 +32,7 @@ from tunesmith.data.formats import (
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import check_replaceable, mark, save_atomic, sha256_file
+from tunesmith.objectives import objective_of
 from tunesmith.rundir import RunDir
 from tunesmith.train import distributed
 from tunesmith.train.precision import Precision, resolve
@@ -92,6 +93,9 @@ def manifest(config: RunConfig, data_files: list[Path]) -> dict[str, Any]:
         "python": platform.python_version(),
         "git_rev": _git_rev(),
         "seed": config.train.seed,
+        "objective": config.objective,
+        # Where the weights started: an earlier run (its own manifest says where it came from), else the base.
+        "init_from": config.init_from,
         "data": {str(p): sha256_file(p) for p in data_files},
         "hardware": {
             "platform": platform.platform(),
@@ -244,6 +248,15 @@ def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examp
 
     settings = config.validation
     scored = examples[: settings.limit or len(examples)]
+    objective = objective_of(config)
+    if objective.holds != "sft":
+        from tunesmith.objectives.pairs import preference_scores
+
+        def validate_pairs(model: Any) -> dict[str, float]:
+            pad, size = tokenizer.pad_token_id, config.train.batch_size
+            return preference_scores(model, objective, scored, config.preference, pad, size)
+
+        return validate_pairs
     sample = [c for c in val if c.reference is not None][: settings.generate_limit]
 
     def validate(model: Any) -> dict[str, float]:
@@ -274,6 +287,8 @@ def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> 
         shape = Shape.from_config(model_config)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return {"error": f"no estimate for this model shape: {exc}"}
+    if objective_of(config).holds != "sft":  # both sides of every pair run through the model
+        examples = [side for example in examples for side in (example.first, example.second)]
     work = Workload.for_run(config, examples)
     result = estimate_with_cpu(shape, work, cpu_work=work)
     here = result.devices.pop(CPU_ROW)
@@ -289,7 +304,7 @@ def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> 
 
 def _saved_splits(run_dir: Path) -> dict[str, list[Conversation]]:
     """The train/val/test splits a run wrote when it started (read on resume and by other processes)."""
-    return {n: read_conversations(RunDir(run_dir).split(n), "chat")[0] for n in ("train", "val", "test")}
+    return {n: RunDir(run_dir).read_split(n) for n in ("train", "val", "test")}
 
 
 def _prepare(
@@ -386,6 +401,7 @@ def train_run(
     run.write_manifest("running")
     data = _tokenize(config, run, source)
     model, parameters = _build_model(config, run, source, precision, data.examples)
+    _reference(config, run, data, model, precision)
     result = _train(config, run, data, model, precision, live, strategy)
     trained = _final_weights(config, run, model, result)
     model.eval()
@@ -438,6 +454,9 @@ def _tokenize(config: RunConfig, run: _Run, source: str) -> _Tokenized:
     def tokenize(conversations: list[Conversation]) -> tuple[list[Any], Any, bool]:
         return cached_tokenize(tokenizer, conversations, config.data.max_length, config.data.train_on, root)
 
+    objective = objective_of(config)
+    if objective.holds != "sft":
+        return _tokenize_preferences(config, run, tokenizer, template, objective.holds)
     with distributed.main_first(run.world):  # the main process fills the tokenized cache, the others read it
         examples, stats, hit = tokenize(train)
         val_examples = tokenize(val)[0] if val else []
@@ -452,16 +471,67 @@ def _tokenize(config: RunConfig, run: _Run, source: str) -> _Tokenized:
     return _Tokenized(tokenizer, template, examples, val_examples, report)
 
 
+def _tokenize_preferences(config: RunConfig, run: _Run, tokenizer: Any, template: str, holds: str) -> _Tokenized:
+    """Both sides of the train and val pairs (or KTO rows) tokenized; the report counts pairs."""
+    from tunesmith.objectives.pairs import tokenize_preferences
+
+    train, val, test = run.splits["train"], run.splits["val"], run.splits["test"]
+    length, seed = config.data.max_length, config.train.seed
+    examples, report = tokenize_preferences(tokenizer, train, length, holds, seed)
+    val_examples = tokenize_preferences(tokenizer, val, length, holds, seed)[0] if val else []
+    if run.world.main:
+        RunDir(run.run_dir).tokenize_report.write_text(json.dumps(report, indent=2))
+    unit = "pairs" if holds == "pair" else "rows"
+    run.console.print(
+        f"{run.fmt} data: {len(train)} train / {len(val)} val / {len(test)} test {unit}, {report['tokens']} tokens "
+        f"(both sides); {report['truncated'] + report['truncated_second']} sides truncated to {length}, "
+        f"{report['dropped']} {unit} dropped (no answer left)"
+    )
+    return _Tokenized(tokenizer, template, examples, val_examples, report)
+
+
+def _reference(config: RunConfig, run: _Run, data: _Tokenized, model: Any, precision: Precision) -> None:
+    """For dpo, ipo and kto: the starting model's log-probs of every train and val pair, measured once before
+    training (no second copy of any weights) and kept in the run directory for a resume."""
+    import torch
+
+    from tunesmith.objectives.pairs import attach_reference
+
+    if not objective_of(config).needs_reference:
+        return
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model.to("cuda")
+    device = next(model.parameters()).device.type
+    start = f"{config.model}|{config.method}|{config.init_from or ''}|{precision.name}"
+
+    def autocast() -> Any:
+        return torch.autocast(device, dtype=precision.dtype, enabled=precision.name != "fp32")
+
+    splits = {"train": data.examples, "val": data.val_examples}
+    with run.console.status("Measuring the reference model's log-probabilities..."):
+        cached = attach_reference(
+            model, splits, data.tokenizer.pad_token_id, config.train.batch_size, RunDir(run.run_dir).reference,
+            start, autocast,
+        )  # fmt: skip
+    where = "reused from the run directory" if cached else "measured"
+    run.console.print(f"reference log-probs of {sum(map(len, splits.values()))} pairs {where}")
+
+
 def _build_model(
     config: RunConfig, run: _Run, source: str, precision: Precision, examples: list[Any]
 ) -> tuple[Any, tuple[int, int]]:
     """The base model with the method applied, its (trainable, total) parameters; a new run's plan estimate."""
     from accelerate.utils import set_seed
 
-    from tunesmith.methods import apply_method, count_parameters, load_base, training_dtype
+    from tunesmith.methods import apply_method, count_parameters, load_base, start_from_run, training_dtype
 
     set_seed(config.train.seed)  # the new weights (LoRA A, adapters) start the same in every run of this config
-    model, _ = apply_method(load_base(config, source, training_dtype(config, precision.dtype)), config)
+    dtype = training_dtype(config, precision.dtype)
+    if config.init_from:
+        model, _ = start_from_run(config, source, dtype)
+        run.console.print(f"starting from {config.init_from}'s trained weights")
+    else:
+        model, _ = apply_method(load_base(config, source, dtype), config)
     trainable, total = count_parameters(model)
     run.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if not run.resuming and run.world.main:
@@ -484,12 +554,14 @@ def _train(
         run_dir=run.run_dir,
         checkpoint=config.checkpoint,
         validation=config.validation,
-        validate=_validator(config, data.tokenizer, val, data.val_examples) if val else None,
+        validate=_validator(config, data.tokenizer, val, data.val_examples) if data.val_examples else None,
         resume_from=run.latest,
         log=trackers.log if trackers else None,
         on_checkpoint=lambda path: plot_losses(run.run_dir),
         live=live,
         strategy=strategy,
+        objective=objective_of(config),
+        preference=config.preference,
     )
     try:
         result = fit(

@@ -3,7 +3,8 @@
 runs/NAME/
   manifest.json        status, data hashes, precision, pid/host (rewritten atomically; `watch` reads it)
   config.yaml          the validated config the run started with
-  data/                train/val/test splits as the run saw them, check.json (data gate), tokenize.json (tokens)
+  data/                train/val/test splits as the run saw them, check.json (data gate), tokenize.json (tokens),
+                       reference_logps.json (preference runs: the starting model's log-probs, reused on resume)
   model/ or adapter/   the trained weights (full fine-tuning: model/, every other method: adapter/)
   tokenizer/, chat_template.jinja
   checkpoints/         step-NNNNNN/ directories while training
@@ -45,9 +46,20 @@ class RunDir:
         """One of the run's own train/val/test splits."""
         return self.data / f"{name}.jsonl"
 
+    def read_split(self, name: str) -> list[Any]:
+        """The conversations of a saved split, in the format it was written in (chat, text, pairs or KTO rows)."""
+        from tunesmith.data.formats import read_conversations
+
+        return read_conversations(self.split(name))[0]
+
     @property
     def check_report(self) -> Path:
         return self.data / "check.json"
+
+    @property
+    def reference(self) -> Path:
+        """The starting model's log-probs of every train and val pair (preference objectives dpo, ipo, kto)."""
+        return self.data / "reference_logps.json"
 
     @property
     def tokenize_report(self) -> Path:

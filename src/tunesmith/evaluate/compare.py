@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from tunesmith.data.formats import Conversation, read_conversations
+from tunesmith.data.formats import Conversation
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import baselines, stats
 from tunesmith.evaluate import metrics as m
@@ -81,6 +81,7 @@ class CompareSummary:
     strongest: str = "base"  # the prompting baseline the verdict is against: "base" (zero-shot) or "few_shot"
     chosen_on: str = ""  # the split (and primary-metric scores) the strongest baseline was chosen on
     seconds: dict[str, float] = field(default_factory=dict)  # generation time per contestant on the compared items
+    preference: dict[str, Any] | None = None  # preference runs: how often each model prefers the chosen answer
 
 
 def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversation]:
@@ -89,7 +90,7 @@ def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversati
     path = RunDir(run_dir).split(split)
     if not path.is_file():
         raise TunesmithError(f"{path} does not exist: this run has no {split} split.")
-    items = [c for c in read_conversations(path, "chat")[0] if c.reference is not None][:limit]
+    items = [c for c in RunDir(run_dir).read_split(split) if c.reference is not None][:limit]
     if not items:
         raise TunesmithError(f"{path} is empty; set data.test_fraction / data.test_path (or val) and train again.")
     return items
@@ -271,6 +272,8 @@ def compare_run(
         from tunesmith.evaluate.general import general_ability
 
         summary.general_ability = general_ability(loaded, base, settings)
+    if items[0].kind == "pair":
+        summary.preference = _preference_accuracy(loaded, base, items)
     _write_compare(RunDir(run_dir).eval, rows, summary)
     return summary
 
@@ -283,7 +286,7 @@ def _prompting(run_dir: Path, loaded: Any, base: Any, items: list[Conversation])
     train = RunDir(run_dir).split("train")
     if settings.shots == 0 or not train.is_file():
         return [zero]
-    pool = [c for c in read_conversations(train, "chat")[0] if c.reference is not None]
+    pool = [c for c in RunDir(run_dir).read_split("train") if c.reference is not None]
     few = baselines.few_shot(
         loaded.tokenizer,
         items,
@@ -393,6 +396,32 @@ def _final_verdict(versus: Versus, primary: str, label: str, chosen_on: str) -> 
     if result["diff"] > 0:
         return f"Fine-tuning beat the strongest prompting baseline ({label}): {detail}."
     return f"Prompting is better: {label} prompting beat the tuned model: {detail}."
+
+
+def _preference_accuracy(loaded: Any, base: Any, items: list[Conversation]) -> dict[str, Any]:
+    """On held-out pairs, how often the base, the starting model (init_from's run, when there is one) and the
+    tuned model give the chosen answer a higher per-token log-probability than the rejected one; the tuned
+    model against each, paired (McNemar's exact test)."""
+    from tunesmith.evaluate.generate import load_run
+    from tunesmith.objectives.pairs import prefers_chosen, tokenize_preferences
+
+    config, tokenizer = loaded.config, loaded.tokenizer
+    examples, _ = tokenize_preferences(tokenizer, items, config.data.max_length, "pair")
+    pad, size = tokenizer.pad_token_id, config.eval.batch_size
+    with base.base_only() if base is loaded else nullcontext():
+        wins = {"base": prefers_chosen(base.model, examples, pad, size)}
+    if config.init_from:
+        wins["start"] = prefers_chosen(load_run(config.init_from).model, examples, pad, size)
+    wins["tuned"] = prefers_chosen(loaded.model, examples, pad, size)
+    result: dict[str, Any] = {"items": len(examples), "start_run": config.init_from}
+    result |= {name: round(sum(values) / max(1, len(values)), 4) for name, values in wins.items()}
+    for against in ("base", "start"):
+        if against in wins and examples:
+            compared = stats.compare_per_item(
+                "preference_accuracy", wins[against], wins["tuned"], True, config.eval.bootstrap, config.eval.seed
+            )
+            result[f"tuned_vs_{against}"] = compared.to_dict()
+    return result
 
 
 def _losses_of_both(

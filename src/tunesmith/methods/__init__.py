@@ -49,6 +49,29 @@ def apply_method(model: Any, config: RunConfig) -> tuple[Any, int]:
     return model, trainable
 
 
+def start_from_run(config: RunConfig, source: str, dtype: torch.dtype = torch.float32) -> tuple[Any, int]:
+    """The model to train when config.init_from names an earlier run: its saved weights, trainable again.
+
+    The earlier run must be finished and of the same base model and method, so that what this run saves is
+    again a whole update over the base (served and exported like any run of the method)."""
+    from tunesmith.rundir import RunDir
+    from tunesmith.train.precision import keep_trainable_fp32
+
+    start = RunDir(Path(str(config.init_from)))
+    if not start.is_run():
+        raise TunesmithError(f"init_from: {start.path} is not a tunesmith run directory.")
+    earlier = start.read_config()
+    if (earlier.model, earlier.method) != (config.model, config.method):
+        raise TunesmithError(
+            f"init_from: {start.path} trained {earlier.method} on {earlier.model}, this run {config.method} on "
+            f"{config.model}. Set model: {earlier.model} and method: {earlier.method} to continue it."
+        )
+    weights = start.trained_weights(earlier, ". init_from needs a finished run: train it first.")
+    model = method_of(config).start_from(earlier, source, weights, dtype)
+    keep_trainable_fp32(model)
+    return model, count_parameters(model)[0]
+
+
 def weights_dir(config: RunConfig, run_dir: Path) -> Path:
     return run_dir / method_of(config).weights_dir
 

@@ -102,6 +102,14 @@ def load_adapters(model: Any, path: Path) -> Any:
     return model
 
 
+def continue_adapters(model: Any, path: Path) -> Any:
+    """The base with saved bottleneck adapters that train further; the rest stays frozen."""
+    model = load_adapters(model, path)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(MARK in name)
+    return model
+
+
 ADAPTER = Method(
     name="adapter",
     weights_dir="adapter",
@@ -113,5 +121,6 @@ ADAPTER = Method(
     save=lambda model, config, path, trained: save_adapters(model, config.adapter, path, trained),
     load=lambda config, source, path, dtype: load_adapters(load_plain_base(config, source, dtype), path),
     merge=None,
+    start_from=lambda config, source, path, dtype: continue_adapters(load_plain_base(config, source, dtype), path),
     memory=MemoryTerms("bottleneck"),
 )

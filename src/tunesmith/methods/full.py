@@ -51,5 +51,6 @@ FULL = Method(
     save=save_pretrained,
     load=load_full,
     merge=None,
+    start_from=lambda config, source, path, dtype: apply_full(load_full(config, source, path, dtype), config.full)[0],
     memory=MemoryTerms("weights"),
 )

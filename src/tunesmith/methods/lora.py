@@ -40,6 +40,16 @@ def load_peft(config: RunConfig, source: str, path: Path, dtype: torch.dtype) ->
     return PeftModel.from_pretrained(method_of(config).load_base(config, source, dtype), str(path))
 
 
+def continue_peft(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
+    """The base with a saved PEFT adapter that trains further (its own rank and targets, from the adapter)."""
+    from peft import PeftModel
+
+    from tunesmith.methods import method_of
+
+    base = method_of(config).load_base(config, source, dtype)
+    return PeftModel.from_pretrained(base, str(path), is_trainable=True)
+
+
 def merge_peft(base: Any, path: Path, dtype: torch.dtype) -> Any:
     """`base` with the PEFT update at `path` added in fp32, returned in `dtype`."""
     from peft import PeftModel
@@ -69,6 +79,7 @@ def peft_method(name: str, load_base: Any, merge: Any, dora: bool = False, quant
         save=save_pretrained,
         load=load_peft,
         merge=merge,
+        start_from=continue_peft,
         memory=MemoryTerms("low_rank", quantized_base=quantized_base, magnitudes=dora),
     )
 

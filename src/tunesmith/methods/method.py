@@ -56,6 +56,8 @@ class Method:
     """The trained model from its saved weights (config, base source, weights folder, dtype)."""
     merge: Load | None
     """The base with the saved update folded into its weights; None where merging is not defined."""
+    start_from: Load
+    """A run's saved weights loaded to train further (init_from): the same update, trainable again."""
     memory: MemoryTerms
     """How `plan` counts this method's memory and compute."""
 

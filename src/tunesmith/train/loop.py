@@ -23,13 +23,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tunesmith.config import CheckpointConfig, TrainConfig, ValidationConfig
+from tunesmith.config import CheckpointConfig, PreferenceConfig, TrainConfig, ValidationConfig
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import TrainingInterrupted, TunesmithError
+from tunesmith.objectives import SFT, Objective
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
-from tunesmith.train.batching import batch_order, collate, pack
-from tunesmith.train.loss import model_loss_sum
+from tunesmith.train.batching import batch_order
 from tunesmith.train.precision import Precision, resolve
 from tunesmith.train.speed import memory_releaser, prepare_model
 
@@ -88,6 +88,7 @@ def micro_batches(
     row_tokens: int,
     skip: int = 0,
     world: distributed.World | None = None,
+    objective: Objective = SFT,
 ):
     """Endless stream of (indices, batch, weight), starting after `skip` micro-batches (the resume position).
 
@@ -99,23 +100,26 @@ def micro_batches(
         mine = distributed.shard(indices, world or distributed.World())
         weight = 1.0 if mine else 0.0
         chosen = [examples[i] for i in (mine or indices[:1])]
-        yield indices, pack(chosen, pad_id, row_tokens) if settings.packing else collate(chosen, pad_id), weight
+        yield indices, objective.collate(chosen, pad_id, row_tokens, settings.packing), weight
 
 
 class LossModel(torch.nn.Module):
-    """The model with its chunked answer loss as forward, so DDP/FSDP see (and sync) the whole computation."""
+    """The model with its objective's loss as forward, so DDP/FSDP see (and sync) the whole computation; the
+    statistics of the last forward (summed, e.g. reward accuracy of preference pairs) wait in `stats`."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, objective: Objective = SFT, settings: Any = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.objective, self.settings = model, objective, settings
+        self.stats: dict[str, float] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model_loss_sum(self.model, batch)
+        loss, self.stats = self.objective.loss_sum(self.model, batch, self.settings)
+        return loss
 
 
 def loss_tokens_of(example: TokenizedExample) -> int:
     """Answer tokens that carry loss (the first token of an example never does), as batching labels them."""
-    return sum(example.loss_mask[1:])
+    return SFT.units(example)
 
 
 def loss_scale(weight: float, step_loss_tokens: int, world: distributed.World) -> float:
@@ -142,6 +146,8 @@ class Session:
     live: bool | None = None  # None: a live bar when the console is a terminal
     stop_signals: bool = True
     strategy: str = "ddp"  # with several processes: ddp (replicated) or fsdp (sharded)
+    objective: Objective = SFT  # what the loss trains toward (objectives/)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # its settings, for preference ones
 
 
 def better(metric: str, value: float, best: float | None) -> bool:
@@ -244,6 +250,7 @@ class StepOutcome:
     lr: float
     loss_tokens: int
     tokens: int
+    stats: dict[str, float] = field(default_factory=dict)  # the objective's statistics summed over the step
 
 
 class Trainer:
@@ -291,7 +298,9 @@ class Trainer:
         if self.releaser:
             self.releaser.attach(self.model)
         skip = self.state.micro_batches
-        self.stream = micro_batches(examples, settings, pad_id, row_tokens, skip=skip, world=self.world)
+        self.stream = micro_batches(
+            examples, settings, pad_id, row_tokens, skip=skip, world=self.world, objective=session.objective
+        )
         self.started = time.perf_counter() - self.state.elapsed_s
         self.skipped = 0
         self._setup_output(metrics_path, console)
@@ -300,7 +309,8 @@ class Trainer:
         """The model with its loss, sharded (FSDP) or replicated (DDP) over the processes; optimizer and schedule."""
         settings = self.settings
         self.model = prepare_model(model, settings)
-        self.loss_model: Any = LossModel(self.model)
+        self.objective_model = LossModel(self.model, self.session.objective, self.session.preference)
+        self.loss_model: Any = self.objective_model
         self.sharded = self.world.size > 1 and self.session.strategy == "fsdp"
         if self.sharded and self.precision.name == "fp16":
             raise TunesmithError("train.dtype fp16 (loss scaling) is not supported with --strategy fsdp: use bf16.")
@@ -386,8 +396,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; None when it was skipped for a non-finite loss."""
         drawn = [next(self.stream) for _ in range(self.settings.grad_accum)]
         chosen = [self.examples[i] for indices, _, _ in drawn for i in indices]
-        loss_tokens = sum(loss_tokens_of(e) for e in chosen)
-        loss = self._backward(drawn, loss_tokens)
+        loss_tokens = sum(self.session.objective.units(e) for e in chosen)
+        loss, stats = self._backward(drawn, loss_tokens)
         if self.scaler:  # an inf norm after unscaling means the loss scale was too high, not bad data
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm or math.inf)
@@ -409,11 +419,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.releaser:
             self.releaser.release()
-        return StepOutcome(loss, grad_norm, lr, loss_tokens, sum(len(e) for e in chosen))
+        return StepOutcome(loss, grad_norm, lr, loss_tokens, sum(len(e) for e in chosen), stats)
 
-    def _backward(self, drawn: list[tuple[list[int], dict[str, torch.Tensor], float]], loss_tokens: int) -> float:
-        """Forward and backward over the step's micro-batches; the step's mean answer loss over all processes."""
+    def _backward(
+        self, drawn: list[tuple[list[int], dict[str, torch.Tensor], float]], loss_tokens: int
+    ) -> tuple[float, dict[str, float]]:
+        """Forward and backward over the step's micro-batches: the step's mean loss over all processes, and the
+        objective's statistics summed over this process's share."""
         step_loss = 0.0
+        stats: dict[str, float] = {}
         for position, (_, batch, weight) in enumerate(drawn):
             batch = {k: v.to(self.device) for k, v in batch.items() if k != "real_tokens"}
             skip_sync = position < len(drawn) - 1 and not self.sharded
@@ -421,7 +435,9 @@ class Trainer:
                 loss = self.loss_model(batch) * loss_scale(weight, loss_tokens, self.world)
                 self.accelerator.backward(self.scaler.scale(loss) if self.scaler else loss)
             step_loss += loss.item() / self.world.size
-        return distributed.reduce_sum(step_loss, self.world, self.device)
+            for name, value in self.objective_model.stats.items():
+                stats[name] = stats.get(name, 0.0) + value * weight
+        return distributed.reduce_sum(step_loss, self.world, self.device), stats
 
     def skip_nonfinite(self, step: int, loss: float, grad_norm: float, lr: float, lines: list[int]) -> None:
         """Drop a step whose loss or gradients are not finite, or stop (train.on_nonfinite stop, or 5 in a row)."""
@@ -455,6 +471,8 @@ class Trainer:
             "tokens_per_s": round(outcome.tokens / (time.perf_counter() - step_start), 2),
             "elapsed_s": round(state.elapsed_s, 3),
         }
+        # Preference objectives: reward accuracy, margin, log-probs, as means over the step's pairs.
+        record |= {name: round(value / outcome.loss_tokens, 6) for name, value in outcome.stats.items()}
         if spike:
             record["spike"] = True
             self.say(f"[yellow]loss spike at step {step}: {loss:.4f} vs smoothed {state.smoothed_loss:.4f}[/]")

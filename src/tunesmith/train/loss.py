@@ -24,13 +24,16 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(16, CHUNK_BYTES // (4 * vocab_size))
 
 
+def _logits(hidden: torch.Tensor, head: torch.nn.Module, softcap: float | None) -> torch.Tensor:
+    """fp32 logits of one chunk, soft-capped where the model does so (Gemma 2)."""
+    logits = head(hidden).float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 def _chunk_loss(
     hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None
 ) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(_logits(hidden, head, softcap), targets, reduction="sum")
 
 
 def answer_loss_sum(
@@ -56,25 +59,25 @@ def answer_loss_sum(
     return total
 
 
-def model_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run the decoder, then the chunked answer-only loss; works for plain and PEFT-wrapped causal LMs."""
-    decoder = model.get_decoder()
+def _decoder_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states for a batch; works for plain and PEFT-wrapped causal LMs."""
     if "position_ids" in batch:  # packed: no mask, so transformers derives a block-diagonal one from positions
         inputs = {"position_ids": batch["position_ids"]}
     else:
         inputs = {"attention_mask": batch["attention_mask"]}
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+    return model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+
+
+def model_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the decoder, then the chunked answer-only loss."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    return answer_loss_sum(hidden, batch["labels"], model.get_output_embeddings(), softcap)
+    return answer_loss_sum(_decoder_hidden(model, batch), batch["labels"], model.get_output_embeddings(), softcap)
 
 
 def _chunk_logps(
     hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None
 ) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    return _logits(hidden, head, softcap).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def answer_logps(
@@ -106,11 +109,5 @@ def answer_logps(
 def model_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the decoder as model_loss_sum does, then answer_logps: per row, the answer's summed log-probability and
     its token count. Each row must hold one sequence: on a packed row the sum would run across its sequences."""
-    decoder = model.get_decoder()
-    if "position_ids" in batch:
-        inputs = {"position_ids": batch["position_ids"]}
-    else:
-        inputs = {"attention_mask": batch["attention_mask"]}
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    return answer_logps(hidden, batch["labels"], model.get_output_embeddings(), softcap)
+    return answer_logps(_decoder_hidden(model, batch), batch["labels"], model.get_output_embeddings(), softcap)

@@ -1,0 +1,260 @@
+"""Preference objectives on top of any method: what their batches hold, their loss, what they log.
+
+A pair is one prompt with a chosen and a rejected answer (dpo, ipo, orpo, simpo); a KTO row one prompt with
+one answer marked desirable or not, plus the same prompt with another row's answer (KTO's KL estimate).
+Both sides are tokenized like SFT examples (loss mask over the answer) and stacked into one batch: the
+chosen rows, then the rejected (or mismatched) rows, so one forward pass scores both. Sequence log-probs
+go through the SFT loss's chunked output layer (train/loss.py: model_logps), never the full logits.
+
+The reference of dpo, ipo and kto is the model the run starts from (the base with the fresh adapter, which
+starts as a no-op, or the earlier run of init_from). Its log-probs are computed once before training
+(`attach_reference`, no second copy of any weights, for every method), kept in the run directory and
+reused on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.data.formats import Conversation, Message
+from tunesmith.data.tokenize import TokenizedExample, tokenize_all
+from tunesmith.errors import TunesmithError
+from tunesmith.objectives import Objective
+
+STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
+
+
+@dataclass
+class PreferenceExample:
+    """A tokenized pair (first: chosen, second: rejected) or KTO row (first: the answer, second: the prompt with
+    another row's answer); `reference` holds the starting model's summed log-probs of both, when measured."""
+
+    first: TokenizedExample
+    second: TokenizedExample
+    line: int
+    desirable: bool | None = None  # KTO rows only
+    reference: tuple[float, float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    @property
+    def token_ids(self) -> tuple[list[int], list[int]]:
+        return self.first.input_ids, self.second.input_ids
+
+
+def _answered(conversation: Conversation, answer: str) -> Conversation:
+    return Conversation((*conversation.prompt_messages, Message("assistant", answer)), line=conversation.line)
+
+
+def tokenize_preferences(
+    tokenizer: Any, conversations: list[Conversation], max_length: int, holds: str, seed: int = 0
+) -> tuple[list[PreferenceExample], dict[str, Any]]:
+    """Both sides of every pair (or KTO row) tokenized and truncated like SFT examples; a pair either side of
+    which keeps no answer token is dropped. The counts as the SFT tokenize report gives them."""
+    wrong = [c.line for c in conversations if c.kind != holds]
+    if wrong:
+        need = "chosen/rejected pairs" if holds == "pair" else "KTO rows (prompt, completion, label)"
+        raise TunesmithError(
+            f"This objective trains on {need}, but records {wrong[:10]} are not: see `tunesmith data check` for the "
+            "format detected, or set objective: sft."
+        )
+    if holds == "pair":
+        second = [_answered(c, str(c.rejected)) for c in conversations]
+    else:  # KTO: each prompt with another row's answer, for the KL estimate (a seeded shift, never its own)
+        order = list(range(len(conversations)))
+        random.Random(seed).shuffle(order)
+        other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+        second = [_answered(c, str(conversations[other[i]].reference)) for i, c in enumerate(conversations)]
+    firsts, stats = tokenize_all(tokenizer, conversations, max_length)
+    seconds, more = tokenize_all(tokenizer, second, max_length)
+    by_line, labels = {e.line: e for e in seconds}, {c.line: c.label for c in conversations}
+    examples = [
+        PreferenceExample(e, by_line[e.line], e.line, labels[e.line] if holds == "kto" else None)
+        for e in firsts
+        if e.line in by_line
+    ]
+    report = stats.summary() | {
+        "pairs": len(examples),
+        "truncated_second": more.truncated,
+        "dropped": len(conversations) - len(examples),
+        "tokens": sum(len(e) for e in examples),
+    }
+    return examples, report
+
+
+def collate_preferences(examples: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch: the first rows of every example, then their second rows; reference log-probs
+    and KTO labels alongside."""
+    from tunesmith.train.batching import collate
+
+    batch = collate([e.first for e in examples] + [e.second for e in examples], pad_id)
+    if all(e.reference is not None for e in examples):
+        reference = torch.tensor([e.reference for e in examples], dtype=torch.float32)
+        batch["ref_first"], batch["ref_second"] = reference[:, 0], reference[:, 1]
+    if examples[0].desirable is not None:
+        batch["desirable"] = torch.tensor([bool(e.desirable) for e in examples])
+    return batch
+
+
+@dataclass(frozen=True)
+class Preference(Objective):
+    def units(self, example: Any) -> int:
+        return 1  # the loss is a mean over pairs (rows for KTO)
+
+    def collate(self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool) -> dict[str, torch.Tensor]:
+        return collate_preferences(examples, pad_id)  # pairs are never packed: each side is scored on its own
+
+    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor], settings: Any) -> tuple[torch.Tensor, dict]:
+        """Summed loss of the batch's pairs (rows) and summed statistics; reference log-probs come in the batch."""
+        from tunesmith.objectives import preference as formulas
+        from tunesmith.train.loss import model_logps
+
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        logps, counts = model_logps(model, inputs)
+        half = logps.shape[0] // 2
+        first, second, n_first, n_second = logps[:half], logps[half:], counts[:half], counts[half:]
+        beta = settings.beta_for(self.name)
+        if self.needs_reference and "ref_first" not in batch:
+            raise TunesmithError(f"objective {self.name} needs the reference log-probs (attach_reference) first.")
+        if self.name == "kto":
+            kl = formulas.kto_kl(second, batch["ref_second"])
+            desirable = batch["desirable"]
+            losses, _, _ = formulas.kto(
+                first, batch["ref_first"], desirable, kl, beta, settings.desirable_weight, settings.undesirable_weight
+            )
+            # Right when a desirable answer's implicit reward is above the KL baseline and an undesirable one's below.
+            reward = (beta * (first - batch["ref_first"])).detach()
+            right = torch.where(desirable, reward > beta * kl, reward < beta * kl).float()
+            stats = {"reward_accuracy": float(right.sum()), "kl": float(kl) * len(first)}
+            return losses.sum(), stats
+        if self.name == "dpo":
+            losses, chosen, rejected = formulas.dpo(
+                first, second, batch["ref_first"], batch["ref_second"], beta, settings.label_smoothing
+            )
+        elif self.name == "ipo":
+            losses, chosen, rejected = formulas.ipo(
+                first, second, batch["ref_first"], batch["ref_second"], n_first, n_second, beta
+            )
+        elif self.name == "orpo":
+            losses, chosen, rejected = formulas.orpo(first, second, n_first, n_second, beta)
+        else:
+            losses, chosen, rejected = formulas.simpo(first, second, n_first, n_second, beta, settings.gamma)
+        return losses.sum(), pair_stats(chosen, rejected, first / n_first, second / n_second)
+
+
+def pair_stats(
+    chosen: torch.Tensor, rejected: torch.Tensor, chosen_logp: torch.Tensor, rejected_logp: torch.Tensor
+) -> dict[str, float]:
+    """Statistics summed over the pairs (the step divides by its pair count): reward accuracy is the share of
+    pairs whose chosen reward beats the rejected one; log-probs are per answer token."""
+    chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    values = (
+        (chosen > rejected).float(),
+        chosen - rejected,
+        chosen,
+        rejected,
+        chosen_logp.detach(),
+        rejected_logp.detach(),
+    )
+    return {name: float(value.sum()) for name, value in zip(STATS, values, strict=True)}
+
+
+def reference_key(examples: list[PreferenceExample], start: str) -> str:
+    """What the reference log-probs depend on: every token id and the starting weights' identity."""
+    digest = hashlib.sha256(start.encode())
+    for example in examples:
+        first, second = example.token_ids
+        digest.update(json.dumps([first, second]).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def attach_reference(
+    model: Any,
+    splits: dict[str, list[PreferenceExample]],
+    pad_id: int,
+    batch_size: int,
+    cache: Path | None = None,
+    start: str = "",
+    autocast: Any = None,
+) -> bool:
+    """Give every example the starting model's summed log-probs of both its sides, from `cache` when it holds
+    them for these examples and this start (True), else measured in eval mode and written there (False)."""
+    from contextlib import nullcontext
+
+    from tunesmith.files import write_text_atomic
+    from tunesmith.train.loss import model_logps
+
+    key = reference_key([e for examples in splits.values() for e in examples], start)
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            for name, examples in splits.items():
+                for example, pair in zip(examples, saved["logps"][name], strict=True):
+                    example.reference = (pair[0], pair[1])
+            return True
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for examples in splits.values():
+            for start_at in range(0, len(examples), batch_size):
+                chunk = examples[start_at : start_at + batch_size]
+                batch = collate_preferences(chunk, pad_id)
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+                with autocast() if autocast else nullcontext():
+                    logps, _ = model_logps(model, inputs)
+                half = len(chunk)
+                for example, first, second in zip(chunk, logps[:half].tolist(), logps[half:].tolist(), strict=True):
+                    example.reference = (first, second)
+    finally:
+        model.train(was_training)
+    if cache is not None:
+        logps = {name: [list(e.reference or (0.0, 0.0)) for e in examples] for name, examples in splits.items()}
+        write_text_atomic(cache, json.dumps({"key": key, "logps": logps}))
+    return False
+
+
+@torch.no_grad()
+def preference_scores(
+    model: Any, objective: Preference, examples: list[PreferenceExample], settings: Any, pad_id: int, batch_size: int
+) -> dict[str, float]:
+    """Mean loss and statistics over `examples` (validation): val_loss, val_reward_accuracy, ..."""
+    total: dict[str, float] = {}
+    loss = 0.0
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = collate_preferences(examples[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        value, stats = objective.loss_sum(model, batch, settings)
+        loss += float(value)
+        for name, amount in stats.items():
+            total[name] = total.get(name, 0.0) + amount
+    count = max(1, len(examples))
+    return {"val_loss": loss / count} | {f"val_{name}": amount / count for name, amount in total.items()}
+
+
+@torch.no_grad()
+def prefers_chosen(model: Any, examples: list[PreferenceExample], pad_id: int, batch_size: int) -> list[float]:
+    """Per pair, 1.0 when the model gives the chosen answer a higher log-probability per answer token than the
+    rejected one (length-normalised, so a longer answer is not penalised for its length), else 0.0."""
+    from tunesmith.train.loss import model_logps
+
+    device = next(model.parameters()).device
+    wins: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate_preferences(chunk, pad_id)
+        logps, counts = model_logps(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
+        average = (logps / counts.clamp(min=1)).tolist()
+        pairs = zip(average[: len(chunk)], average[len(chunk) :], strict=True)
+        wins.extend(1.0 if chosen > rejected else 0.0 for chosen, rejected in pairs)
+    return wins
