@@ -201,7 +201,9 @@ def test_dpo_learns_a_toy_preference_and_compare_measures_it(tmp_path, capsys):
     significantly more often than the base (compare's preference accuracy)."""
     model_dir = tmp_path / "llama64"
     tokenizer = build_tokenizer()
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    shape = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+    )
     build_model(len(tokenizer), seed=0, **shape).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(100))
