@@ -11,12 +11,12 @@ import sys
 
 from rich.markup import escape
 
-from tunesmith.cli import data, deploy, evaluate, plan, train
+from tunesmith.cli import data, deploy, evaluate, plan, train, ui
 from tunesmith.cli.common import err
 from tunesmith.errors import TunesmithError
 
 # In the order `tunesmith --help` lists their commands.
-GROUPS = (train, evaluate, data, deploy, plan)
+GROUPS = (train, evaluate, data, deploy, plan, ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,267 @@
+"""`tunesmith ui`: its guard (token, Host, Origin, paths) through HTTP, and the whole process in a real headless
+Chromium (Debian's, driven by Playwright; nothing is downloaded): runs, a live run stopped and resumed, the data
+review by keyboard, the comparison, the playground. Screenshots of each page land in the test's tmp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import chat_records, write_jsonl
+
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture
+def folders(tmp_path):
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    runs.mkdir()
+    data.mkdir()
+    write_jsonl(data / "chat.jsonl", chat_records(40))
+    (tmp_path / "secret.jsonl").write_text('{"text": "not yours"}\n')
+    run = runs / "old"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"status": "completed", "started": "2026-01-01T00:00:00"}))
+    (run / "config.yaml").write_text("name: old\nmodel: m\nmethod: lora\ntrain: {max_steps: 4}\n")
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"type": "train", "step": s, "loss": 2.0 / s, "tokens_per_s": 100.0}) + "\n" for s in (1, 2))
+    )
+    return runs, data
+
+
+@pytest.fixture
+def client(folders):
+    from starlette.testclient import TestClient
+
+    from tunesmith.ui.app import create_app
+
+    runs, data = folders
+    app = create_app(runs, data, TOKEN, port=8765)
+    return TestClient(app, base_url="http://127.0.0.1:8765")
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ORIGIN = {"Origin": "http://127.0.0.1:8765"}
+
+
+def test_token_is_required_and_the_link_sets_a_strict_cookie(client):
+    assert client.get("/").status_code == 401
+    assert client.get("/api/runs").status_code == 401
+    assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/?token=wrong", follow_redirects=False).status_code == 401
+    opened = client.get(f"/?token={TOKEN}", follow_redirects=False)
+    assert opened.status_code == 303 and opened.headers["location"] == "/"
+    cookie = opened.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert client.get("/api/runs").status_code == 200  # the cookie now carries the token
+    runs = client.get("/api/runs").json()["runs"]
+    assert [r["name"] for r in runs] == ["old"] and runs[0]["progress"] == 1.0 and runs[0]["tokens_per_s"] == 100.0
+
+
+def test_other_hosts_and_origins_are_refused(client):
+    # DNS rebinding: another name pointed at 127.0.0.1 still says its own name in Host.
+    assert client.get("/api/runs", headers=AUTH | {"Host": "attacker.example:8765"}).status_code == 421
+    assert client.get("/api/runs", headers=AUTH | {"Host": "localhost:8765"}).status_code == 200
+    # CSRF: another page's request carries its Origin (and, SameSite=Strict, no cookie); a write needs ours.
+    body = {"path": "chat.jsonl"}
+    evil = {"Origin": "http://attacker.example"}
+    assert client.post("/api/review/apply", json=body, headers=AUTH | evil).status_code == 403
+    assert client.post("/api/review/apply", json=body, headers=AUTH).status_code == 403  # no Origin at all
+    assert client.get("/api/runs", headers=AUTH | evil).status_code == 403
+    assert client.post("/api/runs/old/stop", headers=AUTH | ORIGIN).status_code == 400  # past the guard: not running
+
+
+@pytest.mark.parametrize(
+    "path", ["../secret.jsonl", "/etc/passwd", "%2e%2e/secret.jsonl", "link/secret.jsonl", "linked.jsonl"]
+)
+def test_no_request_path_leaves_the_folders(client, folders, path):
+    runs, data = folders
+    (data / "link").symlink_to(data.parent, target_is_directory=True)
+    (data / "linked.jsonl").symlink_to(data.parent / "secret.jsonl")
+    answer = client.get("/api/data/check", params={"path": path}, headers=AUTH)
+    assert answer.status_code in (403, 404) and "not yours" not in answer.text
+    verdict = {"path": path, "hash": "x", "verdict": "accept"}
+    assert client.post("/api/review/verdict", json=verdict, headers=AUTH | ORIGIN).status_code in (403, 404)
+
+
+def test_run_names_and_static_files_stay_inside(client):
+    assert client.get("/api/runs/..%2F..%2Fetc", headers=AUTH).status_code in (400, 404)
+    assert client.get("/api/runs/.tunesmith-ui", headers=AUTH).status_code == 400
+    assert client.get("/static/..%2F..%2Fapp.py", headers=AUTH).status_code in (403, 404)
+    assert client.get("/static/vendor/uplot/LICENSE", headers=AUTH).status_code == 200
+    form = {"fields": {"name": "x", "data.path": "../secret.jsonl", "model": "gemma-3-270m"}}
+    assert client.post("/api/prepare", json=form, headers=AUTH | ORIGIN).status_code == 403
+    form = {"fields": {"name": "x", "data.path": "chat.jsonl", "model": "/etc"}}
+    assert client.post("/api/prepare", json=form, headers=AUTH | ORIGIN).status_code == 403
+    form = {"fields": {"name": "../x", "data.path": "chat.jsonl", "model": "gemma-3-270m"}}
+    assert client.post("/api/launch", json=form, headers=AUTH | ORIGIN).status_code == 400
+
+
+def test_review_verdicts_go_to_the_same_file_as_the_cli(client, folders):
+    from tunesmith.data.review import load_verdicts, sample_items, summarise
+
+    _, data = folders
+    items = client.get("/api/review", params={"path": "chat.jsonl", "sample": 6}, headers=AUTH).json()["items"]
+    assert [i["hash"] for i in items] == [i.hash for i in sample_items(data / "chat.jsonl", 6, 42)]  # the CLI's sample
+    for item, verdict in zip(items[:3], ["accept", "reject", "edit"], strict=True):
+        body = {"path": "chat.jsonl", "hash": item["hash"], "verdict": verdict, "sample": 6, "edited": "{}"}
+        assert client.post("/api/review/verdict", json=body, headers=AUTH | ORIGIN).status_code == 200
+    saved = load_verdicts(data / "chat.jsonl")
+    assert [saved[i["hash"]]["verdict"] for i in items[:3]] == ["accept", "reject", "edit"]
+    assert summarise(data / "chat.jsonl", sample_items(data / "chat.jsonl", 6, 42)).reviewed == 3
+    applied = client.post("/api/review/apply", json={"path": "chat.jsonl"}, headers=AUTH | ORIGIN).json()
+    assert applied["written"] == "chat.reviewed.jsonl"
+    assert len((data / "chat.reviewed.jsonl").read_text().splitlines()) == 39
+
+
+# --- The real browser ---------------------------------------------------------------------------------------------
+
+
+def _chromium() -> str:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (`make browser` installs Debian's chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    return browser
+
+
+@pytest.fixture
+def ui_server(tmp_path, tiny_model_dir):
+    """`tunesmith ui` as a user starts it, in its own process; yields its address with the token."""
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "chat.jsonl", chat_records(40))
+    shutil.copytree(tiny_model_dir, data / "tiny-model")
+    command = [sys.executable, "-m", "tunesmith", "ui", "--runs", str(runs), "--data", str(data), "--no-browser"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = None
+    lines = []
+    deadline = time.monotonic() + 60
+    while url is None and time.monotonic() < deadline:
+        line = server.stdout.readline()
+        lines.append(line)
+        found = re.search(r"Open (http://\S+)", line)
+        url = found and found.group(1)
+    assert url, "".join(lines)
+    yield url, runs, data
+    server.terminate()
+    server.wait(timeout=20)
+    for launches in (runs / ".tunesmith-ui").glob("launches.json"):
+        for launch in json.loads(launches.read_text()).values():
+            try:
+                os.kill(launch["pid"], 9)  # a run this test launched and left behind
+            except (ProcessLookupError, KeyError, TypeError):
+                pass
+
+
+@pytest.mark.slow
+def test_the_whole_process_in_a_real_browser(ui_server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    browser_path = _chromium()
+    url, runs, data = ui_server
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    base = url.split("/?")[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"], headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        expect.set_options(timeout=120_000)
+        page.goto(url)  # the token link: sets the cookie, lands on Runs
+        expect(page.locator("main[data-page=runs]")).to_be_visible()
+        expect(page.get_by_text("No runs yet")).to_be_visible()
+        page.screenshot(path=shots / "runs-empty.png")
+
+        # New run: the form's settings with their help, then data check and plan, then launch.
+        page.goto(f"{base}/#/new")
+        page.select_option("select[name='data.path']", "chat.jsonl")
+        page.select_option("select[name=model]", "tiny-model")
+        page.fill("input[name=name]", "ui-run")
+        page.fill("input[name='train.max_steps']", "600")
+        page.fill("input[name='train.batch_size']", "2")
+        page.fill("input[name='validation.every']", "100")
+        page.select_option("select[name='data.allow_warnings']", "True")
+        page.click("#prepare-btn")
+        expect(page.locator("#prepare")).to_contain_text("40 examples")
+        expect(page.locator("#prepare")).to_contain_text("peak memory")
+        expect(page.locator("#launch")).to_be_enabled()
+        page.screenshot(path=shots / "new-run.png", full_page=True)
+        page.click("#launch")
+
+        # The run: the curve gains points while it trains (server-sent events, no reload), then stop and resume.
+        expect(page.locator("#run-status")).to_contain_text("running")
+        points = page.locator("#points")
+        expect(points).not_to_have_text("0")
+        first = int(points.inner_text())
+        page.wait_for_function(f"+document.getElementById('points').textContent > {first + 5}")
+        page.screenshot(path=shots / "run-live.png", full_page=True)
+        page.click("#stop")
+        expect(page.locator("#run-status")).to_contain_text("interrupted")
+        stopped_at = int(points.inner_text())
+        assert 0 < stopped_at < 600
+        manifest = json.loads((runs / "ui-run" / "manifest.json").read_text())
+        assert manifest["status"] == "interrupted"
+        page.click("#resume")
+        expect(page.locator("#run-status")).to_contain_text("completed", timeout=300_000)
+        expect(points).to_have_text("600")  # one point per step: the resumed run continued the same curve
+        page.screenshot(path=shots / "run-done.png", full_page=True)
+
+        # Runs page lists it; the comparison (written by `tunesmith run` after training) opens with its CI column.
+        page.goto(f"{base}/#/runs")
+        expect(page.locator("table")).to_contain_text("ui-run")
+        deadline = time.monotonic() + 300
+        while not (runs / "ui-run" / "eval" / "compare.json").is_file() and time.monotonic() < deadline:
+            time.sleep(1)
+        page.goto(f"{base}/#/compare/ui-run")
+        expect(page.locator("#verdict")).to_be_visible()
+        expect(page.locator("th", has_text="95% CI").first).to_be_visible()
+        page.screenshot(path=shots / "compare.png", full_page=True)
+
+        # Data: the check report, then five verdicts by keyboard, found in the review file the CLI reads.
+        page.goto(f"{base}/#/data?file=chat.jsonl")
+        expect(page.get_by_text("40 examples, format chat")).to_be_visible()
+        page.click("#review-start")
+        expect(page.locator("#review-item")).to_be_visible()
+        page.keyboard.press("a")
+        expect(page.locator("#review-progress")).to_contain_text("1 of")
+        page.keyboard.press("r")
+        expect(page.locator("#review-progress")).to_contain_text("2 of")
+        page.keyboard.press("n")
+        page.keyboard.type("checked twice")
+        page.keyboard.press("Enter")
+        page.keyboard.press("a")
+        expect(page.locator("#review-progress")).to_contain_text("3 of")
+        page.keyboard.press("s")  # skipped: no verdict
+        page.keyboard.press("e")
+        page.keyboard.press("Control+a")
+        page.keyboard.type('{"colour": "edited"}')
+        page.keyboard.press("Control+Enter")
+        expect(page.locator("#review-progress")).to_contain_text("4 of")
+        page.keyboard.press("a")
+        expect(page.locator("#review-progress")).to_contain_text("5 of")
+        page.screenshot(path=shots / "data-review.png", full_page=True)
+        from tunesmith.data.review import load_verdicts
+
+        verdicts = load_verdicts(data / "chat.jsonl")
+        assert sorted(v["verdict"] for v in verdicts.values()) == ["accept", "accept", "accept", "edit", "reject"]
+        assert any(v["note"] == "checked twice" for v in verdicts.values())
+        assert any(v["edited_answer"] == '{"colour": "edited"}' for v in verdicts.values())
+
+        # Playground: the base and the tuned run answer the same prompt side by side, streamed.
+        page.goto(f"{base}/#/play")
+        page.fill("#prompt", "colour red item 3")
+        page.click("#send")
+        expect(page.locator("#answers .card[data-done='1']")).to_have_count(2)
+        page.screenshot(path=shots / "playground.png", full_page=True)
+        browser.close()
+    for shot in shots.iterdir():
+        assert shot.stat().st_size > 10_000, shot
