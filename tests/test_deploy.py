@@ -68,7 +68,9 @@ def test_adapter_export_loads_with_peft(lora_run, tmp_path):
     assert torch.allclose(_logits(model), _tuned_logits(lora_run), atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,tolerance", [("f16", 2e-3), ("q8_0", 5e-2)])
+# q8_0 rounds each weight to 1 of 255 steps per block of 32: on this 32-wide toy model the logits move by ~5% of
+# the largest one (the trained adapter decides how much), on real widths far less.
+@pytest.mark.parametrize("kind,tolerance", [("f16", 2e-3), ("q8_0", 8e-2)])
 def test_gguf_export_reads_back_with_the_same_weights_tokenizer_and_template(lora_run, tmp_path, kind, tolerance):
     import gguf
     from transformers import AutoModelForCausalLM

@@ -50,6 +50,16 @@ def print_comparison(summary: Any) -> None:
                 out.print(f"  reference: {row['reference'][:200]}", highlight=False)
                 out.print(f"  {label + ':':10} {row[column][:200]}", highlight=False)
                 out.print(f"  tuned:     {row['tuned'][:200]}", highlight=False)
+    if summary.preference:
+        models = [name for name in ("base", "start", "tuned") if name in summary.preference]
+        shares = ", ".join(f"{name} {summary.preference[name]:.3f}" for name in models)
+        against = summary.preference["tuned_vs_base"]
+        out.print(
+            f"Preference accuracy on {summary.preference['items']} held-out pairs (chosen answer more likely per "
+            f"token): {shares}; tuned vs base {against['diff']:+.3f}, 95% CI [{against['ci_low']:+.3f}, "
+            f"{against['ci_high']:+.3f}], {against['p_text']}",
+            highlight=False,
+        )
     out.print(f"(* = {summary.primary}'s CI excludes 0; the others: Holm-adjusted p < 0.05)")
     seconds = ", ".join(f"{name} {value:.1f} s" for name, value in summary.seconds.items())
     out.print(f"Generation time: {seconds}.", highlight=False)

@@ -151,6 +151,9 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
             f"<p class='muted'>Strongest baseline: {chosen}, chosen by {html.escape(compare['chosen_on'])}.</p>"
         )
     sections.append(f"<p class='muted'>Multiple comparisons: {html.escape(compare.get('correction', '-'))}.</p>")
+    preference = compare.get("preference")
+    if preference:
+        sections.extend(_preference_html(preference))
     for name, against in versus.items():
         sections.extend(_versus_html(against, labels[name], compare["primary"]))
     general = compare.get("general_ability") or {}
@@ -163,6 +166,26 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
         sections.append("<h3>General ability (lm-eval): forgetting check</h3>")
         sections.append(_table(["task", "metric", "base", "tuned", "diff"], rows))
     return sections
+
+
+def _preference_html(preference: dict[str, Any]) -> list[str]:
+    """Preference runs: how often each model gives the chosen answer the higher per-token log-probability."""
+    rows = []
+    for against, label in (("base", "base"), ("start", f"start ({preference.get('start_run')})")):
+        result = preference.get(f"tuned_vs_{against}")
+        if result:
+            rows.append([
+                label, _fmt(result["base"]), _fmt(result["tuned"]), _fmt(result["diff"], 4),
+                f"[{_fmt(result['ci_low'], 4)}, {_fmt(result['ci_high'], 4)}]", result["p_text"], result["test"],
+                "yes" if result["significant"] else "no",
+            ])  # fmt: skip
+    headers = ["against", "their accuracy", "tuned", "diff", "95% CI", "p", "test", "significant"]
+    return [
+        f"<h2>Preference accuracy ({preference['items']} held-out pairs)</h2>",
+        "<p class='muted'>The share of pairs whose chosen answer gets a higher log-probability per token than the "
+        "rejected one.</p>",
+        _table(headers, rows),
+    ]
 
 
 def _versus_html(versus: dict[str, Any], label: str, primary: str) -> list[str]:

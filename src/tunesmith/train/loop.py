@@ -478,8 +478,9 @@ class Trainer:
             self.say(f"[yellow]loss spike at step {step}: {loss:.4f} vs smoothed {state.smoothed_loss:.4f}[/]")
         self.history.append(record)
         self.emit(record, force=spike or step % self.settings.log_every == 0 or step == self.total_steps)
+        rewards = f" reward acc {record['reward_accuracy']:.2f}" if "reward_accuracy" in record else ""
         status = (
-            f"ep {record['epoch']:.2f} loss {state.smoothed_loss:.4f} lr {outcome.lr:.2e} "
+            f"ep {record['epoch']:.2f} loss {state.smoothed_loss:.4f}{rewards} lr {outcome.lr:.2e} "
             f"gnorm {outcome.grad_norm:.3f} {record['tokens_per_s']:.0f} tok/s mem {memory_text(self.device)}"
         )
         self.progress.update(self.task, advance=1, status=status)
