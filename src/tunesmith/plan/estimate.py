@@ -159,13 +159,18 @@ class Workload:
         tokens carrying loss and the training tokens come from the data (explicit values win). `dtype`
         defaults to what train.dtype resolves to on this machine, where a run of this config trains."""
         answer_share = 0.5
+        from tunesmith.objectives import objective_of
+
+        # Preference objectives run two sequences per example through the model (chosen and rejected; KTO's
+        # answer and its mismatched one): twice the rows of a batch.
+        rows = 1 if objective_of(config).holds == "sft" else 2
         if examples:
             lengths = sorted(len(e) for e in examples)
             seq_len = seq_len or lengths[int(0.95 * (len(lengths) - 1))]
             answer_share = sum(sum(e.loss_mask) for e in examples) / max(1, sum(lengths))
             if not tokens:
                 train = config.train
-                per_step = train.batch_size * train.grad_accum * sum(lengths) / len(lengths)
+                per_step = rows * train.batch_size * train.grad_accum * sum(lengths) / len(lengths)
                 tokens = train.max_steps * per_step if train.max_steps else sum(lengths) * train.epochs
         if dtype is None:
             from tunesmith.train.precision import resolve
@@ -176,7 +181,7 @@ class Workload:
             lora_r=config.lora.r,
             lora_dropout=config.lora.dropout,
             adapter_reduction=config.adapter.reduction_factor,
-            batch_size=config.train.batch_size,
+            batch_size=rows * config.train.batch_size,
             seq_len=seq_len or config.data.max_length,
             answer_share=answer_share,
             tokens=tokens or 1e6,

@@ -167,9 +167,16 @@ def _tokenized(config: RunConfig, source: str) -> list[Any]:
     from tunesmith.data.formats import read_conversations
     from tunesmith.data.tokenize import tokenize_all
     from tunesmith.models import load_chat_tokenizer
+    from tunesmith.objectives import objective_of
 
     tokenizer = load_chat_tokenizer(source, config.chat_template)
     conversations = read_conversations(config.data.path, config.data.format)[0]
+    holds = objective_of(config).holds
+    if holds != "sft":  # preference objectives: both sides of every pair run through the model
+        from tunesmith.objectives.pairs import tokenize_preferences
+
+        pairs, _ = tokenize_preferences(tokenizer, conversations, config.data.max_length, holds, config.train.seed)
+        return [side for pair in pairs for side in (pair.first, pair.second)]
     examples, _ = tokenize_all(tokenizer, conversations, config.data.max_length, config.data.train_on)
     return examples
 
