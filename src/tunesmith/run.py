@@ -507,11 +507,14 @@ def _reference(config: RunConfig, run: _Run, data: _Tokenized, model: Any, preci
     def autocast() -> Any:
         return torch.autocast(device, dtype=precision.dtype, enabled=precision.name != "fp32")
 
+    from rich.progress import Progress
+
     splits = {"train": data.examples, "val": data.val_examples}
-    with run.console.status("Measuring the reference model's log-probabilities..."):
+    with Progress(console=run.console, transient=True, disable=not run.console.is_terminal) as bar:
+        task = bar.add_task("reference log-probs", total=sum(map(len, splits.values())))
         cached = attach_reference(
             model, splits, data.tokenizer.pad_token_id, config.train.batch_size, RunDir(run.run_dir).reference,
-            start, autocast,
+            start, autocast, lambda done: bar.advance(task, done),
         )  # fmt: skip
     where = "reused from the run directory" if cached else "measured"
     run.console.print(f"reference log-probs of {sum(map(len, splits.values()))} pairs {where}")

@@ -185,6 +185,7 @@ def attach_reference(
     cache: Path | None = None,
     start: str = "",
     autocast: Any = None,
+    progress: Any = None,
 ) -> bool:
     """Give every example the starting model's summed log-probs of both its sides, from `cache` when it holds
     them for these examples and this start (True), else measured in eval mode and written there (False)."""
@@ -215,6 +216,8 @@ def attach_reference(
                 half = len(chunk)
                 for example, first, second in zip(chunk, logps[:half].tolist(), logps[half:].tolist(), strict=True):
                     example.reference = (first, second)
+                if progress is not None:
+                    progress(len(chunk))
     finally:
         model.train(was_training)
     if cache is not None:
