@@ -235,6 +235,7 @@ def _run_row(path: Path, launcher: Launcher) -> dict[str, Any]:
     row = {k: v for k, v in described.items() if k != "manifest"}
     row |= {
         "name": path.name,
+        "status": launcher.status(path.name, described["status"]),
         "objective": config.get("objective", "sft"),
         "progress": _progress(described, config, last),
         "tokens_per_s": last.get("tokens_per_s") if last else None,
@@ -306,7 +307,6 @@ async def one_run(name: str, request: Request) -> Any:
             "check": check,
             "queued": any(e["name"] == name for e in server.launcher.queue()),
             "log": _log_tail(server.launcher, name),
-            "manifest": {k: v for k, v in row.get("manifest", {}).items() if k in ("pid", "host", "status")},
         }
 
     return await asyncio.to_thread(collect)

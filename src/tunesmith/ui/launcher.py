@@ -77,6 +77,13 @@ class Launcher:
 
     def enqueue(self, name: str, config_text: str | None = None, resume: bool = False) -> int:
         """Queue a new run (its config YAML) or the resumption of an existing one; returns its place (1 = next)."""
+        child = self.children.get(name)
+        if resume and child is not None and not self._training(name):
+            # Its manifest already says it stopped; the process is writing its last lines and exiting.
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
         with self.lock:
             queue = self.queue()
             if any(entry["name"] == name for entry in queue) or self.is_active(name):
@@ -99,12 +106,22 @@ class Launcher:
             self._write(self.queue_file, kept)
             return True
 
-    def is_active(self, name: str) -> bool:
-        child = self.children.get(name)
-        if child is not None and child.poll() is None:
-            return True
+    def _training(self, name: str) -> bool:
         run = RunDir(self.runs_root / name)
         return run.is_run() and run_status(run.read_manifest()) == "running"
+
+    def is_active(self, name: str) -> bool:
+        child = self.children.get(name)
+        return (child is not None and child.poll() is None) or self._training(name)
+
+    def status(self, name: str, recorded: str) -> str:
+        """A run's status as the Runs page shows it: its manifest's, unless it is waiting here or a resume this UI
+        launched has not yet rewritten the manifest of the stop before it."""
+        if any(entry["name"] == name for entry in self.queue()):
+            return "queued"
+        child = self.children.get(name)
+        resuming = child is not None and child.poll() is None and self.launches().get(name, {}).get("resume")
+        return "starting" if resuming and recorded not in ("running", "completed") else recorded
 
     def active(self) -> list[str]:
         """Trainings using the machine now: this UI's live children and any run whose manifest says running."""

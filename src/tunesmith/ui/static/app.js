@@ -47,7 +47,7 @@ function sortBy(t, i) {
 }
 
 function chart(el, title, series, data, opts = {}) {
-  const width = Math.min(620, el.clientWidth || 620);
+  const width = opts.width || 400;
   return new uPlot({
     title, width, height: 230, scales: { x: { time: false } }, legend: { live: false },
     series: [{ label: "step" }, ...series.map((s) => ({ spanGaps: true, width: 1.5, points: { show: s.points ?? false }, ...s }))],
@@ -78,7 +78,7 @@ async function runsPage() {
              h("button", { onclick: () => api(`/api/runs/${enc(q.name)}/stop`, {}).then(load) }, "remove")]))]
         : [];
       box.replaceChildren(d.runs.length ? t : h("p", { class: "muted" }, "No runs yet. Start one from New run."),
-        h("p", { class: "muted" }, `Training now: ${d.active.join(", ") || "none"}`), ...queue);
+        h("p", { class: "muted" }, `Running now (training or comparing): ${d.active.join(", ") || "none"}`), ...queue);
       box.dataset.loaded = "1";
     } catch (e) { box.replaceChildren(errorBox(e)); }
   }
@@ -99,18 +99,18 @@ async function runPage(name) {
   const say = h("span", { class: "muted" });
   const stopBtn = h("button", { id: "stop", onclick: () => act("stop") }, "Stop");
   const resumeBtn = h("button", { id: "resume", onclick: () => act("resume") }, "Resume");
-  const statusEl = h("span", { id: "run-status" });
+  const statusEl = h("span", { id: "run-status" }), meta = h("span", {}, "train points: ");
   function showStatus(s) {
     statusEl.replaceChildren(status(s));
     stopBtn.disabled = !["running", "queued", "starting"].includes(s);
     resumeBtn.disabled = ["running", "completed", "queued", "starting"].includes(s);
   }
   async function act(what) {
-    try { const r = await api(`/api/runs/${enc(name)}/${what}`, {}); say.textContent = r.message; if (what === "resume") setTimeout(() => follow(true), 500); }
+    try { const r = await api(`/api/runs/${enc(name)}/${what}`, {}); say.textContent = r.message; if (what === "resume") { if (source) source.close(); source = null; setTimeout(waitForStart, 300); } }
     catch (e) { say.textContent = e.message; }
   }
   head.append(h("h1", {}, name, " ", statusEl), h("div", {}, stopBtn, " ", resumeBtn, " ", say),
-    h("p", { class: "muted" }, `${d.model || ""} · ${d.method || ""} · ${d.objective || ""} · train points: `, points,
+    h("p", { class: "muted" }, meta, points,
       d.compared ? [" · ", h("a", { href: `#/compare/${enc(name)}` }, "comparison report")] : ""));
   showStatus(d.status);
 
@@ -131,7 +131,8 @@ async function runPage(name) {
     if (!lossPlot) lossPlot = chart(lossEl, "loss", [{ label: "train", stroke: "#98a2b3" }, { label: "smoothed", stroke: "#2f6feb" }, { label: "val", stroke: "#d92d20", points: true }], loss);
     else lossPlot.setData(loss);
     const lr = [train.step, train.lr], gn = [train.step, train.gnorm];
-    if (!lrPlot) lrPlot = chart(lrEl, "learning rate", [{ label: "lr", stroke: "#7a5af8" }], lr); else lrPlot.setData(lr);
+    const sci = { axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => v.toExponential(1)) }] };
+    if (!lrPlot) lrPlot = chart(lrEl, "learning rate", [{ label: "lr", stroke: "#7a5af8" }], lr, sci); else lrPlot.setData(lr);
     if (!gnPlot) gnPlot = chart(gnEl, "grad norm", [{ label: "grad norm", stroke: "#f79009" }], gn); else gnPlot.setData(gn);
     points.textContent = String(train.step.length);
   }
@@ -157,7 +158,7 @@ async function runPage(name) {
   async function waitForStart() {  // queued or starting: no manifest yet to follow
     const now = await api(`/api/runs/${enc(name)}`).catch(() => null);
     if (!now) return;
-    showStatus(now.status); renderInfo(now);
+    showStatus(now.status); renderInfo(now); say.textContent = "";
     if (["queued", "starting"].includes(now.status)) { const t = setTimeout(waitForStart, 1000); cleanup.push(() => clearTimeout(t)); }
     else follow(true);
   }
@@ -166,6 +167,7 @@ async function runPage(name) {
 
   function renderInfo(r) {
     const rep = r.report || {};
+    if (r.model) meta.textContent = `${r.model} · ${r.method} · ${r.objective} · train points: `;
     const parts = [];
     if (r.events && r.events.length) parts.push(h("h2", {}, "Events"), table(["step", "event"], r.events.map((e) => [e.step, e.event || (e.spike ? `loss spike ${fmt(e.loss)}` : e.overfitting ? "overfitting warning: val loss rising" : "")])));
     if (r.checkpoints && r.checkpoints.length) parts.push(h("h2", {}, "Checkpoints"), h("p", {}, r.checkpoints.join(", ")));
@@ -191,8 +193,9 @@ async function newPage() {
   const form = h("div");
   for (const f of spec.fields) {
     let input;
-    const options = f.key === "data.path" ? files.files.map((x) => x.path) : f.key === "model" ? spec.models : f.choices.length ? f.choices : null;
-    if (options) input = h("select", { name: f.key }, options.map((o) => h("option", { value: o, selected: o === f.default ? true : null }, o)));
+    const options = f.key === "data.path" ? files.files.map((x) => x.path) : f.key === "model" ? spec.models
+      : typeof f.default === "boolean" ? ["false", "true"] : f.choices.length ? f.choices : null;
+    if (options) input = h("select", { name: f.key }, options.map((o) => h("option", { value: o, selected: o === String(f.default) ? true : null }, o)));
     else input = h("input", { name: f.key, value: f.default === null ? "" : String(f.default), placeholder: f.default === null ? "none" : "" });
     inputs[f.key] = input;
     form.append(h("div", { class: "field" }, h("label", {}, f.key), input, h("div", { class: "help" }, f.help)));
@@ -238,7 +241,8 @@ function histogram(el, title, values) {
   const xs = [], ys = [];
   for (let i = 0; i * width <= max; i++) { xs.push(i * width); ys.push(0); }
   values.forEach((v) => ys[Math.floor(v / width)]++);
-  chart(el, title, [{ label: "examples", stroke: "#2f6feb", fill: "#2f6feb55", paths: uPlot.paths.bars({ size: [0.9] }) }], [xs, ys]);
+  const scales = { x: { time: false, range: [-width / 2, xs[xs.length - 1] + width / 2] } };
+  chart(el, title, [{ label: "examples", stroke: "#2f6feb", fill: "#2f6feb55", paths: uPlot.paths.bars({ size: [0.9] }) }], [xs, ys], { scales, width: 560 });
 }
 
 async function dataPage(params) {
@@ -395,7 +399,7 @@ async function playPage() {
   let d;
   try { d = await api("/api/playground"); } catch (e) { view.append(errorBox(e)); return; }
   view.append(h("h1", {}, "Playground"));
-  if (d.training.length) view.append(h("div", { class: "notice", id: "compete" }, `Training now (${d.training.join(", ")}): the playground shares this machine's cores with it; both will be slower.`));
+  if (d.training.length) view.append(h("div", { class: "notice", id: "compete" }, `Busy now (${d.training.join(", ")}: training or comparing): the playground shares this machine's cores with it; both will be slower.`));
   if (!d.runs.length) { view.append(h("p", { class: "muted" }, "No completed runs to chat with yet.")); return; }
   const boxes = d.runs.map((r, i) => h("label", {}, h("input", { type: "checkbox", value: r.name, checked: i === 0 ? true : null }), ` ${r.name} (${r.method}) `));
   const base = h("input", { type: "checkbox", id: "with-base", checked: true });
