@@ -155,6 +155,8 @@ def ui_server(tmp_path, tiny_model_dir):
     server.wait(timeout=20)
     for launches in (runs / ".tunesmith-ui").glob("launches.json"):
         for launch in json.loads(launches.read_text()).values():
+            if launch.get("exit_code") is not None:
+                continue  # ended while the UI watched it: its pid may belong to another process by now
             try:
                 os.kill(launch["pid"], 9)  # a run this test launched and left behind
             except (ProcessLookupError, KeyError, TypeError):
