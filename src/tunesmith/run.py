@@ -492,13 +492,17 @@ def _tokenize_preferences(config: RunConfig, run: _Run, tokenizer: Any, template
 
 def _reference(config: RunConfig, run: _Run, data: _Tokenized, model: Any, precision: Precision) -> None:
     """For dpo, ipo and kto: the starting model's log-probs of every train and val pair, measured once before
-    training (no second copy of any weights) and kept in the run directory for a resume."""
+    training (no second copy of any weights) and kept in the run directory for a resume. Dropout is turned off
+    for these objectives (as TRL does): the policy must equal the reference at the start, not a noisy copy."""
     import torch
 
     from tunesmith.objectives.pairs import attach_reference
 
     if not objective_of(config).needs_reference:
         return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     device = next(model.parameters()).device.type
@@ -510,7 +514,11 @@ def _reference(config: RunConfig, run: _Run, data: _Tokenized, model: Any, preci
     from rich.progress import Progress
 
     splits = {"train": data.examples, "val": data.val_examples}
-    with Progress(console=run.console, transient=True, disable=not run.console.is_terminal) as bar:
+    # The main process measures and writes the cache; data-parallel workers then read it.
+    with (
+        distributed.main_first(run.world),
+        Progress(console=run.console, transient=True, disable=not run.console.is_terminal) as bar,
+    ):
         task = bar.add_task("reference log-probs", total=sum(map(len, splits.values())))
         cached = attach_reference(
             model, splits, data.tokenizer.pad_token_id, config.train.batch_size, RunDir(run.run_dir).reference,

@@ -50,7 +50,10 @@ class RunDir:
         """The conversations of a saved split, in the format it was written in (chat, text, pairs or KTO rows)."""
         from tunesmith.data.formats import read_conversations
 
-        return read_conversations(self.split(name))[0]
+        path = self.split(name)
+        if path.is_file() and not path.read_text(encoding="utf-8").strip():
+            return []  # a split turned off (val_fraction 0) is written empty
+        return read_conversations(path)[0]
 
     @property
     def check_report(self) -> Path:

@@ -106,7 +106,9 @@ def segments(tokenizer: Any, messages: tuple[Message, ...]) -> list[tuple[str, b
 
 
 def tokenize_conversation(tokenizer: Any, conversation: Conversation, train_on: str = "assistant") -> TokenizedExample:
-    """Token ids and a 0/1 loss mask for one conversation (1 where the token is learned)."""
+    """Token ids and a 0/1 loss mask for one conversation (1 where the token is learned): every assistant turn
+    ("assistant"), every token ("all"), or the last answer only ("last": preference pairs, whose earlier turns
+    are the shared prompt)."""
     ids: list[int] = []
     mask: list[int] = []
     eos = tokenizer.eos_token_id
@@ -123,7 +125,8 @@ def tokenize_conversation(tokenizer: Any, conversation: Conversation, train_on: 
         if index == last_answer and eos is not None and (not piece_ids or piece_ids[-1] != eos):
             piece_ids.append(eos)  # the template did not end the answer with EOS; the model must learn to stop
         ids.extend(piece_ids)
-        mask.extend([1 if (is_answer or train_on == "all") else 0] * len(piece_ids))
+        learned = train_on == "all" or (is_answer and (train_on != "last" or index == last_answer))
+        mask.extend([1 if learned else 0] * len(piece_ids))
     return TokenizedExample(ids, mask, conversation.line)
 
 

@@ -97,6 +97,7 @@ def few_shot(
 
     most = MAX_AUTO_SHOTS if shots is None else shots
     picked = pick_shots(questions, pool, most, seed, similar)
+    most = min([most, *(len(shots) for shots in picked)])  # a small pool gives fewer shots than asked
     for k in range(most, 0, -1):
         prompts = [few_shot_prompt(q, s[:k]) for q, s in zip(questions, picked, strict=True)]
         if max(len(prompt_ids(tokenizer, p)) for p in prompts) + max_new_tokens <= limit:

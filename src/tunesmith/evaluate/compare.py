@@ -84,13 +84,18 @@ class CompareSummary:
     preference: dict[str, Any] | None = None  # preference runs: how often each model prefers the chosen answer
 
 
+def _answer_to_learn(conversation: Conversation) -> bool:
+    """Whether the conversation's answer is one to imitate: not a KTO row marked undesirable."""
+    return conversation.reference is not None and conversation.label is not False
+
+
 def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversation]:
     if split not in SPLITS:
         raise TunesmithError(f"--split {split!r}: choose one of {', '.join(SPLITS)}.")
     path = RunDir(run_dir).split(split)
     if not path.is_file():
         raise TunesmithError(f"{path} does not exist: this run has no {split} split.")
-    items = [c for c in RunDir(run_dir).read_split(split) if c.reference is not None][:limit]
+    items = [c for c in RunDir(run_dir).read_split(split) if _answer_to_learn(c)][:limit]
     if not items:
         raise TunesmithError(f"{path} is empty; set data.test_fraction / data.test_path (or val) and train again.")
     return items
@@ -286,7 +291,7 @@ def _prompting(run_dir: Path, loaded: Any, base: Any, items: list[Conversation])
     train = RunDir(run_dir).split("train")
     if settings.shots == 0 or not train.is_file():
         return [zero]
-    pool = [c for c in RunDir(run_dir).read_split("train") if c.reference is not None]
+    pool = [c for c in RunDir(run_dir).read_split("train") if _answer_to_learn(c)]
     few = baselines.few_shot(
         loaded.tokenizer,
         items,
@@ -392,7 +397,12 @@ def _final_verdict(versus: Versus, primary: str, label: str, chosen_on: str) -> 
         f"baseline chosen by {chosen_on}"
     )
     if not result["significant"]:
-        return f"Prompting is as good: fine-tuning not needed for {primary} ({label} prompting vs tuned: {detail})."
+        items = versus.wins + versus.ties + versus.losses
+        return (
+            f"Prompting is as good: fine-tuning not needed for {primary}, as far as {items} items can tell (no "
+            f"significant difference; more test items could show a smaller effect). {label} prompting vs tuned: "
+            f"{detail}."
+        )
     if result["diff"] > 0:
         return f"Fine-tuning beat the strongest prompting baseline ({label}): {detail}."
     return f"Prompting is better: {label} prompting beat the tuned model: {detail}."

@@ -35,7 +35,8 @@ class Comparison:
 
     @property
     def significant(self) -> bool:
-        return self.ci_low > 0 or self.ci_high < 0
+        """The CI excludes 0 and the test agrees (a bootstrap CI of a few items can collapse to a point)."""
+        return (self.ci_low > 0 or self.ci_high < 0) and self.p_value < ALPHA
 
     @property
     def p_text(self) -> str:

@@ -73,8 +73,9 @@ def tokenize_preferences(
         random.Random(seed).shuffle(order)
         other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
         second = [_answered(c, str(conversations[other[i]].reference)) for i, c in enumerate(conversations)]
-    firsts, stats = tokenize_all(tokenizer, conversations, max_length)
-    seconds, more = tokenize_all(tokenizer, second, max_length)
+    # Only the last answer is scored: earlier assistant turns are part of the prompt both sides share.
+    firsts, stats = tokenize_all(tokenizer, conversations, max_length, "last")
+    seconds, more = tokenize_all(tokenizer, second, max_length, "last")
     by_line, labels = {e.line: e for e in seconds}, {c.line: c.label for c in conversations}
     examples = [
         PreferenceExample(e, by_line[e.line], e.line, labels[e.line] if holds == "kto" else None)

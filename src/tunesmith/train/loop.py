@@ -425,7 +425,7 @@ class Trainer:
         self, drawn: list[tuple[list[int], dict[str, torch.Tensor], float]], loss_tokens: int
     ) -> tuple[float, dict[str, float]]:
         """Forward and backward over the step's micro-batches: the step's mean loss over all processes, and the
-        objective's statistics summed over this process's share."""
+        objective's statistics summed over all processes."""
         step_loss = 0.0
         stats: dict[str, float] = {}
         for position, (_, batch, weight) in enumerate(drawn):
@@ -437,7 +437,8 @@ class Trainer:
             step_loss += loss.item() / self.world.size
             for name, value in self.objective_model.stats.items():
                 stats[name] = stats.get(name, 0.0) + value * weight
-        return distributed.reduce_sum(step_loss, self.world, self.device), stats
+        total = {name: distributed.reduce_sum(value, self.world, self.device) for name, value in stats.items()}
+        return distributed.reduce_sum(step_loss, self.world, self.device), total
 
     def skip_nonfinite(self, step: int, loss: float, grad_norm: float, lr: float, lines: list[int]) -> None:
         """Drop a step whose loss or gradients are not finite, or stop (train.on_nonfinite stop, or 5 in a row)."""
