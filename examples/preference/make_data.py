@@ -1,13 +1,13 @@
 """Generate the preference example: customer questions, each with a reply in the house style (chosen) and
-the same facts in another style (rejected).
+the same facts as a conventional letter (rejected).
 
     python examples/preference/make_data.py            # writes examples/preference/replies.jsonl
 
-The house style is one a base model does not follow by itself: the reply opens with "Dear NAME,", states
-the answer, gives the reference number in brackets, and closes with "Kind regards, Acme Support". The
-rejected reply carries the same facts in a casual voice and is built to be about as long (within a few
-characters on average), so that length alone cannot decide between them (DPO is known to learn a length
-bias). Seeded, so the file is the same on every machine.
+The house style is one a base model does not prefer by itself: a ticket header "ACME CARE | NAME | ref
+AC-12345 |", the answer, and "Reply 1 if solved, 2 if not." The rejected reply carries the same facts as
+a polite letter ("Dear NAME, ... Kind regards, Acme Support"), which a pretrained model finds more likely,
+and is built to be about as long, so that length alone cannot decide between them (DPO is known to learn
+a length bias). Seeded, so the file is the same on every machine.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ TOPICS = [
     ("Is there a warranty", "every product carries a two-year warranty covering manufacturing faults"),
 ]
 ASKS = ["{q}?", "Hi, {q}?", "Hello. {q}? Thanks.", "Quick question: {q}?", "{q}? I need to know soon."]
-CASUAL_OPEN = ["hey {name}!", "hi {name} :)", "yo {name},", "hiya {name}!"]
-CASUAL_CLOSE = ["cheers, the team", "talk soon!", "have a good one", "thanks a bunch"]
-FILLER = ["btw", "hope that helps", "no worries", "anyway", "all good", "just shout"]
+FILLER = ["Thank you.", "We hope this helps.", "With thanks,", "Best wishes."]
 
 
 def pair(rng: random.Random) -> dict:
@@ -41,20 +39,21 @@ def pair(rng: random.Random) -> dict:
     question, answer = rng.choice(TOPICS)
     reference = f"AC-{rng.randint(10000, 99999)}"
     prompt = f"Customer {name} writes: " + rng.choice(ASKS).format(q=question)
-    chosen = f"Dear {name}, {answer} (reference {reference}). Kind regards, Acme Support"
-    casual = f"{rng.choice(CASUAL_OPEN).format(name=name)} so {answer}, ref {reference}. {rng.choice(CASUAL_CLOSE)}"
-    # Casual filler words until the two sides are about as long (either may end up longer): length must not
-    # decide between them.
+    # The house style: a ticket header, the answer, a fixed closing line. A base model finds the letter more
+    # likely (rejected), so it does not prefer the house style until tuned.
+    chosen = f"ACME CARE | {name} | ref {reference} | {answer}. Reply 1 if solved, 2 if not."
+    letter = f"Dear {name}, {answer} (reference {reference}). Kind regards, Acme Support"
+    # Filler words until the two sides are about as long (either may end up longer): length must not decide.
     target = len(chosen) + rng.randint(-8, 8)
-    while len(casual) < target:
-        casual += " " + rng.choice(FILLER)
-    return {"prompt": prompt, "chosen": chosen, "rejected": casual}
+    while len(letter) < target:
+        letter += " " + rng.choice(FILLER)
+    return {"prompt": prompt, "chosen": chosen, "rejected": letter}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).with_name("replies.jsonl")), help="File to write.")
-    parser.add_argument("--count", type=int, default=600, help="Pairs to generate [default: 600].")
+    parser.add_argument("--count", type=int, default=400, help="Pairs to generate [default: 400].")
     parser.add_argument("--seed", type=int, default=7, help="Seed [default: 7].")
     args = parser.parse_args()
     rng = random.Random(args.seed)

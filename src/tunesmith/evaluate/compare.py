@@ -277,8 +277,8 @@ def compare_run(
         from tunesmith.evaluate.general import general_ability
 
         summary.general_ability = general_ability(loaded, base, settings)
-    if items[0].kind == "pair":
-        summary.preference = _preference_accuracy(loaded, base, items)
+    if items[0].kind == "pair":  # every held-out pair: a forward pass each, no generation, so no eval.limit
+        summary.preference = _preference_accuracy(loaded, base, split_items(run_dir, split, None))
     _write_compare(RunDir(run_dir).eval, rows, summary)
     return summary
 
