@@ -30,12 +30,35 @@ def test_example_config_opens_with_its_command_and_validates(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_example_config_runs_end_to_end(path, tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    out = tmp_path / "run"
-    overrides = [f"model={tiny_model_dir}", f"out={out}", "train.max_steps=2", "eval.limit=2", "eval.max_new_tokens=4"]
-    args = ["run", str(path), "--json"] + [item for o in overrides for item in ("--set", o)]
-    assert main(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    common = [f"model={tiny_model_dir}", "train.max_steps=2", "eval.limit=2", "eval.max_new_tokens=4"]
+
+    def run(config: Path, out: Path, *overrides: str) -> dict:
+        args = ["run", str(config), "--json"] + [
+            item for o in (*common, f"out={out}", *overrides) for item in ("--set", o)
+        ]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    extra = []
+    start = load_config(path).init_from
+    if start:  # a later stage: run the example stage it starts from first, on the same tiny model
+        stage = next(p for p in CONFIGS if load_config(p).run_dir == Path(start))
+        run(stage, tmp_path / "first")
+        extra = [f"init_from={tmp_path / 'first'}"]
+    result = run(path, tmp_path / "run", *extra)
     assert result["train"]["steps"] == 2 and result["compare"]["items"] == 2
+
+
+def test_preference_generator_reproduces_the_shipped_pairs(tmp_path):
+    shipped = ROOT / "examples" / "preference" / "replies.jsonl"
+    regenerated = tmp_path / "replies.jsonl"
+    script = ROOT / "examples" / "preference" / "make_data.py"
+    subprocess.run([sys.executable, str(script), "--out", str(regenerated)], check=True, capture_output=True)
+    assert regenerated.read_bytes() == shipped.read_bytes()
+    records = [json.loads(line) for line in shipped.read_text().splitlines()]
+    assert len(records) >= 400 and all(r["chosen"] != r["rejected"] for r in records)
+    longer = sum(len(r["chosen"]) > len(r["rejected"]) for r in records) / len(records)
+    assert 0.2 < longer < 0.8  # length alone cannot tell chosen from rejected
 
 
 def test_quickstart_generator_reproduces_the_shipped_data(tmp_path):

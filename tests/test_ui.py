@@ -65,6 +65,19 @@ def test_token_is_required_and_the_link_sets_a_strict_cookie(client):
     assert [r["name"] for r in runs] == ["old"] and runs[0]["progress"] == 1.0 and runs[0]["tokens_per_s"] == 100.0
 
 
+def test_a_name_given_with_allow_host_is_served_and_the_refusal_says_how(folders):
+    from starlette.testclient import TestClient
+
+    from tunesmith.ui.app import create_app
+
+    runs, data = folders
+    app = create_app(runs, data, TOKEN, hosts={"0.0.0.0", "box.lan"}, port=8765)
+    client = TestClient(app, base_url="http://box.lan:8765")
+    assert client.get("/api/runs", headers=AUTH | {"Host": "box.lan:8765"}).status_code == 200
+    refused = client.get("/api/runs", headers=AUTH | {"Host": "192.168.1.5:8765"})
+    assert refused.status_code == 421 and "--allow-host 192.168.1.5" in refused.text
+
+
 def test_other_hosts_and_origins_are_refused(client):
     # DNS rebinding: another name pointed at 127.0.0.1 still says its own name in Host.
     assert client.get("/api/runs", headers=AUTH | {"Host": "attacker.example:8765"}).status_code == 421

@@ -30,7 +30,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     port = args.port or _free_port(args.host)
     token = secrets.token_urlsafe(24)
     launcher = Launcher(runs, max_trainings=args.max_trainings)
-    hosts = {args.host if ":" not in args.host else f"[{args.host}]"}
+    hosts = {args.host if ":" not in args.host else f"[{args.host}]"} | set(args.allow_host or [])
     app = create_app(runs, data, token, launcher, hosts, port)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else hosts.pop()
     url = f"http://{shown}:{port}/?token={token}"
@@ -61,6 +61,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ui.add_argument("--runs", default="runs", help="Folder of run directories [default: runs].")
     ui.add_argument("--data", default=".", help="Folder whose data files and models the app may use [default: .].")
     ui.add_argument("--host", default="127.0.0.1", help="Address to listen on [default: 127.0.0.1].")
+    ui.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="A further host name or address browsers may use to reach the app (e.g. with --host 0.0.0.0, the "
+        "machine's name or IP); repeatable. Other Host headers are refused (DNS rebinding) [default: none].",
+    )
     ui.add_argument("--port", type=int, default=0, help="Port [default: a free one].")
     ui.add_argument("--no-browser", action="store_true", help="Print the address without opening a browser.")
     ui.add_argument(

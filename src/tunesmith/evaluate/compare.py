@@ -95,7 +95,13 @@ def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversati
     path = RunDir(run_dir).split(split)
     if not path.is_file():
         raise TunesmithError(f"{path} does not exist: this run has no {split} split.")
-    items = [c for c in RunDir(run_dir).read_split(split) if _answer_to_learn(c)][:limit]
+    read = RunDir(run_dir).read_split(split)
+    if read and all(c.text is not None for c in read):
+        raise TunesmithError(
+            f"{path}: plain-text (pretraining) records have no prompt and answer to compare. Measure such a run "
+            "with eval.lm_eval_tasks (tunesmith eval), or train on chat or prompt/completion data."
+        )
+    items = [c for c in read if _answer_to_learn(c)][:limit]
     if not items:
         raise TunesmithError(f"{path} is empty; set data.test_fraction / data.test_path (or val) and train again.")
     return items

@@ -80,7 +80,11 @@ class Guard:
         origin = headers.get("origin")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if host_name(host).lower() not in self.hosts:
-            response: Any = PlainTextResponse(f"Host {host!r} is not this tunesmith ui.", status_code=421)
+            response: Any = PlainTextResponse(
+                f"Host {host!r} is not this tunesmith ui. To reach it under that name, start it with "
+                f"--allow-host {host_name(host)}.",
+                status_code=421,
+            )
         elif origin is not None and origin != f"http://{host}":
             response = PlainTextResponse("Cross-origin requests are refused.", status_code=403)
         elif method not in SAFE_METHODS and origin is None:
