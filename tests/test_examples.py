@@ -49,24 +49,24 @@ def test_example_config_runs_end_to_end(path, tmp_path, tiny_model_dir, monkeypa
     assert result["train"]["steps"] == 2 and result["compare"]["items"] == 2
 
 
-def test_preference_generator_reproduces_the_shipped_pairs(tmp_path):
-    shipped = ROOT / "examples" / "preference" / "replies.jsonl"
-    regenerated = tmp_path / "replies.jsonl"
-    script = ROOT / "examples" / "preference" / "make_data.py"
+def regenerated_records(example: str, data_file: str, tmp_path: Path) -> list[dict]:
+    """The example's shipped data file, after checking its seeded generator writes it byte for byte."""
+    shipped = ROOT / "examples" / example / data_file
+    regenerated = tmp_path / data_file
+    script = ROOT / "examples" / example / "make_data.py"
     subprocess.run([sys.executable, str(script), "--out", str(regenerated)], check=True, capture_output=True)
     assert regenerated.read_bytes() == shipped.read_bytes()
-    records = [json.loads(line) for line in shipped.read_text().splitlines()]
+    return [json.loads(line) for line in shipped.read_text().splitlines()]
+
+
+def test_preference_generator_reproduces_the_shipped_pairs(tmp_path):
+    records = regenerated_records("preference", "replies.jsonl", tmp_path)
     assert len(records) >= 400 and all(r["chosen"] != r["rejected"] for r in records)
     longer = sum(len(r["chosen"]) > len(r["rejected"]) for r in records) / len(records)
     assert 0.2 < longer < 0.8  # length alone cannot tell chosen from rejected
 
 
 def test_quickstart_generator_reproduces_the_shipped_data(tmp_path):
-    shipped = ROOT / "examples" / "quickstart" / "notes.jsonl"
-    regenerated = tmp_path / "notes.jsonl"
-    script = ROOT / "examples" / "quickstart" / "make_data.py"
-    subprocess.run([sys.executable, str(script), "--out", str(regenerated)], check=True, capture_output=True)
-    assert regenerated.read_bytes() == shipped.read_bytes()
-    records = [json.loads(line) for line in shipped.read_text().splitlines()]
+    records = regenerated_records("quickstart", "notes.jsonl", tmp_path)
     assert len(records) >= 600
     assert len({r["messages"][0]["content"] for r in records}) == len(records)

@@ -244,7 +244,7 @@ def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examp
     """Val loss on up to validation.limit examples, plus the configured task metrics on a generated sample."""
     from tunesmith.evaluate.compare import mean_answer_loss
     from tunesmith.evaluate.generate import generate
-    from tunesmith.evaluate.metrics import corpus_scores, score
+    from tunesmith.evaluate.metrics import score, summary
 
     settings = config.validation
     scored = examples[: settings.limit or len(examples)]
@@ -271,8 +271,7 @@ def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examp
             )
             references = [str(c.reference) for c in sample]
             per_item = score(settings.metrics, outputs, references, config.eval.schema_path)
-            results |= {name: sum(values) / len(values) for name, values in per_item.items()}
-            results |= corpus_scores(settings.metrics, outputs, references)
+            results |= summary(per_item, settings.metrics, outputs, references)
         return results
 
     return validate
@@ -288,7 +287,9 @@ def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> 
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return {"error": f"no estimate for this model shape: {exc}"}
     if objective_of(config).holds != "sft":  # both sides of every pair run through the model
-        examples = [side for example in examples for side in (example.first, example.second)]
+        from tunesmith.objectives.pairs import sequences
+
+        examples = sequences(examples)
     work = Workload.for_run(config, examples)
     result = estimate_with_cpu(shape, work, cpu_work=work)
     here = result.devices.pop(CPU_ROW)

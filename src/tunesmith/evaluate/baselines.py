@@ -133,7 +133,5 @@ def metric_value(name: str, predictions: list[str], references: list[str], schem
     """One number per metric: the mean of a per-item metric, or a corpus metric (BLEU, chrF, macro-F1) whole."""
     from tunesmith.evaluate import metrics
 
-    if name in metrics.CORPUS_METRICS:
-        return metrics.CORPUS_METRICS[name](predictions, references)
-    scores = metrics.score([name], predictions, references, schema_path)[name]
-    return sum(scores) / max(1, len(scores))
+    per_item = metrics.score([name], predictions, references, schema_path)
+    return metrics.summary(per_item, [name], predictions, references)[name]

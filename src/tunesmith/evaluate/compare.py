@@ -201,8 +201,7 @@ def eval_run(
     stops = baselines.turn_stops(loaded.tokenizer)
     predictions = _generate(loaded, [c.prompt_messages for c in items], False, console, label, stops)
     per_item = m.score(settings.metrics, predictions, references, settings.schema_path)
-    values = {name: round(sum(v) / len(v), 6) for name, v in per_item.items()}
-    values |= {k: round(v, 6) for k, v in m.corpus_scores(settings.metrics, predictions, references).items()}
+    values = {k: round(v, 6) for k, v in m.summary(per_item, settings.metrics, predictions, references).items()}
     loss, perplexity = _loss_of(item_losses(loaded.model, loaded.tokenizer, items, loaded.config))
     out = RunDir(run_dir).eval
     out.mkdir(exist_ok=True)
@@ -242,9 +241,11 @@ def compare_run(
     # A PEFT run answers as its base with the adapter off, so it needs no second copy of the weights.
     base = loaded if loaded.shares_base else load_run(run_dir, base=True)
     settings = loaded.config.eval
-    items = split_items(run_dir, split, limit or settings.limit)
+    every = split_items(run_dir, split, None)  # preference accuracy scores them all (no generation)
+    items = every[: limit or settings.limit]
     references = [str(c.reference) for c in items]
-    prompting = _prompting(run_dir, loaded, base, items)
+    pool = _shot_pool(run_dir, settings)
+    prompting = _prompting(loaded, base, items, pool)
     outputs, seconds = _answers(loaded, base, prompting, [c.prompt_messages for c in items], console)
     base_losses, tuned_losses = _losses_of_both(loaded, base, items)
     scores = {label: m.score(settings.metrics, outputs[label], references, settings.schema_path) for label in outputs}
@@ -255,7 +256,7 @@ def compare_run(
         for b in prompting
     }
     start = time.perf_counter()
-    strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, split, limit, console)
+    strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, pool, split, limit, console)
     seconds["choosing the strongest baseline"] = round(time.perf_counter() - start, 2)
     zero = versus["base"]
     summary = CompareSummary(
@@ -284,20 +285,25 @@ def compare_run(
 
         summary.general_ability = general_ability(loaded, base, settings)
     if items[0].kind == "pair":  # every held-out pair: a forward pass each, no generation, so no eval.limit
-        summary.preference = _preference_accuracy(loaded, base, split_items(run_dir, split, None))
+        summary.preference = _preference_accuracy(loaded, base, every)
     _write_compare(RunDir(run_dir).eval, rows, summary)
     return summary
 
 
-def _prompting(run_dir: Path, loaded: Any, base: Any, items: list[Conversation]) -> list[baselines.Baseline]:
-    """The prompting baselines on `items`: zero-shot ("base"), and few-shot from the run's training split when
-    eval.shots allows at least one shot in the model's context."""
+def _shot_pool(run_dir: Path, settings: Any) -> list[Conversation]:
+    """The training examples few-shot prompts draw from; none when eval.shots is 0 or the run kept no train split."""
+    if settings.shots == 0 or not RunDir(run_dir).split("train").is_file():
+        return []
+    return [c for c in RunDir(run_dir).read_split("train") if _answer_to_learn(c)]
+
+
+def _prompting(loaded: Any, base: Any, items: list[Conversation], pool: list[Conversation]) -> list[baselines.Baseline]:
+    """The prompting baselines on `items`: zero-shot ("base"), and few-shot from `pool` when it is not empty and
+    at least one shot fits the model's context."""
     settings = loaded.config.eval
     zero = baselines.Baseline("base", 0, [c.prompt_messages for c in items])
-    train = RunDir(run_dir).split("train")
-    if settings.shots == 0 or not train.is_file():
+    if not pool:
         return [zero]
-    pool = [c for c in RunDir(run_dir).read_split("train") if _answer_to_learn(c)]
     few = baselines.few_shot(
         loaded.tokenizer,
         items,
@@ -342,6 +348,7 @@ def _strongest(
     loaded: Any,
     base: Any,
     prompting: list[baselines.Baseline],
+    pool: list[Conversation],
     split: str,
     limit: int | None,
     console: Console,
@@ -357,7 +364,7 @@ def _strongest(
         items = []
     if not items:
         return "few_shot", "no separate validation split: the few-shot baseline is taken as the stronger"
-    chosen = _prompting(run_dir, loaded, base, items)
+    chosen = _prompting(loaded, base, items, pool)
     if len(chosen) == 1:
         return "base", "the few-shot prompts of the validation split do not fit the context"
     outputs, _ = _answers(loaded, base, chosen, None, console)

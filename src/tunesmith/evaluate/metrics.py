@@ -259,3 +259,11 @@ def score(
 
 def corpus_scores(names: list[str], predictions: list[str], references: list[str]) -> dict[str, float]:
     return {name: CORPUS_METRICS[name](predictions, references) for name in names if name in CORPUS_METRICS}
+
+
+def summary(
+    per_item: dict[str, list[float]], names: list[str], predictions: list[str], references: list[str]
+) -> dict[str, float]:
+    """One value per metric: the mean of each per-item metric's scores, the corpus metrics on the whole set."""
+    means = {name: sum(values) / max(1, len(values)) for name, values in per_item.items()}
+    return means | corpus_scores(names, predictions, references)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,20 @@ def collate_preferences(examples: list[PreferenceExample], pad_id: int) -> dict[
     return batch
 
 
+def sequences(examples: list[PreferenceExample]) -> list[TokenizedExample]:
+    """Both sequences of every example, as the model runs them (for lengths and token counts)."""
+    return [side for example in examples for side in (example.first, example.second)]
+
+
+def _batches(
+    examples: list[PreferenceExample], pad_id: int, batch_size: int, device: Any
+) -> Iterator[tuple[list[PreferenceExample], dict[str, torch.Tensor]]]:
+    """Consecutive batches of `examples`, each with its collated tensors on `device`."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield chunk, {k: v.to(device) for k, v in collate_preferences(chunk, pad_id).items()}
+
+
 @dataclass(frozen=True)
 class Preference(Objective):
     def units(self, example: Any) -> int:
@@ -154,18 +169,15 @@ class Preference(Objective):
 def pair_stats(
     chosen: torch.Tensor, rejected: torch.Tensor, chosen_logp: torch.Tensor, rejected_logp: torch.Tensor
 ) -> dict[str, float]:
-    """Statistics summed over the pairs (the step divides by its pair count): reward accuracy is the share of
-    pairs whose chosen reward beats the rejected one; log-probs are per answer token."""
-    chosen, rejected = chosen.detach().float(), rejected.detach().float()
-    values = (
-        (chosen > rejected).float(),
-        chosen - rejected,
-        chosen,
-        rejected,
-        chosen_logp.detach(),
-        rejected_logp.detach(),
-    )
-    return {name: float(value.sum()) for name, value in zip(STATS, values, strict=True)}
+    """Statistics summed over the pairs (the step divides by its pair count): reward_stats' accuracy (the share of
+    pairs whose chosen reward beats the rejected one), margin and mean rewards; log-probs are per answer token."""
+    from tunesmith.objectives.preference import reward_stats
+
+    means = reward_stats(chosen, rejected)
+    pairs = len(chosen)
+    summed = [means[name] * pairs for name in ("accuracy", "margin", "chosen", "rejected")]
+    summed += [float(chosen_logp.detach().sum()), float(rejected_logp.detach().sum())]
+    return dict(zip(STATS, summed, strict=True))
 
 
 def reference_key(examples: list[PreferenceExample], start: str) -> str:
@@ -208,12 +220,9 @@ def attach_reference(
     device = next(model.parameters()).device
     try:
         for examples in splits.values():
-            for start_at in range(0, len(examples), batch_size):
-                chunk = examples[start_at : start_at + batch_size]
-                batch = collate_preferences(chunk, pad_id)
-                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            for chunk, batch in _batches(examples, pad_id, batch_size, device):
                 with autocast() if autocast else nullcontext():
-                    logps, _ = model_logps(model, inputs)
+                    logps, _ = model_logps(model, batch)
                 half = len(chunk)
                 for example, first, second in zip(chunk, logps[:half].tolist(), logps[half:].tolist(), strict=True):
                     example.reference = (first, second)
@@ -234,10 +243,7 @@ def preference_scores(
     """Mean loss and statistics over `examples` (validation): val_loss, val_reward_accuracy, ..."""
     total: dict[str, float] = {}
     loss = 0.0
-    device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        batch = collate_preferences(examples[start : start + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for _, batch in _batches(examples, pad_id, batch_size, next(model.parameters()).device):
         value, stats = objective.loss_sum(model, batch, settings)
         loss += float(value)
         for name, amount in stats.items():
@@ -252,12 +258,9 @@ def prefers_chosen(model: Any, examples: list[PreferenceExample], pad_id: int, b
     rejected one (length-normalised, so a longer answer is not penalised for its length), else 0.0."""
     from tunesmith.train.loss import model_logps
 
-    device = next(model.parameters()).device
     wins: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate_preferences(chunk, pad_id)
-        logps, counts = model_logps(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})
+    for chunk, batch in _batches(examples, pad_id, batch_size, next(model.parameters()).device):
+        logps, counts = model_logps(model, batch)
         average = (logps / counts.clamp(min=1)).tolist()
         pairs = zip(average[: len(chunk)], average[len(chunk) :], strict=True)
         wins.extend(1.0 if chosen > rejected else 0.0 for chosen, rejected in pairs)

@@ -173,10 +173,10 @@ def _tokenized(config: RunConfig, source: str) -> list[Any]:
     conversations = read_conversations(config.data.path, config.data.format)[0]
     holds = objective_of(config).holds
     if holds != "sft":  # preference objectives: both sides of every pair run through the model
-        from tunesmith.objectives.pairs import tokenize_preferences
+        from tunesmith.objectives.pairs import sequences, tokenize_preferences
 
         pairs, _ = tokenize_preferences(tokenizer, conversations, config.data.max_length, holds, config.train.seed)
-        return [side for pair in pairs for side in (pair.first, pair.second)]
+        return sequences(pairs)
     examples, _ = tokenize_all(tokenizer, conversations, config.data.max_length, config.data.train_on)
     return examples
 

@@ -7,6 +7,7 @@ backward pass, so peak memory holds one chunk of logits at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,6 +37,29 @@ def _chunk_loss(
     return F.cross_entropy(_logits(hidden, head, softcap), targets, reduction="sum")
 
 
+def _answer_chunks(
+    compute: Any,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`compute` (hidden, targets, head, softcap) on each chunk of the positions whose next label is not IGNORE,
+    recomputed in the backward pass when gradients are on; yields (the chunk's slice of those positions, result)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    selected = hidden[:, :-1][keep]
+    wanted = targets[keep]
+    chunk_size = chunk_size or chunk_tokens(head.weight.shape[0])
+    for start in range(0, wanted.numel(), chunk_size):
+        piece = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            yield piece, checkpoint(compute, selected[piece], wanted[piece], head, softcap, use_reentrant=False)
+        else:
+            yield piece, compute(selected[piece], wanted[piece], head, softcap)
+
+
 def answer_loss_sum(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -44,18 +68,9 @@ def answer_loss_sum(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of predicting labels[t + 1] from hidden[t] wherever that label is not IGNORE."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    selected = hidden[:, :-1][keep]
-    wanted = targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
-    chunk_size = chunk_size or chunk_tokens(head.weight.shape[0])
-    for start in range(0, wanted.numel(), chunk_size):
-        piece = slice(start, start + chunk_size)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, selected[piece], wanted[piece], head, softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(selected[piece], wanted[piece], head, softcap)
+    for _, loss in _answer_chunks(_chunk_loss, hidden, labels, head, softcap, chunk_size):
+        total = total + loss
     return total
 
 
@@ -89,19 +104,10 @@ def answer_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the summed fp32 log-probability of labels[t + 1] given hidden[t] over the non-IGNORE labels, and
     how many such tokens the row has (float). Same selected-positions, chunked, recomputed path as answer_loss_sum."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    selected = hidden[:, :-1][keep]
-    wanted = targets[keep]
+    keep = labels[:, 1:] != IGNORE
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
     sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
-    chunk_size = chunk_size or chunk_tokens(head.weight.shape[0])
-    for start in range(0, wanted.numel(), chunk_size):
-        piece = slice(start, start + chunk_size)
-        if torch.is_grad_enabled():
-            logps = checkpoint(_chunk_logps, selected[piece], wanted[piece], head, softcap, use_reentrant=False)
-        else:
-            logps = _chunk_logps(selected[piece], wanted[piece], head, softcap)
+    for piece, logps in _answer_chunks(_chunk_logps, hidden, labels, head, softcap, chunk_size):
         sums = sums.index_add(0, rows[piece], logps)
     return sums, keep.sum(dim=1).float()
 
