@@ -70,6 +70,16 @@ def _private_cache(tmp_path_factory):
     os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("tunesmith-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _no_code_grants():
+    """Each test starts with no user code allowed, as a fresh `tunesmith` process does (grants are per process)."""
+    from tunesmith import trust
+
+    trust.reset()
+    yield
+    trust.reset()
+
+
 # train.dtype auto would pick bf16 on CPUs with AVX512-BF16 and fp32 on the others: tests that do not pin a dtype
 # get fp32 on every CPU (subprocesses inherit it), so their numbers do not depend on the machine CI gets.
 os.environ["TUNESMITH_CPU_BF16"] = "0"

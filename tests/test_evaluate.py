@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from tunesmith import trust
 from tunesmith.cli import main
 from tunesmith.config import build_config
 from tunesmith.errors import TunesmithError
@@ -73,6 +74,7 @@ def test_custom_metric_from_a_file_and_unknown_metrics(tmp_path):
     module = tmp_path / "mymetric.py"
     module.write_text("def starts_ok(prediction, reference):\n    return float(prediction.startswith('ok'))\n")
     spec = f"{module}:starts_ok"
+    trust.grant([spec, f"{module}:missing"])
     assert m.score([spec], ["ok yes", "no"], ["", ""]) == {spec: [1.0, 0.0]}
     with pytest.raises(TunesmithError, match="Custom metric"):
         m.score([f"{module}:missing"], ["a"], ["a"])
@@ -372,6 +374,7 @@ def test_general_ability_runs_a_local_lm_eval_task_on_base_and_tuned(tiny_model_
     settings = loaded.config.eval.model_copy(
         update={"lm_eval_tasks": ["tiny_colours"], "lm_eval_include_path": str(tasks), "lm_eval_limit": None}
     )
+    trust.grant([str(tasks)])  # as --allow-code or a user's own config would
     table = general_ability(loaded, loaded, settings)
     acc = table["tiny_colours"]["acc"]
     assert 0 <= acc["base"] <= 1 and 0 <= acc["tuned"] <= 1

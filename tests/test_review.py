@@ -229,3 +229,42 @@ def test_apply_overwrite_replaces_only_its_own_output(tmp_path):
     with pytest.raises(TunesmithError, match="not a reviewed data file that tunesmith wrote"):
         apply_review(data, overwrite=True)
     assert out.read_text().endswith('{"messages": []}\n')
+
+
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"prompt": "Say hi.", "chosen": "Hi.", "rejected": "No."}, lambda r: r["chosen"]),
+        (
+            {"prompt": "Say hi.", "chosen": [{"role": "assistant", "content": "Hi."}], "rejected": "No."},
+            lambda r: r["chosen"][0]["content"],
+        ),
+        (
+            {
+                "chosen": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}],
+                "rejected": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "No."}],
+            },
+            lambda r: r["chosen"][1]["content"],
+        ),
+        ({"prompt": "Say hi.", "completion": "Hi.", "label": True}, lambda r: r["completion"]),
+    ],
+    ids=["pair-text", "pair-one-turn", "pair-conversations", "kto"],
+)
+def test_an_edited_answer_applies_to_preference_and_kto_rows(tmp_path, record, field):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [record])
+    item = sample_items(data, 1, seed=0)[0]
+    record_verdict(data, item, "edit", edited="Hello there.")
+    summary = apply_review(data)
+    (written,) = [json.loads(line) for line in (tmp_path / "pairs.reviewed.jsonl").read_text().splitlines()]
+    assert field(written) == "Hello there." and summary.verdicts == {"edit": 1}
+    assert written.get("rejected") == record.get("rejected")  # only the chosen answer is the one reviewed
+
+
+def test_a_link_planted_as_the_verdict_file_is_never_written_through(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", clean_records(5))
+    elsewhere = tmp_path / "outside" / "created.txt"
+    verdict_path(data).symlink_to(elsewhere)  # dangling: the first verdict would create the target
+    item = sample_items(data, 1, seed=0)[0]
+    with pytest.raises(TunesmithError, match="symbolic link"):
+        record_verdict(data, item, "accept")
+    assert not elsewhere.exists()

@@ -305,11 +305,16 @@ def test_monitor_counts_answers_failing_the_runs_format_check(runs, tmp_path):
 def test_vllm_engine_builds_the_command_and_says_how_to_install(runs, capsys, monkeypatch):
     assert main(["serve", *map(str, runs), "--engine", "vllm", "--dry-run", "--port", "9001", "--api-key", "s3"]) == 0
     command = capsys.readouterr().out.replace("\n", "")
-    assert command.startswith("vllm serve ") and "--enable-lora" in command
+    assert command.startswith("VLLM_API_KEY=*** vllm serve ") and "--enable-lora" in command  # key: in the env
+    assert "--allowed-origins '[]'" in command  # vLLM's own default lets any web page call it
     assert f"colours={runs[0] / 'adapter'}" in command and f"shades={runs[1] / 'adapter'}" in command
     assert "--max-lora-rank 16" in command and "--served-model-name base" in command
     assert f"--chat-template {runs[0] / 'chat_template.jinja'}" in command and "--port 9001" in command
-    assert "s3" not in command  # the key is not printed
+    assert "s3" not in command  # the key is neither printed nor on the command line
+    from tunesmith.deploy.vllm import vllm_env
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert vllm_env("s3")["VLLM_API_KEY"] == "s3" and "VLLM_API_KEY" not in vllm_env(None)
     monkeypatch.setattr("tunesmith.deploy.vllm.vllm_available", lambda: False)
     assert main(["serve", str(runs[0]), "--engine", "vllm"]) == 2
     assert "pip install vllm" in capsys.readouterr().err
@@ -728,10 +733,11 @@ def test_auth_is_decided_on_the_routed_path_and_nothing_private_leaks(server, ru
     from starlette.requests import HTTPConnection
 
     url, _, app = server
-    # A Host header with a path in it made the URL that Starlette < 1.0.1 rebuilt look like /health.
+    # A Host header with a path in it made the URL that Starlette < 1.0.1 rebuilt look like /health; it is not a
+    # name this server answers to, so it is refused before the key is even looked at.
     for host in ("127.0.0.1/health?", "127.0.0.1/metrics#"):
         status, _, body = _raw(url, f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        assert status == 401, body
+        assert status == 421, body
     with monkeypatch.context() as patch:  # as that Starlette would have rebuilt it, whatever the version installed
         patch.setattr(HTTPConnection, "url", property(lambda request: URL("http://127.0.0.1/health?/v1/models")))
         assert httpx.get(f"{url}/v1/models").status_code == 401
@@ -792,3 +798,173 @@ def test_serve_flags_reach_the_server(runs):
     assert (args.max_body_bytes, args.max_prompt_tokens, args.docs, args.queue_size) == (1000, 50, True, 3)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", str(runs[0]), "--queue-size", "0"])
+
+
+def test_a_host_the_server_was_not_started_for_gets_421_naming_allow_host(server, runs, tmp_path):
+    url, _, _ = server
+    port = url.rsplit(":", 1)[1]
+    ask = "GET /v1/models HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer " + KEY + "\r\nConnection: close\r\n\r\n"
+    # A page on attacker.example whose name now points at 127.0.0.1 sends its own name.
+    status, _, body = _raw(url, ask.format(f"attacker.example:{port}").encode())
+    assert status == 421 and "--allow-host attacker.example" in json.loads(body)["error"]["message"]
+    for name in ("127.0.0.1", "localhost", "LocalHost", "[::1]"):
+        assert _raw(url, ask.format(f"{name}:{port}").encode())[0] == 200, name
+    from starlette.testclient import TestClient
+
+    from tunesmith.deploy.guard import allowed_hosts
+
+    engine = Engine(runs[:1])
+    app = create_app(engine, RequestLog(tmp_path / "r.sqlite"), hosts=allowed_hosts("0.0.0.0", ["box.lan"]))
+    assert TestClient(app, base_url="http://box.lan:8000").get("/v1/models").status_code == 200
+    assert TestClient(app, base_url="http://10.0.0.7:8000").get("/v1/models").status_code == 421
+    engine.close()
+
+
+def test_serve_flags_allow_hosts_and_browser_origins(runs, monkeypatch):
+    from starlette.testclient import TestClient
+
+    apps = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: apps.append(app))
+    argv = ["serve", str(runs[0]), "--host", "0.0.0.0", "--allow-host", "box.lan", "--allow-host", "10.0.0.7"]
+    assert main([*argv, "--cors-origin", "http://app.example:3000/", "--quiet"]) == 0
+    for name, status in (("box.lan", 200), ("10.0.0.7", 200), ("127.0.0.1", 200), ("other.lan", 421)):
+        assert TestClient(apps[0], base_url=f"http://{name}:8000").get("/v1/models").status_code == status, name
+    browser = TestClient(apps[0], base_url="http://box.lan:8000")
+    allowed = browser.get("/v1/models", headers={"Origin": "http://app.example:3000"})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://app.example:3000"
+    assert browser.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 403
+
+
+def test_a_browser_origin_not_allowed_is_refused_and_an_allowed_one_gets_cors(server, runs, tmp_path):
+    url, db, _ = server
+    body = {"model": "colours", "messages": [{"role": "user", "content": "colour red"}], "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    post = lambda **extra: httpx.post(  # noqa: E731
+        f"{url}/v1/chat/completions", json=body, headers={**headers, **extra}, timeout=30
+    )
+    refused = post(Origin="http://evil.example")
+    assert refused.status_code == 403 and "--cors-origin http://evil.example" in _openai_error(refused)["message"]
+    assert post(Origin="null").status_code == 403  # a sandboxed frame or a file:// page
+    assert post().status_code == 200  # curl and the OpenAI clients send no Origin
+    assert post(Origin=url).status_code == 200  # this server's own page (e.g. /docs)
+    from starlette.testclient import TestClient
+
+    engine = Engine(runs[:1])
+    app = create_app(engine, RequestLog(tmp_path / "r.sqlite"), cors_origins=["http://app.example"])
+    browser = TestClient(app, base_url="http://127.0.0.1:8000")
+    preflight = browser.options(
+        "/v1/chat/completions",
+        headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"},
+    )  # fmt: skip
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "http://app.example"
+    assert "x-stainless-os" in preflight.headers["access-control-allow-headers"]
+    answered = browser.post("/v1/chat/completions", json=body, headers={"Origin": "http://app.example"})
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "http://app.example"
+    other = browser.options(
+        "/v1/chat/completions", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
+    engine.close()
+
+
+def test_feedback_is_capped_in_size_and_in_rows_per_response(server):
+    from tunesmith.deploy import limits
+
+    url, db, _ = server
+    reply = client(url).chat.completions.create(model="colours", messages=[{"role": "user", "content": "x"}])
+    headers = {"Authorization": f"Bearer {KEY}"}
+    post = lambda **fields: httpx.post(f"{url}/v1/feedback", json={"id": reply.id, **fields}, headers=headers)  # noqa: E731
+    huge = [post(correction="x" * 3 * 2**20) for _ in range(3)]  # three 3 MiB corrections on one id
+    assert [r.status_code for r in huge] == [400] * 3
+    assert _openai_error(huge[0])["param"] == "correction" and "65536 bytes" in huge[0].json()["error"]["message"]
+    assert post(correction="é" * (limits.MAX_CORRECTION_BYTES // 2 + 1)).status_code == 400  # counted in bytes
+    long_comment = post(rating=1, comment="c" * (limits.MAX_COMMENT_BYTES + 1))
+    assert long_comment.status_code == 400 and _openai_error(long_comment)["param"] == "comment"
+    most = limits.MAX_FEEDBACK_PER_RESPONSE
+    kept = [post(rating=1, correction="y" * limits.MAX_CORRECTION_BYTES) for _ in range(most)]
+    assert [r.status_code for r in kept] == [200] * most
+    full = post(rating=5)
+    assert full.status_code == 409 and _openai_error(full)["param"] == "id"
+    assert f"{limits.MAX_FEEDBACK_PER_RESPONSE} feedback" in full.json()["error"]["message"]
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT COUNT(*) FROM feedback WHERE request_id=?", (reply.id,)).fetchone()[0]
+    assert rows == limits.MAX_FEEDBACK_PER_RESPONSE
+
+
+ASKING = {
+    "logprobs": True,
+    "top_logprobs": 3,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "tool_choice": "required",
+    "response_format": {"type": "json_object"},
+    "logit_bias": {"5": 10},
+    "presence_penalty": 0.5,
+    "frequency_penalty": -1.0,
+}
+
+
+@pytest.mark.parametrize("name", list(ASKING))
+def test_openai_fields_not_implemented_are_refused_naming_the_field(server, name):
+    url, _, _ = server
+    body = {"model": "colours", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, name: ASKING[name]}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400 and _openai_error(response)["param"] == name
+    assert f"'{name}'" in response.json()["error"]["message"]
+
+
+def test_openai_fields_that_ask_for_nothing_are_accepted(server):
+    url, _, _ = server
+    harmless = {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "logit_bias": {},
+                "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0}  # fmt: skip
+    body = {"model": "colours", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **harmless}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers).status_code == 200
+    completion = {"model": "base", "prompt": "colour", "max_tokens": 2}
+    silent = httpx.post(f"{url}/v1/completions", json={**completion, "logprobs": None}, headers=headers)
+    assert silent.status_code == 200
+    asking = httpx.post(f"{url}/v1/completions", json={**completion, "logprobs": 2}, headers=headers)
+    assert asking.status_code == 400 and _openai_error(asking)["param"] == "logprobs"
+
+
+def test_a_stream_asked_to_include_usage_ends_with_a_usage_chunk(server):
+    url, _, _ = server
+    api = client(url)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    chunks = list(api.chat.completions.create(model="colours", messages=messages, max_tokens=4, stream=True,
+                                              stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-2].usage is None
+    texts = list(api.completions.create(model="base", prompt="colour", max_tokens=3, stream=True,
+                                        stream_options={"include_usage": True}))  # fmt: skip
+    assert texts[-1].choices == [] and texts[-1].usage.completion_tokens >= 1
+
+
+def test_a_chat_stream_opens_with_the_assistant_role_even_when_nothing_is_generated(runs, tmp_path):
+    engine = Engine(runs[:1])
+    served = engine.models["colours"]
+    served.stop_ids = list(range(len(served.tokenizer)))  # whatever comes first ends the answer, empty
+    app = create_app(engine, RequestLog(tmp_path / "r.sqlite"), default_max_tokens=4)
+    with running(app) as url:
+        body = {"model": "colours", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        text = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).text
+    engine.close()
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and len(events) == 2
+    assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_the_vllm_hand_off_passes_the_api_key_in_the_environment_not_the_command_line(runs, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr("tunesmith.deploy.vllm.vllm_available", lambda: True)
+    monkeypatch.setattr("os.execvp", lambda file, argv: launched.append((argv, None)))
+    monkeypatch.setattr("os.execvpe", lambda file, argv, env: launched.append((argv, env)))
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert main(["serve", str(runs[0]), "--engine", "vllm", "--api-key", "s3cret", "--cors-origin", "http://a.b"]) == 0
+    ((command, env),) = launched
+    assert not any("s3cret" in part for part in command) and "--api-key" not in command
+    assert env is not None and env["VLLM_API_KEY"] == "s3cret" and env["PATH"]
+    assert command[command.index("--allowed-origins") + 1] == '["http://a.b"]'  # vLLM's own default is any origin
+    assert "s3cret" not in capsys.readouterr().err

@@ -264,7 +264,8 @@ class EvalConfig(Section):
         ["exact_match"],
         description="Metrics for evaluation and the base-versus-tuned comparison: "
         + ", ".join(METRIC_NAMES)
-        + ", or a custom module:function / file.py:function taking (prediction, reference) and returning a number.",
+        + ", or a custom module:function / file.py:function taking (prediction, reference) and returning a number "
+        "(code: run only when named on the command line or in a config you pass, else with --allow-code).",
     )
     schema_path: str | None = Field(None, description="JSON Schema file for the json_schema metric.")
     shots: int | None = Field(
@@ -283,7 +284,11 @@ class EvalConfig(Section):
         description="lm-evaluation-harness tasks run on base and tuned by compare, to catch forgetting of general "
         "ability (needs pip install lm-eval).",
     )
-    lm_eval_include_path: str | None = Field(None, description="Folder of your own lm-eval task YAML files.")
+    lm_eval_include_path: str | None = Field(
+        None,
+        description="Folder of your own lm-eval task YAML files (they can hold code: read only when named on the "
+        "command line or in a config you pass, else with --allow-code).",
+    )
     lm_eval_limit: int | None = Field(200, gt=0, description="Items per lm-eval task; null for all.")
     seed: int = Field(0, description="Seed of the bootstrap and permutation tests.")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 from tunesmith.errors import TunesmithError
 
@@ -36,12 +38,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a small text file in one rename: a reader sees the old file or the new one, never half."""
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity inside it replaced by None, so that it is valid JSON for any reader
+    (JSON.parse refuses the `Infinity` Python's json writes; a grad norm is inf after an fp16 loss-scale backoff)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSONL line of `record`, non-finite numbers written as null."""
+    return json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[TextIO]:
+    """A text handle whose content replaces `path` in one rename when the block ends without an error.
+
+    A reader sees the old file or the new one, never half; the rename replaces a symbolic link at `path`
+    itself, so a link planted in a downloaded run folder is never written through.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -49,6 +73,51 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small text file in one rename (see `replacing`)."""
+    with replacing(path) as handle:
+        handle.write(text)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Replace a JSON file in a run folder in one rename; NaN and infinity are written as null (see `finite`)."""
+    write_text_atomic(path, json.dumps(finite(value), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def own_dir(path: Path) -> Path:
+    """Create a folder tunesmith writes into (a run's eval/, say); refuse one that is a symbolic link."""
+    if path.is_symlink():
+        raise TunesmithError(
+            f"{path} is a symbolic link; tunesmith never writes through a link in a run or data folder. "
+            "Remove the link and run again."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def open_append(path: Path) -> TextIO:
+    """Open a log file (metrics, review verdicts) for appending, creating it; never through a symbolic link.
+
+    A run or data folder may come from someone else: a link planted as `metrics.jsonl` must not make tunesmith
+    append to whatever it points at.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise TunesmithError(
+                f"{path} is a symbolic link; tunesmith never writes through a link in a run or data folder. "
+                "Remove the link (or replace it with a plain file) and run again."
+            ) from None
+        raise TunesmithError(f"Cannot write {path}: {exc.strerror}.") from None
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def append_text(path: Path, text: str) -> None:
+    with open_append(path) as handle:
+        handle.write(text)
 
 
 def protected_reason(path: Path) -> str | None:
@@ -85,7 +154,7 @@ def is_marked(folder: Path) -> bool:
 
 
 def mark(folder: Path, kind: str) -> None:
-    (folder / MARKER).write_text(json.dumps({"written_by": "tunesmith", "kind": kind}) + "\n", encoding="utf-8")
+    write_text_atomic(folder / MARKER, json.dumps({"written_by": "tunesmith", "kind": kind}) + "\n")
 
 
 def save_atomic(target: Path, write: Callable[[Path], None], replace: bool = False) -> None:

@@ -31,7 +31,7 @@ from tunesmith.data.formats import (
 )
 from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
-from tunesmith.files import check_replaceable, mark, save_atomic, sha256_file
+from tunesmith.files import check_replaceable, mark, save_atomic, sha256_file, write_json, write_text_atomic
 from tunesmith.objectives import objective_of
 from tunesmith.rundir import RunDir
 from tunesmith.train import distributed
@@ -343,7 +343,7 @@ def _prepare(
         splits, fmt, files = split_data(config, checked)
         prepare_run_dir(run_dir, overwrite)
         layout = RunDir(run_dir)
-        layout.check_report.write_text(json.dumps(checked.report.to_dict(), indent=2))
+        write_json(layout.check_report, checked.report.to_dict())
         for name, rows in splits.items():
             write_jsonl(layout.split(name), rows)
         layout.write_config(dump_config(config))
@@ -463,7 +463,7 @@ def _tokenize(config: RunConfig, run: _Run, source: str) -> _Tokenized:
         val_examples = tokenize(val)[0] if val else []
     report = stats.summary()
     if run.world.main:
-        RunDir(run.run_dir).tokenize_report.write_text(json.dumps(report, indent=2))
+        write_json(RunDir(run.run_dir).tokenize_report, report)
     run.console.print(
         f"{run.fmt} data: {len(train)} train / {len(val)} val / {len(test)} test examples, {report['tokens']} "
         f"tokens; {stats.truncated} truncated to {config.data.max_length}, {stats.dropped_no_loss} dropped "
@@ -481,7 +481,7 @@ def _tokenize_preferences(config: RunConfig, run: _Run, tokenizer: Any, template
     examples, report = tokenize_preferences(tokenizer, train, length, holds, seed)
     val_examples = tokenize_preferences(tokenizer, val, length, holds, seed)[0] if val else []
     if run.world.main:
-        RunDir(run.run_dir).tokenize_report.write_text(json.dumps(report, indent=2))
+        write_json(RunDir(run.run_dir).tokenize_report, report)
     unit = "pairs" if holds == "pair" else "rows"
     run.console.print(
         f"{run.fmt} data: {len(train)} train / {len(val)} val / {len(test)} test {unit}, {report['tokens']} tokens "
@@ -548,7 +548,7 @@ def _build_model(
     run.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if not run.resuming and run.world.main:
         plan = plan_estimate(config, model.config, examples)
-        (run.run_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+        write_json(run.run_dir / "plan.json", plan)
     return model, (trainable, total)
 
 
@@ -637,7 +637,7 @@ def _save_model(config: RunConfig, run: _Run, data: _Tokenized, model: Any, trai
     # A resumed run that had finished once: the old weights go only once the new ones are complete.
     save_atomic(RunDir(run.run_dir).weights(config), write_weights, replace=True)
     data.tokenizer.save_pretrained(RunDir(run.run_dir).tokenizer)
-    RunDir(run.run_dir).chat_template.write_text(data.template)
+    write_text_atomic(RunDir(run.run_dir).chat_template, data.template)
     plot_losses(run.run_dir)
 
 
@@ -667,7 +667,7 @@ def _write_summary(
         best=result.best,
         resumed_from=result.resumed_from,
     )
-    RunDir(run.run_dir).summary.write_text(json.dumps(asdict(summary), indent=2))
+    write_json(RunDir(run.run_dir).summary, asdict(summary))
     run.write_manifest("completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return summary
 

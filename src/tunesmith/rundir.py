@@ -142,7 +142,7 @@ class RunDir:
         return yaml.safe_load(self.config.read_text()) if self.config.is_file() else {}
 
     def write_config(self, text: str) -> None:
-        self.config.write_text(text)
+        write_text_atomic(self.config, text)
 
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest.read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tunesmith import trust
 from tunesmith.config import (
     RunConfig,
     apply_overrides,
@@ -96,13 +97,38 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_code_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-code",
+        action="store_true",
+        help="Run code a run folder's config.yaml names (custom metrics file.py:fn or module:fn, "
+        "eval.lm_eval_include_path). Without it such entries run only when named in a config file you pass that "
+        "is not a run folder's own, or in a flag; a run folder may come from anyone.",
+    )
+
+
+def grant_code(args: argparse.Namespace) -> None:
+    """What code this command line allows: everything under --allow-code, else what it named itself."""
+    trust.grant(everything=getattr(args, "allow_code", False))
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Config file, then flags, then --set overrides, validated once."""
+    """Config file, then flags, then --set overrides, validated once.
+
+    Code the file names is allowed when the file is one the user wrote (not a run folder's own config.yaml);
+    code named by flags and --set always is: both were typed on this command line.
+    """
+    grant_code(args)
     tree = read_config_file(args.config) if args.config else {}
+    typed: dict[str, Any] = {}
     fields = dict(leaf_fields())
     for key, value in vars(args).items():
         if key.startswith("field:"):
             dotted = key.removeprefix("field:")
             set_dotted(tree, dotted, parse_value(value, fields[dotted]))
+            set_dotted(typed, dotted, parse_value(value, fields[dotted]))
     apply_overrides(tree, args.overrides)
+    apply_overrides(typed, args.overrides)
+    named_here = tree if args.config and not trust.in_run_folder(args.config) else typed
+    trust.grant(value for _, value in trust.code_entries(named_here))
     return build_config(tree, source=args.config or "command line")

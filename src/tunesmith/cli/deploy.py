@@ -77,14 +77,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import shlex
 
+    from tunesmith.deploy.guard import allowed_hosts, as_origin
+
     run_dirs = [Path(run) for run in args.runs]
     api_key = args.api_key or os.environ.get("TUNESMITH_API_KEY")
+    cors_origins = [as_origin(origin) for origin in args.cors_origin or []]
     if args.engine == "vllm":
-        from tunesmith.deploy.vllm import vllm_available, vllm_command
-        from tunesmith.errors import TunesmithError
+        from tunesmith.deploy.vllm import vllm_available, vllm_command, vllm_env
 
-        command = vllm_command(run_dirs, args.host, args.port, api_key, args.max_tokens_limit)
-        printable = shlex.join(command if not api_key else [c if c != api_key else "***" for c in command])
+        command = vllm_command(run_dirs, args.host, args.port, args.max_tokens_limit, cors_origins)
+        printable = ("VLLM_API_KEY=*** " if api_key else "") + shlex.join(command)
         if args.dry_run:
             out.print(printable, highlight=False)
             return 0
@@ -94,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"The command it would run:\n{printable}"
             )
         err.print(f"Starting vLLM: {printable}", highlight=False)
-        os.execvp(command[0], command)
+        os.execvpe(command[0], command, vllm_env(api_key))
     import torch
     import uvicorn
 
@@ -111,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             run_dirs, queue_size=args.queue_size, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens
         )
     log_path = Path(args.log_db) if args.log_db else default_log_path(run_dirs[0])
+    hosts = allowed_hosts(args.host, args.allow_host or [])
     app = create_app(
         engine,
         RequestLog(log_path),
@@ -119,11 +122,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         max_body_bytes=args.max_body_bytes,
         docs=args.docs,
+        hosts=hosts,
+        cors_origins=cors_origins,
     )
     err.print(
         f"Serving {', '.join(engine.models)} on http://{args.host}:{args.port}/v1 "
         f"({'API key required' if api_key else 'no API key'}; prompts up to {engine.max_prompt_tokens} tokens); "
-        f"requests logged to {log_path}",
+        f"requests logged to {log_path}. Answers to Host {', '.join(sorted(hosts))} (--allow-host adds names)"
+        + (f"; browser pages from {', '.join(cors_origins)}" if cors_origins else ""),
         highlight=False,
     )
     # Idle connections stay open past the longest Retry-After: a client that waits as told and reuses its
@@ -160,6 +166,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="Address to listen on [default: 127.0.0.1; 0.0.0.0 for all]."
     )
     serve.add_argument("--port", type=int, default=8000, help="Port [default: 8000].")
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="A further host name or address clients may use to reach the server (e.g. with --host 0.0.0.0, the "
+        "machine's name or IP; '*' for any, behind a proxy that checks names); repeatable. Other Host headers "
+        "get 421 (DNS rebinding) [default: the --host address, localhost, 127.0.0.1, ::1].",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="URL",
+        help="A web page allowed to call the API from a browser, as scheme://name[:port] (e.g. "
+        "http://localhost:3000); repeatable. It gets CORS headers; any other page's Origin gets 403 "
+        "[default: none; clients that send no Origin, such as curl and the OpenAI SDKs, are not affected].",
+    )
     serve.add_argument(
         "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 calls [default: $TUNESMITH_API_KEY, else none]."
     )

@@ -10,7 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
-from tunesmith.cli.common import config_default, err, out, print_json
+from tunesmith import trust
+from tunesmith.cli.common import add_code_option, config_default, err, grant_code, out, print_json
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
 
@@ -66,9 +67,16 @@ def print_comparison(summary: Any) -> None:
     out.print(f"[bold]Verdict:[/] {summary.verdict}", highlight=False)
 
 
+def _allow_code(args: argparse.Namespace) -> None:
+    """A run folder's config runs no code unless this command line says --allow-code."""
+    grant_code(args)
+    trust.require_all(RunDir(Path(args.run)).read_config_fields())
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from tunesmith.evaluate.report import compare_and_report
 
+    _allow_code(args)
     summary, report = compare_and_report(args.run, limit=args.limit, split=args.split, console=err)
     if args.json:
         print_json(asdict(summary))
@@ -81,6 +89,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunesmith.evaluate.compare import eval_run
 
+    _allow_code(args)
     summary = eval_run(args.run, split=args.split, base=args.base, limit=args.limit, console=err)
     if args.json:
         print_json(asdict(summary))
@@ -214,6 +223,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--split", default="test", choices=["test", "val", "train"], help="Split [default: test].")
     compare.add_argument("--limit", type=int, default=None, help="Examples to use [default: eval.limit].")
     compare.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    add_code_option(compare)
     compare.set_defaults(func=cmd_compare)
 
 
@@ -231,6 +241,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--base", action="store_true", help="Score the base model instead of the tuned one.")
     evaluate.add_argument("--limit", type=int, default=None, help="Examples to use [default: eval.limit].")
     evaluate.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    add_code_option(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
 

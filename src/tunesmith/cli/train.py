@@ -10,7 +10,8 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from tunesmith.cli.common import add_config_options, config_from_args, err, out, print_json
+from tunesmith import trust
+from tunesmith.cli.common import add_code_option, add_config_options, config_from_args, err, out, print_json
 from tunesmith.cli.evaluate import print_comparison
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
@@ -36,12 +37,12 @@ def _train(args: argparse.Namespace) -> Any:
     from tunesmith.run import train_run
     from tunesmith.train import distributed
 
+    config = config_from_args(args)
+    trust.require_all(config.model_dump())  # before any work, not at the first validation
     if args.nproc > 1 and not distributed.launched():
         return _train_workers(args)
     try:
-        return train_run(
-            config_from_args(args), overwrite=args.overwrite, console=err, live=not args.quiet, strategy=args.strategy
-        )
+        return train_run(config, overwrite=args.overwrite, console=err, live=not args.quiet, strategy=args.strategy)
     except TrainingInterrupted as stop:
         words = resume_command(args.argv)
         saved = f"Checkpoint: {stop.checkpoint}. " if stop.checkpoint else ""
@@ -138,6 +139,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--out runs/x, or tunesmith train config.yaml --set train.lr=1e-4.",
     )
     add_config_options(train)
+    add_code_option(train)
     train.set_defaults(func=cmd_train)
 
     run = sub.add_parser(
@@ -147,4 +149,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "base and the tuned model and print the comparison.",
     )
     add_config_options(run)
+    add_code_option(run)
     run.set_defaults(func=cmd_run)

@@ -564,6 +564,7 @@ def read_conversations(path: str | Path, fmt: str = "auto") -> tuple[list[Conver
 
 
 def write_jsonl(path: Path, conversations: list[Conversation]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for conversation in conversations:
-            handle.write(json.dumps(conversation.to_record(), ensure_ascii=False) + "\n")
+    from tunesmith.files import json_line, replacing
+
+    with replacing(path) as handle:
+        handle.writelines(json_line(conversation.to_record()) for conversation in conversations)

@@ -22,7 +22,7 @@ from tunesmith.data.check import CheckOptions, answer_text, full_text, labels_of
 from tunesmith.data.formats import Conversation, Problems, iter_csv_records, iter_raw_records, parse_file, read_text
 from tunesmith.data.similarity import text_hash
 from tunesmith.errors import TunesmithError
-from tunesmith.files import check_file_target, write_file_atomic
+from tunesmith.files import append_text, check_file_target, write_file_atomic
 
 VERDICTS = ("accept", "reject", "edit")
 KEYS_HELP = (
@@ -92,8 +92,7 @@ def record_verdict(data: Path, item: ReviewItem, verdict: str, note: str = "", e
         "edited_answer": edited,
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with verdict_path(data).open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    append_text(verdict_path(data), json.dumps(entry, ensure_ascii=False) + "\n")
 
 
 def sample_items(data: Path, size: int, seed: int, label_field: str | None = None) -> list[ReviewItem]:
@@ -161,20 +160,33 @@ def review(
     return recorded
 
 
+# The field of a raw record that holds the answer a reviewer edits, per format (preference: the chosen one).
+ANSWER_FIELD = {
+    "chat": "messages",
+    "sharegpt": "conversations",
+    "alpaca": "output",
+    "prompt_completion": "completion",
+    "text": "text",
+    "preference": "chosen",
+    "kto": "completion",
+}
+
+
 def with_answer(record: dict[str, Any], fmt: str, answer: str) -> dict[str, Any]:
-    """A copy of a raw record whose (last) answer is replaced, in the record's own format."""
+    """A copy of a raw record whose (last) answer is replaced, in the record's own format.
+
+    A field may hold the answer as text or as chat turns (chat, ShareGPT, and preference/KTO answers written as
+    conversations or as one assistant turn); in turns, the last assistant turn is the answer.
+    """
     record = json.loads(json.dumps(record))
-    if fmt in ("chat", "sharegpt"):
-        key, role_key, content_key, roles = (
-            ("messages", "role", "content", {"assistant"})
-            if fmt == "chat"
-            else ("conversations", "from", "value", {"gpt", "assistant"})
-        )
-        turns = record[key]
-        last = max(i for i, t in enumerate(turns) if t.get(role_key) in roles)
-        turns[last][content_key] = answer
+    key = ANSWER_FIELD[fmt]
+    value = record[key]
+    if isinstance(value, list):
+        role_key, content_key = ("from", "value") if fmt == "sharegpt" else ("role", "content")
+        last = max(i for i, t in enumerate(value) if t.get(role_key) in ("assistant", "gpt"))
+        value[last][content_key] = answer
     else:
-        record[{"alpaca": "output", "prompt_completion": "completion", "text": "text"}[fmt]] = answer
+        record[key] = answer
     return record
 
 

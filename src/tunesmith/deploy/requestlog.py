@@ -70,6 +70,10 @@ class RequestLog:
         with self.lock:
             return self.db.execute("SELECT 1 FROM requests WHERE id = ?", (request_id,)).fetchone() is not None
 
+    def feedback_count(self, request_id: str) -> int:
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM feedback WHERE request_id = ?", (request_id,)).fetchone()[0]
+
     def feedback(self, request_id: str, rating: float | None, correction: str | None, comment: str | None) -> int:
         with self.lock, self.db:
             cursor = self.db.execute(

@@ -3,7 +3,9 @@
 Endpoints: POST /v1/chat/completions and /v1/completions (JSON or server-sent events with
 "stream": true), GET /v1/models, POST /v1/feedback (rating and correction for a response id),
 GET /health, GET /metrics (Prometheus). With an API key set, every call but /health and /metrics
-needs "Authorization: Bearer KEY" and gets 401 otherwise. Errors use OpenAI's shape,
+needs "Authorization: Bearer KEY" and gets 401 otherwise. Like the UI, it answers only to the Host names it
+was started for (421 otherwise) and refuses a web page's Origin unless named (403): a page elsewhere, or
+one that rebound its name to 127.0.0.1, can neither chat nor post feedback. Errors use OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}, with a message that says what to change.
 Chat prompts are rendered with the run's own chat template, exactly as in training.
 Whatever one client sends, the server keeps answering the others: a bad request gets a 4xx naming
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request  # at module level, where FastAPI resolves the endpoints' annotations
@@ -33,12 +35,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
-from tunesmith.deploy import limits
+from tunesmith.deploy import guard, limits
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
 from tunesmith.rundir import RunDir
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from fastapi.exceptions import RequestValidationError
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -66,12 +70,45 @@ class ChatMessage(BaseModel):
     content: Text
 
 
+def _nothing(*harmless: Any) -> Callable[[Any], bool]:
+    """True for a value that asks for nothing (False is not 0 here, nor True 1: `is` for bools)."""
+    return lambda value: any(value is h if isinstance(h, bool) or h is None else value == h for h in harmless)
+
+
+# OpenAI fields this server does not implement: the values that ask for nothing are accepted (clients send some
+# by default); any other is refused with a 400 naming the field, never dropped, so a client asking for JSON mode
+# or tools learns it gets neither. Each with what to send instead.
+NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "logprobs": (_nothing(None, False), "false"),
+    "top_logprobs": (_nothing(None, 0), "0"),
+    "tools": (_nothing(None, []), "[]"),
+    "tool_choice": (_nothing(None, "none", "auto"), '"none"'),
+    "functions": (_nothing(None, []), "[]"),
+    "function_call": (_nothing(None, "none", "auto"), '"none"'),
+    "response_format": (_nothing(None, {"type": "text"}), '{"type": "text"}'),
+    "logit_bias": (lambda value: value is None or (isinstance(value, dict) and not any(value.values())), "{}"),
+    "presence_penalty": (_nothing(None, 0), "0"),
+    "frequency_penalty": (_nothing(None, 0), "0"),
+    "echo": (_nothing(None, False), "false"),
+    "suffix": (_nothing(None, ""), "null"),
+    "best_of": (_nothing(None, 1), "1"),
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(default=False, description="End the stream with a chunk of usage, choices empty.")
+
+
 class Sampling(BaseModel):
+    # Unknown fields are kept, to be refused when they are OpenAI's and ask for something (NOT_IMPLEMENTED).
+    model_config = ConfigDict(extra="allow")
+
     model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="torch's seed range.")
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is generated.")
@@ -93,6 +130,20 @@ class Sampling(BaseModel):
             _utf8(text)
         return stops
 
+    def check_implemented(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            if name in NOT_IMPLEMENTED and not NOT_IMPLEMENTED[name][0](value):
+                raise ApiError(
+                    400,
+                    f"This server does not implement '{name}'; leave it out (or send {NOT_IMPLEMENTED[name][1]}) "
+                    "rather than have it ignored.",
+                    name,
+                )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
@@ -104,6 +155,8 @@ class CompletionRequest(Sampling):
 
 
 class FeedbackRequest(BaseModel):
+    """Sizes are checked in check_feedback (in UTF-8 bytes, and as a 400 naming the field)."""
+
     id: Text = Field(description="The id of a response returned by this server (chatcmpl-... or cmpl-...).")
     rating: float | None = Field(default=None, ge=-1.0, le=5.0, allow_inf_nan=False)
     correction: Text | None = None
@@ -200,6 +253,38 @@ class Guard:
         # Close the connection: reading the rest of an oversized body would be the cost we refuse.
         response = error_body(413, message, None, "invalid_request_error", {"Connection": "close"})
         await response(scope, receive, send)
+
+
+class Callers:
+    """ASGI middleware outside every other: the Host must be a name this server was started for (--allow-host),
+    and a browser's Origin this server's own page or one named with --cors-origin. Requests without an Origin
+    (curl, the OpenAI clients) pass; a page elsewhere, or one whose name was rebound to 127.0.0.1, never reaches
+    the API, key or no key.
+    """
+
+    def __init__(self, app: Any, hosts: frozenset[str], origins: frozenset[str]) -> None:
+        self.app, self.hosts, self.origins = app, hosts, origins
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host, origin = headers.get("host", ""), headers.get("origin")
+        if not guard.host_allowed(host, self.hosts):
+            message = (
+                f"Host {host!r} is not a name this server answers to. To reach it under that name, start it with "
+                f"--allow-host {guard.host_name(host) or 'NAME'}."
+            )
+            await error_body(421, message, None, "invalid_request_error")(scope, receive, send)
+        elif origin is not None and not guard.origin_allowed(origin, host, self.origins):
+            message = (
+                f"Requests from the web page at {origin!r} are refused. To let that page use this API, start the "
+                f"server with --cors-origin {origin}."
+            )
+            await error_body(403, message, None, "permission_error")(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class Metrics:
@@ -349,8 +434,13 @@ def create_app(
     default_max_tokens: int = limits.DEFAULT_MAX_TOKENS,
     max_body_bytes: int = limits.MAX_BODY_BYTES,
     docs: bool = False,
+    hosts: frozenset[str] | None = None,
+    cors_origins: Iterable[str] = (),
 ) -> Any:
+    """hosts: the Host names answered (guard.allowed_hosts; default: loopback only); cors_origins: the web pages
+    (scheme://name[:port]) allowed to call the API from a browser, answered with CORS headers."""
     from fastapi import FastAPI
+    from starlette.middleware.cors import CORSMiddleware
 
     app = FastAPI(
         title="tunesmith",
@@ -365,6 +455,13 @@ def create_app(
     engine.on_batch = state.metrics.batch.observe
     public = frozenset({"/health", "/metrics", *(DOCS_PATHS if docs else ())})
     app.add_middleware(Guard, api_key=api_key, public=public, max_body_bytes=max_body_bytes, refuse=state.refuse)
+    origins = frozenset(guard.as_origin(origin) for origin in cors_origins)
+    if origins:  # outside Guard: a preflight carries no key, and 401/413/503 answers must be readable by the page
+        app.add_middleware(
+            CORSMiddleware, allow_origins=sorted(origins), allow_methods=["GET", "POST"], allow_headers=["*"],
+            expose_headers=["Retry-After"], max_age=600,
+        )  # fmt: skip
+    app.add_middleware(Callers, hosts=hosts or guard.allowed_hosts("127.0.0.1"), origins=origins)
     register_error_handlers(app)
     register_routes(app)
     return app
@@ -443,6 +540,14 @@ def check_completion(body: CompletionRequest) -> None:
 def check_feedback(body: FeedbackRequest) -> None:
     if body.rating is None and body.correction is None:
         raise ApiError(400, "Send a rating, a correction, or both.", "rating")
+    for name, text, limit in (
+        ("correction", body.correction, limits.MAX_CORRECTION_BYTES),
+        ("comment", body.comment, limits.MAX_COMMENT_BYTES),
+    ):
+        if text is not None and len(text.encode()) > limit:
+            raise ApiError(
+                400, f"The {name} is {len(text.encode())} bytes; this server takes at most {limit} bytes.", name
+            )
 
 
 def check_prompt_length(engine: Engine, endpoint: str, ids: list[int], max_tokens: int) -> None:
@@ -475,6 +580,7 @@ async def tokenize(encode: Callable[[], list[int]], param: str) -> list[int]:
 async def chat(body: ChatRequest, request: Request) -> Any:
     state = server_state(request)
     model = state.served(body.model)
+    body.check_implemented()
     check_chat(body)
     max_tokens = state.limit_tokens(body.max_completion_tokens or body.max_tokens)
     messages = tuple(Message(m.role, m.content) for m in body.messages)
@@ -486,6 +592,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = server_state(request)
     model = state.served(body.model)
+    body.check_implemented()
     check_completion(body)
     max_tokens = state.limit_tokens(body.max_tokens)
     ids = await tokenize(lambda: model.tokenizer(body.prompt, add_special_tokens=True)["input_ids"], "prompt")
@@ -504,9 +611,22 @@ async def models(request: Request) -> Any:
 async def feedback(body: FeedbackRequest, request: Request) -> Any:
     state = server_state(request)
     check_feedback(body)
-    if not await state.logged(lambda: state.log.has(body.id)):
-        raise ApiError(404, f"No response with id '{body.id}' was logged by this server.", "id", "not_found_error")
-    feedback_id = await state.logged(lambda: state.log.feedback(body.id, body.rating, body.correction, body.comment))
+
+    def record() -> int:
+        """Checked and written in one go on the log's one writer thread: two posts cannot both take the last place."""
+        if not state.log.has(body.id):
+            raise ApiError(404, f"No response with id '{body.id}' was logged by this server.", "id", "not_found_error")
+        if state.log.feedback_count(body.id) >= limits.MAX_FEEDBACK_PER_RESPONSE:
+            raise ApiError(
+                409,
+                f"Response '{body.id}' already has {limits.MAX_FEEDBACK_PER_RESPONSE} feedback entries, this "
+                "server's limit per response; nothing more is recorded for it.",
+                "id",
+                "conflict_error",
+            )
+        return state.log.feedback(body.id, body.rating, body.correction, body.comment)
+
+    feedback_id = await state.logged(record)
     return {"id": feedback_id, "request_id": body.id, "status": "recorded"}
 
 
@@ -545,9 +665,9 @@ class Generation:
     # The request's loop: a stream's cleanup can run where no loop is current.
     loop: asyncio.AbstractEventLoop
     started: float
+    include_usage: bool = False  # the stream ends with a usage chunk, as stream_options.include_usage asks
     response_id: str = field(init=False)
     created: int = field(init=False)
-    role_sent: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.response_id = f"{'chatcmpl' if self.endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -592,10 +712,11 @@ class Generation:
         row = self.finish(None, CLIENT_GONE, "client disconnected", output)
         self.loop.run_in_executor(self.state.log_writer, self.state.save, row)
 
-    def reply(self, kind: str, choice: dict, result: Result | None = None) -> dict:
-        """The OpenAI envelope shared by every answer and stream chunk; usage once generation is done."""
+    def reply(self, kind: str, choice: dict | None, result: Result | None = None) -> dict:
+        """The OpenAI envelope shared by every answer and stream chunk (no choice: a usage chunk); usage once
+        generation is done."""
         reply = {"id": self.response_id, "object": kind, "created": self.created, "model": self.model.name}
-        reply["choices"] = [choice]
+        reply["choices"] = [] if choice is None else [choice]
         if result is not None:
             total = result.prompt_tokens + result.completion_tokens
             reply["usage"] = {
@@ -605,17 +726,32 @@ class Generation:
             }
         return reply
 
+    @property
+    def chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
+
     def chunk(self, delta: str | None, finish_reason: str | None, result: Result | None = None) -> str:
         if self.endpoint == "chat":
             choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish_reason}
-            if delta is not None and not self.role_sent:  # the first delta names the speaker, as OpenAI's do
-                choice["delta"]["role"] = "assistant"
-                self.role_sent = True
-            kind = "chat.completion.chunk"
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
-            kind = "text_completion"
-        return f"data: {json.dumps(self.reply(kind, choice, result))}\n\n"
+        return event(self.reply(self.chunk_kind, choice, result))
+
+    def opening(self) -> str:
+        """A chat stream's first chunk names the speaker, as OpenAI's do, before any token (there may be none)."""
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        return event(self.reply(self.chunk_kind, choice))
+
+    def ending(self, result: Result) -> list[str]:
+        """The finish chunk, and with include_usage a last chunk of usage with no choices (OpenAI's order);
+        without it the finish chunk carries the usage."""
+        if not self.include_usage:
+            return [self.chunk(None, reason(result), result)]
+        return [self.chunk(None, reason(result)), event(self.reply(self.chunk_kind, None, result))]
+
+
+def event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
 
 
 def reason(result: Result) -> str:
@@ -643,7 +779,7 @@ async def answer(
     job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit, body.stream)
     started = time.perf_counter()
     state.submit(job, endpoint)
-    generation = Generation(state, endpoint, model, ids, record, job, events, loop, started)
+    generation = Generation(state, endpoint, model, ids, record, job, events, loop, started, body.include_usage)
     if body.stream:
         headers = {"Cache-Control": "no-cache"}
         return StreamingResponse(stream_answer(generation), media_type="text/event-stream", headers=headers)
@@ -654,6 +790,8 @@ async def stream_answer(generation: Generation) -> AsyncIterator[str]:
     """Server-sent events: one chunk per delta, then the finish with usage and [DONE], or an error event."""
     sent, ended = "", False
     try:
+        if generation.endpoint == "chat":
+            yield generation.opening()
         while True:
             kind, value = await generation.events.get()
             if kind == "delta":
@@ -663,12 +801,12 @@ async def stream_answer(generation: Generation) -> AsyncIterator[str]:
             ended = True
             if kind == "done":
                 await generation.state.saved(generation.finish(value, 200))
-                yield generation.chunk(None, reason(value), value)
+                for chunk in generation.ending(value):
+                    yield chunk
                 yield "data: [DONE]\n\n"
             else:
                 await generation.state.saved(generation.finish(None, 500, value, sent))
-                error = {"error": {"message": generation.failed, "type": "server_error"}}
-                yield f"data: {json.dumps(error)}\n\n"
+                yield event({"error": {"message": generation.failed, "type": "server_error"}})
             return
     finally:
         if not ended:  # the client went away mid-stream

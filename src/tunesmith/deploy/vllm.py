@@ -2,13 +2,17 @@
 
 vLLM serves the base model with the runs' PEFT adapters as LoRA modules (or a full fine-tune's
 model folder) under the same model names and chat template as `tunesmith serve`, so clients do not
-change. tunesmith only builds the command; vLLM runs it.
+change. tunesmith only builds the command and its environment; vLLM runs it. The API key travels in
+the environment (VLLM_API_KEY), never on the command line, which any local user can read in `ps`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from tunesmith.deploy.engine import BASE
@@ -18,7 +22,10 @@ from tunesmith.rundir import RunDir
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates LoRA slots for
 
 
-def vllm_command(run_dirs: list[Path], host: str, port: int, api_key: str | None, max_tokens_limit: int) -> list[str]:
+def vllm_command(
+    run_dirs: list[Path], host: str, port: int, max_tokens_limit: int, cors_origins: Iterable[str] = ()
+) -> list[str]:
+    """The `vllm serve` command line; cors_origins: the web pages allowed to call it (vLLM's default is any)."""
     from tunesmith.methods import method_of
     from tunesmith.models import resolve_model_path
 
@@ -46,9 +53,13 @@ def vllm_command(run_dirs: list[Path], host: str, port: int, api_key: str | None
         raise TunesmithError("vLLM serves several runs together only as LoRA adapters over one base model.")
     command += ["--chat-template", str(RunDir(first).chat_template), "--host", host, "--port", str(port)]
     command += ["--override-generation-config", f'{{"max_new_tokens": {max_tokens_limit}}}']
-    if api_key:
-        command += ["--api-key", api_key]
+    command += ["--allowed-origins", json.dumps(list(cors_origins))]
     return command
+
+
+def vllm_env(api_key: str | None) -> dict[str, str]:
+    """This process's environment for vLLM, with the API key vLLM reads when --api-key is not given."""
+    return dict(os.environ) | ({"VLLM_API_KEY": api_key} if api_key else {})
 
 
 def vllm_available() -> bool:

@@ -9,7 +9,6 @@ flipped on a per-item metric, and a verdict on the primary metric that says when
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ from tunesmith.data.formats import Conversation
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import baselines, stats
 from tunesmith.evaluate import metrics as m
+from tunesmith.files import json_line, own_dir, replacing, write_json
 from tunesmith.rundir import RunDir
 
 SPLITS = ("test", "val", "train")
@@ -203,14 +203,13 @@ def eval_run(
     per_item = m.score(settings.metrics, predictions, references, settings.schema_path)
     values = {k: round(v, 6) for k, v in m.summary(per_item, settings.metrics, predictions, references).items()}
     loss, perplexity = _loss_of(item_losses(loaded.model, loaded.tokenizer, items, loaded.config))
-    out = RunDir(run_dir).eval
-    out.mkdir(exist_ok=True)
+    out = own_dir(RunDir(run_dir).eval)
     path = out / f"predictions-{split}-{label}.jsonl"
-    with path.open("w", encoding="utf-8") as handle:
+    with replacing(path) as handle:
         for item, prediction, *scores in zip(items, predictions, *per_item.values(), strict=True):
             row = {"line": item.line, "prompt": item.prompt_messages[-1].content, "reference": str(item.reference)}
             row |= {"prediction": prediction, "scores": dict(zip(per_item, scores, strict=True))}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.write(json_line(row))
     summary = EvalSummary(
         str(run_dir),
         split,
@@ -223,7 +222,7 @@ def eval_run(
         m.confusion(predictions, references) if _classification(settings.metrics) else None,
         str(path),
     )
-    (out / f"eval-{split}-{label}.json").write_text(json.dumps(asdict(summary), indent=2))
+    write_json(out / f"eval-{split}-{label}.json", asdict(summary))
     return summary
 
 
@@ -563,8 +562,7 @@ def _flipped(
 
 
 def _write_compare(out: Path, rows: list[dict[str, Any]], summary: CompareSummary) -> None:
-    out.mkdir(exist_ok=True)
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "compare.json").write_text(json.dumps(asdict(summary), indent=2, ensure_ascii=False))
+    own_dir(out)
+    with replacing(out / "predictions.jsonl") as handle:
+        handle.writelines(json_line(row) for row in rows)
+    write_json(out / "compare.json", asdict(summary))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
+from tunesmith import trust
 from tunesmith.errors import TunesmithError
 
 
@@ -34,6 +35,9 @@ def general_ability(tuned: Any, base: Any, settings: Any) -> dict[str, dict[str,
         raise TunesmithError(
             "eval.lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval (or empty eval.lm_eval_tasks)."
         ) from None
+    if settings.lm_eval_include_path:
+        # Its task YAML can run code (`!function`): only when this command line allowed it.
+        trust.require("eval.lm_eval_include_path", str(settings.lm_eval_include_path))
     manager = (
         TaskManager(include_path=settings.lm_eval_include_path) if settings.lm_eval_include_path else TaskManager()
     )

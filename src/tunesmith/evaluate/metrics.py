@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunesmith import trust
 from tunesmith.errors import TunesmithError
 
 BINARY = {"exact_match", "json_valid", "json_schema", "accuracy"}
@@ -138,6 +139,7 @@ def load_custom(spec: str) -> Callable[[str, str], float]:
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise TunesmithError(f"Custom metric {spec!r}: write it as module:function or file.py:function.")
+    trust.require("eval.metrics / validation.metrics", spec)
     try:
         if target.endswith(".py"):
             module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from tunesmith.files import own_dir, write_json, write_text_atomic
 from tunesmith.rundir import RunDir
 from tunesmith.runs import read_metrics
 
@@ -253,13 +253,10 @@ def write_report(run_dir: str | Path) -> Path:
     """Write eval/report.json and eval/report.html; returns the HTML path."""
     run_dir = Path(run_dir)
     report = build_report(run_dir)
-    out = RunDir(run_dir).eval
-    out.mkdir(exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    out = own_dir(RunDir(run_dir).eval)
+    write_json(out / "report.json", report)
     target = out / "report.html"
-    partial = target.with_suffix(".html.partial")
-    partial.write_text(render_html(report), encoding="utf-8")
-    os.replace(partial, target)
+    write_text_atomic(target, render_html(report))
     return target
 
 

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunesmith.config import CheckpointConfig, PreferenceConfig, TrainConfig, ValidationConfig
 from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import TrainingInterrupted, TunesmithError
+from tunesmith.files import json_line, open_append, write_text_atomic
 from tunesmith.objectives import SFT, Objective
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
@@ -237,8 +238,11 @@ def _resume_history(metrics_path: Path | None, step: int) -> list[dict[str, Any]
             continue  # a line cut short by the kill
         if record.get("step", 0) <= step:
             kept.append(record)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    return [r for r in kept if r.get("type", "train") == "train"]
+    write_text_atomic(metrics_path, "".join(json_line(r) for r in kept))
+    train = [r for r in kept if r.get("type", "train") == "train"]
+    for record in train:  # a non-finite loss was written as null
+        record["loss"] = float("nan") if record.get("loss") is None else record["loss"]
+    return train
 
 
 @dataclass
@@ -347,7 +351,7 @@ class Trainer:
 
     def _setup_output(self, metrics_path: Path | None, console: Console) -> None:
         """Metrics file, console and progress bar: only the main process writes metrics, logs, prints and saves."""
-        self.metrics_file = metrics_path.open("a", encoding="utf-8") if metrics_path and self.world.main else None
+        self.metrics_file = open_append(metrics_path) if metrics_path and self.world.main else None
         self.console = console if self.world.main else Console(stderr=True, quiet=True)
         live = self.session.live
         self.live = self.console.is_terminal if live is None else live and self.console.is_terminal
@@ -574,7 +578,7 @@ class Trainer:
         if not force:
             return
         if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.write(json_line(record))
             self.metrics_file.flush()
         if self.session.log and self.world.main:
             self.session.log(record)

@@ -13,6 +13,7 @@ from typing import Any
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.files import write_json
 
 INSTALL = {
     "tensorboard": "pip install tensorboard",
@@ -61,7 +62,7 @@ class Trackers:
                     f"or remove {name} from tracking.trackers."
                 ) from None
         if ids:
-            self.ids_path.write_text(json.dumps(ids, indent=2))
+            write_json(self.ids_path, ids)
 
     def _open_tensorboard(self, config: RunConfig, known: Any) -> str:
         from torch.utils.tensorboard import SummaryWriter

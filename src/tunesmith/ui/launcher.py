@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.files import write_text_atomic
+from tunesmith.files import open_append, write_text_atomic
 from tunesmith.rundir import RunDir
 from tunesmith.runs import run_status
+from tunesmith.trust import LAUNCHED_BY_UI
 
 HOME = ".tunesmith-ui"
+# What a run the UI starts gets: unbuffered logs; no folder of the run on Python's import path (PYTHONSAFEPATH:
+# a `torch.py` in a downloaded run folder is never imported); and the mark that makes it refuse any code a
+# config names (see tunesmith.trust), since the UI's configs come from a browser, not a command line.
+CHILD_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1", LAUNCHED_BY_UI: "1"}
 
 
 class Launcher:
@@ -91,7 +96,7 @@ class Launcher:
             if config_text is not None:
                 path = self.config_path(name)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(config_text, encoding="utf-8")
+                write_text_atomic(path, config_text)
             queue.append({"name": name, "resume": resume, "queued": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             self._write(self.queue_file, queue)
             return len(queue)
@@ -181,13 +186,13 @@ class Launcher:
             command = [self.python, "-m", "tunesmith", "run", str(self.config_path(name)), "--quiet"]
         log = self.log_path(name)
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a", encoding="utf-8") as handle:
+        with open_append(log) as handle:
             handle.write(f"$ {' '.join(command)}\n")
             handle.flush()
             # A session of its own: the UI's Ctrl-C does not stop it, and it outlives the UI.
             child = subprocess.Popen(
                 command, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                start_new_session=True, env=os.environ | CHILD_ENV,
             )  # fmt: skip
         self.children[name] = child
         self._record_launch(
