@@ -33,6 +33,15 @@ def test_evidence_decides_between_prompting_and_fine_tuning():
     assert advice.recommendation == "fine-tune" and any("headroom +0.60" in r for r in advice.reasons)
 
 
+def test_evidence_at_the_floor_is_never_prompting_and_says_what_to_check():
+    nothing = Evidence("exact_match", 20, zero_shot=0.0, few_shot=0.0, k=3, target=0.0)
+    advice = decide(Situation(need="format", examples=800), nothing)
+    assert not nothing.prompting_enough and advice.recommendation == "fine-tune"
+    assert any("scores 0 on exact_match" in r and "larger model" in r for r in advice.reasons)
+    some = Evidence("exact_match", 20, zero_shot=0.0, few_shot=0.2, k=3, target=0.8)
+    assert not any("scores 0" in r for r in decide(Situation(need="format", examples=800), some).reasons)
+
+
 def test_few_shot_prompt_puts_solved_examples_first():
     shots, question = chat_records(3)[:2], chat_records(3)[2]
     from tunesmith.data.formats import normalise

@@ -235,6 +235,44 @@ def test_wins_come_from_a_per_item_metric_when_a_corpus_metric_comes_first(tmp_p
     assert m.deciding_metric(["bleu"]) == "chrf" and m.deciding_metric(["macro_f1", "bleu"]) == "accuracy"
 
 
+def _compare_on(tmp_path, monkeypatch, outputs):
+    """compare_run on 12 colour items with the given zero-shot and tuned answers (no model, no generation)."""
+    from tunesmith.data.formats import Conversation, Message
+    from tunesmith.evaluate import compare, generate
+
+    references = ["red", "blue", "green"] * 4
+    items = [
+        Conversation((Message("user", f"colour {i}"), Message("assistant", ref)), line=i + 1)
+        for i, ref in enumerate(references)
+    ]
+    config = build_config({"eval": {"metrics": ["exact_match"], "bootstrap": 200}})
+    loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None)
+    monkeypatch.setattr(generate, "load_run", lambda run_dir, base=False: loaded)
+    monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
+    monkeypatch.setattr(
+        compare, "_generate", lambda model, items, base, console, label, stops: outputs(references)[label]
+    )
+    monkeypatch.setattr(compare, "_losses_of_both", lambda loaded, base, items: ([(2.0, 4)] * 12, [(2.0, 4)] * 12))
+    return compare.compare_run(tmp_path)
+
+
+def test_compare_says_nothing_works_when_every_contestant_scores_zero(tmp_path, monkeypatch):
+    summary = _compare_on(tmp_path, monkeypatch, lambda refs: {"zero-shot": ["purple"] * 12, "tuned": ["mauve"] * 12})
+    assert summary.verdict.startswith("Neither prompting nor fine-tuning works yet for exact_match")
+    assert "zero-shot 0.000, tuned 0.000 on 12 items" in summary.verdict
+    assert "train.max_steps" in summary.verdict and "larger model" in summary.verdict
+    assert "not needed" not in summary.verdict and "Prompting is as good" not in summary.verdict
+
+
+def test_compare_keeps_its_verdicts_when_some_contestant_scores(tmp_path, monkeypatch):
+    same = _compare_on(
+        tmp_path, monkeypatch, lambda refs: {"zero-shot": refs[:6] + ["x"] * 6, "tuned": refs[:6] + ["y"] * 6}
+    )
+    assert same.verdict.startswith("Prompting is as good: fine-tuning not needed for exact_match")
+    won = _compare_on(tmp_path, monkeypatch, lambda refs: {"zero-shot": ["x"] * 12, "tuned": refs})
+    assert won.verdict.startswith("Fine-tuning beat the strongest prompting baseline (zero-shot)")
+
+
 class _Text(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -333,7 +371,10 @@ def test_compare_says_not_significant_when_nothing_changed(tiny_model_dir, chat_
     result = json.loads(capsys.readouterr().out)
     exact = result["metrics"]["exact_match"]
     assert exact["diff"] == 0 and exact["p_value"] == 1.0 and not exact["significant"]
-    assert result["verdict"].startswith("Prompting is as good: fine-tuning not needed for exact_match")
+    few = (result["few_shot"] or {}).get("metrics", {}).get("exact_match", {}).get("base", 0)
+    at_floor = exact["base"] == exact["tuned"] == few == 0  # a random tiny model answers nothing right
+    expected = "Neither prompting nor fine-tuning works yet" if at_floor else "Prompting is as good: fine-tuning not"
+    assert result["verdict"].startswith(expected)
     assert math.isclose(result["metrics"]["loss"]["diff"], 0, abs_tol=1e-3)
 
 

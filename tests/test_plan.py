@@ -116,6 +116,11 @@ def test_7b_lora_on_an_rtx_4090_plans_in_bf16_and_fits_one_card(tmp_path, capsys
     assert report["estimate"]["peak_memory_bytes"] < 0.9 * 24 * GIB
     # The CPU row is planned in what this machine would train in (tests pin it to a CPU without bf16).
     assert report["this_machine"]["precision"] == {"dtype": "fp32", "reason": f"auto: {CPU_BF16_ENV}=0"}
+    # Its time comes from this CPU's fp32 matmul speed, measured here, not from a constant.
+    assert (
+        report["this_machine"]["speed"].startswith("measured ")
+        and " fp32 matmul on this CPU" in report["this_machine"]["speed"]
+    )
     # In fp32, what plan answered before it followed train.dtype: two cards.
     assert main([*command, "--weight-dtype", "fp32", "--json"]) == 0
     fp32 = json.loads(capsys.readouterr().out)
@@ -124,6 +129,7 @@ def test_7b_lora_on_an_rtx_4090_plans_in_bf16_and_fits_one_card(tmp_path, capsys
     assert main(command) == 0
     text = capsys.readouterr().out
     assert "dtype bf16 on the GPUs below (train.dtype auto" in text and "cuda_context" in text
+    assert "time from the measured" in " ".join(text.split())
 
 
 def test_flops_six_and_four_n_t():

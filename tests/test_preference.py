@@ -124,6 +124,64 @@ def test_the_reference_is_the_starting_model_without_a_second_copy(tiny_model_di
     assert [e.reference for e in again] == [e.reference for e in examples]
 
 
+def _resume_dpo(tiny_model_dir, pairs_file, out, capsys):
+    code = main(train_args(tiny_model_dir, pairs_file, out, "--objective", "dpo", *FLAGS, "--resume"))
+    return code, capsys.readouterr().err
+
+
+def test_a_damaged_reference_cache_is_refused_on_resume_naming_the_file(tiny_model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "dpo"
+    assert main(train_args(tiny_model_dir, pairs_file, out, "--objective", "dpo", *FLAGS)) == 0
+    cache = out / "data" / "reference_logps.json"
+    saved = json.loads(cache.read_text())
+    train = saved["logps"]["train"]
+    for damage, says in [
+        ({"train": train[:-1]}, f"{len(train) - 1} train entries for the {len(train)} train examples"),
+        ({"train": [[float("nan"), train[0][1]], *train[1:]]}, "train entry 0 is [nan"),
+        ({"train": [["-3.2", 1.0], *train[1:]]}, "not two finite log-probs"),
+    ]:
+        cache.write_text(json.dumps(saved | {"logps": saved["logps"] | damage}))
+        code, err = _resume_dpo(tiny_model_dir, pairs_file, out, capsys)
+        flat = " ".join(err.split())
+        assert code == 2 and "reference_logps.json" in flat and says in flat and "Delete reference_logps.json" in flat
+        assert "Traceback" not in err
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["status"] == "failed" and "reference_logps.json" in manifest["error"]
+    cache.write_text("{half")
+    code, err = _resume_dpo(tiny_model_dir, pairs_file, out, capsys)
+    assert code == 2 and "not readable JSON" in err
+    cache.unlink()  # the fix the message names: measured again
+    assert _resume_dpo(tiny_model_dir, pairs_file, out, capsys)[0] == 0
+    again = json.loads(cache.read_text())["logps"]["train"]
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(train), rtol=0, atol=1e-4)  # the starting model's
+
+
+def test_the_reference_cache_is_keyed_on_the_starting_weights_content(tiny_model_dir, tmp_path):
+    import shutil
+
+    from tunesmith.config import build_config
+    from tunesmith.models import load_model
+    from tunesmith.objectives.pairs import weights_digest
+    from tunesmith.run import starting_weights
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    files = starting_weights(build_config({}), str(base))
+    assert [p.name for p in files] == ["model.safetensors"]
+    before = weights_digest(files)
+    tokenizer = build_tokenizer()
+    use_chat_template(tokenizer, None)
+    examples = _examples(tokenizer, pair_records(6), tmp_path / "p.jsonl")
+    cache = tmp_path / "reference.json"
+    model = load_model(str(base), torch.float32)
+    assert attach_reference(model, {"train": examples}, tokenizer.pad_token_id, 3, cache, f"m|{before}") is False
+    assert attach_reference(model, {"train": examples}, tokenizer.pad_token_id, 3, cache, f"m|{before}") is True
+    build_model(len(tokenizer), seed=7).save_pretrained(base)  # the same name, other weights
+    after = weights_digest(starting_weights(build_config({}), str(base)))
+    assert after != before
+    other = load_model(str(base), torch.float32)
+    assert attach_reference(other, {"train": examples}, tokenizer.pad_token_id, 3, cache, f"m|{after}") is False
+
+
 def test_a_dpo_run_continues_an_sft_run(tiny_model_dir, tmp_path, capsys):
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
     chat = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))

@@ -266,3 +266,21 @@ def test_the_printed_resume_command_drops_overwrite_and_an_earlier_resume_value(
     ]
     assert resume_command(["train", "c.yaml", "--overwrite", "--resume"]) == ["train", "c.yaml"]
     assert resume_command(["train", "--resume=auto", "c.yaml"]) == ["train", "c.yaml"]
+
+
+def test_resume_refuses_a_changed_or_missing_saved_split_naming_it(tiny_model_dir, chat_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--max-steps", "2", "--train.batch_size", "4", "--test-fraction", "0.2", "--set", "data.val_fraction=0.1"]
+    assert main(train_args(tiny_model_dir, chat_file, out, *flags)) == 0
+    recorded = json.loads((out / "manifest.json").read_text())["splits"]
+    assert set(recorded) == {"train", "val", "test"} and all(len(digest) == 64 for digest in recorded.values())
+    train = out / "data" / "train.jsonl"
+    original = train.read_text()
+    train.write_text(original.replace("red", "crimson", 1))  # one answer edited by hand
+    assert main(train_args(tiny_model_dir, chat_file, out, *flags, "--resume")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(train) in err and "train split" in err and "changed since the run started" in err
+    train.write_text(original)
+    (out / "data" / "val.jsonl").unlink()
+    assert main(train_args(tiny_model_dir, chat_file, out, *flags, "--resume")) == 2
+    assert "val.jsonl is missing" in " ".join(capsys.readouterr().err.split())

@@ -6,12 +6,14 @@ prints them. A run directory is never reused or overwritten unless the caller pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,7 +214,21 @@ def check_resumable(config: RunConfig, run_dir: Path) -> dict[str, Any]:
                 f"Cannot resume {run_dir}: {name} changed since the run started (sha256 differs). "
                 "Restore the file, or start a new run with another --out."
             )
+    for split, digest in info.get("splits", {}).items():  # what a resume trains on (runs from before: unchecked)
+        path = RunDir(run_dir).split(split)
+        if not path.is_file() or sha256_file(path) != digest:
+            how = "is missing" if not path.is_file() else "changed since the run started (sha256 differs)"
+            raise TunesmithError(
+                f"Cannot resume {run_dir}: its saved {split} split {path} {how}, and a resume trains on the splits "
+                "the run started with. Restore the file, or start a new run with another --out."
+            )
     return info
+
+
+def split_hashes(run_dir: Path) -> dict[str, str]:
+    """The sha256 of each split file the run saved, recorded in its manifest and checked on resume."""
+    paths = {name: RunDir(run_dir).split(name) for name in ("train", "val", "test")}
+    return {name: sha256_file(path) for name, path in paths.items() if path.is_file()}
 
 
 def run_precision(config: RunConfig, source: str, recorded: dict[str, Any], console: Console) -> Precision:
@@ -279,8 +295,10 @@ def _validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examp
 
 def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> dict[str, Any]:
     """The plan's time and cost estimate for this run's real workload, kept to compare with what it took."""
-    from tunesmith.plan.estimate import CPU_ROW, CPU_TFLOPS, GIB, UTILIZATION, Shape, Workload
-    from tunesmith.plan.report import estimate_with_cpu
+    import torch
+
+    from tunesmith.plan.estimate import GIB, HERE_UTILIZATION, UTILIZATION, Shape, Workload
+    from tunesmith.plan.report import estimate_with_cpu, here_row
 
     try:
         shape = Shape.from_config(model_config)
@@ -291,15 +309,16 @@ def plan_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> 
 
         examples = sequences(examples)
     work = Workload.for_run(config, examples)
-    result = estimate_with_cpu(shape, work, cpu_work=work)
-    here = result.devices.pop(CPU_ROW)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where this run trains, so what the probe times
+    result = estimate_with_cpu(shape, work, cpu_work=work, device=device)
+    here = result.devices.pop(here_row(device))
     return {
         "tokens": round(work.tokens),
         "peak_memory_gib": round(result.peak_memory_bytes / GIB, 3),
         "this machine": here,
         "cloud": {name: d["cost_usd"] for name, d in result.devices.items() if d["fits"]},
-        "assumptions": f"{UTILIZATION:.0%} utilisation (MFU); this machine at {CPU_TFLOPS} TFLOP/s fp32 "
-        "(2-core AVX-512)",
+        "assumptions": f"{UTILIZATION:.0%} utilisation (MFU) of the cloud GPUs' peak; this machine: "
+        f"{here['speed']}, {HERE_UTILIZATION:.0%} of it reached by training",
     }
 
 
@@ -347,7 +366,7 @@ def _prepare(
         for name, rows in splits.items():
             write_jsonl(layout.split(name), rows)
         layout.write_config(dump_config(config))
-        info = manifest(config, files) | {"format": fmt}
+        info = manifest(config, files) | {"format": fmt, "splits": split_hashes(run_dir)}
     info |= {"pid": os.getpid(), "host": platform.node()}
     return splits, fmt, info, latest
 
@@ -395,14 +414,20 @@ def train_run(
     from tunesmith.models import resolve_model_path
 
     run = _open_run(config, overwrite, console or Console(stderr=True))
+    from tunesmith.objectives.pairs import kto_batch_warning
+
+    warning = kto_batch_warning(objective_of(config), config.train.batch_size, run.world.size)
+    if warning:
+        run.console.print(f"[yellow]warning: {warning}[/]")
     run.console.print(f"[bold]Model[/] {config.model}  [bold]method[/] {config.method}  [bold]run[/] {run.run_dir}")
-    source = resolve_model_path(config.model)
-    precision = run_precision(config, source, run.info if run.resuming else {}, run.console)
-    run.info["precision"] = precision.to_dict()
-    run.write_manifest("running")
-    data = _tokenize(config, run, source)
-    model, parameters = _build_model(config, run, source, precision, data.examples)
-    _reference(config, run, data, model, precision)
+    with _marked_on_failure(run):  # the manifest never says "running" after a stage has failed (_train: its own)
+        source = resolve_model_path(config.model)
+        precision = run_precision(config, source, run.info if run.resuming else {}, run.console)
+        run.info["precision"] = precision.to_dict()
+        run.write_manifest("running")
+        data = _tokenize(config, run, source)
+        model, parameters = _build_model(config, run, source, precision, data.examples)
+        _reference(config, run, data, model, precision, source)
     result = _train(config, run, data, model, precision, live, strategy)
     trained = _final_weights(config, run, model, result)
     model.eval()
@@ -491,13 +516,38 @@ def _tokenize_preferences(config: RunConfig, run: _Run, tokenizer: Any, template
     return _Tokenized(tokenizer, template, examples, val_examples, report)
 
 
-def _reference(config: RunConfig, run: _Run, data: _Tokenized, model: Any, precision: Precision) -> None:
+@contextlib.contextmanager
+def _marked_on_failure(run: _Run) -> Iterator[None]:
+    """Mark the manifest interrupted or failed when the stages inside end in an exception, and re-raise it."""
+    try:
+        yield
+    except (TrainingInterrupted, KeyboardInterrupt):
+        run.write_manifest("interrupted")
+        raise
+    except BaseException as exc:
+        run.write_manifest("failed", error=str(exc)[:2000])
+        raise
+
+
+def starting_weights(config: RunConfig, source: str) -> list[Path]:
+    """The weight files a run starts from: the base model's, then init_from's trained weights when it has one."""
+    suffixes = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+    base = Path(source)
+    files = sorted(p for p in base.iterdir() if p.suffix in suffixes) if base.is_dir() else [base]
+    if config.init_from:
+        start = RunDir(Path(str(config.init_from)))
+        trained = start.trained_weights(start.read_config())
+        files += sorted(p for p in trained.rglob("*") if p.is_file())
+    return [p for p in files if p.is_file()]
+
+
+def _reference(config: RunConfig, run: _Run, data: _Tokenized, model: Any, precision: Precision, source: str) -> None:
     """For dpo, ipo and kto: the starting model's log-probs of every train and val pair, measured once before
     training (no second copy of any weights) and kept in the run directory for a resume. Dropout is turned off
     for these objectives (as TRL does): the policy must equal the reference at the start, not a noisy copy."""
     import torch
 
-    from tunesmith.objectives.pairs import attach_reference
+    from tunesmith.objectives.pairs import attach_reference, weights_digest
 
     if not objective_of(config).needs_reference:
         return
@@ -507,7 +557,8 @@ def _reference(config: RunConfig, run: _Run, data: _Tokenized, model: Any, preci
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     device = next(model.parameters()).device.type
-    start = f"{config.model}|{config.method}|{config.init_from or ''}|{precision.name}"
+    weights = weights_digest(starting_weights(config, source))  # the same names can hold other weights
+    start = f"{config.model}|{config.method}|{config.init_from or ''}|{precision.name}|{weights}"
 
     def autocast() -> Any:
         return torch.autocast(device, dtype=precision.dtype, enabled=precision.name != "fp32")

@@ -13,7 +13,7 @@ from tunesmith.cli.common import add_config_options, config_from_args, out, prin
 from tunesmith.evaluate.baselines import MAX_AUTO_SHOTS
 from tunesmith.evaluate.metrics import KNOWN as METRICS
 from tunesmith.plan.advise import NEEDS, EvidenceOptions, Situation, advise
-from tunesmith.plan.estimate import CPU_ROW, CPU_TFLOPS, DEFAULT_GPU, GIB, UTILIZATION
+from tunesmith.plan.estimate import CPU_ROW, DEFAULT_GPU, GIB, HERE_UTILIZATION, UTILIZATION
 
 if TYPE_CHECKING:  # the plan's module imports torch, which `tunesmith --help` need not wait for
     from tunesmith.plan.report import Plan
@@ -72,7 +72,10 @@ def print_plan(plan: Plan) -> None:
         )
     out.print(devices)
     if plan.this_machine:
-        out.print(f"{CPU_ROW}: {plan.this_machine.name}, without a CUDA context ({plan.this_machine.reason})")
+        out.print(
+            f"{CPU_ROW}: {plan.this_machine.name}, without a CUDA context ({plan.this_machine.reason}); time from the "
+            f"{plan.speed}, {HERE_UTILIZATION:.0%} of it reached by training"
+        )
     else:
         out.print(f"{CPU_ROW}: not listed: {plan.no_cpu_row}")
     advice = plan.recommendation
@@ -164,13 +167,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "--utilization",
         type=float,
         default=UTILIZATION,
-        help=f"Share of peak FLOP/s reached (MFU) for time and cost [default: {UTILIZATION}].",
+        help=f"Share of a table GPU's peak FLOP/s reached (MFU) for time and cost [default: {UTILIZATION}]; this "
+        f"machine's row takes {HERE_UTILIZATION:.0%} of its measured matmul speed.",
     )
     plan.add_argument(
         "--cpu-tflops",
         type=float,
-        default=CPU_TFLOPS,
-        help=f"This machine's matmul speed in TFLOP/s (2-core AVX-512 fp32: 0.16) [default: {CPU_TFLOPS}].",
+        help="This machine's matmul speed in TFLOP/s in the dtype of its row [default: measured here by a short "
+        "matmul probe, cached per CPU, torch version and thread count].",
     )
     plan.add_argument("--prices", help="YAML mapping device name -> USD per hour, overriding the table.")
     plan.add_argument("--measure", action="store_true", help="Run a few real training steps here and report them.")

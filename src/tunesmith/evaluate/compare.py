@@ -270,7 +270,10 @@ def compare_run(
         ties=zero.ties,
         losses=zero.losses,
         flipped=zero.flipped,
-        verdict=_final_verdict(versus[strongest], settings.metrics[0], _label(prompting, strongest), chosen_on),
+        verdict=_nothing_works(
+            settings.metrics[0], _contestant_values(versus, settings.metrics[0], prompting), len(items)
+        )
+        or _final_verdict(versus[strongest], settings.metrics[0], _label(prompting, strongest), chosen_on),
         examples=rows[:3],
         field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
         few_shot=asdict(versus["few_shot"]) if "few_shot" in versus else None,
@@ -398,6 +401,29 @@ def _versus(
     flipped = _flipped(rows, decider_base, decider_tuned)
     verdict = stats.verdict(primary, compared[primary])
     return Versus(against, results, decided_by, wins, ties, losses, flipped, verdict)
+
+
+def _contestant_values(
+    versus: dict[str, Versus], primary: str, prompting: list[baselines.Baseline]
+) -> dict[str, float]:
+    """Every contestant's primary-metric value on the compared items: each prompting baseline, then the tuned model."""
+    values = {_label(prompting, name): float(v.metrics[primary]["base"]) for name, v in versus.items()}
+    return values | {"tuned": float(versus["base"].metrics[primary]["tuned"])}
+
+
+def _nothing_works(primary: str, values: dict[str, float], items: int) -> str | None:
+    """The verdict when every contestant scores 0 on the primary metric (the floor of every built-in metric), else
+    None. A tie at the floor is no evidence that prompting is as good: neither works yet."""
+    if any(abs(value) > 1e-12 for value in values.values()):
+        return None
+    shown = ", ".join(f"{label} {value:.3f}" for label, value in values.items())
+    return (
+        f"Neither prompting nor fine-tuning works yet for {primary}: {shown} on {items} items, every one at the "
+        "floor, so this says nothing about which is better. Try training longer or with a higher learning rate "
+        "(train.max_steps or train.epochs, train.lr), a larger model, and check the data and the metric: read "
+        f"eval/predictions.jsonl to see whether the answers come near the references and whether {primary} "
+        "measures what you want."
+    )
 
 
 def _final_verdict(versus: Versus, primary: str, label: str, chosen_on: str) -> str:

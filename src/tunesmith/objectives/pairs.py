@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ class Preference(Objective):
         if self.needs_reference and "ref_first" not in batch:
             raise TunesmithError(f"objective {self.name} needs the reference log-probs (attach_reference) first.")
         if self.name == "kto":
-            kl = formulas.kto_kl(second, batch["ref_second"])
+            kl = formulas.kto_kl(second, batch["ref_second"], sum_over_processes)
             desirable = batch["desirable"]
             losses, _, _ = formulas.kto(
                 first, batch["ref_first"], desirable, kl, beta, settings.desirable_weight, settings.undesirable_weight
@@ -166,6 +167,32 @@ class Preference(Objective):
         return losses.sum(), pair_stats(chosen, rejected, first / n_first, second / n_second)
 
 
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the data-parallel processes (itself in a single process). Every process calls it
+    for every micro-batch and validation batch alike (all validate the same set), so the collectives match."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    summed = tensor.clone()
+    dist.all_reduce(summed)
+    return summed
+
+
+def kto_batch_warning(objective: Objective, batch_size: int, processes: int) -> str | None:
+    """A warning when KTO's KL reference point would rest on fewer than 2 mismatched pairs per process and
+    micro-batch (train.batch_size examples split over the processes), else None."""
+    per_process = batch_size // max(1, processes)
+    if objective.name != "kto" or per_process >= 2:
+        return None
+    over = f", {batch_size} over all {processes} processes" if processes > 1 else ""
+    return (
+        f"KTO estimates its KL reference point from each micro-batch's mismatched pairs: {per_process} per "
+        f"process{over} is a noisy estimate (one sample moves it as much as the whole batch). Set "
+        f"train.batch_size to {2 * processes} or more (and train.grad_accum lower to keep the examples per step)."
+    )
+
+
 def pair_stats(
     chosen: torch.Tensor, rejected: torch.Tensor, chosen_logp: torch.Tensor, rejected_logp: torch.Tensor
 ) -> dict[str, float]:
@@ -181,12 +208,47 @@ def pair_stats(
 
 
 def reference_key(examples: list[PreferenceExample], start: str) -> str:
-    """What the reference log-probs depend on: every token id and the starting weights' identity."""
+    """What the reference log-probs depend on: every token id and the starting weights (their identity and, from
+    the caller, a digest of their files' content: see weights_digest)."""
     digest = hashlib.sha256(start.encode())
     for example in examples:
         first, second = example.token_ids
         digest.update(json.dumps([first, second]).encode())
     return digest.hexdigest()
+
+
+def read_reference(cache: Path | None, key: str, counts: dict[str, int]) -> dict[str, list[list[float]]] | None:
+    """The saved log-probs per split when `cache` holds them under `key` (None when it is absent or for other
+    examples or weights); a cache that is not what attach_reference writes (damaged, edited, of another count, a
+    non-finite value) is an error naming it, never trusted."""
+    if cache is None or not cache.is_file():
+        return None
+
+    def damaged(problem: str) -> TunesmithError:
+        return TunesmithError(
+            f"{cache}: {problem}, so the reference log-probs saved there cannot be used. Delete {cache.name} and "
+            "run again (--resume keeps the checkpoints): they are measured again from the starting model."
+        )
+
+    try:
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise damaged(f"not readable JSON ({exc})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("logps"), dict):
+        raise damaged("no 'key' and 'logps' object as tunesmith writes it")
+    if saved.get("key") != key:
+        return None  # measured for other examples or other starting weights: measure again and replace it
+    logps = saved["logps"]
+    for name, count in counts.items():
+        pairs = logps.get(name)
+        if not isinstance(pairs, list) or len(pairs) != count:
+            found = len(pairs) if isinstance(pairs, list) else "no"
+            raise damaged(f"{found} {name} entries for the {count} {name} examples")
+        for index, pair in enumerate(pairs):
+            numbers = isinstance(pair, list) and len(pair) == 2 and all(type(v) in (int, float) for v in pair)
+            if not numbers or not all(math.isfinite(v) for v in pair):
+                raise damaged(f"{name} entry {index} is {pair!r}, not two finite log-probs")
+    return logps
 
 
 @torch.no_grad()
@@ -208,13 +270,12 @@ def attach_reference(
     from tunesmith.train.loss import model_logps
 
     key = reference_key([e for examples in splits.values() for e in examples], start)
-    if cache is not None and cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            for name, examples in splits.items():
-                for example, pair in zip(examples, saved["logps"][name], strict=True):
-                    example.reference = (pair[0], pair[1])
-            return True
+    saved = read_reference(cache, key, {name: len(examples) for name, examples in splits.items()})
+    if saved is not None:
+        for name, examples in splits.items():
+            for example, pair in zip(examples, saved[name], strict=True):
+                example.reference = (pair[0], pair[1])
+        return True
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -234,6 +295,16 @@ def attach_reference(
         logps = {name: [list(e.reference or (0.0, 0.0)) for e in examples] for name, examples in splits.items()}
         write_text_atomic(cache, json.dumps({"key": key, "logps": logps}))
     return False
+
+
+def weights_digest(files: list[Path]) -> str:
+    """One sha256 over the content of weight files, in the order given, each with its name."""
+    from tunesmith.files import sha256_file
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 @torch.no_grad()

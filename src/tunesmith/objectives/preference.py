@@ -7,6 +7,8 @@ only. Nothing here runs a model or reduces over the batch: the caller takes the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -121,10 +123,20 @@ def simpo(
     return losses, chosen_reward.detach(), rejected_reward.detach()
 
 
-def kto_kl(policy_mismatched: torch.Tensor, reference_mismatched: torch.Tensor) -> torch.Tensor:
+def kto_kl(
+    policy_mismatched: torch.Tensor,
+    reference_mismatched: torch.Tensor,
+    sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """KTO's reference point z_ref (Ethayarajh et al. 2024, Eq. 7 and §4.1): the batch mean of log πθ(y'|x) -
-    log π_ref(y'|x) over mismatched pairs (a prompt with another row's completion), detached and clamped at 0."""
-    return (policy_mismatched.float() - reference_mismatched.float()).mean().detach().clamp(min=0)
+    log π_ref(y'|x) over mismatched pairs (a prompt with another row's completion), detached and clamped at 0.
+    `sum_over` sums a tensor over the data-parallel processes, so the mean is over the whole micro-batch of the
+    step rather than over this process's share of it (at batch size 1 per process, one sample)."""
+    gap = (policy_mismatched.float() - reference_mismatched.float()).detach()
+    totals = torch.stack([gap.sum(), gap.new_tensor(float(gap.numel()))])
+    if sum_over is not None:
+        totals = sum_over(totals)
+    return (totals[0] / totals[1]).clamp(min=0)
 
 
 def kto(

@@ -40,8 +40,13 @@ class Evidence:
     predictions: list[dict[str, str]] = field(default_factory=list)
 
     @property
+    def at_floor(self) -> bool:
+        """Both prompting baselines score 0 (every built-in metric's floor): prompting does not work at all."""
+        return max(self.zero_shot, self.few_shot) <= 0
+
+    @property
     def prompting_enough(self) -> bool:
-        return max(self.zero_shot, self.few_shot) >= self.target
+        return not self.at_floor and max(self.zero_shot, self.few_shot) >= self.target
 
 
 @dataclass
@@ -107,6 +112,8 @@ def decide(situation: Situation, evidence: Evidence | None = None) -> Advice:
         )
     if evidence is not None:
         reasons.append(_evidence_line(evidence))
+        if evidence.at_floor:
+            reasons.append(_floor_line(evidence))
     if situation.latency_critical:
         reasons.append("a tuned model needs no few-shot examples in the prompt: shorter prompts, lower latency")
     if situation.private:
@@ -134,6 +141,15 @@ def _evidence_line(evidence: Evidence) -> str:
         f"measured on {evidence.items} held-out examples: {evidence.metric} zero-shot {evidence.zero_shot:.2f}, "
         f"{evidence.k}-shot {evidence.few_shot:.2f}; target {evidence.target:.2f}, headroom "
         f"{evidence.target - best:+.2f} to the target and {1 - best:.2f} to perfect"
+    )
+
+
+def _floor_line(evidence: Evidence) -> str:
+    return (
+        f"the base model scores 0 on {evidence.metric} even with {evidence.k} solved examples: first check the data "
+        "and the metric (read the predictions in the evidence: are the answers near the references, does "
+        f"{evidence.metric} measure what you want?); if they are right, fine-tuning has to teach the task from "
+        "nothing, so plan for more steps or a higher learning rate, and try a larger model if it stays at 0"
     )
 
 

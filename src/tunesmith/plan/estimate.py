@@ -2,8 +2,9 @@
 
 First principles only: parameter counts from the architecture, bytes per value from the dtype each value
 really has in the run (train/precision.py), FLOPs as 6·N·T (full) or 4·N·T (adapter methods) plus attention.
-No constant here is fitted to a price or a benchmark; where the estimate and a measurement disagree, the
-report says so.
+No constant here is fitted to a price or a benchmark except HERE_UTILIZATION (this machine's share of its
+measured matmul speed, set from the quickstart); where the estimate and a measurement disagree, the report
+says so.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ DEVICES: dict[str, dict[str, float]] = {
 }
 DEFAULT_GPU = "RTX 4090 24GB"  # the device `plan` recommends for unless told another
 CPU_ROW = "this machine (CPU)"
-CPU_TFLOPS = 0.16  # fp32 matmul TFLOP/s of this machine's row unless told: a 2-core AVX-512 CPU's
-UTILIZATION = 0.4  # share of peak FLOP/s a fine-tune reaches (MFU), for time and cost unless told
+UTILIZATION = 0.4  # share of a table GPU's peak FLOP/s a fine-tune reaches (MFU), for time and cost unless told
+# Share of this machine's measured matmul FLOP/s (plan/probe.py) that training reaches, counted in the FLOPs of
+# training_flops: the rest of a step (attention, norms, the optimizer, the small adapter matmuls, Python) and the
+# FLOPs it counts but never runs (the input embedding is a lookup) fill the difference. Set from the quickstart
+# (Gemma 3 270M LoRA, bf16, 2 threads, 3.3e13 FLOPs) on two CPUs: 163 s where the probe's bf16 matmul runs at
+# ~680 GFLOP/s (AVX512-BF16, share 0.30); 7.6 s a step, ~360 s in all, at ~500 GFLOP/s (AMX, share 0.22). 0.25
+# puts both within 30% (+19%, -26%): how much of the probe's speed a step reaches differs between CPUs.
+HERE_UTILIZATION = 0.25
 GIB = 1024**3
 USABLE = 0.9  # share of a GPU's memory left after the caching allocator's fragmentation (the context is a term)
 # What a process holds on a GPU besides its tensors: driver state, the kernels loaded so far, cuBLAS and cuDNN
@@ -362,27 +369,32 @@ def estimate(
     work: Workload,
     utilization: float = UTILIZATION,
     prices: dict[str, float] | None = None,
-    cpu: dict[str, float] | None = None,
+    cpu: dict[str, Any] | None = None,
     cpu_work: Workload | None = None,
 ) -> Estimate:
     """Memory (on a table GPU, in `work`'s dtype), FLOPs, and per device the count, hours and cost. With `cpu`,
-    a row for this machine's CPU too, in `cpu_work`'s dtype (default `work`'s) and without a CUDA context."""
+    a row for this machine too (plan/report.py: this_machine), in `cpu_work`'s dtype (default `work`'s), at the
+    share of its measured speed it names, with a CUDA context only when it is a GPU."""
     memory = memory_breakdown(shape, work)
     flops = training_flops(shape, work)
     rows = [(name, device, memory) for name, device in DEVICES.items()]
     if cpu:
-        rows.append((CPU_ROW, cpu, memory_breakdown(shape, cpu_work or work, gpu=False)))
+        here = memory_breakdown(shape, cpu_work or work, gpu=bool(cpu.get("gpu")))
+        rows.append((cpu.get("name", CPU_ROW), cpu, here))
     devices = {}
     for name, device, needs in rows:
         price = (prices or {}).get(name, device["usd_per_hour"])
         count = devices_needed(needs, device["memory_gib"] * GIB * USABLE)
-        hours = flops / (device["tflops"] * 1e12 * utilization * max(1, count or 1)) / 3600
+        share = device.get("utilization", utilization)
+        hours = flops / (device["tflops"] * 1e12 * share * max(1, count or 1)) / 3600
         devices[name] = {
             "fits": count == 1,
             "devices_needed": count,
             "hours": float(f"{hours:.4g}"),
             "cost_usd": None if count is None else float(f"{hours * price * count:.3g}"),
         }
+        if "speed" in device:  # this machine's row: what was measured, and the share of it training reaches
+            devices[name] |= {"speed": device["speed"], "utilization": share}
     peak, phase = peak_bytes(memory)
     return Estimate(shape.total_params, trainable_params(shape, work), memory, peak, phase, flops, devices)
 

@@ -15,10 +15,11 @@ from typing import Any
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.plan.estimate import (
-    CPU_TFLOPS,
+    CPU_ROW,
     DEFAULT_GPU,
     DEVICES,
     GIB,
+    HERE_UTILIZATION,
     UTILIZATION,
     Estimate,
     Shape,
@@ -42,7 +43,7 @@ class PlanOptions:
     gpu_memory: float | None = None  # recommend for a device of this many GiB instead
     dtype_reason: str | None = None  # why train.dtype is what it is, when the caller set it for this plan
     utilization: float = UTILIZATION
-    cpu_tflops: float = CPU_TFLOPS
+    cpu_tflops: float | None = None  # this machine's matmul TFLOP/s instead of measuring it (plan/probe.py)
     prices: str | None = None  # YAML file of device name -> USD per hour, over the table's
     measure_steps: int | None = None  # run this many real training steps here; None: estimate only
 
@@ -59,6 +60,11 @@ class Plan:
     recommendation: dict[str, Any]
     utilization: float
     measured: dict[str, Any] | None = None
+
+    @property
+    def speed(self) -> str | None:
+        """What this machine's time is estimated from: its measured (or given) matmul speed."""
+        return self.estimate.devices.get(CPU_ROW, {}).get("speed")
 
     def to_dict(self) -> dict[str, Any]:
         result = self.estimate
@@ -79,7 +85,7 @@ class Plan:
             },
             "fits": {k: v["fits"] for k, v in result.devices.items()},
             "devices": result.devices,
-            "this_machine": {"precision": self.this_machine.to_dict()}
+            "this_machine": {"precision": self.this_machine.to_dict(), "speed": self.speed}
             if self.this_machine
             else {"error": self.no_cpu_row},
             "recommendation": self.recommendation,
@@ -89,10 +95,31 @@ class Plan:
         return report
 
 
-def this_machine(tflops: float = CPU_TFLOPS) -> dict[str, float]:
-    """This machine's CPU as a row of the device table: all its physical memory, `tflops`, nothing per hour."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return {"memory_gib": ram, "tflops": tflops, "usd_per_hour": 0.0}
+def here_row(device: str) -> str:
+    """The name of this machine's row: its CPU, or on "cuda" its first GPU."""
+    import torch
+
+    return f"this machine ({torch.cuda.get_device_name(0)})" if device == "cuda" else CPU_ROW
+
+
+def this_machine(dtype: str, device: str = "cpu", tflops: float | None = None) -> dict[str, Any]:
+    """This machine's CPU (or first GPU) as a row of the device table: all its memory, its matmul speed in `dtype`
+    measured (plan/probe.py) unless `tflops` gives it, the share of that speed training reaches, nothing per hour."""
+    import torch
+
+    from tunesmith.plan.probe import matmul_speed
+
+    if device == "cuda":
+        memory = torch.cuda.get_device_properties(0).total_memory / GIB
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    if tflops:
+        flops, label = tflops * 1e12, f"{tflops:g} TFLOP/s {dtype} matmul, set by --cpu-tflops"
+    else:
+        speed = matmul_speed(dtype, device)
+        flops, label = speed.flops, speed.label
+    row = {"memory_gib": memory, "tflops": flops / 1e12, "usd_per_hour": 0.0, "utilization": HERE_UTILIZATION}
+    return row | {"speed": label, "gpu": device == "cuda", "name": here_row(device)}
 
 
 def estimate_with_cpu(
@@ -100,11 +127,13 @@ def estimate_with_cpu(
     work: Workload,
     cpu_work: Workload | None,
     utilization: float = UTILIZATION,
-    cpu_tflops: float = CPU_TFLOPS,
+    cpu_tflops: float | None = None,
     prices: dict[str, float] | None = None,
+    device: str = "cpu",
 ) -> Estimate:
-    """The estimate on the device table plus, given `cpu_work`, a row for this machine's CPU in its dtype."""
-    cpu = this_machine(cpu_tflops) if cpu_work else None
+    """The estimate on the device table plus, given `cpu_work`, a row for this machine in its dtype: its CPU, or
+    with `device` "cuda" its first GPU."""
+    cpu = this_machine(cpu_work.dtype, device, cpu_tflops) if cpu_work else None
     return estimate(shape, work, utilization, prices, cpu, cpu_work)
 
 
