@@ -97,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         err.print(f"Starting vLLM: {printable}", highlight=False)
         os.execvpe(command[0], command, vllm_env(api_key))
+        return 0  # execvpe replaces this process; reached only where it is stubbed (tests)
     import torch
     import uvicorn
 
