@@ -968,3 +968,26 @@ def test_the_vllm_hand_off_passes_the_api_key_in_the_environment_not_the_command
     assert env is not None and env["VLLM_API_KEY"] == "s3cret" and env["PATH"]
     assert command[command.index("--allowed-origins") + 1] == '["http://a.b"]'  # vLLM's own default is any origin
     assert "s3cret" not in capsys.readouterr().err
+
+
+def test_closing_an_engine_answers_the_requests_still_waiting_and_refuses_new_ones(runs):
+    from tunesmith.deploy.engine import Stopped
+
+    engine = Engine(runs[:1], max_batch=1)
+    release, generating = threading.Event(), threading.Event()
+    generate = engine._generate
+    engine._generate = lambda jobs: (generating.set(), release.wait(20), generate(jobs))[2]
+    served = engine.models["colours"]
+    events: dict[str, list] = {"first": [], "second": []}
+    first = Job(served, [1, 2, 3], 2, 0.0, 1.0, [], 0, lambda kind, value: events["first"].append(kind))
+    second = Job(served, [1, 2, 3], 2, 0.0, 1.0, [], 0, lambda kind, value: events["second"].append((kind, value)))
+    engine.submit(first)
+    assert generating.wait(20)  # the worker holds the first; the second waits behind it
+    engine.submit(second)
+    engine.close()
+    assert events["second"] and events["second"][0][0] == "error" and "unloaded" in events["second"][0][1]
+    with pytest.raises(Stopped):
+        engine.submit(Job(served, [1], 1, 0.0, 1.0, [], 0, lambda kind, value: None))
+    release.set()
+    engine.worker.join(20)
+    assert events["first"][-1] == "done"  # what was generating when it closed still finishes

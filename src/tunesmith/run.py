@@ -36,6 +36,7 @@ from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import check_replaceable, mark, save_atomic, sha256_file, write_json, write_text_atomic
 from tunesmith.objectives import objective_of
 from tunesmith.rundir import RunDir
+from tunesmith.runs import process_identity
 from tunesmith.train import distributed
 from tunesmith.train.precision import Precision, resolve
 
@@ -367,7 +368,7 @@ def _prepare(
             write_jsonl(layout.split(name), rows)
         layout.write_config(dump_config(config))
         info = manifest(config, files) | {"format": fmt, "splits": split_hashes(run_dir)}
-    info |= {"pid": os.getpid(), "host": platform.node()}
+    info |= process_identity()  # pid, host and the pid's start time: the UI never mistakes another process for it
     return splits, fmt, info, latest
 
 

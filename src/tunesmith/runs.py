@@ -8,47 +8,97 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import finite
 from tunesmith.rundir import RunDir
 from tunesmith.train.checkpoint import complete_checkpoints
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics records; a NaN or infinity an older tunesmith wrote reads as None (valid JSON again)."""
     path = RunDir(Path(run_dir)).metrics
     if not path.is_file():
         return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(finite(json.loads(line)))
         except json.JSONDecodeError:
             continue  # the line being written right now
     return records
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
+# --- Which process a run is --------------------------------------------------------------------------------------
+# A pid alone does not name a process: once the run is gone the system hands its number to the next one. A run
+# records its pid, its host and the pid's start time; a process is the run's only if all three match.
+
+START_TIME_SLACK_S = 1.0  # start times are read back rounded (to clock ticks); anything closer is the same process
+
+
+def this_host() -> str:
+    return platform.node()
+
+
+def process_started(pid: int) -> float | None:
+    """When process `pid` of this machine started (seconds since the epoch), or None when there is none."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # exists, another user's: its start time may still be unreadable
+        return -1.0
+
+
+def process_identity(pid: int | None = None) -> dict[str, Any]:
+    """What names a process for as long as it lives: pid, host and start time (this process by default)."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "host": this_host(), "pid_started": process_started(pid)}
+
+
+def is_process(record: dict[str, Any]) -> bool:
+    """Whether the process `record` names (pid, pid_started; see process_identity) is alive on this machine.
+
+    A record of another host is never judged here. Without a start time (a manifest written before they were
+    recorded) a live pid is taken at its word.
+    """
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not on_this_host(record):
         return False
-    except PermissionError:
+    started = process_started(pid)
+    if started is None:
+        return False
+    expected = record.get("pid_started")
+    if not isinstance(expected, int | float) or started < 0:
         return True
-    return True
+    return abs(started - expected) <= START_TIME_SLACK_S
+
+
+def on_this_host(record: dict[str, Any]) -> bool:
+    return record.get("host") in (None, this_host())
 
 
 def run_status(manifest: dict[str, Any]) -> str:
-    """The manifest's status, with 'running' corrected to 'crashed' when its process is gone."""
+    """The manifest's status, with 'running' corrected to 'crashed' when its process is gone.
+
+    A run running on another host (a folder copied or shared mid-training) stays 'running': this machine cannot
+    know; `running_here` tells the two apart."""
     status = manifest.get("status", "unknown")
-    if status == "running" and manifest.get("host") == os.uname().nodename and not _alive(manifest.get("pid")):
+    if status == "running" and on_this_host(manifest) and not is_process(manifest):
         return "crashed"
     return status
+
+
+def running_here(manifest: dict[str, Any]) -> bool:
+    """Whether the run trains on this machine now: counted against a limit of trainings, signalled by Stop."""
+    return manifest.get("status") == "running" and on_this_host(manifest) and is_process(manifest)
 
 
 def describe(run_dir: Path) -> dict[str, Any]:
@@ -66,6 +116,7 @@ def describe(run_dir: Path) -> dict[str, Any]:
         "model": config.get("model"),
         "method": config.get("method"),
         "status": run_status(manifest),
+        "host": None if on_this_host(manifest) else manifest.get("host"),  # where it runs, when not here
         "steps": train[-1]["step"] if train else 0,
         "loss": train[-1]["loss"] if train else None,
         "best": {"metric": best_metric, "value": best[-1].get(best_metric), "step": best[-1]["step"]} if best else None,
@@ -110,7 +161,7 @@ def follow(run_dir: Path, interval: float = 2.0, sleep: Callable[[float], None] 
             *complete, pending = pending.split("\n")
             for line in complete:
                 if line.strip():
-                    yield json.loads(line)
+                    yield finite(json.loads(line))
         manifest = RunDir(Path(run_dir)).read_manifest()
         if run_status(manifest) != "running":
             return

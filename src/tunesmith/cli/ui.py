@@ -48,6 +48,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=port, log_level="warning")
     finally:
         launcher.close()  # runs already started keep training; the next `tunesmith ui` finds them
+        app.state.ui.playground.close()
     return 0
 
 

@@ -81,7 +81,7 @@ class Busy(Exception):
 
 
 class Stopped(Exception):
-    """The worker thread is gone: nothing submitted would ever be answered."""
+    """The worker thread is gone or closing: nothing submitted would ever be answered."""
 
 
 class Engine:
@@ -164,9 +164,9 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Put a job on the waiting list, or raise Busy (list full) or Stopped (no worker to answer it)."""
-        if not self.alive:
-            raise Stopped
         with self.changed:
+            if self.closed or not self.alive:
+                raise Stopped("the model was unloaded")
             # A job whose client left is dropped here too, so it does not hold a place.
             self.pending = [waiting for waiting in self.pending if not waiting.cancelled.is_set()]
             if len(self.pending) >= self.queue_size:
@@ -192,9 +192,15 @@ class Engine:
         return min(limits.RETRY_AFTER_MAX_S, math.ceil(max(1.0, left)))
 
     def close(self) -> None:
+        """Stop taking jobs. Those generating now finish; those still waiting are answered at once with an error
+        (an unloaded model never leaves a request hanging)."""
         with self.changed:
             self.closed = True
+            waiting, self.pending = self.pending, []
             self.changed.notify()
+        for job in waiting:
+            if not job.cancelled.is_set():
+                _fail(job, Stopped("the model was unloaded before this request's turn; send it again"))
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest waiting job and up to max_batch - 1 more for the same model, in arrival order."""

@@ -217,33 +217,11 @@ class Guard:
         if scope["method"] == "POST" and (refusal := self.refuse(scope["path"])) is not None:
             await refusal(scope, receive, send)
             return
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+        body = await guard.read_body(scope, receive, self.max_body_bytes)
+        if body is guard.TOO_LARGE:
             await self._too_large(scope, receive, send)
-            return
-        # Chunked bodies declare no length: count what arrives, and stop reading at the limit.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await self._too_large(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        body: dict | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        async def replay() -> dict:
-            nonlocal body
-            if body is not None:
-                message, body = body, None
-                return message
-            return await receive()
-
-        await self.app(scope, replay, send)
+        elif body is not guard.GONE:
+            await self.app(scope, guard.replay(body, receive), send)
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
         message = (

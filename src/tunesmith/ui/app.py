@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import threading
@@ -24,7 +25,9 @@ from starlette.datastructures import Headers
 from starlette.requests import Request  # at module level, where FastAPI resolves the endpoints' annotations
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 
+from tunesmith.deploy import guard
 from tunesmith.errors import TunesmithError
+from tunesmith.files import finite
 from tunesmith.rundir import RunDir
 from tunesmith.ui.launcher import HOME, Launcher
 
@@ -32,6 +35,22 @@ STATIC = Path(__file__).parent / "static"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SAFE_METHODS = ("GET", "HEAD")
+# Limits, like serve's: no request, note or data file may cost the machine more than a person's use of it would.
+MAX_BODY_BYTES = 2**20  # largest request body (a form, a verdict with its edited answer); more gets 413 unread
+MAX_NOTE_CHARS = 8 * 2**10  # a reviewer's note
+MAX_EDIT_CHARS = 64 * 2**10  # an edited answer
+MAX_DATA_BYTES = 256 * 2**20  # a data file the pages check or review (read whole); larger ones: the CLI
+MAX_LISTED_FILES = 500  # data files /api/files lists
+MAX_WALKED_ENTRIES = 20_000  # folder entries /api/files looks at before it stops (a home folder given as --data)
+# Pages of this UI run only its own scripts and styles, and no other page may frame it (a framed UI could be
+# clicked through into Stop or Launch).
+SECURITY_HEADERS = (
+    (b"content-security-policy",
+     b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)  # fmt: skip
 # The settings the New run form offers, in its order; their help is the config field's own description.
 FORM_FIELDS = (
     "name", "data.path", "model", "method", "objective", "train.max_steps", "train.epochs", "train.lr",
@@ -50,13 +69,6 @@ class Refused(Exception):
 # --- Security: token, Host, Origin ------------------------------------------------------------------------------
 
 
-def host_name(host: str) -> str:
-    """The name part of a Host header: 'localhost:8765' -> 'localhost', '[::1]:80' -> '[::1]'."""
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
 class Guard:
     """ASGI middleware in front of every route.
 
@@ -65,6 +77,7 @@ class Guard:
     - The token must come as the cookie this server set, a Bearer header, or ?token= (which sets the cookie and
       redirects to the same page without it). The cookie is SameSite=Strict: no other site's request carries it.
     - A request that changes anything (not GET/HEAD) must carry this page's own Origin; any Origin sent must be it.
+    - A body over MAX_BODY_BYTES is refused before it is read; every answer carries SECURITY_HEADERS.
     """
 
     def __init__(self, app: Any, token: str, hosts: set[str], cookie: str) -> None:
@@ -74,15 +87,16 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        secured = _secured(send)
         headers = Headers(scope=scope)
         host = headers.get("host", "")
         method = scope["method"]
         origin = headers.get("origin")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if host_name(host).lower() not in self.hosts:
+        if guard.host_name(host).lower() not in self.hosts:
             response: Any = PlainTextResponse(
                 f"Host {host!r} is not this tunesmith ui. To reach it under that name, start it with "
-                f"--allow-host {host_name(host)}.",
+                f"--allow-host {guard.host_name(host)}.",
                 status_code=421,
             )
         elif origin is not None and origin != f"http://{host}":
@@ -94,13 +108,21 @@ class Guard:
             response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
             response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict", path="/")
         elif self._authorised(headers):
-            await self.app(scope, receive, send)
-            return
+            body = await guard.read_body(scope, receive, MAX_BODY_BYTES)
+            if body is guard.GONE:
+                return
+            if body is not guard.TOO_LARGE:
+                await self.app(scope, guard.replay(body, receive), secured)
+                return
+            response = JSONResponse(
+                {"error": f"The request is over this UI's limit of {MAX_BODY_BYTES} bytes; send less."},
+                status_code=413, headers={"Connection": "close"},
+            )  # fmt: skip
         else:
             response = PlainTextResponse(
                 "Open the address `tunesmith ui` printed (it carries the token).", status_code=401
             )
-        await response(scope, receive, send)
+        await response(scope, receive, secured)
 
     def _valid(self, candidate: str | None) -> bool:
         return bool(candidate) and secrets.compare_digest(candidate.encode(), self.token.encode())
@@ -111,6 +133,17 @@ class Guard:
         cookies = headers.get("cookie", "")
         sent = [c.split("=", 1)[1] for c in cookies.split("; ") if c.startswith(f"{self.cookie}=")]
         return self._valid(bearer) or any(self._valid(c) for c in sent)
+
+
+def _secured(send: Any) -> Any:
+    """An ASGI send that adds SECURITY_HEADERS to the response it starts."""
+
+    async def send_secured(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = message | {"headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+        await send(message)
+
+    return send_secured
 
 
 # --- Paths: nothing outside the folders the UI was started on -----------------------------------------------------
@@ -150,6 +183,12 @@ class Server:
         path = inside(self.data_root, relative)
         if path.suffix not in DATA_SUFFIXES or not path.is_file():
             raise Refused(404, f"No data file {relative!r} in {self.data_root}.")
+        if path.stat().st_size > MAX_DATA_BYTES:
+            raise Refused(
+                413,
+                f"{relative} is {path.stat().st_size / 2**20:.0f} MiB, over the UI's {MAX_DATA_BYTES // 2**20} MiB "
+                f"for a data file; check or review it with the CLI: tunesmith data check {path}",
+            )
         return path
 
     def relative(self, path: Path) -> str:
@@ -215,7 +254,10 @@ async def index(request: Request) -> FileResponse:
 
 
 async def static(path: str, request: Request) -> FileResponse:
-    return FileResponse(inside(STATIC, path))
+    target = inside(STATIC, path)
+    if not target.is_file():  # a folder (/static/vendor) or nothing
+        raise Refused(404, f"No file {path!r} here.")
+    return FileResponse(target)
 
 
 def _progress(described: dict[str, Any], config: dict[str, Any], last: dict[str, Any] | None) -> float | None:
@@ -354,7 +396,7 @@ async def stream_metrics(name: str, request: Request) -> StreamingResponse:
                 except asyncio.TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
-                yield f"event: {kind}\ndata: {json.dumps(value)}\n\n"
+                yield f"event: {kind}\ndata: {json.dumps(finite(value), allow_nan=False)}\n\n"
                 if kind == "end":
                     return
         finally:
@@ -420,20 +462,31 @@ async def data_files(request: Request) -> Any:
     server = ui(request)
 
     def collect() -> list[dict[str, Any]]:
-        files = []
-        for path in sorted(server.data_root.rglob("*")):
-            if len(files) >= 500:
-                break
-            relative = path.relative_to(server.data_root)
-            hidden = any(part.startswith(".") for part in relative.parts) or HOME in relative.parts
-            derived = path.name.endswith((".review.jsonl", ".reviewed.jsonl"))
-            if path.suffix in DATA_SUFFIXES and path.is_file() and not hidden and not derived:
-                if (path.parent / "config.json").is_file():
-                    continue  # a model folder's own JSON files
-                files.append({"path": str(relative), "bytes": path.stat().st_size})
-        return files
+        return list_data_files(server.data_root)
 
     return {"root": str(server.data_root), "files": await asyncio.to_thread(collect)}
+
+
+def list_data_files(root: Path) -> list[dict[str, Any]]:
+    """Data files under root, sorted, at most MAX_LISTED_FILES; hidden folders, the UI's own, model folders and
+    review outputs left out. The walk stops after MAX_WALKED_ENTRIES entries, however large the folder."""
+    files: list[dict[str, Any]] = []
+    seen = 0
+    for folder, dirs, names in os.walk(root):
+        seen += len(dirs) + len(names)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != HOME)
+        if "config.json" in names:
+            continue  # a model folder's own JSON files
+        for name in sorted(names):
+            path = Path(folder) / name
+            derived = name.endswith((".review.jsonl", ".reviewed.jsonl"))
+            if path.suffix in DATA_SUFFIXES and not name.startswith(".") and not derived and path.is_file():
+                files.append({"path": str(path.relative_to(root)), "bytes": path.stat().st_size})
+                if len(files) >= MAX_LISTED_FILES:
+                    return sorted(files, key=lambda f: f["path"])
+        if seen >= MAX_WALKED_ENTRIES:
+            break
+    return sorted(files, key=lambda f: f["path"])
 
 
 class RunForm(BaseModel):
@@ -580,8 +633,8 @@ class VerdictForm(BaseModel):
     path: str
     hash: str
     verdict: str
-    note: str = ""
-    edited: str | None = None
+    note: str = Field("", max_length=MAX_NOTE_CHARS)
+    edited: str | None = Field(None, max_length=MAX_EDIT_CHARS)
     sample: int = 50
     seed: int = 42
 

@@ -2,8 +2,11 @@
 
 A launch is `python -m tunesmith run CONFIG` in a session of its own, so it outlives the UI and Ctrl-C in the UI's
 terminal never reaches it; what became of a run is its own manifest (runs.run_status). Only what a run directory
-cannot know yet is kept here, in RUNS/.tunesmith-ui/: the queue, the config of a run not started, each launch's log
-and exit status. A restarted UI reads them back. Nothing here writes inside a run directory.
+cannot know yet is kept here, in RUNS/.tunesmith-ui/: the queue, the config of a run not started, each launch's log,
+process and exit status. A restarted UI reads them back, and two UIs on one runs folder share them: every change to
+the queue and every launch holds RUNS/.tunesmith-ui/queue.lock, so `--max-trainings` holds across both. A process is
+known by its pid, host and start time (runs.is_process), never by a pid alone. Nothing here writes inside a run
+directory.
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from tunesmith.errors import TunesmithError
 from tunesmith.files import open_append, write_text_atomic
 from tunesmith.rundir import RunDir
-from tunesmith.runs import run_status
+from tunesmith.runs import is_process, on_this_host, process_identity, run_status, running_here
 from tunesmith.trust import LAUNCHED_BY_UI
 
 HOME = ".tunesmith-ui"
@@ -38,7 +45,8 @@ class Launcher:
         self.max_trainings = max(1, max_trainings)
         self.python = python
         self.children: dict[str, subprocess.Popen] = {}
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # this UI's threads; `locked()` adds the lock between processes
+        self.file_lock = FileLock(str(self.home / "queue.lock"), thread_local=False)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -67,13 +75,19 @@ class Launcher:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(value, indent=2))
 
-    def queue(self) -> list[dict[str, Any]]:
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the queue: this UI's other threads and every other UI on the same runs folder wait."""
         with self.lock:
-            return self._read(self.queue_file, [])
+            self.home.mkdir(parents=True, exist_ok=True)
+            with self.file_lock:
+                yield
+
+    def queue(self) -> list[dict[str, Any]]:
+        return self._read(self.queue_file, [])
 
     def launches(self) -> dict[str, dict[str, Any]]:
-        with self.lock:
-            return self._read(self.launches_file, {})
+        return self._read(self.launches_file, {})
 
     def _record_launch(self, name: str, **fields: Any) -> None:
         launches = self.launches()
@@ -89,7 +103,7 @@ class Launcher:
                 child.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
-        with self.lock:
+        with self.locked():
             queue = self.queue()
             if any(entry["name"] == name for entry in queue) or self.is_active(name):
                 raise TunesmithError(f"Run '{name}' is already queued or running.")
@@ -103,7 +117,7 @@ class Launcher:
 
     def cancel(self, name: str) -> bool:
         """Take a run off the queue; False when it was not waiting there."""
-        with self.lock:
+        with self.locked():
             queue = self.queue()
             kept = [entry for entry in queue if entry["name"] != name]
             if len(kept) == len(queue):
@@ -115,9 +129,14 @@ class Launcher:
         run = RunDir(self.runs_root / name)
         return run.is_run() and run_status(run.read_manifest()) == "running"
 
+    def _launched_live(self, name: str) -> bool:
+        """A launch recorded by this UI or another on the same folder whose process still runs (identity-checked)."""
+        launch = self.launches().get(name, {})
+        return launch.get("exit_code") is None and is_process(launch)
+
     def is_active(self, name: str) -> bool:
         child = self.children.get(name)
-        return (child is not None and child.poll() is None) or self._training(name)
+        return (child is not None and child.poll() is None) or self._training(name) or self._launched_live(name)
 
     def status(self, name: str, recorded: str) -> str:
         """A run's status as the Runs page shows it: its manifest's, unless it is waiting here or a resume this UI
@@ -129,37 +148,51 @@ class Launcher:
         return "starting" if resuming and recorded not in ("running", "completed") else recorded
 
     def active(self) -> list[str]:
-        """Trainings using the machine now: this UI's live children and any run whose manifest says running."""
+        """Trainings using this machine now: this UI's live children, launches of any UI on this folder whose
+        process lives, and runs whose manifest says running here (a run running on another host never counts)."""
         names = {name for name, child in self.children.items() if child.poll() is None}
+        names |= {name for name in self.launches() if self._launched_live(name)}
         if self.runs_root.is_dir():
             for path in self.runs_root.iterdir():
                 run = RunDir(path)
                 try:
-                    if run.is_run() and run_status(run.read_manifest()) == "running":
+                    if run.is_run() and running_here(run.read_manifest()):
                         names.add(path.name)
                 except (OSError, ValueError):
                     continue  # a manifest being replaced; seen next time
         return sorted(names)
 
     def stop(self, name: str) -> str:
-        """Cancel a queued run, or stop a running one the way Ctrl-C does (SIGINT: it checkpoints and exits)."""
+        """Cancel a queued run, or stop a running one the way Ctrl-C does (SIGINT: it checkpoints and exits).
+
+        Only a process that is the run's (pid, host and start time match) is signalled; a pid the system has since
+        given to another process is left alone."""
         if self.cancel(name):
             return "removed from the queue"
         run = RunDir(self.runs_root / name)
         manifest = run.read_manifest() if run.is_run() else {}
-        pid = manifest.get("pid") if run_status(manifest) == "running" else None
+        if manifest.get("status") == "running" and not on_this_host(manifest):
+            raise TunesmithError(f"Run '{name}' runs on {manifest['host']}; stop it there.")
+        pid = manifest.get("pid") if running_here(manifest) else None
         if pid is None and name in self.children and self.children[name].poll() is None:
-            pid = self.children[name].pid  # started, no manifest yet
+            pid = self.children[name].pid  # started here, no manifest yet
+        if pid is None and self._launched_live(name):
+            pid = self.launches()[name]["pid"]  # started by another UI on this folder, no manifest yet
         if not isinstance(pid, int):
             raise TunesmithError(f"Run '{name}' is not running.")
-        if manifest.get("host") not in (None, os.uname().nodename):
-            raise TunesmithError(f"Run '{name}' runs on {manifest['host']}; stop it there.")
-        os.kill(pid, signal.SIGINT)
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            raise TunesmithError(f"Run '{name}' is not running: its process has just ended.") from None
+        except PermissionError:
+            raise TunesmithError(
+                f"Run '{name}' (pid {pid}) belongs to another user; stop it as that user (kill -INT {pid})."
+            ) from None
         return "stopping: the current step finishes and a checkpoint is written"
 
     def tick(self) -> None:
         """Reap finished children, then start queued runs while fewer than max_trainings are active."""
-        with self.lock:
+        with self.locked():
             for name, child in list(self.children.items()):
                 code = child.poll()
                 if code is not None:
@@ -196,7 +229,7 @@ class Launcher:
             )  # fmt: skip
         self.children[name] = child
         self._record_launch(
-            name, pid=child.pid, resume=bool(entry.get("resume")), exit_code=None,
+            name, **process_identity(child.pid), resume=bool(entry.get("resume")), exit_code=None,
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )  # fmt: skip
 

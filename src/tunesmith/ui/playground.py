@@ -2,7 +2,10 @@
 
 Runs over one base share one engine (each LoRA-family run an adapter of it, `base` with the adapters off), as
 `tunesmith serve runs/a runs/b` does; a full fine-tune gets an engine of its own. At most `limit` engines stay
-loaded, the least recently used is closed first. Prompts are rendered with each run's own chat template.
+loaded, the least recently used is closed first; requests still waiting on an engine that closes are answered with
+an error at once (deploy.engine.Engine.close), never left hanging. Models load on a thread of the playground's own,
+one at a time, so requests waiting for a load never hold the threads every other page of the UI is served by.
+Prompts are rendered with each run's own chat template.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tunesmith.deploy.engine import BASE, Engine, Job, Result
+from tunesmith.deploy.engine import BASE, Engine, Job, Result, Stopped
 from tunesmith.rundir import RunDir
 
 
@@ -32,6 +36,15 @@ class Playground:
         self.engines: dict[str, tuple[Engine, list[Path]]] = {}
         self.used: dict[str, float] = {}
         self.lock = threading.Lock()
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunesmith-playground-load")
+
+    def close(self) -> None:
+        """Close every engine (their waiting requests are answered) and the loading thread."""
+        with self.lock:
+            for engine, _ in self.engines.values():
+                engine.close()
+            self.engines.clear()
+        self.loader.shutdown(wait=False, cancel_futures=True)
 
     def loaded(self) -> list[list[str]]:
         return [[path.name for path in runs] for _, runs in self.engines.values()]
@@ -63,20 +76,25 @@ class Playground:
         from tunesmith.data.formats import Message
         from tunesmith.data.tokenize import prompt_ids
 
-        engine = await asyncio.to_thread(self.engine_for, run_dirs, model)
-        served = engine.models[model]
-        conversation = tuple(Message(m.get("role", "user"), m.get("content", "")) for m in messages)
-        ids = await asyncio.to_thread(prompt_ids, served.tokenizer, conversation)
-        ids = ids[-engine.max_prompt_tokens :]
-        max_tokens = max(1, min(max_tokens, engine.context_limit - len(ids)))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        job = Job(served, ids, max_tokens, temperature, 1.0, [], 0, emit)
-        engine.submit(job)
+        conversation = tuple(Message(m.get("role", "user"), m.get("content", "")) for m in messages)
+        for attempt in range(2):  # an engine another tab closed between loading and submitting: load it again
+            engine = await loop.run_in_executor(self.loader, self.engine_for, run_dirs, model)
+            served = engine.models[model]
+            ids = (await asyncio.to_thread(prompt_ids, served.tokenizer, conversation))[-engine.max_prompt_tokens :]
+            budget = max(1, min(max_tokens, engine.context_limit - len(ids)))
+            job = Job(served, ids, budget, temperature, 1.0, [], 0, emit)
+            try:
+                engine.submit(job)
+                break
+            except Stopped:
+                if attempt:
+                    raise
 
         async def stream() -> AsyncIterator[tuple[str, Any]]:
             try:

@@ -67,7 +67,7 @@ async function runsPage() {
         const pct = r.progress === null || r.progress === undefined ? null : Math.round(r.progress * 100);
         const best = r.best ? `${r.best.metric} ${fmt(r.best.value)} @${r.best.step}` : "-";
         const prog = h("td", { "data-v": pct ?? -1 }, pct === null ? "-" : [h("span", { class: "bar" }, h("span", { style: `width:${pct}%` })), ` ${pct}%`]);
-        return [h("a", { href: `#/run/${enc(r.name)}` }, r.name), r.model || "-", r.method || "-", status(r.status), prog, r.steps ?? 0, best,
+        return [h("a", { href: `#/run/${enc(r.name)}` }, r.name), r.model || "-", r.method || "-", r.host ? [status(r.status), ` on ${r.host}`] : status(r.status), prog, r.steps ?? 0, best,
           fmt(r.tokens_per_s, 3), r.compared ? h("a", { href: `#/compare/${enc(r.name)}` }, "comparison") : "-"];
       });
       const t = table(["run", "model", "method", "status", "progress", "steps", "best validation", "tokens/s", "compare"], [], true);
