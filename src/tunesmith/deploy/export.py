@@ -86,12 +86,52 @@ def _write_adapter(run_dir: Path, tokenizer: Any, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def _ollama_unquote(text: str) -> str | None:
+    """A Modelfile value as Ollama's parser unquotes it (parser.go: unquote); None while it is not yet whole."""
+    if text.startswith('"""'):
+        return text[3:-3] if len(text) >= 6 and text.endswith('"""') else None
+    if text.startswith('"'):
+        return text[1:-1] if len(text) >= 2 and text.endswith('"') else None
+    return text
+
+
+def _ollama_reads(quoted: str) -> str | None:
+    """What Ollama's Modelfile parser reads from `quoted` written at the end of a line (parser.go: ParseFile).
+
+    It drops unprintable characters, and it ends a value at the first line break where the text so far, stripped
+    of surrounding whitespace, unquotes: so None when that happens inside `quoted`.
+    """
+    kept = "".join(c for c in quoted if c.isprintable() or c in " \t\r\n")
+    for end in [i for i, c in enumerate(kept) if c in "\r\n"] + [len(kept)]:
+        value = _ollama_unquote(kept[:end].strip(" \t\r\n"))
+        if value is not None:
+            return value if end == len(kept) else None
+    return None
+
+
+def modelfile_string(value: str, what: str) -> str:
+    """`value` quoted so that Ollama reads it back exactly: "..." or triple-quoted (first for text of several lines,
+    as Modelfiles write a TEMPLATE), whichever Ollama reads whole.
+
+    Ollama's Modelfile strings have no escapes, so a value that neither quoting keeps intact is refused rather
+    than written into a Modelfile that Ollama would cut short or misread.
+    """
+    for quote in ('"""', '"') if any(c in "\r\n" for c in value) else ('"', '"""'):
+        if _ollama_reads(quote + value + quote) == value:
+            return quote + value + quote
+    raise TunesmithError(
+        f"The Modelfile's {what} {value!r} cannot be written so that Ollama reads it back unchanged (Modelfile "
+        "strings have no escapes and lose unprintable characters). Set chat_template in the config to one without "
+        "such text, or export with --format gguf and write the Modelfile yourself."
+    )
+
+
 def modelfile(gguf_name: str, turns: TurnFormat, template: str, config: Any) -> str:
     stops = [turns.stop] if turns.stop else []
     lines = [
         f"FROM ./{gguf_name}",
-        f'TEMPLATE """{template}"""',
-        *[f'PARAMETER stop "{s}"' for s in stops],
+        f"TEMPLATE {modelfile_string(template, 'TEMPLATE')}",
+        *[f"PARAMETER stop {modelfile_string(s, 'stop text')}" for s in stops],
         f"PARAMETER temperature {config.eval.temperature}",
         f"PARAMETER top_p {config.eval.top_p}",
         f"PARAMETER num_ctx {config.data.max_length}",
@@ -128,6 +168,7 @@ def export_run(
     turns = turn_format(tokenizer) if fmt == "ollama" else None
     if turns is not None:
         check_equal(tokenizer, turns.render, "Ollama template")
+        modelfile("check.gguf", turns, go_template(turns), config)  # refuses what Ollama would misread, before merging
     base_gguf = source_gguf(config.model) if fmt in ("gguf", "ollama") else None
     if fmt in ("gguf", "ollama") and base_gguf is None:
         pre_tokenizer_name(tokenizer)  # refuses a tokenizer llama.cpp would split differently, before the merge

@@ -8,6 +8,7 @@ conversations both ways and refuses an export whose template would render differ
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,9 +158,14 @@ def stop_tokens(tokenizer: Any) -> tuple[list[int], list[str]]:
     return ids, [stop] if stop else []
 
 
+GO_LITERALS = {"{{": '{{ "{{" }}', '"': '{{ "\\"" }}'}
+
+
 def _go_text(text: str) -> str:
-    """Literal Go-template text: everything is literal except the action delimiter."""
-    return text.replace("{{", '{{ "{{" }}')
+    """Literal Go-template text: everything is literal except the action delimiter, written as an action. Quotes
+    are written as actions too, so that no line of the template ends in a quote: Ollama's Modelfile parser, which
+    has no escapes, would end the triple-quoted TEMPLATE there."""
+    return re.sub(r'\{\{|"', lambda found: GO_LITERALS[found.group()], text)
 
 
 def go_template(turns: TurnFormat, strip_bos: str = "") -> str:

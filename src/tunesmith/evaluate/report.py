@@ -109,14 +109,20 @@ def _svg_curves(curves: dict[str, list[list[float]]], width: int = 720, height: 
             x, y = xy(point).split(",")
             parts.append(f'<circle cx="{x}" cy="{y}" r="3" fill="{colours[name]}"/>')
         label_at = f'x="{width - pad - 120}" y="{pad + 16 * row}"'
-        parts.append(f'<text {label_at} font-size="12" fill="{colours[name]}">{name} loss</text>')
+        parts.append(f'<text {label_at} font-size="12" fill="{colours[name]}">{_text(name)} loss</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
+def _text(value: Any) -> str:
+    """A value as HTML text. Every value placed in the page goes through here: run names, config values, metric
+    names and model answers come from the user's files and data, and must show as text, never run as markup."""
+    return html.escape(str(value))
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{_text(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_text(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -134,7 +140,7 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
     strongest = versus.get(compare.get("strongest", "base"), versus["base"])
     primary = strongest["metrics"].get(compare["primary"]) or {}
     good = bool(primary.get("significant")) and (primary.get("diff") or 0) > 0
-    sections = [f"<div class='verdict {'good' if good else 'plain'}'>{html.escape(compare['verdict'])}</div>"]
+    sections = [f"<div class='verdict {'good' if good else 'plain'}'>{_text(compare['verdict'])}</div>"]
     contestants = [*versus, "tuned"]
     rows = [
         [name, *(_fmt(versus[c]["metrics"].get(name, {}).get("base")) for c in versus), _fmt(m.get("tuned"))]
@@ -143,14 +149,14 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
     ]
     seconds = compare.get("seconds") or {}
     rows.append(["generation seconds", *(_fmt(seconds.get(c)) for c in contestants)])
-    sections.append(f"<h2>Base prompted vs tuned ({compare['items']} {compare['split']} items)</h2>")
+    sections.append(f"<h2>Base prompted vs tuned ({_text(compare['items'])} {_text(compare['split'])} items)</h2>")
     sections.append(_table(["metric", *(labels.get(c, c) for c in contestants)], rows))
     if compare.get("chosen_on"):
         chosen = labels.get(compare.get("strongest", "base"), "zero-shot")
         sections.append(
-            f"<p class='muted'>Strongest baseline: {chosen}, chosen by {html.escape(compare['chosen_on'])}.</p>"
+            f"<p class='muted'>Strongest baseline: {_text(chosen)}, chosen by {_text(compare['chosen_on'])}.</p>"
         )
-    sections.append(f"<p class='muted'>Multiple comparisons: {html.escape(compare.get('correction', '-'))}.</p>")
+    sections.append(f"<p class='muted'>Multiple comparisons: {_text(compare.get('correction', '-'))}.</p>")
     preference = compare.get("preference")
     if preference:
         sections.extend(_preference_html(preference))
@@ -181,7 +187,7 @@ def _preference_html(preference: dict[str, Any]) -> list[str]:
             ])  # fmt: skip
     headers = ["against", "their accuracy", "tuned", "diff", "95% CI", "p", "test", "significant"]
     return [
-        f"<h2>Preference accuracy ({preference['items']} held-out pairs)</h2>",
+        f"<h2>Preference accuracy ({_text(preference['items'])} held-out pairs)</h2>",
         "<p class='muted'>The share of pairs whose chosen answer gets a higher log-probability per token than the "
         "rejected one.</p>",
         _table(headers, rows),
@@ -200,14 +206,14 @@ def _versus_html(versus: dict[str, Any], label: str, primary: str) -> list[str]:
         for name, m in versus["metrics"].items()
     ]  # fmt: skip
     headers = ["metric", label, "tuned", "diff", "95% CI", "p", "p (Holm)", "test", "role", "significant"]
-    sections = [f"<h2>Tuned vs {html.escape(label)} prompting</h2>", _table(headers, rows)]
+    sections = [f"<h2>Tuned vs {_text(label)} prompting</h2>", _table(headers, rows)]
     sections.append(
-        f"<p>Decided per item by {html.escape(versus.get('decided_by', primary))}: {versus['wins']} wins, "
-        f"{versus['ties']} ties, {versus['losses']} losses.</p>"
+        f"<p>Decided per item by {_text(versus.get('decided_by', primary))}: {_text(versus['wins'])} wins, "
+        f"{_text(versus['ties'])} ties, {_text(versus['losses'])} losses.</p>"
     )
     for kind in ("fixed", "broken"):
         flipped = versus["flipped"][kind]
-        sections.append(f"<h3>{kind.capitalize()} by fine-tuning against {html.escape(label)} ({len(flipped)})</h3>")
+        sections.append(f"<h3>{kind.capitalize()} by fine-tuning against {_text(label)} ({len(flipped)})</h3>")
         if flipped:
             column = versus.get("against", "base")
             rows = [
@@ -221,8 +227,8 @@ def _versus_html(versus: dict[str, Any], label: str, primary: str) -> list[str]:
 def render_html(report: dict[str, Any]) -> str:
     config, training, timing = report["config"], report["training"], report["time_and_cost"]
     sections = [
-        f"<h1>tunesmith report: {html.escape(str(config.get('name')))}</h1>",
-        f"<p class='muted'>{html.escape(report['run'])}</p>",
+        f"<h1>tunesmith report: {_text(config.get('name'))}</h1>",
+        f"<p class='muted'>{_text(report['run'])}</p>",
     ]
     compare = report.get("comparison")
     if compare:
