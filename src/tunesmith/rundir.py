@@ -1,20 +1,14 @@
 """The run directory's layout, in one place: every file a run holds is named here and nowhere else.
 
-runs/NAME/
-  manifest.json        status, data hashes, precision, pid/host (rewritten atomically; `watch` reads it)
-  config.yaml          the validated config the run started with
-  data/                train/val/test splits as the run saw them, check.json (data gate), tokenize.json (tokens),
-                       reference_logps.json (preference runs: the starting model's log-probs, reused on resume)
-  model/ or adapter/   the trained weights (full fine-tuning: model/, every other method: adapter/)
-  tokenizer/, chat_template.jinja
-  checkpoints/         step-NNNNNN/ directories while training
-  metrics.jsonl, train_summary.json, plan.json
-  eval/, export/FORMAT/, serve/requests.sqlite
+LAYOUT lists them (docs/run-directory.md shows the same list, and tests/test_rundir.py checks both against a real
+run and that no other module spells a run file's name). Code reaches a run file through a RunDir property, never
+by its name: `RunDir(path).metrics`, `RunDir(path).checkpoint(step).state`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +18,89 @@ from tunesmith.files import is_marked, write_text_atomic
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
+
+# Every path a run directory may hold (glob patterns, relative to it), with what it is. A file a run writes that
+# matches none of these is a test failure; so is a pattern here that nothing writes.
+LAYOUT: dict[str, str] = {
+    ".tunesmith.json": "marker: tunesmith made this folder (only such folders are ever replaced)",
+    "manifest.json": "status, versions, data and split hashes, precision, pid/host/start time (rewritten atomically)",
+    "config.yaml": "the validated config the run started with",
+    "data/": "the run's own data",
+    "data/train.jsonl": "the train split as the run saw it (val.jsonl and test.jsonl beside it)",
+    "data/val.jsonl": "the validation split",
+    "data/test.jsonl": "the test split: what compare scores",
+    "data/check.json": "the data gate's report",
+    "data/tokenize.json": "tokens, truncated and dropped examples",
+    "data/reference_logps.json": "preference runs: the starting model's log-probs of every pair, reused on resume",
+    "model/": "the trained weights of a full fine-tune (model/*: a Hugging Face model folder)",
+    "model/*": "",
+    "adapter/": "the trained weights of every other method (adapter/*: a PEFT adapter or the bottleneck adapters)",
+    "adapter/*": "",
+    "tokenizer/": "the tokenizer the run trained with",
+    "tokenizer/*": "",
+    "chat_template.jinja": "the chat template training rendered with; export and serve use the same",
+    "checkpoints/": "complete checkpoints, one folder per step (a folder counts once renamed into place)",
+    "checkpoints/step-*/": "a checkpoint: the files below",
+    "checkpoints/step-*/state.json": "step, epoch, data position, best metric (written last: marks it complete)",
+    "checkpoints/step-*/trainable.safetensors": "the trainable weights",
+    "checkpoints/step-*/optimizer.pt": "the optimizer's state",
+    "checkpoints/step-*/scheduler.pt": "the learning-rate schedule's state",
+    "checkpoints/step-*/rng.pt": "every random generator's state, for an exact resume",
+    "metrics.jsonl": "one record per logged step, validation and event",
+    "train_summary.json": "what training did: steps, losses, tokens/s, best checkpoint",
+    "plan.json": "the plan's estimate of time, memory and cost for this run, made before it trained",
+    "loss.png": "the loss curves (train raw and smoothed, validation)",
+    "trackers.json": "ids of the TensorBoard/MLflow/W&B runs, so a resume continues them",
+    "tensorboard/": "TensorBoard event files (tracking.trackers: [tensorboard])",
+    "tensorboard/*": "",
+    "mlflow.db": "the MLflow store, unless tracking.mlflow_uri names another",
+    "eval/": "what compare and the report wrote",
+    "eval/compare.json": "the comparison: every contestant's metrics with CIs, p-values, the verdict",
+    "eval/predictions.jsonl": "every compared item's prompt, reference and each contestant's answer",
+    "eval/report.json": "the run report's data",
+    "eval/report.html": "the run report, self-contained",
+    "export/": "exports, one folder per format",
+    "export/*/": "an export (merged, adapter, gguf, ollama)",
+    "export/*/*": "",
+    "serve/": "what serving wrote",
+    "serve/requests.sqlite": "the request log: prompts, answers, latency, feedback (monitor reads it)",
+}
+STEP_DIR = re.compile(r"^step-(\d{6,})$")  # a complete checkpoint's folder name
+PARTIAL_PREFIX = ".tmp-"  # a checkpoint being written: a folder of this name is never a checkpoint
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """One checkpoint folder's files (checkpoints/step-NNNNNN/)."""
+
+    path: Path
+
+    @property
+    def step(self) -> int:
+        return int(STEP_DIR.match(self.path.name).group(1))  # type: ignore[union-attr]
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def trainable(self) -> Path:
+        return self.path / "trainable.safetensors"
+
+    @property
+    def optimizer(self) -> Path:
+        return self.path / "optimizer.pt"
+
+    @property
+    def scheduler(self) -> Path:
+        return self.path / "scheduler.pt"
+
+    @property
+    def rng(self) -> Path:
+        return self.path / "rng.pt"
+
+    def is_complete(self) -> bool:
+        return STEP_DIR.match(self.path.name) is not None and self.state.is_file()
 
 
 @dataclass(frozen=True)
@@ -80,6 +157,13 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    def checkpoint(self, step: int) -> CheckpointDir:
+        return CheckpointDir(self.checkpoints / f"step-{step:06d}")
+
+    def partial_checkpoint(self, step: int, pid: int) -> CheckpointDir:
+        """Where a checkpoint is written before it is renamed into place (never read as a checkpoint)."""
+        return CheckpointDir(self.checkpoints / f"{PARTIAL_PREFIX}step-{step:06d}-{pid}")
+
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
@@ -93,8 +177,40 @@ class RunDir:
         return self.path / "plan.json"
 
     @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def trackers(self) -> Path:
+        return self.path / "trackers.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def mlflow_store(self) -> Path:
+        return self.path / "mlflow.db"
+
+    @property
     def eval(self) -> Path:
         return self.path / "eval"
+
+    @property
+    def compare(self) -> Path:
+        return self.eval / "compare.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.eval / "predictions.jsonl"
+
+    @property
+    def report_json(self) -> Path:
+        return self.eval / "report.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.eval / "report.html"
 
     def export(self, fmt: str) -> Path:
         return self.path / "export" / fmt
