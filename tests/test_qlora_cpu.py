@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from tunesmith.methods import apply_method, load_base
-from tunesmith.methods.qlora import use_portable_kernels
 from tunesmith.train.batching import collate
-from tunesmith.train.speed import prepare_model
+from tunesmith.train.speed import prepare_model, use_portable_kernels
 
 from .conftest import build_model, build_tokenizer
 from .test_methods import make_config

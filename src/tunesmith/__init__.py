@@ -6,7 +6,7 @@ import warnings
 __version__ = "0.1.0"
 
 # bitsandbytes logs a warning on import, on CPUs with AVX512-BF16, that an optional kernel for its packed 4-bit
-# CPU path is missing. tunesmith never takes that path (methods/qlora.py: use_portable_kernels), so on every
+# CPU path is missing. tunesmith never takes that path (train/speed.py: use_portable_kernels), so on every
 # command it would only be noise; the filter costs nothing and imports nothing.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
 

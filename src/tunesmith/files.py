@@ -24,9 +24,12 @@ from tunesmith.errors import TunesmithError
 MARKER = ".tunesmith.json"
 
 
-def _ledger() -> Path:
-    from tunesmith.models import cache_root
+def cache_root() -> Path:
+    """tunesmith's cache folder (converted models, tokenized data, the matmul probe, the ledger below)."""
+    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
 
+
+def _ledger() -> Path:
     return cache_root() / "written-files.json"
 
 

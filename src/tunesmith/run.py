@@ -471,7 +471,8 @@ def _open_run(config: RunConfig, overwrite: bool, console: Console) -> _Run:
 def _tokenize(config: RunConfig, run: _Run, source: str) -> _Tokenized:
     """The model's tokenizer and chat template, and the train and val examples tokenized (through the cache)."""
     from tunesmith.data.cache import cached_tokenize
-    from tunesmith.models import cache_root, load_tokenizer
+    from tunesmith.files import cache_root
+    from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(source)
     template = use_chat_template(tokenizer, config.chat_template)
@@ -600,7 +601,7 @@ def _build_model(
     run.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if not run.resuming and run.world.main:
         plan = plan_estimate(config, model.config, examples)
-        write_json(run.run_dir / "plan.json", plan)
+        write_json(RunDir(run.run_dir).plan, plan)
     return model, (trainable, total)
 
 
@@ -664,16 +665,16 @@ def _final_weights(config: RunConfig, run: _Run, model: Any, result: TrainResult
     trained = result.trainable
     if not (config.validation.load_best_at_end and result.best):
         return trained
-    best_dir = ckpt.checkpoints_dir(run.run_dir) / f"step-{result.best['step']:06d}"
-    if not (best_dir / "state.json").is_file():
+    best = RunDir(run.run_dir).checkpoint(result.best["step"])
+    if not best.is_complete():
         return trained
     if trained is None:
-        ckpt.load_trainable(model, best_dir / "trainable.safetensors")
+        ckpt.load_trainable(model, best.trainable)
     else:
         from safetensors.torch import load_file
 
-        trained = load_file(str(best_dir / "trainable.safetensors"))
-    run.console.print(f"Saving the best checkpoint ({best_dir.name}) as the run's model.")
+        trained = load_file(str(best.trainable))
+    run.console.print(f"Saving the best checkpoint ({best.path.name}) as the run's model.")
     return trained
 
 

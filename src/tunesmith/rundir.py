@@ -220,9 +220,8 @@ class RunDir:
         return self.path / "serve" / "requests.sqlite"
 
     def weights(self, config: RunConfig) -> Path:
-        from tunesmith.methods import weights_dir  # imports torch; reading a run's files must not
-
-        return weights_dir(config, self.path)
+        """model/ for a full fine-tune (a whole model), adapter/ for every other method (what it trained)."""
+        return self.path / ("model" if config.method == "full" else "adapter")
 
     def trained_weights(self, config: RunConfig, then: str = ".") -> Path:
         """The weights folder, or an error saying training has not finished; `then` ends it with what to do."""

@@ -192,7 +192,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    target = Path(run_dir) / "loss.png"
+    target = RunDir(Path(run_dir)).loss_plot
     tmp = target.with_suffix(".tmp.png")
     figure.savefig(tmp)
     plt.close(figure)

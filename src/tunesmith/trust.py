@@ -49,9 +49,10 @@ def code_entries(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
 def in_run_folder(config_file: str | Path) -> bool:
     """True for a run's own config.yaml (a run folder holds a manifest or tunesmith's marker beside it)."""
     from tunesmith.files import MARKER
+    from tunesmith.rundir import RunDir
 
     folder = Path(config_file).expanduser().resolve().parent
-    return (folder / "manifest.json").is_file() or (folder / MARKER).is_file()
+    return RunDir(folder).manifest.is_file() or (folder / MARKER).is_file()
 
 
 def grant(values: Iterable[str] = (), everything: bool = False) -> None:

@@ -145,8 +145,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         for key in ("seed", "git_rev", "finished", "resumed"):
             if key in run["manifest"]:
                 out.print(f"[bold]{key:12}[/] {run['manifest'][key]}", highlight=False)
-        if (Path(run["dir"]) / "loss.png").is_file():
-            out.print(f"[bold]{'loss curves':12}[/] {Path(run['dir']) / 'loss.png'}", highlight=False)
+        plot = RunDir(Path(run["dir"])).loss_plot
+        if plot.is_file():
+            out.print(f"[bold]{'loss curves':12}[/] {plot}", highlight=False)
         return 0
     found = find_runs(Path(args.dir))
     if args.json:

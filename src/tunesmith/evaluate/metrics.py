@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith import trust
+from tunesmith.config import METRIC_NAMES
 from tunesmith.errors import TunesmithError
 
 BINARY = {"exact_match", "json_valid", "json_schema", "accuracy"}
@@ -202,6 +203,8 @@ CORPUS_METRICS: dict[str, Callable[[list[str], list[str]], float]] = {
     "macro_f1": macro_f1,
 }
 KNOWN = sorted(set(PER_ITEM) | set(CORPUS_METRICS) | {"json_schema"})
+if tuple(KNOWN) != METRIC_NAMES:  # the config's vocabulary and these functions are one list
+    raise ImportError(f"config.METRIC_NAMES {METRIC_NAMES} and the metrics implemented {KNOWN} differ")
 # The per-item metric that stands in for a corpus metric when only corpus metrics are listed: sentence chrF
 # for BLEU too (sentence BLEU is mostly zeros on short answers), the label being right for macro-F1.
 ITEM_COUNTERPART = {"bleu": "chrf", "chrf_corpus": "chrf", "macro_f1": "accuracy"}

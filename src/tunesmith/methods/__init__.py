@@ -72,10 +72,6 @@ def start_from_run(config: RunConfig, source: str, dtype: torch.dtype = torch.fl
     return model, count_parameters(model)[0]
 
 
-def weights_dir(config: RunConfig, run_dir: Path) -> Path:
-    return run_dir / method_of(config).weights_dir
-
-
 def save_trained(model: Any, config: RunConfig, path: Path, trained: dict[str, Any] | None = None) -> None:
     """PEFT format for LoRA/QLoRA/DoRA, bottleneck weights for adapters, a full checkpoint for full.
 

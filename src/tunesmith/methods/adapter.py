@@ -112,7 +112,6 @@ def continue_adapters(model: Any, path: Path) -> Any:
 
 ADAPTER = Method(
     name="adapter",
-    weights_dir="adapter",
     uses_peft=False,
     exports=(),  # added layers that standard runtimes do not have: served natively only
     base_in_fp32=False,

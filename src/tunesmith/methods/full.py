@@ -42,7 +42,6 @@ def load_full(config: RunConfig, source: str, path: Path, dtype: torch.dtype) ->
 
 FULL = Method(
     name="full",
-    weights_dir="model",
     uses_peft=False,
     exports=("merged", "gguf", "ollama"),
     base_in_fp32=True,

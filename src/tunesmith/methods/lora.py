@@ -70,7 +70,6 @@ def peft_method(name: str, load_base: Any, merge: Any, dora: bool = False, quant
     """A LoRA-family method: PEFT adapter saved in adapter/, exportable every way, merged by `merge`."""
     return Method(
         name=name,
-        weights_dir="adapter",
         uses_peft=True,
         exports=PEFT_EXPORTS,
         base_in_fp32=False,

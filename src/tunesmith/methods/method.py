@@ -37,8 +37,6 @@ class MemoryTerms:
 @dataclass(frozen=True)
 class Method:
     name: str
-    weights_dir: str
-    """Folder of the run the trained weights are saved in: "model" (a whole model) or "adapter"."""
     uses_peft: bool
     """Whether the run saves a PEFT adapter, which PEFT, vLLM and `--format adapter` read."""
     exports: tuple[str, ...]

@@ -6,7 +6,6 @@ reproduces the trained (quantized-base) model rather than the original weights.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from tunesmith.config import QloraConfig, RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.lora import merge_peft, peft_method
 from tunesmith.train.precision import TORCH_DTYPES
+from tunesmith.train.speed import use_portable_kernels
 
 
 def compute_dtype(settings: QloraConfig, run_dtype: torch.dtype) -> torch.dtype:
@@ -32,36 +32,6 @@ def quantization_config(settings: QloraConfig, run_dtype: torch.dtype) -> Any:
         bnb_4bit_use_double_quant=settings.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(settings, run_dtype),
     )
-
-
-def use_portable_kernels(model: Any) -> int:
-    """Keep every 4-bit layer on bitsandbytes' dequantize-and-matmul path, whatever the CPU; returns layers changed.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time a layer runs in
-    eval mode without grad (our validation pass) and from then on multiplies through `gemv_4bit`, which has
-    no autograd kernel: the training steps after a validation get wrong LoRA gradients. The packed kernel
-    also computes in bf16 (other numbers than on any other CPU) and cannot serve small layers at all (it
-    needs out_features % 32 == 0 and whole quantization blocks per row). So it is never taken, and a weight
-    already packed is unpacked.
-    """
-    if "bitsandbytes" not in sys.modules:  # no 4-bit layer can exist; importing it would only cost time and noise
-        return 0
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_f
-
-    changed = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        module.support_avx512bf16_for_cpu = False
-        weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state
-            )
-            module.quant_state = weight.quant_state
-            changed += 1
-    return changed
 
 
 def dequantize_linears(model: Any, dtype: torch.dtype = torch.float32) -> int:

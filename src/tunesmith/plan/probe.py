@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.files import write_json
-from tunesmith.models import cache_root
+from tunesmith.files import cache_root, write_json
 from tunesmith.train import precision
 
 CACHE_FILE = "matmul_speed.json"

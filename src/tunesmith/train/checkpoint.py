@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 import sys
 import time
@@ -26,9 +25,8 @@ import numpy as np
 import torch
 
 from tunesmith.errors import TunesmithError
-from tunesmith.rundir import RunDir
+from tunesmith.rundir import PARTIAL_PREFIX, CheckpointDir, RunDir
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Fault injection for the kill-while-writing test: "SECONDS" or "STEP:SECONDS" to pause after the first
 # file of a checkpoint (of that step) is written.
 PAUSE_ENV = "TUNESMITH_CHECKPOINT_PAUSE"
@@ -74,8 +72,8 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if p.is_dir() and CheckpointDir(p).is_complete()]
+    return sorted(found, key=lambda p: CheckpointDir(p).step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -89,7 +87,7 @@ def sweep_partial(run_dir: Path) -> list[str]:
     removed = []
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith(".tmp-"):
+            if path.name.startswith(PARTIAL_PREFIX):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
     return removed
@@ -196,22 +194,23 @@ def save_checkpoint(
 
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:06d}"
-    if (final / "state.json").is_file():
+    final = RunDir(Path(run_dir)).checkpoint(state.step).path
+    if CheckpointDir(final).is_complete():
         return final  # this step is already saved (e.g. a stop signal right after a periodic save)
-    tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
+    files = RunDir(Path(run_dir)).partial_checkpoint(state.step, os.getpid())
+    tmp = files.path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors if tensors is not None else trainable_tensors(model), str(tmp / "trainable.safetensors"))
+        save_file(tensors if tensors is not None else trainable_tensors(model), str(files.trainable))
         pause = _pause_for(state.step)
         if pause:
             print(f"checkpoint-writing {tmp}", file=sys.stderr, flush=True)
             time.sleep(pause)
-        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(state.to_json())  # last: its presence marks a complete checkpoint
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), files.optimizer)
+        torch.save(scheduler.state_dict(), files.scheduler)
+        torch.save(rng_states(), files.rng)
+        files.state.write_text(state.to_json())  # last: its presence marks a complete checkpoint
         for item in tmp.iterdir():
             _fsync(item)
         if final.exists():
@@ -232,9 +231,10 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, sharded: bool = False) -> TrainState:
     """Restore a checkpoint (written by any number of processes) into this process's model and optimizer."""
-    load_trainable(model, path / "trainable.safetensors")
-    optimizer_state = _load_state(path / "optimizer.pt")
-    scheduler_state, rng = _load_state(path / "scheduler.pt"), _load_state(path / "rng.pt")
+    files = CheckpointDir(path)
+    load_trainable(model, files.trainable)
+    optimizer_state = _load_state(files.optimizer)
+    scheduler_state, rng = _load_state(files.scheduler), _load_state(files.rng)
     if sharded:
         from tunesmith.train.distributed import load_optimizer_state
 
@@ -243,7 +243,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, shar
         optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     restore_rng(rng)
-    return TrainState.from_json((path / "state.json").read_text())
+    return TrainState.from_json(files.state.read_text())
 
 
 def prune(run_dir: Path, keep_last: int, best_step: int | None) -> list[str]:
@@ -251,7 +251,7 @@ def prune(run_dir: Path, keep_last: int, best_step: int | None) -> list[str]:
     found = complete_checkpoints(run_dir)
     keep = set(found[-keep_last:])
     if best_step is not None:
-        keep |= {p for p in found if p.name == f"step-{best_step:06d}"}
+        keep |= {p for p in found if p == RunDir(Path(run_dir)).checkpoint(best_step).path}
     removed = []
     for path in found:
         if path not in keep:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
+import sys
 from typing import Any
 
 import torch
@@ -94,10 +95,38 @@ def memory_releaser(settings: TrainConfig, device: torch.device) -> MemoryReleas
     return releaser if releaser.available else None
 
 
+def use_portable_kernels(model: Any) -> int:
+    """Keep every 4-bit layer on bitsandbytes' dequantize-and-matmul path, whatever the CPU; returns layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time a layer runs in
+    eval mode without grad (our validation pass) and from then on multiplies through `gemv_4bit`, which has
+    no autograd kernel: the training steps after a validation get wrong LoRA gradients. The packed kernel
+    also computes in bf16 (other numbers than on any other CPU) and cannot serve small layers at all (it
+    needs out_features % 32 == 0 and whole quantization blocks per row). So it is never taken, and a weight
+    already packed is unpacked.
+    """
+    if "bitsandbytes" not in sys.modules:  # no 4-bit layer can exist; importing it would only cost time and noise
+        return 0
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnb_f
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+            module.quant_state = weight.quant_state
+            changed += 1
+    return changed
+
+
 def prepare_model(model: Any, settings: TrainConfig) -> Any:
     """Apply the config's speed switches in place; returns the model (the same object)."""
-    from tunesmith.methods.qlora import use_portable_kernels
-
     use_portable_kernels(model)  # also for a 4-bit model not loaded through load_base: see its docstring
     if settings.gradient_checkpointing:
         # Non-reentrant checkpointing: works with frozen embeddings (LoRA) and with hooks inside layers.

@@ -14,6 +14,7 @@ from typing import Any
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_json
+from tunesmith.rundir import RunDir
 
 INSTALL = {
     "tensorboard": "pip install tensorboard",
@@ -49,7 +50,7 @@ def flat_config(config: RunConfig) -> dict[str, Any]:
 class Trackers:
     def __init__(self, config: RunConfig, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.ids_path = self.run_dir / "trackers.json"
+        self.ids_path = RunDir(self.run_dir).trackers
         ids = json.loads(self.ids_path.read_text()) if self.ids_path.is_file() else {}
         self._writers: list[Any] = []
         for name in config.tracking.trackers:
@@ -67,7 +68,7 @@ class Trackers:
     def _open_tensorboard(self, config: RunConfig, known: Any) -> str:
         from torch.utils.tensorboard import SummaryWriter
 
-        log_dir = self.run_dir / "tensorboard"
+        log_dir = RunDir(self.run_dir).tensorboard
         writer = SummaryWriter(log_dir=str(log_dir))
         self._writers.append(("tensorboard", writer))
         return str(log_dir)
@@ -75,7 +76,7 @@ class Trackers:
     def _open_mlflow(self, config: RunConfig, known: Any) -> str:
         import mlflow
 
-        uri = config.tracking.mlflow_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        uri = config.tracking.mlflow_uri or f"sqlite:///{RunDir(self.run_dir).mlflow_store.resolve()}"
         mlflow.set_tracking_uri(uri)
         if known:
             run = mlflow.start_run(run_id=known)
