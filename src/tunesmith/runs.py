@@ -91,8 +91,8 @@ def run_status(manifest: dict[str, Any]) -> str:
     A run running on another host (a folder copied or shared mid-training) stays 'running': this machine cannot
     know; `running_here` tells the two apart."""
     status = manifest.get("status", "unknown")
-    if status == "running" and on_this_host(manifest) and not is_process(manifest):
-        return "crashed"
+    if status == "running" and manifest.get("host") == this_host() and not is_process(manifest):
+        return "crashed"  # only a manifest that says where it runs is judged: without a host, its word stands
     return status
 
 
