@@ -4,7 +4,7 @@
 
 Two random 2-layer Llamas (policy and reference) score random pairs with prompts of different lengths and right
 padding. TRL's side runs TRL's trainers' loss methods (objects built without __init__, with the attributes those
-methods read) on models carrying TRL's fused LM head; ours runs `model_logps` and `tunesmith.objectives.preference`.
+methods read) on models carrying TRL's fused LM head; ours runs `model_logps` and `tunesmith.objectives.losses`.
 Exits 1 if any difference exceeds 1e-4.
 """
 
@@ -23,7 +23,7 @@ from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.kto_trainer import KTOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from tunesmith.objectives.preference import dpo, ipo, kto, kto_kl, orpo, reward_stats, simpo
+from tunesmith.objectives.losses import dpo, ipo, kto, kto_kl, orpo, reward_stats, simpo
 from tunesmith.train.loss import IGNORE, model_logps
 
 VOCAB, PAD, BOS = 300, 0, 1

@@ -97,7 +97,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycle_among_the_modules():
     graph = import_graph()
     found = cycles(graph)
-    shown = [" <-> ".join(c) + "\n    " + "\n    ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) for c in found]
+    shown = [
+        " <-> ".join(c) + "\n    " + "\n    ".join(f"{m} -> {sorted(graph[m] & set(c))}" for m in c) for c in found
+    ]
     assert found == [], "import cycles (in-function imports count):\n" + "\n".join(shown)
 
 

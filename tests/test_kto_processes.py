@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 
 from tunesmith.cli import main
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.objectives.pairs import kto_batch_warning, sum_over_processes
-from tunesmith.objectives.preference import kto_kl
+from tunesmith.objectives.losses import kto_kl
+from tunesmith.objectives.preference import kto_batch_warning, sum_over_processes
 
 from .conftest import write_jsonl
 from .test_cli import train_args

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from tunesmith.errors import TunesmithError
-from tunesmith.runs import process_identity, run_status, running_here, this_host
 from tunesmith.ui.launcher import Launcher
+from tunesmith.watch import process_identity, run_status, running_here, this_host
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_a_pid_reused_by_another_process_is_not_the_run(tmp_path, sleeper):
 
 
 def test_a_run_on_another_host_is_shown_there_and_never_counted_or_signalled(tmp_path, sleeper):
-    from tunesmith.runs import describe
+    from tunesmith.watch import describe
 
     elsewhere = process_identity(sleeper.pid) | {"host": f"not-{this_host()}"}
     run = _run(tmp_path, "copied", **elsewhere)

@@ -10,8 +10,8 @@ import pytest
 
 from tunesmith.cli import main
 from tunesmith.config import build_config
-from tunesmith.runs import follow
 from tunesmith.train.trackers import Trackers
+from tunesmith.watch import follow
 
 from .test_cli import train_args
 

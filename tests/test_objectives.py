@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tunesmith.objectives.preference import dpo, ipo, kto, kto_kl, orpo, reward_stats, simpo
+from tunesmith.objectives.losses import dpo, ipo, kto, kto_kl, orpo, reward_stats, simpo
 from tunesmith.train.loss import IGNORE, answer_logps, model_logps
 
 from .conftest import build_model, build_tokenizer

@@ -15,7 +15,7 @@ from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted
 from tunesmith.methods import METHODS
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.objectives.pairs import attach_reference, prefers_chosen, tokenize_preferences
+from tunesmith.objectives.preference import attach_reference, prefers_chosen, tokenize_preferences
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import Session, fit
 from tunesmith.train.loss import model_logps
@@ -161,8 +161,7 @@ def test_the_reference_cache_is_keyed_on_the_starting_weights_content(tiny_model
 
     from tunesmith.config import build_config
     from tunesmith.models import load_model
-    from tunesmith.objectives.pairs import weights_digest
-    from tunesmith.run import starting_weights
+    from tunesmith.objectives.preference import starting_weights, weights_digest
 
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     files = starting_weights(build_config({}), str(base))

@@ -88,8 +88,8 @@ def test_this_machines_time_comes_from_the_measured_speed(timed):
 
 def test_a_runs_plan_json_names_the_measured_speed(timed):
     from tunesmith.config import build_config
-    from tunesmith.run import plan_estimate
+    from tunesmith.plan.report import run_estimate
 
-    plan = plan_estimate(build_config({"train": {"dtype": "fp32"}}), LLAMA_7B, [])
+    plan = run_estimate(build_config({"train": {"dtype": "fp32"}}), LLAMA_7B, [])
     assert plan["this machine"]["speed"].startswith("measured 250 GFLOP/s fp32 matmul on ")
     assert plan["this machine"]["speed"] in plan["assumptions"] and "2-core" not in plan["assumptions"]

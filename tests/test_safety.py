@@ -17,7 +17,7 @@ from tunesmith.cli import main
 from tunesmith.config import CheckpointConfig, TrainConfig
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import save_atomic, write_text_atomic
-from tunesmith.run import prepare_run_dir
+from tunesmith.rundir import RunDir
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import Session, fit
 
@@ -58,7 +58,7 @@ def test_overwrite_refuses_protected_folders(where, tmp_path, monkeypatch):
     target = {"cwd": inner, "parent": tmp_path / "a", "home": tmp_path / "home", "root": Path("/")}[where]
     (target / "manifest.json").write_text('{"tunesmith": "0.1.0"}') if where != "root" else None
     with pytest.raises(TunesmithError, match="Refusing to replace"):
-        prepare_run_dir(target, overwrite=True)
+        RunDir(target).create(overwrite=True)
     assert target.is_dir()
 
 

@@ -105,10 +105,10 @@ def test_a_run_reads_and_hashes_its_data_once(tiny_model_dir, chat_file, tmp_pat
 
     for module in (check, split):
         monkeypatch.setattr(module, "near_duplicate_pairs", counted_pairs)
-    import tunesmith.run as run
+    import tunesmith.data.gate as gate
 
-    monkeypatch.setattr(run, "parse_file", counted_parse)
-    monkeypatch.setattr(run, "read_conversations", lambda *a, **k: pytest.fail("the data file was read again"))
+    monkeypatch.setattr(gate, "parse_file", counted_parse)
+    monkeypatch.setattr(gate, "read_conversations", lambda *a, **k: pytest.fail("the data file was read again"))
     out = tmp_path / "runs" / "once"
     assert main(train_args(tiny_model_dir, chat_file, out, "--max-steps", "1", "--quiet")) == 0
     assert calls == {"hash": 1, "parse": 1}

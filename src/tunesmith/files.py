@@ -78,6 +78,20 @@ def replacing(path: Path) -> Iterator[TextIO]:
         raise
 
 
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace `path` with the file `write(tmp)` makes, in one rename (a plot, say, that a library writes itself);
+    as `replacing`, a symbolic link at `path` is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small text file in one rename (see `replacing`)."""
     with replacing(path) as handle:

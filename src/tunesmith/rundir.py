@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.files import is_marked, write_text_atomic
+from tunesmith.files import check_replaceable, is_marked, mark, write_text_atomic
 
 if TYPE_CHECKING:
     from tunesmith.config import RunConfig
@@ -65,6 +66,7 @@ LAYOUT: dict[str, str] = {
     "serve/": "what serving wrote",
     "serve/requests.sqlite": "the request log: prompts, answers, latency, feedback (monitor reads it)",
 }
+SPLITS = ("train", "val", "test")  # the run's own splits, data/NAME.jsonl
 STEP_DIR = re.compile(r"^step-(\d{6,})$")  # a complete checkpoint's folder name
 PARTIAL_PREFIX = ".tmp-"  # a checkpoint being written: a folder of this name is never a checkpoint
 
@@ -229,6 +231,20 @@ class RunDir:
         if not weights.is_dir():
             raise TunesmithError(f"{self.path} has no {weights.name}/: training has not finished{then}")
         return weights
+
+    def create(self, overwrite: bool) -> None:
+        """Make the run folder (data/ inside, tunesmith's marker first); an existing one only with overwrite, and
+        only if tunesmith made it."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise TunesmithError(
+                    f"Run directory {self.path} already exists. Choose another --out, pass --resume to continue it "
+                    "from its last checkpoint, or --overwrite to replace it."
+                )
+            check_replaceable(self.path, self.made_by_tunesmith(), "a run directory")
+            shutil.rmtree(self.path)
+        self.data.mkdir(parents=True, exist_ok=True)
+        mark(self.path, "run")  # first, so that a run that dies before its manifest is still known as ours
 
     def is_run(self) -> bool:
         """A run has started here (its manifest exists), whatever became of it."""

@@ -131,7 +131,7 @@ def _runs_table(found: list[dict[str, Any]], root: str) -> Table:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from tunesmith.runs import describe, find_runs, resolve_run
+    from tunesmith.watch import describe, find_runs, resolve_run
 
     if args.action == "show":
         if not args.name:
@@ -160,7 +160,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from tunesmith.runs import follow, resolve_run, run_status
+    from tunesmith.watch import follow, resolve_run, run_status
 
     run_dir = resolve_run(args.run, Path(args.dir))
     for record in follow(run_dir, args.interval):

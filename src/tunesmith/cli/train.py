@@ -1,6 +1,6 @@
 """`tunesmith train` and `tunesmith run`, and the --nproc launcher that starts their training processes.
 
-An interrupted run exits 130/143 and prints the command that resumes it; the work itself is run.train_run.
+An interrupted run exits 130/143 and prints the command that resumes it; the work itself is pipeline.train_run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def resume_command(argv: list[str]) -> list[str]:
 def _train(args: argparse.Namespace) -> Any:
     """train_run from the command line; an interrupt exits 130/143 with the command that resumes."""
     from tunesmith.errors import TrainingInterrupted
-    from tunesmith.run import train_run
+    from tunesmith.pipeline import train_run
     from tunesmith.train import distributed
 
     config = config_from_args(args)
@@ -60,7 +60,7 @@ def _train_workers(args: argparse.Namespace) -> Any:
     import signal
     import subprocess
 
-    from tunesmith.run import read_summary
+    from tunesmith.pipeline import read_summary
     from tunesmith.train.distributed import launch_command
 
     config = config_from_args(args)
@@ -115,14 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tunesmith.evaluate.report import compare_and_report
+    from tunesmith.pipeline import compare
 
     trained = _train(args)
-    err.print(
-        f"Trained {trained.steps} steps in {trained.seconds:.0f}s; "
-        f"loss {trained.first_loss:.3f} -> {trained.final_loss:.3f}"
-    )
-    compared, report = compare_and_report(trained.run_dir, console=err)
+    compared, report = compare(trained, err)
     if args.json:
         print_json({"train": asdict(trained), "compare": asdict(compared), "report": str(report)})
     else:

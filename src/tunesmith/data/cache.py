@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,8 @@ import numpy as np
 
 from tunesmith.data.formats import Conversation
 from tunesmith.data.tokenize import TokenizedExample, TokenizeStats, tokenize_all
+from tunesmith.errors import TunesmithError
+from tunesmith.files import save_atomic
 
 VERSION = "1"
 
@@ -62,16 +62,18 @@ def cached_tokenize(
         stats = TokenizeStats(**json.loads((entry / "stats.json").read_text()))
         return examples, stats, True
     examples, stats = tokenize_all(tokenizer, conversations, max_length, train_on)
-    partial = entry.with_name(f"{entry.name}.{os.getpid()}.partial")
-    partial.mkdir(parents=True, exist_ok=True)
     offsets = np.cumsum([0] + [len(e) for e in examples], dtype=np.int64)
-    np.save(partial / "ids.npy", np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32))
-    np.save(partial / "mask.npy", np.fromiter((m for e in examples for m in e.loss_mask), dtype=np.uint8))
-    np.save(partial / "offsets.npy", offsets)
-    np.save(partial / "lines.npy", np.array([e.line for e in examples], dtype=np.int64))
-    (partial / "stats.json").write_text(json.dumps(stats.__dict__))
+
+    def write(folder: Path) -> None:
+        folder.mkdir()
+        np.save(folder / "ids.npy", np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32))
+        np.save(folder / "mask.npy", np.fromiter((m for e in examples for m in e.loss_mask), dtype=np.uint8))
+        np.save(folder / "offsets.npy", offsets)
+        np.save(folder / "lines.npy", np.array([e.line for e in examples], dtype=np.int64))
+        (folder / "stats.json").write_text(json.dumps(stats.__dict__))
+
     try:
-        partial.rename(entry)
-    except OSError:  # another process wrote the same entry first; theirs is identical
-        shutil.rmtree(partial, ignore_errors=True)
+        save_atomic(entry, write)
+    except (TunesmithError, OSError):  # another process wrote the same entry first; theirs is identical
+        pass
     return examples, stats, False

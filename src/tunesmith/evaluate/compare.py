@@ -451,7 +451,7 @@ def _preference_accuracy(loaded: Any, base: Any, items: list[Conversation]) -> d
     tuned model give the chosen answer a higher per-token log-probability than the rejected one; the tuned
     model against each, paired (McNemar's exact test)."""
     from tunesmith.evaluate.generate import load_run
-    from tunesmith.objectives.pairs import prefers_chosen, tokenize_preferences
+    from tunesmith.objectives.preference import prefers_chosen, tokenize_preferences
 
     config, tokenizer = loaded.config, loaded.tokenizer
     examples, _ = tokenize_preferences(tokenizer, items, config.data.max_length, "pair")

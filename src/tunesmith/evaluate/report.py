@@ -14,7 +14,7 @@ from typing import Any
 
 from tunesmith.files import own_dir, write_json, write_text_atomic
 from tunesmith.rundir import RunDir
-from tunesmith.runs import read_metrics
+from tunesmith.watch import read_metrics
 
 
 def _read(path: Path) -> Any:

@@ -2,8 +2,8 @@
 
 An objective owns three things: what a batch holds, how the loss is computed from the model on a batch,
 and what it logs per step. `sft` imitates the answers (a batch of token ids with a loss mask over the answer
-tokens; the loss is the mean answer-token cross-entropy). The preference objectives (objectives/pairs.py,
-their formulas in objectives/preference.py) train on a chosen and a rejected answer to one prompt, or on
+tokens; the loss is the mean answer-token cross-entropy). The preference objectives (objectives/preference.py,
+their formulas in objectives/losses.py) train on a chosen and a rejected answer to one prompt, or on
 single answers marked desirable or not (KTO), and log reward accuracy and margins.
 
 `OBJECTIVES` is the registry and `objective_of` finds a run's objective. Every objective works with every
@@ -48,7 +48,7 @@ SFT = Objective()
 
 
 def _registry() -> dict[str, Objective]:
-    from tunesmith.objectives.pairs import Preference
+    from tunesmith.objectives.preference import Preference
 
     preference = {
         Preference("dpo", "pair", True),

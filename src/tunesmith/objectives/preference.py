@@ -1,197 +1,399 @@
-"""Preference-tuning losses (DPO, IPO, ORPO, SimPO, KTO) as pure functions of summed answer log-probabilities.
+"""Preference objectives on top of any method: what their batches hold, their loss, what they log.
 
-Inputs are per-sequence sums of answer-token log-probabilities (from `tunesmith.train.loss.model_logps`) and answer
-token counts; outputs are per-pair (KTO: per-row) losses and the implied rewards, which are detached and for logging
-only. Nothing here runs a model or reduces over the batch: the caller takes the mean.
+A pair is one prompt with a chosen and a rejected answer (dpo, ipo, orpo, simpo); a KTO row one prompt with
+one answer marked desirable or not, plus the same prompt with another row's answer (KTO's KL estimate).
+Both sides are tokenized like SFT examples (loss mask over the answer) and stacked into one batch: the
+chosen rows, then the rejected (or mismatched) rows, so one forward pass scores both. Sequence log-probs
+go through the SFT loss's chunked output layer (train/loss.py: model_logps), never the full logits.
+
+The reference of dpo, ipo and kto is the model the run starts from (the base with the fresh adapter, which
+starts as a no-op, or the earlier run of init_from). Its log-probs are computed once before training
+(`attach_reference`, no second copy of any weights, for every method), kept in the run directory and
+reused on resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-# ORPO needs log(1 - p) of an average token probability p = exp(a); an answer the model is certain of (a = 0) would
-# give log 0. Average log-probs are capped at -1e-6 (p <= 0.999999), which moves no realistic value.
-_MAX_AVG_LOGP = -1e-6
+from tunesmith.config import RunConfig
+from tunesmith.data.formats import Conversation, Message
+from tunesmith.data.tokenize import TokenizedExample, tokenize_all
+from tunesmith.errors import TunesmithError
+from tunesmith.objectives import Objective
+from tunesmith.rundir import RunDir
 
-
-def _average(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token average log-probability; an empty answer (0 tokens) counts as one token, as TRL does."""
-    return logps.float() / tokens.float().clamp(min=1)
-
-
-def dpo(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct Preference Optimization (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
-    Secretly a Reward Model", Eq. 7), with conservative label smoothing (cDPO, Mitchell 2023):
-
-        h = (log πθ(y_w|x) - log πθ(y_l|x)) - (log π_ref(y_w|x) - log π_ref(y_l|x))
-        loss = -(1 - ε) · log σ(β·h) - ε · log σ(-β·h)
-
-    ε is the assumed probability that a preference label is flipped; ε = 0 is the paper's loss. Rewards are the
-    implicit rewards β·(log πθ - log π_ref) of the chosen and the rejected answer. All three tensors have one entry
-    per pair.
-    """
-    chosen_ratio = policy_chosen.float() - ref_chosen.float()
-    rejected_ratio = policy_rejected.float() - ref_rejected.float()
-    h = chosen_ratio - rejected_ratio
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
 
 
-def ipo(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Identity Preference Optimisation (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from
-    Human Preferences", Eq. 17, with τ = beta):
+@dataclass
+class PreferenceExample:
+    """A tokenized pair (first: chosen, second: rejected) or KTO row (first: the answer, second: the prompt with
+    another row's answer); `reference` holds the starting model's summed log-probs of both, when measured."""
 
-        h = (ā_θ(y_w) - ā_θ(y_l)) - (ā_ref(y_w) - ā_ref(y_l))
-        loss = (h - 1 / (2τ))²
+    first: TokenizedExample
+    second: TokenizedExample
+    line: int
+    desirable: bool | None = None  # KTO rows only
+    reference: tuple[float, float] | None = None
 
-    where ā is the per-token AVERAGE log-probability of the answer, as TRL's loss_type="ipo" computes it (the
-    squared loss on summed log-probs would grow with answer length). Rewards are β·(ā_θ - ā_ref); one entry per pair.
-    """
-    chosen_ratio = _average(policy_chosen, chosen_tokens) - _average(ref_chosen, chosen_tokens)
-    rejected_ratio = _average(policy_rejected, rejected_tokens) - _average(ref_rejected, rejected_tokens)
-    losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
-    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    @property
+    def token_ids(self) -> tuple[list[int], list[int]]:
+        return self.first.input_ids, self.second.input_ids
 
 
-def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(a)) for a < 0 without cancellation: expm1 near 0, log1p further out (Mächler 2012)."""
-    a = a.clamp(max=_MAX_AVG_LOGP)
-    return torch.where(a < -0.6931471805599453, torch.log1p(-torch.exp(a)), torch.log(-torch.expm1(a)))
+def _answered(conversation: Conversation, answer: str) -> Conversation:
+    return Conversation((*conversation.prompt_messages, Message("assistant", answer)), line=conversation.line)
 
 
-def orpo(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Odds Ratio Preference Optimization (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without
-    Reference Model", Eqs. 2-7, with λ = beta):
-
-        a = log P(y|x) / |y|                      (per-token average log-probability)
-        log odds(y|x) = a - log(1 - exp(a))
-        loss = -a_w + λ · (-log σ(log odds(y_w|x) - log odds(y_l|x)))
-
-    The first term is the chosen answer's per-token NLL (L_SFT), the second the odds-ratio loss (L_OR). Rewards are
-    β·a_w and β·a_l, as TRL's ORPO logs them; one entry per pair. Average log-probs are capped just below 0 so that
-    log(1 - exp(a)) stays finite.
-    """
-    chosen_avg = _average(policy_chosen, chosen_tokens)
-    rejected_avg = _average(policy_rejected, rejected_tokens)
-    log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
-    losses = -chosen_avg - beta * F.logsigmoid(log_odds)
-    return losses, (beta * chosen_avg).detach(), (beta * rejected_avg).detach()
-
-
-def simpo(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    beta: float,
-    gamma: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Simple Preference Optimization (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free
-    Reward", Eq. 6):
-
-        loss = -log σ(β/|y_w| · log πθ(y_w|x) - β/|y_l| · log πθ(y_l|x) - γ)
-
-    γ is the target reward margin. Rewards are the length-normalised β·a_w and β·a_l; one entry per pair.
-    """
-    chosen_reward = beta * _average(policy_chosen, chosen_tokens)
-    rejected_reward = beta * _average(policy_rejected, rejected_tokens)
-    losses = -F.logsigmoid(chosen_reward - rejected_reward - gamma)
-    return losses, chosen_reward.detach(), rejected_reward.detach()
+def tokenize_preferences(
+    tokenizer: Any, conversations: list[Conversation], max_length: int, holds: str, seed: int = 0
+) -> tuple[list[PreferenceExample], dict[str, Any]]:
+    """Both sides of every pair (or KTO row) tokenized and truncated like SFT examples; a pair either side of
+    which keeps no answer token is dropped. The counts as the SFT tokenize report gives them."""
+    wrong = [c.line for c in conversations if c.kind != holds]
+    if wrong:
+        need = "chosen/rejected pairs" if holds == "pair" else "KTO rows (prompt, completion, label)"
+        raise TunesmithError(
+            f"This objective trains on {need}, but records {wrong[:10]} are not: see `tunesmith data check` for the "
+            "format detected, or set objective: sft."
+        )
+    if holds == "pair":
+        second = [_answered(c, str(c.rejected)) for c in conversations]
+    else:  # KTO: each prompt with another row's answer, for the KL estimate (a seeded shift, never its own)
+        order = list(range(len(conversations)))
+        random.Random(seed).shuffle(order)
+        other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+        second = [_answered(c, str(conversations[other[i]].reference)) for i, c in enumerate(conversations)]
+    # Only the last answer is scored: earlier assistant turns are part of the prompt both sides share.
+    firsts, stats = tokenize_all(tokenizer, conversations, max_length, "last")
+    seconds, more = tokenize_all(tokenizer, second, max_length, "last")
+    by_line, labels = {e.line: e for e in seconds}, {c.line: c.label for c in conversations}
+    examples = [
+        PreferenceExample(e, by_line[e.line], e.line, labels[e.line] if holds == "kto" else None)
+        for e in firsts
+        if e.line in by_line
+    ]
+    report = stats.summary() | {
+        "pairs": len(examples),
+        "truncated_second": more.truncated,
+        "dropped": len(conversations) - len(examples),
+        "tokens": sum(len(e) for e in examples),
+    }
+    return examples, report
 
 
-def kto_kl(
-    policy_mismatched: torch.Tensor,
-    reference_mismatched: torch.Tensor,
-    sum_over: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """KTO's reference point z_ref (Ethayarajh et al. 2024, Eq. 7 and §4.1): the batch mean of log πθ(y'|x) -
-    log π_ref(y'|x) over mismatched pairs (a prompt with another row's completion), detached and clamped at 0.
-    `sum_over` sums a tensor over the data-parallel processes, so the mean is over the whole micro-batch of the
-    step rather than over this process's share of it (at batch size 1 per process, one sample)."""
-    gap = (policy_mismatched.float() - reference_mismatched.float()).detach()
-    totals = torch.stack([gap.sum(), gap.new_tensor(float(gap.numel()))])
-    if sum_over is not None:
-        totals = sum_over(totals)
-    return (totals[0] / totals[1]).clamp(min=0)
+def collate_preferences(examples: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch: the first rows of every example, then their second rows; reference log-probs
+    and KTO labels alongside."""
+    from tunesmith.train.batching import collate
+
+    batch = collate([e.first for e in examples] + [e.second for e in examples], pad_id)
+    if all(e.reference is not None for e in examples):
+        reference = torch.tensor([e.reference for e in examples], dtype=torch.float32)
+        batch["ref_first"], batch["ref_second"] = reference[:, 0], reference[:, 1]
+    if examples[0].desirable is not None:
+        batch["desirable"] = torch.tensor([bool(e.desirable) for e in examples])
+    return batch
 
 
-def kto(
-    policy: torch.Tensor,
-    reference: torch.Tensor,
-    desirable: torch.Tensor,
-    kl: torch.Tensor,
-    beta: float,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic
-    Optimization", Eq. 7):
+def sequences(examples: list[PreferenceExample]) -> list[TokenizedExample]:
+    """Both sequences of every example, as the model runs them (for lengths and token counts)."""
+    return [side for example in examples for side in (example.first, example.second)]
 
-        r = log πθ(y|x) - log π_ref(y|x),   z = kl (from kto_kl)
-        desirable y:   loss = λ_D · (1 - σ(β·(r - z)))
-        undesirable y: loss = λ_U · (1 - σ(β·(z - r)))
 
-    `policy`, `reference` and `desirable` (bool) have one entry per row. Returns the losses per row, shape (rows,),
-    in batch order; the rewards β·r of the desirable rows, shape (desirable.sum(),); and those of the undesirable
-    rows, shape ((~desirable).sum(),). The reward tensors are unpaired and either may be empty.
-    """
-    ratio = policy.float() - reference.float()
-    z = torch.as_tensor(kl, dtype=torch.float32, device=ratio.device).detach().clamp(min=0)
-    desirable = desirable.to(device=ratio.device, dtype=torch.bool)
-    losses = torch.where(
-        desirable,
-        desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
-        undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))),
+def _batches(
+    examples: list[PreferenceExample], pad_id: int, batch_size: int, device: Any
+) -> Iterator[tuple[list[PreferenceExample], dict[str, torch.Tensor]]]:
+    """Consecutive batches of `examples`, each with its collated tensors on `device`."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield chunk, {k: v.to(device) for k, v in collate_preferences(chunk, pad_id).items()}
+
+
+@dataclass(frozen=True)
+class Preference(Objective):
+    def units(self, example: Any) -> int:
+        return 1  # the loss is a mean over pairs (rows for KTO)
+
+    def collate(self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool) -> dict[str, torch.Tensor]:
+        return collate_preferences(examples, pad_id)  # pairs are never packed: each side is scored on its own
+
+    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor], settings: Any) -> tuple[torch.Tensor, dict]:
+        """Summed loss of the batch's pairs (rows) and summed statistics; reference log-probs come in the batch."""
+        from tunesmith.objectives import losses as formulas
+        from tunesmith.train.loss import model_logps
+
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        logps, counts = model_logps(model, inputs)
+        half = logps.shape[0] // 2
+        first, second, n_first, n_second = logps[:half], logps[half:], counts[:half], counts[half:]
+        beta = settings.beta_for(self.name)
+        if self.needs_reference and "ref_first" not in batch:
+            raise TunesmithError(f"objective {self.name} needs the reference log-probs (attach_reference) first.")
+        if self.name == "kto":
+            kl = formulas.kto_kl(second, batch["ref_second"], sum_over_processes)
+            desirable = batch["desirable"]
+            losses, _, _ = formulas.kto(
+                first, batch["ref_first"], desirable, kl, beta, settings.desirable_weight, settings.undesirable_weight
+            )
+            # Right when a desirable answer's implicit reward is above the KL baseline and an undesirable one's below.
+            reward = (beta * (first - batch["ref_first"])).detach()
+            right = torch.where(desirable, reward > beta * kl, reward < beta * kl).float()
+            stats = {"reward_accuracy": float(right.sum()), "kl": float(kl) * len(first)}
+            return losses.sum(), stats
+        if self.name == "dpo":
+            losses, chosen, rejected = formulas.dpo(
+                first, second, batch["ref_first"], batch["ref_second"], beta, settings.label_smoothing
+            )
+        elif self.name == "ipo":
+            losses, chosen, rejected = formulas.ipo(
+                first, second, batch["ref_first"], batch["ref_second"], n_first, n_second, beta
+            )
+        elif self.name == "orpo":
+            losses, chosen, rejected = formulas.orpo(first, second, n_first, n_second, beta)
+        else:
+            losses, chosen, rejected = formulas.simpo(first, second, n_first, n_second, beta, settings.gamma)
+        return losses.sum(), pair_stats(chosen, rejected, first / n_first, second / n_second)
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the data-parallel processes (itself in a single process). Every process calls it
+    for every micro-batch and validation batch alike (all validate the same set), so the collectives match."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    summed = tensor.clone()
+    dist.all_reduce(summed)
+    return summed
+
+
+def kto_batch_warning(objective: Objective, batch_size: int, processes: int) -> str | None:
+    """A warning when KTO's KL reference point would rest on fewer than 2 mismatched pairs per process and
+    micro-batch (train.batch_size examples split over the processes), else None."""
+    per_process = batch_size // max(1, processes)
+    if objective.name != "kto" or per_process >= 2:
+        return None
+    over = f", {batch_size} over all {processes} processes" if processes > 1 else ""
+    return (
+        f"KTO estimates its KL reference point from each micro-batch's mismatched pairs: {per_process} per "
+        f"process{over} is a noisy estimate (one sample moves it as much as the whole batch). Set "
+        f"train.batch_size to {2 * processes} or more (and train.grad_accum lower to keep the examples per step)."
     )
-    rewards = (beta * ratio).detach()
-    return losses, rewards[desirable], rewards[~desirable]
 
 
-def reward_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, paired: bool = True) -> dict[str, float]:
-    """Logged reward statistics: accuracy (share of pairs with chosen > rejected), margin (mean of chosen - rejected),
-    and the mean chosen and rejected reward.
+def pair_stats(
+    chosen: torch.Tensor, rejected: torch.Tensor, chosen_logp: torch.Tensor, rejected_logp: torch.Tensor
+) -> dict[str, float]:
+    """Statistics summed over the pairs (the step divides by its pair count): reward_stats' accuracy (the share of
+    pairs whose chosen reward beats the rejected one), margin and mean rewards; log-probs are per answer token."""
+    from tunesmith.objectives.losses import reward_stats
 
-    paired=False is for KTO's unpaired rewards (any lengths): accuracy then compares every chosen with every rejected
-    reward and the margin is the difference of the means. A statistic over an empty side is nan.
-    """
-    chosen = chosen_rewards.detach().float().flatten()
-    rejected = rejected_rewards.detach().float().flatten()
-    if paired and chosen.shape != rejected.shape:
-        raise ValueError(f"paired rewards differ in count: {chosen.numel()} chosen, {rejected.numel()} rejected")
-    if chosen.numel() == 0 or rejected.numel() == 0:
-        accuracy = margin = float("nan")
-    elif paired:
-        accuracy = (chosen > rejected).float().mean().item()
-        margin = (chosen - rejected).mean().item()
-    else:
-        accuracy = (chosen[:, None] > rejected[None, :]).float().mean().item()
-        margin = _mean(chosen) - _mean(rejected)
-    return {"accuracy": accuracy, "margin": margin, "chosen": _mean(chosen), "rejected": _mean(rejected)}
+    means = reward_stats(chosen, rejected)
+    pairs = len(chosen)
+    summed = [means[name] * pairs for name in ("accuracy", "margin", "chosen", "rejected")]
+    summed += [float(chosen_logp.detach().sum()), float(rejected_logp.detach().sum())]
+    return dict(zip(STATS, summed, strict=True))
 
 
-def _mean(values: torch.Tensor) -> float:
-    return values.mean().item() if values.numel() else float("nan")
+def reference_key(examples: list[PreferenceExample], start: str) -> str:
+    """What the reference log-probs depend on: every token id and the starting weights (their identity and, from
+    the caller, a digest of their files' content: see weights_digest)."""
+    digest = hashlib.sha256(start.encode())
+    for example in examples:
+        first, second = example.token_ids
+        digest.update(json.dumps([first, second]).encode())
+    return digest.hexdigest()
+
+
+def read_reference(cache: Path | None, key: str, counts: dict[str, int]) -> dict[str, list[list[float]]] | None:
+    """The saved log-probs per split when `cache` holds them under `key` (None when it is absent or for other
+    examples or weights); a cache that is not what attach_reference writes (damaged, edited, of another count, a
+    non-finite value) is an error naming it, never trusted."""
+    if cache is None or not cache.is_file():
+        return None
+
+    def damaged(problem: str) -> TunesmithError:
+        return TunesmithError(
+            f"{cache}: {problem}, so the reference log-probs saved there cannot be used. Delete {cache.name} and "
+            "run again (--resume keeps the checkpoints): they are measured again from the starting model."
+        )
+
+    try:
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise damaged(f"not readable JSON ({exc})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("logps"), dict):
+        raise damaged("no 'key' and 'logps' object as tunesmith writes it")
+    if saved.get("key") != key:
+        return None  # measured for other examples or other starting weights: measure again and replace it
+    logps = saved["logps"]
+    for name, count in counts.items():
+        pairs = logps.get(name)
+        if not isinstance(pairs, list) or len(pairs) != count:
+            found = len(pairs) if isinstance(pairs, list) else "no"
+            raise damaged(f"{found} {name} entries for the {count} {name} examples")
+        for index, pair in enumerate(pairs):
+            numbers = isinstance(pair, list) and len(pair) == 2 and all(type(v) in (int, float) for v in pair)
+            if not numbers or not all(math.isfinite(v) for v in pair):
+                raise damaged(f"{name} entry {index} is {pair!r}, not two finite log-probs")
+    return logps
+
+
+@torch.no_grad()
+def attach_reference(
+    model: Any,
+    splits: dict[str, list[PreferenceExample]],
+    pad_id: int,
+    batch_size: int,
+    cache: Path | None = None,
+    start: str = "",
+    autocast: Any = None,
+    progress: Any = None,
+) -> bool:
+    """Give every example the starting model's summed log-probs of both its sides, from `cache` when it holds
+    them for these examples and this start (True), else measured in eval mode and written there (False)."""
+    from contextlib import nullcontext
+
+    from tunesmith.files import write_text_atomic
+    from tunesmith.train.loss import model_logps
+
+    key = reference_key([e for examples in splits.values() for e in examples], start)
+    saved = read_reference(cache, key, {name: len(examples) for name, examples in splits.items()})
+    if saved is not None:
+        for name, examples in splits.items():
+            for example, pair in zip(examples, saved[name], strict=True):
+                example.reference = (pair[0], pair[1])
+        return True
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for examples in splits.values():
+            for chunk, batch in _batches(examples, pad_id, batch_size, device):
+                with autocast() if autocast else nullcontext():
+                    logps, _ = model_logps(model, batch)
+                half = len(chunk)
+                for example, first, second in zip(chunk, logps[:half].tolist(), logps[half:].tolist(), strict=True):
+                    example.reference = (first, second)
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        model.train(was_training)
+    if cache is not None:
+        logps = {name: [list(e.reference or (0.0, 0.0)) for e in examples] for name, examples in splits.items()}
+        write_text_atomic(cache, json.dumps({"key": key, "logps": logps}))
+    return False
+
+
+def weights_digest(files: list[Path]) -> str:
+    """One sha256 over the content of weight files, in the order given, each with its name."""
+    from tunesmith.files import sha256_file
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def preference_scores(
+    model: Any, objective: Preference, examples: list[PreferenceExample], settings: Any, pad_id: int, batch_size: int
+) -> dict[str, float]:
+    """Mean loss and statistics over `examples` (validation): val_loss, val_reward_accuracy, ..."""
+    total: dict[str, float] = {}
+    loss = 0.0
+    for _, batch in _batches(examples, pad_id, batch_size, next(model.parameters()).device):
+        value, stats = objective.loss_sum(model, batch, settings)
+        loss += float(value)
+        for name, amount in stats.items():
+            total[name] = total.get(name, 0.0) + amount
+    count = max(1, len(examples))
+    return {"val_loss": loss / count} | {f"val_{name}": amount / count for name, amount in total.items()}
+
+
+@torch.no_grad()
+def prefers_chosen(model: Any, examples: list[PreferenceExample], pad_id: int, batch_size: int) -> list[float]:
+    """Per pair, 1.0 when the model gives the chosen answer a higher log-probability per answer token than the
+    rejected one (length-normalised, so a longer answer is not penalised for its length), else 0.0."""
+    from tunesmith.train.loss import model_logps
+
+    wins: list[float] = []
+    for chunk, batch in _batches(examples, pad_id, batch_size, next(model.parameters()).device):
+        logps, counts = model_logps(model, batch)
+        average = (logps / counts.clamp(min=1)).tolist()
+        pairs = zip(average[: len(chunk)], average[len(chunk) :], strict=True)
+        wins.extend(1.0 if chosen > rejected else 0.0 for chosen, rejected in pairs)
+    return wins
+
+
+def starting_weights(config: RunConfig, source: str) -> list[Path]:
+    """The weight files a run starts from: the base model's, then init_from's trained weights when it has one."""
+    suffixes = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+    base = Path(source)
+    files = sorted(p for p in base.iterdir() if p.suffix in suffixes) if base.is_dir() else [base]
+    if config.init_from:
+        start = RunDir(Path(str(config.init_from)))
+        trained = start.trained_weights(start.read_config())
+        files += sorted(p for p in trained.rglob("*") if p.is_file())
+    return [p for p in files if p.is_file()]
+
+
+def measure_reference(
+    config: Any,
+    model: Any,
+    splits: dict[str, list[Any]],
+    pad_id: int,
+    run_dir: Path,
+    world: Any,
+    console: Any,
+    precision: Any,
+    source: str,
+) -> None:
+    """For dpo, ipo and kto: the starting model's log-probs of every train and val pair, measured once before
+    training (no second copy of any weights) and kept in the run directory for a resume. Dropout is turned off
+    for these objectives (as TRL does): the policy must equal the reference at the start, not a noisy copy."""
+    from rich.progress import Progress
+
+    from tunesmith.objectives import objective_of
+    from tunesmith.train import distributed
+
+    if not objective_of(config).needs_reference:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model.to("cuda")
+    device = next(model.parameters()).device.type
+    weights = weights_digest(starting_weights(config, source))  # the same names can hold other weights
+    start = f"{config.model}|{config.method}|{config.init_from or ''}|{precision.name}|{weights}"
+
+    def autocast() -> Any:
+        return torch.autocast(device, dtype=precision.dtype, enabled=precision.name != "fp32")
+
+    # The main process measures and writes the cache; data-parallel workers then read it.
+    with (
+        distributed.main_first(world),
+        Progress(console=console, transient=True, disable=not console.is_terminal) as bar,
+    ):
+        task = bar.add_task("reference log-probs", total=sum(map(len, splits.values())))
+        cached = attach_reference(
+            model, splits, pad_id, config.train.batch_size, RunDir(run_dir).reference, start, autocast,
+            lambda done: bar.advance(task, done),
+        )  # fmt: skip
+    where = "reused from the run directory" if cached else "measured"
+    console.print(f"reference log-probs of {sum(map(len, splits.values()))} pairs {where}")

@@ -202,7 +202,7 @@ def _tokenized(config: RunConfig, source: str) -> list[Any]:
     conversations = read_conversations(config.data.path, config.data.format)[0]
     holds = objective_of(config).holds
     if holds != "sft":  # preference objectives: both sides of every pair run through the model
-        from tunesmith.objectives.pairs import sequences, tokenize_preferences
+        from tunesmith.objectives.preference import sequences, tokenize_preferences
 
         pairs, _ = tokenize_preferences(tokenizer, conversations, config.data.max_length, holds, config.train.seed)
         return sequences(pairs)
@@ -242,3 +242,32 @@ def _measure(config: RunConfig, source: str, shape: Shape, work: Workload, steps
     measured["estimate_peak_phase"] = local_phase
     measured["estimate_error"] = round(local_peak / measured["peak_memory_bytes"] - 1, 4)
     return measured
+
+
+def run_estimate(config: RunConfig, model_config: Any, examples: list[Any]) -> dict[str, Any]:
+    """The plan's time and cost estimate for this run's real workload, kept to compare with what it took."""
+    import torch
+
+    from tunesmith.objectives import objective_of
+    from tunesmith.plan.estimate import HERE_UTILIZATION, UTILIZATION
+
+    try:
+        shape = Shape.from_config(model_config)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return {"error": f"no estimate for this model shape: {exc}"}
+    if objective_of(config).holds != "sft":  # both sides of every pair run through the model
+        from tunesmith.objectives.preference import sequences
+
+        examples = sequences(examples)
+    work = Workload.for_run(config, examples)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where this run trains, so what the probe times
+    result = estimate_with_cpu(shape, work, cpu_work=work, device=device)
+    here = result.devices.pop(here_row(device))
+    return {
+        "tokens": round(work.tokens),
+        "peak_memory_gib": round(result.peak_memory_bytes / GIB, 3),
+        "this machine": here,
+        "cloud": {name: d["cost_usd"] for name, d in result.devices.items() if d["fits"]},
+        "assumptions": f"{UTILIZATION:.0%} utilisation (MFU) of the cloud GPUs' peak; this machine: "
+        f"{here['speed']}, {HERE_UTILIZATION:.0%} of it reached by training",
+    }

@@ -258,3 +258,19 @@ def prune(run_dir: Path, keep_last: int, best_step: int | None) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
+
+
+def load_best(run_dir: Path, model: Any, trained: dict[str, Any] | None, best_step: int) -> tuple[Any, str | None]:
+    """The best checkpoint's weights in place of the last step's: loaded into the model, or, when training sharded
+    them (FSDP: `trained` holds the whole weights), returned whole. Also the checkpoint's name; None (and `trained`
+    unchanged) when that checkpoint is gone."""
+    best = RunDir(Path(run_dir)).checkpoint(best_step)
+    if not best.is_complete():
+        return trained, None
+    if trained is None:
+        load_trainable(model, best.trainable)
+    else:
+        from safetensors.torch import load_file
+
+        trained = load_file(str(best.trainable))
+    return trained, best.path.name

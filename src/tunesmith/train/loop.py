@@ -1,7 +1,7 @@
 """The training loop, written out: AdamW, warmup then decay, gradient accumulation, clipping, logging.
 
 It runs on accelerate so the same loop later spreads over several devices. It never decides what
-to train (that is methods/) nor where files go (that is run.py); it only optimises and reports.
+to train (that is methods/) nor where files go (that is rundir.py and pipeline.py); it only optimises and reports.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from transformers import AutoConfig
 
+from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
 
@@ -131,3 +134,26 @@ def trained_dtype(run_dir: Path) -> str:
 def run_inference_dtype(run_dir: Path) -> torch.dtype:
     """What generation, evaluation, serving and export load a run in (see inference_dtype)."""
     return inference_dtype(trained_dtype(run_dir))
+
+
+def run_precision(config: RunConfig, source: str, recorded: dict[str, Any], console: Console) -> Precision:
+    """The dtype this run trains in, printed with its reason; a resumed run keeps the dtype it started with."""
+    model_type = getattr(AutoConfig.from_pretrained(source), "model_type", None)
+    here = resolve(config.train.dtype, model_type=model_type)
+    started = recorded.get("precision")
+    if started and started["dtype"] != here.name:
+        # Only `auto` can get here: a changed explicit train.dtype is a config change, refused before.
+        try:
+            resolve(started["dtype"], model_type=model_type)  # still possible here? (fp16 needs a GPU)
+        except TunesmithError as exc:
+            raise TunesmithError(
+                f"This run started in {started['dtype']} ({started['reason']}), which this machine cannot continue: "
+                f"{exc} Resume it on hardware like the one it started on, or start a new run with another --out."
+            ) from None
+        console.print(
+            f"[yellow]train.dtype auto resolves to {here.name} here ({here.reason}), but this run started in "
+            f"{started['dtype']}: continuing in {started['dtype']} so that the resumed steps match.[/]"
+        )
+        return Precision(started["dtype"], f"kept from the run's start ({started['reason']})")
+    console.print(f"[bold]dtype[/] {here.name} ({here.reason})")
+    return here

@@ -272,7 +272,7 @@ def _progress(described: dict[str, Any], config: dict[str, Any], last: dict[str,
 
 
 def _run_row(path: Path, launcher: Launcher) -> dict[str, Any]:
-    from tunesmith.runs import describe, read_metrics
+    from tunesmith.watch import describe, read_metrics
 
     described = describe(path)
     config = RunDir(path).read_config_fields()
@@ -333,7 +333,7 @@ async def one_run(name: str, request: Request) -> Any:
 
     def collect() -> dict[str, Any]:
         from tunesmith.evaluate.report import build_report
-        from tunesmith.runs import read_metrics
+        from tunesmith.watch import read_metrics
 
         layout = RunDir(path)
         row = _run_row(path, server.launcher)
@@ -364,7 +364,7 @@ class ClientGone(Exception):
 
 async def stream_metrics(name: str, request: Request) -> StreamingResponse:
     """Server-sent events: every metrics record (runs.follow), then an `end` event once the run stops running."""
-    from tunesmith.runs import follow, run_status
+    from tunesmith.watch import follow, run_status
 
     path = ui(request).run_dir(name)
     loop = asyncio.get_running_loop()
@@ -414,7 +414,7 @@ async def stop_run(name: str, request: Request) -> Any:
 async def resume_run(name: str, request: Request) -> Any:
     server = ui(request)
     path = server.run_dir(name)
-    from tunesmith.runs import run_status
+    from tunesmith.watch import run_status
 
     status = run_status(RunDir(path).read_manifest())
     if status in ("running", "completed"):
@@ -679,7 +679,7 @@ async def playground_info(request: Request) -> Any:
     server = ui(request)
 
     def collect() -> list[dict[str, Any]]:
-        from tunesmith.runs import find_runs
+        from tunesmith.watch import find_runs
 
         return [
             {"name": Path(r["dir"]).name, "model": r["model"], "method": r["method"]}

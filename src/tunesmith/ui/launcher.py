@@ -1,11 +1,11 @@
 """Training processes started from the browser: a queue kept on disk, one training at a time by default.
 
 A launch is `python -m tunesmith run CONFIG` in a session of its own, so it outlives the UI and Ctrl-C in the UI's
-terminal never reaches it; what became of a run is its own manifest (runs.run_status). Only what a run directory
+terminal never reaches it; what became of a run is its own manifest (watch.run_status). Only what a run directory
 cannot know yet is kept here, in RUNS/.tunesmith-ui/: the queue, the config of a run not started, each launch's log,
 process and exit status. A restarted UI reads them back, and two UIs on one runs folder share them: every change to
 the queue and every launch holds RUNS/.tunesmith-ui/queue.lock, so `--max-trainings` holds across both. A process is
-known by its pid, host and start time (runs.is_process), never by a pid alone. Nothing here writes inside a run
+known by its pid, host and start time (watch.is_process), never by a pid alone. Nothing here writes inside a run
 directory.
 """
 
@@ -28,8 +28,8 @@ from filelock import FileLock
 from tunesmith.errors import TunesmithError
 from tunesmith.files import open_append, write_text_atomic
 from tunesmith.rundir import RunDir
-from tunesmith.runs import is_process, on_this_host, process_identity, run_status, running_here
 from tunesmith.trust import LAUNCHED_BY_UI
+from tunesmith.watch import is_process, on_this_host, process_identity, run_status, running_here
 
 HOME = ".tunesmith-ui"
 # What a run the UI starts gets: unbuffered logs; no folder of the run on Python's import path (PYTHONSAFEPATH:

@@ -1,7 +1,8 @@
-"""Runs on disk: list them, show one, follow one live from another terminal, plot its loss curves.
+"""Watching runs on disk (`tunesmith runs`, `show`, `watch`, the UI): list them, describe one, follow one live from
+another terminal, tell whether its process still lives, and plot its loss curves.
 
-Everything here only reads a run directory (its manifest, config, metrics and checkpoints; see
-rundir.py), so it works while training writes, after a crash, and on a copied directory.
+Everything here reads a run directory (its manifest, config, metrics and checkpoints; see rundir.py), so it works
+while training writes, after a crash, and on a copied directory; the one file it writes is the loss plot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
-from tunesmith.files import finite
+from tunesmith.files import finite, replace_file
 from tunesmith.rundir import RunDir
 from tunesmith.train.checkpoint import complete_checkpoints
 
@@ -193,8 +194,6 @@ def plot_losses(run_dir: Path) -> Path | None:
     axis.legend()
     figure.tight_layout()
     target = RunDir(Path(run_dir)).loss_plot
-    tmp = target.with_suffix(".tmp.png")
-    figure.savefig(tmp)
+    replace_file(target, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
-    os.replace(tmp, target)
     return target
