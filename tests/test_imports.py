@@ -34,7 +34,10 @@ def _imported(module: str, path: Path, node: ast.Import | ast.ImportFrom, known:
         base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
     else:
         base = node.module or ""
-    return {name for name in (base, *(f"{base}.{alias.name}" for alias in node.names)) if name in known}
+    submodules = {f"{base}.{alias.name}" for alias in node.names} & set(known)
+    # `from package import submodule` needs only the submodule; a name defined in the package needs the package.
+    names_in_base = any(f"{base}.{alias.name}" not in known for alias in node.names)
+    return submodules | ({base} if names_in_base and base in known else set())
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -44,11 +47,7 @@ def import_graph() -> dict[str, set[str]]:
     for module, path in known.items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import | ast.ImportFrom):
-                # A submodule importing its own package (or the package its submodule) is Python's loading
-                # order, not a circle of meaning.
-                graph[module] |= {
-                    t for t in _imported(module, path, node, known) if not module.startswith(f"{t}.") and t != module
-                }
+                graph[module] |= _imported(module, path, node, known) - {module}
     return graph
 
 

@@ -48,10 +48,10 @@ from tunesmith.objectives.preference import kto_batch_warning, measure_reference
 from tunesmith.plan.report import run_estimate
 from tunesmith.rundir import RunDir
 from tunesmith.train import distributed
-from tunesmith.train.checkpoint import load_best
+from tunesmith.train.checkpoint import latest_checkpoint, load_best
 from tunesmith.train.loop import Session, TrainResult, fit
 from tunesmith.train.precision import Precision, run_precision
-from tunesmith.train.resume import manifest, reopen, split_hashes
+from tunesmith.train.resume import manifest, reopen, saved_splits, split_hashes
 from tunesmith.train.trackers import Trackers
 from tunesmith.watch import plot_losses, process_identity
 
@@ -209,9 +209,6 @@ def _start(config: RunConfig, run_dir: Path, overwrite: bool) -> tuple[dict, str
 
 
 def _written_by_main(run_dir: Path, resuming: bool) -> tuple[dict, str, dict, Path | None]:
-    from tunesmith.train.checkpoint import latest_checkpoint
-    from tunesmith.train.resume import saved_splits
-
     info = RunDir(run_dir).read_manifest()
     return saved_splits(run_dir), info.get("format", "chat"), info, latest_checkpoint(run_dir) if resuming else None
 

@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from tunesmith.deploy import limits
+from tunesmith.deploy.export import run_tokenizer
+from tunesmith.deploy.template import stop_tokens
 from tunesmith.errors import TunesmithError
+from tunesmith.methods import load_base, load_trained, method_of
+from tunesmith.models import resolve_model_path
 from tunesmith.rundir import RunDir
+from tunesmith.train.precision import run_inference_dtype
 
 BASE = "base"
 
@@ -125,11 +131,6 @@ class Engine:
         self.worker.start()
 
     def _load(self, run_dirs: list[Path], configs: list[Any]) -> Any:
-        from tunesmith.deploy.export import run_tokenizer
-        from tunesmith.methods import load_base, load_trained, method_of
-        from tunesmith.models import resolve_model_path
-        from tunesmith.train.precision import run_inference_dtype
-
         weights = [RunDir(path).trained_weights(config) for path, config in zip(run_dirs, configs, strict=True)]
         peft = all(method_of(config).uses_peft for config in configs)
         bases = {config.model for config in configs}
@@ -144,7 +145,6 @@ class Engine:
             model = load_trained(configs[0], source, weights[0], dtype)
             self._register(run_dirs[0].name, run_dirs[0], run_tokenizer(run_dirs[0]), None)
             return model.eval()
-        from peft import PeftModel
 
         model = load_base(configs[0], source, dtype)
         for index, (path, folder) in enumerate(zip(run_dirs, weights, strict=True)):
@@ -157,8 +157,6 @@ class Engine:
         return model.eval()
 
     def _register(self, name: str, run_dir: Path | None, tokenizer: Any, adapter: str | None) -> None:
-        from tunesmith.deploy.template import stop_tokens
-
         ids, texts = stop_tokens(tokenizer)
         self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts)
 

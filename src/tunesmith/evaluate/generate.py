@@ -18,6 +18,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.baselines import cut_at_stops
 from tunesmith.methods import load_base, load_trained, method_of
 from tunesmith.models import load_tokenizer, resolve_model_path
 from tunesmith.rundir import RunDir
@@ -73,8 +74,6 @@ def generate(
 
     Generation ends at EOS and, with `stops`, at the first of those texts, which is cut from the answer
     (evaluate/baselines.py: turn_stops gives the template's turn boundaries)."""
-    from tunesmith.evaluate.baselines import cut_at_stops
-
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )

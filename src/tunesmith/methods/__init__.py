@@ -19,14 +19,12 @@ from tunesmith.errors import TunesmithError
 from tunesmith.methods.adapter import ADAPTER
 from tunesmith.methods.full import FULL
 from tunesmith.methods.lora import DORA, LORA
-from tunesmith.methods.method import Method
+from tunesmith.methods.method import METHODS, method_of
 from tunesmith.methods.qlora import QLORA
+from tunesmith.rundir import RunDir
+from tunesmith.train.precision import keep_trainable_fp32
 
-METHODS: dict[str, Method] = {method.name: method for method in (LORA, QLORA, DORA, ADAPTER, FULL)}
-
-
-def method_of(config: RunConfig) -> Method:
-    return METHODS[config.method]
+METHODS.update({method.name: method for method in (LORA, QLORA, DORA, ADAPTER, FULL)})
 
 
 def training_dtype(config: RunConfig, run_dtype: torch.dtype) -> torch.dtype:
@@ -42,8 +40,6 @@ def load_base(config: RunConfig, source: str, dtype: torch.dtype = torch.float32
 
 def apply_method(model: Any, config: RunConfig) -> tuple[Any, int]:
     """The model to train; trainable weights are fp32 whatever the frozen ones are (small updates survive)."""
-    from tunesmith.train.precision import keep_trainable_fp32
-
     model, trainable = method_of(config).apply(model, config)
     keep_trainable_fp32(model)
     return model, trainable
@@ -54,9 +50,6 @@ def start_from_run(config: RunConfig, source: str, dtype: torch.dtype = torch.fl
 
     The earlier run must be finished and of the same base model and method, so that what this run saves is
     again a whole update over the base (served and exported like any run of the method)."""
-    from tunesmith.rundir import RunDir
-    from tunesmith.train.precision import keep_trainable_fp32
-
     start = RunDir(Path(str(config.init_from)))
     if not start.is_run():
         raise TunesmithError(f"init_from: {start.path} is not a tunesmith run directory.")

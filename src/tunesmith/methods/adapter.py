@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.config import AdapterConfig
@@ -82,8 +83,6 @@ def apply_adapters(model: Any, settings: AdapterConfig) -> tuple[Any, int]:
 
 
 def save_adapters(model: Any, settings: AdapterConfig, path: Path, trained: dict[str, Any] | None = None) -> None:
-    from safetensors.torch import save_file
-
     path.mkdir(parents=True, exist_ok=True)
     source = trained if trained is not None else model.state_dict()
     weights = {k: v.detach().contiguous() for k, v in source.items() if MARK in k}
@@ -92,8 +91,6 @@ def save_adapters(model: Any, settings: AdapterConfig, path: Path, trained: dict
 
 
 def load_adapters(model: Any, path: Path) -> Any:
-    from safetensors.torch import load_file
-
     settings = AdapterConfig.model_validate_json((path / CONFIG_FILE).read_text())
     add_adapters(model, settings)
     missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)

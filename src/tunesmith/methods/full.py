@@ -10,6 +10,7 @@ import torch
 from tunesmith.config import FullConfig, RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.method import MemoryTerms, Method, load_plain_base, save_pretrained
+from tunesmith.models import load_model
 
 
 def apply_full(model: Any, settings: FullConfig | None = None) -> tuple[Any, int]:
@@ -35,8 +36,6 @@ def apply_full(model: Any, settings: FullConfig | None = None) -> tuple[Any, int
 
 
 def load_full(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
-    from tunesmith.models import load_model
-
     return load_model(str(path), dtype)
 
 

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 
 from tunesmith.config import LoraConfig, RunConfig
-from tunesmith.methods.method import MemoryTerms, Method, load_plain_base, save_pretrained
+from tunesmith.methods.method import MemoryTerms, Method, load_plain_base, method_of, save_pretrained
 
 
 def apply_lora(model: Any, settings: LoraConfig, dora: bool = False) -> tuple[Any, int]:
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     peft_config = PeftLoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -33,27 +32,17 @@ def apply_lora(model: Any, settings: LoraConfig, dora: bool = False) -> tuple[An
 
 def load_peft(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
     """The base as the method loads it, with the saved PEFT adapter on top."""
-    from peft import PeftModel
-
-    from tunesmith.methods import method_of
-
     return PeftModel.from_pretrained(method_of(config).load_base(config, source, dtype), str(path))
 
 
 def continue_peft(config: RunConfig, source: str, path: Path, dtype: torch.dtype) -> Any:
     """The base with a saved PEFT adapter that trains further (its own rank and targets, from the adapter)."""
-    from peft import PeftModel
-
-    from tunesmith.methods import method_of
-
     base = method_of(config).load_base(config, source, dtype)
     return PeftModel.from_pretrained(base, str(path), is_trainable=True)
 
 
 def merge_peft(base: Any, path: Path, dtype: torch.dtype) -> Any:
     """`base` with the PEFT update at `path` added in fp32, returned in `dtype`."""
-    from peft import PeftModel
-
     # nn.Module's own casts: transformers refuses .float()/.to() on a model it loaded quantized, even dequantized.
     merged = PeftModel.from_pretrained(torch.nn.Module.float(base), str(path)).merge_and_unload()
     return torch.nn.Module.to(merged, dtype)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import torch
 
 from tunesmith.config import RunConfig
+from tunesmith.models import load_model
+from tunesmith.train.speed import attention_implementation
 
 Apply = Callable[[Any, RunConfig], tuple[Any, int]]
 LoadBase = Callable[[RunConfig, str, torch.dtype], Any]
@@ -61,9 +63,6 @@ class Method:
 
 
 def load_plain_base(config: RunConfig, source: str, dtype: torch.dtype) -> Any:
-    from tunesmith.models import load_model
-    from tunesmith.train.speed import attention_implementation
-
     return load_model(source, dtype, attention=attention_implementation(config.train.attention))
 
 
@@ -72,3 +71,12 @@ def save_pretrained(model: Any, config: RunConfig, path: Path, trained: dict[str
         model.save_pretrained(path, state_dict=trained)
     else:
         model.save_pretrained(path)
+
+
+# Every method by name, filled by methods/__init__.py (which imports each method's module): here, below all of
+# them, so that a method's own functions can look up the method a config names without importing the package.
+METHODS: dict[str, Method] = {}
+
+
+def method_of(config: RunConfig) -> Method:
+    return METHODS[config.method]

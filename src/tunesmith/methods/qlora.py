@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import BitsAndBytesConfig
 
 from tunesmith.config import QloraConfig, RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.lora import merge_peft, peft_method
+from tunesmith.models import load_model
 from tunesmith.train.precision import TORCH_DTYPES
-from tunesmith.train.speed import use_portable_kernels
+from tunesmith.train.speed import attention_implementation, use_portable_kernels
 
 
 def compute_dtype(settings: QloraConfig, run_dtype: torch.dtype) -> torch.dtype:
@@ -24,8 +26,6 @@ def compute_dtype(settings: QloraConfig, run_dtype: torch.dtype) -> torch.dtype:
 
 
 def quantization_config(settings: QloraConfig, run_dtype: torch.dtype) -> Any:
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=settings.quant_type,
@@ -57,9 +57,6 @@ def dequantize_linears(model: Any, dtype: torch.dtype = torch.float32) -> int:
 
 def load_quantized_base(config: RunConfig, source: str, dtype: torch.dtype) -> Any:
     """The base with its linear weights in 4-bit, its other weights in the compute dtype."""
-    from tunesmith.models import load_model
-    from tunesmith.train.speed import attention_implementation
-
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

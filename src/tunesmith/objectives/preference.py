@@ -19,18 +19,27 @@ import json
 import math
 import random
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from rich.progress import Progress
 
+import tunesmith.objectives.losses as formulas
 from tunesmith.config import RunConfig
 from tunesmith.data.formats import Conversation, Message
 from tunesmith.data.tokenize import TokenizedExample, tokenize_all
 from tunesmith.errors import TunesmithError
-from tunesmith.objectives import Objective
+from tunesmith.files import sha256_file, write_text_atomic
+from tunesmith.objectives.losses import reward_stats
+from tunesmith.objectives.objective import Objective, objective_of
 from tunesmith.rundir import RunDir
+from tunesmith.train import distributed
+from tunesmith.train.batching import collate
+from tunesmith.train.loss import model_logps
 
 STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
 
@@ -98,8 +107,6 @@ def tokenize_preferences(
 def collate_preferences(examples: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
     """One right-padded batch: the first rows of every example, then their second rows; reference log-probs
     and KTO labels alongside."""
-    from tunesmith.train.batching import collate
-
     batch = collate([e.first for e in examples] + [e.second for e in examples], pad_id)
     if all(e.reference is not None for e in examples):
         reference = torch.tensor([e.reference for e in examples], dtype=torch.float32)
@@ -133,9 +140,6 @@ class Preference(Objective):
 
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor], settings: Any) -> tuple[torch.Tensor, dict]:
         """Summed loss of the batch's pairs (rows) and summed statistics; reference log-probs come in the batch."""
-        from tunesmith.objectives import losses as formulas
-        from tunesmith.train.loss import model_logps
-
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         logps, counts = model_logps(model, inputs)
         half = logps.shape[0] // 2
@@ -172,8 +176,6 @@ class Preference(Objective):
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over the data-parallel processes (itself in a single process). Every process calls it
     for every micro-batch and validation batch alike (all validate the same set), so the collectives match."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return tensor
     summed = tensor.clone()
@@ -200,8 +202,6 @@ def pair_stats(
 ) -> dict[str, float]:
     """Statistics summed over the pairs (the step divides by its pair count): reward_stats' accuracy (the share of
     pairs whose chosen reward beats the rejected one), margin and mean rewards; log-probs are per answer token."""
-    from tunesmith.objectives.losses import reward_stats
-
     means = reward_stats(chosen, rejected)
     pairs = len(chosen)
     summed = [means[name] * pairs for name in ("accuracy", "margin", "chosen", "rejected")]
@@ -266,10 +266,6 @@ def attach_reference(
 ) -> bool:
     """Give every example the starting model's summed log-probs of both its sides, from `cache` when it holds
     them for these examples and this start (True), else measured in eval mode and written there (False)."""
-    from contextlib import nullcontext
-
-    from tunesmith.files import write_text_atomic
-    from tunesmith.train.loss import model_logps
 
     key = reference_key([e for examples in splits.values() for e in examples], start)
     saved = read_reference(cache, key, {name: len(examples) for name, examples in splits.items()})
@@ -301,8 +297,6 @@ def attach_reference(
 
 def weights_digest(files: list[Path]) -> str:
     """One sha256 over the content of weight files, in the order given, each with its name."""
-    from tunesmith.files import sha256_file
-
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
@@ -329,8 +323,6 @@ def preference_scores(
 def prefers_chosen(model: Any, examples: list[PreferenceExample], pad_id: int, batch_size: int) -> list[float]:
     """Per pair, 1.0 when the model gives the chosen answer a higher log-probability per answer token than the
     rejected one (length-normalised, so a longer answer is not penalised for its length), else 0.0."""
-    from tunesmith.train.loss import model_logps
-
     wins: list[float] = []
     for chunk, batch in _batches(examples, pad_id, batch_size, next(model.parameters()).device):
         logps, counts = model_logps(model, batch)
@@ -366,10 +358,6 @@ def measure_reference(
     """For dpo, ipo and kto: the starting model's log-probs of every train and val pair, measured once before
     training (no second copy of any weights) and kept in the run directory for a resume. Dropout is turned off
     for these objectives (as TRL does): the policy must equal the reference at the start, not a noisy copy."""
-    from rich.progress import Progress
-
-    from tunesmith.objectives import objective_of
-    from tunesmith.train import distributed
 
     if not objective_of(config).needs_reference:
         return

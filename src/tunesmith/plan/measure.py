@@ -22,11 +22,15 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tunesmith.config import RunConfig
 from tunesmith.data.tokenize import TokenizedExample
+from tunesmith.methods import apply_method, load_base, training_dtype
 from tunesmith.plan.estimate import Workload
+from tunesmith.train.loop import fit
 from tunesmith.train.precision import Precision, resolve
+from tunesmith.train.speed import MemoryReleaser
 
 
 def _status_kib(field: str) -> int:
@@ -93,10 +97,6 @@ def warm_up(config: RunConfig, model_config: Any, work: Workload, precision: Pre
     model's module) add ~190 MiB of resident memory and its first kernels ~20 MiB more, several times the
     model's whole training state (~30 MiB); counted as training memory, they put the estimate 71% below.
     """
-    from transformers import AutoModelForCausalLM
-
-    from tunesmith.methods import apply_method, load_base, training_dtype
-    from tunesmith.train.loop import fit
 
     dtype = training_dtype(config, precision.dtype)
     with tempfile.TemporaryDirectory(prefix="tunesmith-probe-") as folder:
@@ -107,11 +107,6 @@ def warm_up(config: RunConfig, model_config: Any, work: Workload, precision: Pre
 
 
 def measure(config: RunConfig, source: str, work: Workload, steps: int) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    from tunesmith.methods import apply_method, load_base, training_dtype
-    from tunesmith.train.loop import fit
-    from tunesmith.train.speed import MemoryReleaser
 
     model_config = AutoConfig.from_pretrained(source)
     precision = resolve(config.train.dtype, model_type=getattr(model_config, "model_type", None))

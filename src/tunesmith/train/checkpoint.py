@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import PARTIAL_PREFIX, CheckpointDir, RunDir
+from tunesmith.train.distributed import shard_like, whole
 
 # Fault injection for the kill-while-writing test: "SECONDS" or "STEP:SECONDS" to pause after the first
 # file of a checkpoint (of that step) is written.
@@ -144,16 +146,11 @@ def _load_state(path: Path) -> Any:
 
 def trainable_tensors(model: Any) -> dict[str, torch.Tensor]:
     """Trainable weights as whole CPU tensors (under FSDP a collective: every process must call it)."""
-    from tunesmith.train.distributed import whole
-
     return {name: whole(p.detach()).cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: Any, path: Path) -> None:
     """Whole saved tensors into the model's trainable parameters, sharded as they are (FSDP) or not."""
-    from safetensors.torch import load_file
-
-    from tunesmith.train.distributed import shard_like
 
     saved = load_file(str(path))
     params = dict(model.named_parameters())
@@ -190,8 +187,6 @@ def save_checkpoint(
     `tensors` and `optimizer_state` replace the model's and optimizer's own when given (whole tensors
     gathered from a sharded model), so every checkpoint has the single-process layout.
     """
-    from safetensors.torch import save_file
-
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = RunDir(Path(run_dir)).checkpoint(state.step).path

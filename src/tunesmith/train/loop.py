@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -276,9 +278,6 @@ class Trainer:
         row_tokens: int,
         metrics_path: Path | None,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         self.examples, self.settings, self.session, self.precision = examples, settings, session, precision
         self.world = distributed.setup()
         set_seed(settings.seed)

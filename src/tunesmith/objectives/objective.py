@@ -1,0 +1,45 @@
+"""The base of every objective (`Objective`, which is supervised fine-tuning itself) and the registry by name.
+
+objectives/__init__.py fills the registry with every objective; this module sits below all of them, so that an
+objective's own module can name the base class and look up a config's objective without importing the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunesmith.train.batching import collate, pack
+from tunesmith.train.loss import model_loss_sum
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Supervised fine-tuning; the base of every objective (subclasses override the three parts)."""
+
+    name: str = "sft"
+    holds: str = "sft"  # the data it trains on: "sft" examples, "pair" (chosen/rejected) or "kto" rows
+    needs_reference: bool = False  # measures against the starting model's log-probabilities
+
+    def units(self, example: Any) -> int:
+        """What the step's loss is averaged over: answer tokens (the first token of an example never is one)."""
+        return sum(example.loss_mask[1:])
+
+    def collate(self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool) -> dict[str, torch.Tensor]:
+        return pack(examples, pad_id, row_tokens) if packing else collate(examples, pad_id)
+
+    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor], settings: Any) -> tuple[torch.Tensor, dict]:
+        """The loss summed over the batch's units, and step statistics summed likewise (none for SFT)."""
+        return model_loss_sum(model, batch), {}
+
+
+SFT = Objective()
+
+
+OBJECTIVES: dict[str, Objective] = {}  # filled by objectives/__init__.py
+
+
+def objective_of(config: Any) -> Objective:
+    return OBJECTIVES[config.objective]
