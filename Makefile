@@ -24,11 +24,13 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 	  echo "chromium not installed: the report screenshot test will be skipped"
 
-# Set up with the test tools and run lint plus every test (slow end-to-end ones included).
+# Set up with the test tools and run lint, the type check (against its baseline) and every test (slow ones included).
 test: env browser
 	$(PIP) -e ".[dev]"
-	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff check src tests examples bench tools
+	$(BIN)/python tools/typecheck.py
 	$(BIN)/python -m pytest
 
 lint: env
-	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff check src tests examples bench tools
+	$(BIN)/python tools/typecheck.py

@@ -470,6 +470,26 @@ def _kto(record: dict[str, Any], line: int) -> Conversation:
     return Conversation(messages=(*prompt, Message("assistant", completion)), line=line, label=label)
 
 
+def _alpaca(record: dict[str, Any]) -> list[Message]:
+    instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [Message("user", prompt), Message("assistant", _text(record, "output"))]
+    if record.get("system"):
+        messages.insert(0, Message("system", _text(record, "system")))
+    return messages
+
+
+# The turns of each SFT format but plain text, from one record.
+TURNS: dict[str, Any] = {
+    "chat": lambda r: _turns(r.get("messages"), "messages", "role", "content", {role: role for role in ROLES}),
+    "sharegpt": lambda r: _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES),
+    "alpaca": _alpaca,
+    "prompt_completion": lambda r: [
+        Message("user", _text(r, "prompt")), Message("assistant", _text(r, "completion"))
+    ],
+}  # fmt: skip
+
+
 def normalise(record: Any, fmt: str, line: int) -> Conversation:
     """Turn one raw record of a known format into a Conversation; ValueError says what is wrong."""
     if not isinstance(record, dict):
@@ -483,25 +503,13 @@ def normalise(record: Any, fmt: str, line: int) -> Conversation:
         if not text.strip():
             raise ValueError("'text' is empty")
         return Conversation(text=text, line=line)
-    if fmt == "chat":
-        messages = _turns(record.get("messages"), "messages", "role", "content", {r: r for r in ROLES})
-    elif fmt == "sharegpt":
-        messages = _turns(record.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
-    elif fmt == "alpaca":
-        instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [Message("user", prompt), Message("assistant", _text(record, "output"))]
-        if record.get("system"):
-            messages.insert(0, Message("system", _text(record, "system")))
-    elif fmt == "prompt_completion":
-        messages = [Message("user", _text(record, "prompt")), Message("assistant", _text(record, "completion"))]
-    else:
+    if fmt not in TURNS:
         raise ValueError(f"unknown format {fmt!r}")
+    messages = TURNS[fmt](record)
     if messages[-1].role != "assistant":
         raise ValueError("the conversation must end with an assistant turn (the answer to learn)")
-    for message in messages:
-        if message.role == "assistant" and not message.content.strip():
-            raise ValueError("an assistant answer is empty")
+    if any(message.role == "assistant" and not message.content.strip() for message in messages):
+        raise ValueError("an assistant answer is empty")
     return Conversation(messages=tuple(messages), line=line)
 
 
