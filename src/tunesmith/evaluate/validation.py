@@ -16,8 +16,8 @@ from tunesmith.objectives.preference import preference_scores
 
 def validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examples: list[Any]) -> Any:
     """Val loss on up to validation.limit examples, plus the configured task metrics on a generated sample."""
-    settings = config.validation
-    scored = examples[: settings.limit or len(examples)]
+    validation = config.validation
+    scored = examples[: validation.limit or len(examples)]
     objective = objective_of(config)
     if objective.holds != "sft":
 
@@ -26,11 +26,11 @@ def validator(config: RunConfig, tokenizer: Any, val: list[Conversation], exampl
             return preference_scores(model, objective, scored, config.preference, pad, size)
 
         return validate_pairs
-    sample = [c for c in val if c.reference is not None][: settings.generate_limit]
+    sample = [c for c in val if c.reference is not None][: validation.generate_limit]
 
     def validate(model: Any) -> dict[str, float]:
         results = {"val_loss": mean_answer_loss(model, scored, tokenizer.pad_token_id, config.train.batch_size)}
-        if settings.metrics and sample:
+        if validation.metrics and sample:
             outputs = generate(
                 model,
                 tokenizer,
@@ -39,8 +39,8 @@ def validator(config: RunConfig, tokenizer: Any, val: list[Conversation], exampl
                 config.eval.batch_size,
             )
             references = [str(c.reference) for c in sample]
-            per_item = score(settings.metrics, outputs, references, config.eval.schema_path)
-            results |= summary(per_item, settings.metrics, outputs, references)
+            per_item = score(validation.metrics, outputs, references, config.eval.schema_path)
+            results |= summary(per_item, validation.metrics, outputs, references)
         return results
 
     return validate

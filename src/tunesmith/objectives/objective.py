@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from tunesmith.config import PreferenceConfig
 from tunesmith.train.batching import collate, pack
 from tunesmith.train.loss import model_loss_sum
 
@@ -30,7 +31,9 @@ class Objective:
     def collate(self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool) -> dict[str, torch.Tensor]:
         return pack(examples, pad_id, row_tokens) if packing else collate(examples, pad_id)
 
-    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor], settings: Any) -> tuple[torch.Tensor, dict]:
+    def loss_sum(
+        self, model: Any, batch: dict[str, torch.Tensor], preference: PreferenceConfig | None
+    ) -> tuple[torch.Tensor, dict]:
         """The loss summed over the batch's units, and step statistics summed likewise (none for SFT)."""
         return model_loss_sum(model, batch), {}
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from rich.progress import Progress
 
 import tunesmith.objectives.losses as formulas
-from tunesmith.config import RunConfig
+from tunesmith.config import PreferenceConfig, RunConfig
 from tunesmith.data.formats import Conversation, Message
 from tunesmith.data.tokenize import TokenizedExample, tokenize_all
 from tunesmith.errors import TunesmithError
@@ -138,20 +138,30 @@ class Preference(Objective):
     def collate(self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool) -> dict[str, torch.Tensor]:
         return collate_preferences(examples, pad_id)  # pairs are never packed: each side is scored on its own
 
-    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor], settings: Any) -> tuple[torch.Tensor, dict]:
+    def loss_sum(
+        self, model: Any, batch: dict[str, torch.Tensor], preference: PreferenceConfig | None
+    ) -> tuple[torch.Tensor, dict]:
         """Summed loss of the batch's pairs (rows) and summed statistics; reference log-probs come in the batch."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         logps, counts = model_logps(model, inputs)
         half = logps.shape[0] // 2
         first, second, n_first, n_second = logps[:half], logps[half:], counts[:half], counts[half:]
-        beta = settings.beta_for(self.name)
+        if preference is None:
+            raise TunesmithError(f"objective {self.name} needs the run's preference settings.")
+        beta = preference.beta_for(self.name)
         if self.needs_reference and "ref_first" not in batch:
             raise TunesmithError(f"objective {self.name} needs the reference log-probs (attach_reference) first.")
         if self.name == "kto":
             kl = formulas.kto_kl(second, batch["ref_second"], sum_over_processes)
             desirable = batch["desirable"]
             losses, _, _ = formulas.kto(
-                first, batch["ref_first"], desirable, kl, beta, settings.desirable_weight, settings.undesirable_weight
+                first,
+                batch["ref_first"],
+                desirable,
+                kl,
+                beta,
+                preference.desirable_weight,
+                preference.undesirable_weight,
             )
             # Right when a desirable answer's implicit reward is above the KL baseline and an undesirable one's below.
             reward = (beta * (first - batch["ref_first"])).detach()
@@ -160,7 +170,7 @@ class Preference(Objective):
             return losses.sum(), stats
         if self.name == "dpo":
             losses, chosen, rejected = formulas.dpo(
-                first, second, batch["ref_first"], batch["ref_second"], beta, settings.label_smoothing
+                first, second, batch["ref_first"], batch["ref_second"], beta, preference.label_smoothing
             )
         elif self.name == "ipo":
             losses, chosen, rejected = formulas.ipo(
@@ -169,7 +179,7 @@ class Preference(Objective):
         elif self.name == "orpo":
             losses, chosen, rejected = formulas.orpo(first, second, n_first, n_second, beta)
         else:
-            losses, chosen, rejected = formulas.simpo(first, second, n_first, n_second, beta, settings.gamma)
+            losses, chosen, rejected = formulas.simpo(first, second, n_first, n_second, beta, preference.gamma)
         return losses.sum(), pair_stats(chosen, rejected, first / n_first, second / n_second)
 
 
@@ -305,13 +315,18 @@ def weights_digest(files: list[Path]) -> str:
 
 @torch.no_grad()
 def preference_scores(
-    model: Any, objective: Preference, examples: list[PreferenceExample], settings: Any, pad_id: int, batch_size: int
+    model: Any,
+    objective: Preference,
+    examples: list[PreferenceExample],
+    preference: PreferenceConfig,
+    pad_id: int,
+    batch_size: int,
 ) -> dict[str, float]:
     """Mean loss and statistics over `examples` (validation): val_loss, val_reward_accuracy, ..."""
     total: dict[str, float] = {}
     loss = 0.0
     for _, batch in _batches(examples, pad_id, batch_size, next(model.parameters()).device):
-        value, stats = objective.loss_sum(model, batch, settings)
+        value, stats = objective.loss_sum(model, batch, preference)
         loss += float(value)
         for name, amount in stats.items():
             total[name] = total.get(name, 0.0) + amount

@@ -110,13 +110,13 @@ class LossModel(torch.nn.Module):
     """The model with its objective's loss as forward, so DDP/FSDP see (and sync) the whole computation; the
     statistics of the last forward (summed, e.g. reward accuracy of preference pairs) wait in `stats`."""
 
-    def __init__(self, model: Any, objective: Objective = SFT, settings: Any = None) -> None:
+    def __init__(self, model: Any, objective: Objective = SFT, preference: PreferenceConfig | None = None) -> None:
         super().__init__()
-        self.model, self.objective, self.settings = model, objective, settings
+        self.model, self.objective, self.preference = model, objective, preference
         self.stats: dict[str, float] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss, self.stats = self.objective.loss_sum(self.model, batch, self.settings)
+        loss, self.stats = self.objective.loss_sum(self.model, batch, self.preference)
         return loss
 
 
@@ -566,8 +566,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             run_dir, self.model, self.optimizer, self.scheduler, self.state, tensors, optimizer_state
         )
-        settings = self.session.checkpoint
-        ckpt.prune(run_dir, settings.keep_last, self.state.best_step if settings.keep_best else None)
+        keep = self.session.checkpoint
+        ckpt.prune(run_dir, keep.keep_last, self.state.best_step if keep.keep_best else None)
         if self.session.on_checkpoint:
             self.session.on_checkpoint(path)
         return path
