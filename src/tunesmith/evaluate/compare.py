@@ -589,6 +589,7 @@ def _flipped(
 
 def _write_compare(out: Path, rows: list[dict[str, Any]], summary: CompareSummary) -> None:
     own_dir(out)
-    with replacing(out / "predictions.jsonl") as handle:
+    layout = RunDir(out.parent)
+    with replacing(layout.predictions) as handle:
         handle.writelines(json_line(row) for row in rows)
-    write_json(out / "compare.json", asdict(summary))
+    write_json(layout.compare, asdict(summary))

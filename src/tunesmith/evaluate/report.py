@@ -28,7 +28,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     check = _read(layout.check_report) or {}
     summary = _read(layout.summary) or {}
     plan = _read(layout.plan)
-    compare = _read(layout.eval / "compare.json")
+    compare = _read(layout.compare)
     metrics = read_metrics(run_dir)
     train_config = config.get("train", {})
     spent = summary.get("seconds")
@@ -259,9 +259,10 @@ def write_report(run_dir: str | Path) -> Path:
     """Write eval/report.json and eval/report.html; returns the HTML path."""
     run_dir = Path(run_dir)
     report = build_report(run_dir)
-    out = own_dir(RunDir(run_dir).eval)
-    write_json(out / "report.json", report)
-    target = out / "report.html"
+    layout = RunDir(run_dir)
+    own_dir(layout.eval)
+    write_json(layout.report_json, report)
+    target = layout.report_html
     write_text_atomic(target, render_html(report))
     return target
 

@@ -285,7 +285,7 @@ def _run_row(path: Path, launcher: Launcher) -> dict[str, Any]:
         "objective": config.get("objective", "sft"),
         "progress": _progress(described, config, last),
         "tokens_per_s": last.get("tokens_per_s") if last else None,
-        "compared": (RunDir(path).eval / "compare.json").is_file(),
+        "compared": RunDir(path).compare.is_file(),
         "launched": path.name in launcher.launches(),
     }
     return row
