@@ -1,0 +1,137 @@
+"""Generation speed: the engine (tunesmith.generation) beside today's HF `generate` path and the hardware's bounds.
+
+    python bench/generation_speed.py [--prompts 16] [--max-new-tokens 96] [--run RUN] [--gguf FILE]
+
+The model is Gemma 3 270M (the embedded default) in bf16 with a rank-16 all-linear LoRA, as the quickstart trains
+it (a random adapter unless --run names a finished LoRA run); prompts are quickstart notes in the model's chat
+template; greedy; each answer ends at the end of its turn or the token limit. Printed: the memory-bandwidth bound
+(a read of a 512 MiB bf16 tensor) and bf16 matmul peak measured here, tokens/s of each path at batch 1 and 8, how
+many answers the engine and the HF path agree on, and llama.cpp's tokens/s on --gguf FILE when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import build_config
+from tunesmith.data.formats import Message
+from tunesmith.data.tokenize import prompt_ids, use_chat_template
+from tunesmith.evaluate.generate import generate as hf_generate
+from tunesmith.generation import Engine, Request, adapter_in_model_dtype
+from tunesmith.methods import apply_method, load_base
+from tunesmith.models import load_tokenizer, resolve_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bandwidth_gbs() -> float:
+    data = torch.ones(256 * 2**20, dtype=torch.bfloat16)  # 512 MiB
+    data.sum()
+    best = min(_timed(lambda: data.sum()) for _ in range(5))
+    return data.numel() * 2 / best / 1e9
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def model_and_tokenizer(run: str | None):
+    if run:
+        from tunesmith.evaluate.generate import load_run
+
+        loaded = load_run(run)
+        return loaded.model, loaded.tokenizer
+    config = build_config({"model": "gemma-3-270m", "method": "lora", "lora": {"r": 16, "alpha": 32}})
+    source = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(source)
+    use_chat_template(tokenizer, None)
+    model, _ = apply_method(load_base(config, source, torch.bfloat16), config)
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # a tuned adapter changes the answers; a fresh one is zero
+            parameter.data.normal_(0, 0.02)
+    return model.eval(), tokenizer
+
+
+def prompts(count: int) -> list[tuple[Message, ...]]:
+    lines = (ROOT / "examples/quickstart/notes.jsonl").read_text().splitlines()[-count:]
+    return [tuple(Message(m["role"], m["content"]) for m in json.loads(line)["messages"][:-1]) for line in lines]
+
+
+def engine_answers(model, tokenizer, encoded, max_new_tokens, rows) -> tuple[list[list[int]], float]:
+    stops = frozenset(t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")) if t)
+    engine = Engine(model, max_rows=rows, max_length=max(map(len, encoded)) + max_new_tokens + 1)
+    requests = [Request(ids, max_new_tokens, stop_ids=stops) for ids in encoded]
+    start = time.perf_counter()
+    with adapter_in_model_dtype(model):
+        engine.run(requests)
+    return [r.tokens for r in requests], time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--run", help="A finished LoRA run to generate with instead of a random adapter.")
+    parser.add_argument("--gguf", help="A GGUF export of the same weights, for llama.cpp's tokens/s.")
+    parser.add_argument("--skip-hf", action="store_true", help="Leave out today's HF generate path (slow).")
+    args = parser.parse_args()
+    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in Path("/proc/cpuinfo").read_text()]
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"flags {' '.join(flags)}, torch {torch.__version__}")  # fmt: skip
+    bound = bandwidth_gbs()
+    print(f"memory bandwidth {bound:.1f} GB/s, bf16 matmul {matmul_gflops():.0f} GFLOP/s")
+    model, tokenizer = model_and_tokenizer(args.run)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"weights {weights / 1e9:.3f} GB -> batch-1 bound {bound * 1e9 / weights:.0f} tokens/s")
+    conversations = prompts(args.prompts)
+    encoded = [prompt_ids(tokenizer, c) for c in conversations]
+    results = {}
+    for rows in (1, 8):
+        tokens, seconds = engine_answers(model, tokenizer, encoded, args.max_new_tokens, rows)
+        produced = sum(map(len, tokens))
+        results[rows] = tokens
+        print(f"engine   batch {rows}: {produced / seconds:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s)")
+    if not args.skip_hf:
+        stops = ["<end_of_turn>"]
+        for rows in (1, 8):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                texts = hf_generate(model, tokenizer, conversations, args.max_new_tokens, rows, stops=stops)
+            seconds = time.perf_counter() - start
+            produced = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+            print(f"HF path  batch {rows}: {produced / seconds:6.1f} tokens/s (~{produced} tokens, {seconds:.1f} s)")
+        engine_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in results[8]]
+        same = sum(a.strip() == b.strip() for a, b in zip(engine_texts, texts, strict=True))
+        print(f"greedy answers identical to the HF path: {same} of {len(texts)}")
+    if args.gguf:
+        from llama_cpp import Llama
+
+        llm = Llama(args.gguf, n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+        produced, start = 0, time.perf_counter()
+        for ids in encoded:
+            out = llm.create_completion(ids, max_tokens=args.max_new_tokens, temperature=0.0)
+            produced += out["usage"]["completion_tokens"]
+        seconds = time.perf_counter() - start
+        print(f"llama.cpp batch 1: {produced / seconds:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s)")
+    print(f"threads {os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())}")
+
+
+if __name__ == "__main__":
+    main()

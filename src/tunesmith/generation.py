@@ -1,0 +1,286 @@
+"""The generation engine: continuous batching over one preallocated KV cache, for every caller that generates.
+
+Rows live in slots 0..n-1 of a cache allocated once per engine (layers x slots x kv-heads x max length x head dim,
+in the model's dtype). A request joins at the next step: its prompt is prefilled into a free slot in chunks of
+`prefill_chunk` tokens, one chunk per step, so the rows already decoding keep their pace; each step then decodes
+one token for every row past its prefill, in one forward pass with each row at its own position (its own RoPE
+position and its own mask over the cache). A row that finishes leaves at once: the last row moves into its slot,
+so the live rows always form one contiguous block and the attention reads a view, never a gathered copy.
+
+Nothing is concatenated per step: the cache is written in place, the output layer computes the last position only
+(`logits_to_keep=1`), and the adapter of a tuned run computes in the model's dtype (`adapter_in_model_dtype`).
+Sampling is per row and seeded per request: a seeded request gets the same tokens alone or beside others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class Request:
+    """One generation: prompt token ids in, tokens out through `on_token`, until a stop or `max_tokens`."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    # Called after each token with (request, token id); returns True to stop here (a stop text was reached).
+    on_token: Callable[[Request, int], bool] | None = None
+    cancelled: Callable[[], bool] | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" once done
+    generator: torch.Generator | None = None
+
+
+class SlotCache(Cache):
+    """A KV cache of fixed slots that a forward pass writes in place: before each pass the engine says which rows
+    it runs (`rows`: slots 0..n-1 for decode, one slot for a prefill chunk), where each row writes (`start`), and
+    how far the keys that row may see reach (`length`)."""
+
+    def __init__(self, layers: int, slots: int, heads: int, length: int, head_dim: int, dtype: Any, device: Any):
+        super().__init__(layers=[])
+        shape = (slots, heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slot: int | None = None  # a prefill: the one slot written
+        self.rows = 0  # a decode: slots 0..rows-1
+        self.start = torch.zeros(1, dtype=torch.long)  # per row: the first position written this pass
+        self.span = 0  # the key positions the pass reads: 0..span-1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.slot is not None:  # prefill: one row, a run of positions
+            first = int(self.start[0])
+            end = first + key_states.shape[2]
+            keys[self.slot, :, first:end] = key_states[0]
+            values[self.slot, :, first:end] = value_states[0]
+            return keys[self.slot : self.slot + 1, :, : self.span], values[self.slot : self.slot + 1, :, : self.span]
+        rows = torch.arange(self.rows, device=keys.device)
+        keys[rows, :, self.start] = key_states[:, :, 0]
+        values[rows, :, self.start] = value_states[:, :, 0]
+        return keys[: self.rows, :, : self.span], values[: self.rows, :, : self.span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.span
+
+    def move(self, source: int, target: int) -> None:
+        """Copy one slot's keys and values into another (a finished row's slot takes the last row)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target] = keys[source]
+            values[target] = values[source]
+
+
+@dataclass
+class _Row:
+    request: Request
+    position: int = 0  # how many of its tokens are in the cache
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet prefilled
+    next_token: int | None = None  # the token to feed at the next decode step
+
+
+class Engine:
+    """Generate for many requests at once on one model; `run` until they are done, or `step` from a serving loop."""
+
+    def __init__(self, model: Any, max_rows: int = 8, max_length: int | None = None, prefill_chunk: int = 256) -> None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.model, self.config = model, config
+        self.max_rows = max_rows
+        self.max_length = max_length or getattr(config, "max_position_embeddings", 2048)
+        self.prefill_chunk = prefill_chunk
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = SlotCache(
+            config.num_hidden_layers, max_rows, heads, self.max_length, head_dim, self.dtype, self.device
+        )
+        self.layer_types = getattr(config, "layer_types", None)
+        self.window = getattr(config, "sliding_window", None)
+        self.eager = getattr(config, "_attn_implementation", "sdpa") == "eager"
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers 5 names the cache argument `cache`; earlier versions `past_key_values`
+        self.cache_argument = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self.rows: list[_Row] = []
+        self.waiting: list[Request] = []
+
+    # --- The public loop ------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        if len(request.prompt_ids) + request.max_tokens > self.max_length:
+            raise ValueError(
+                f"a prompt of {len(request.prompt_ids)} tokens and max_tokens {request.max_tokens} exceed this "
+                f"engine's {self.max_length}-token cache"
+            )
+        if request.seed is not None and request.temperature > 0:
+            request.generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        self.waiting.append(request)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def run(self, requests: list[Request]) -> list[Request]:
+        """Every request generated to its end; returns them (their `tokens` and `finish_reason`)."""
+        for request in requests:
+            self.submit(request)
+        while self.busy:
+            self.step()
+        return requests
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Admit waiting requests into free slots, prefill one chunk, decode one token for every decoding row;
+        returns the requests that finished in this step."""
+        while self.waiting and len(self.rows) < self.max_rows:
+            request = self.waiting.pop(0)
+            self.rows.append(_Row(request, pending=list(request.prompt_ids)))
+        finished = self._cancel()
+        prefilling = next((index for index, row in enumerate(self.rows) if row.pending), None)
+        if prefilling is not None:
+            finished += self._prefill(prefilling)
+        if any(row.next_token is not None for row in self.rows):
+            finished += self._decode()
+        return finished
+
+    # --- Steps ----------------------------------------------------------------------------------------------
+
+    def _prefill(self, index: int) -> list[Request]:
+        row = self.rows[index]
+        chunk, row.pending = row.pending[: self.prefill_chunk], row.pending[self.prefill_chunk :]
+        cache = self.cache
+        cache.slot, cache.start, cache.span = index, torch.tensor([row.position]), row.position + len(chunk)
+        positions = torch.arange(row.position, row.position + len(chunk), device=self.device)
+        logits = self._forward(torch.tensor([chunk], device=self.device), positions[None], positions[None, :, None])
+        cache.slot = None
+        row.position += len(chunk)
+        if row.pending:
+            return []
+        return self._advance([index], logits[:, -1])
+
+    def _decode(self) -> list[Request]:
+        # A row still prefilling rides along on a dummy token at the position its next chunk overwrites.
+        tokens = [row.next_token if row.next_token is not None else 0 for row in self.rows]
+        positions = torch.tensor([row.position for row in self.rows], device=self.device)
+        cache = self.cache
+        cache.rows, cache.start, cache.span = len(self.rows), positions, int(positions.max()) + 1
+        logits = self._forward(
+            torch.tensor(tokens, device=self.device)[:, None], positions[:, None], positions[:, None, None]
+        )
+        decoding = [index for index, row in enumerate(self.rows) if row.next_token is not None]
+        for index in decoding:
+            self.rows[index].position += 1
+        return self._advance(decoding, logits[decoding, -1])
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position of each row; `query` holds each query's position ([rows, queries, 1])."""
+        keys = torch.arange(self.cache.span, device=self.device)[None, None, :]
+        visible = keys <= query  # causal: a query sees every key up to its own position
+        # Prefilling rows ride along in a decode step on padding: their keys beyond `position` are never read later.
+        mask: Any = self._mask(visible)
+        if self.layer_types and self.window and "sliding_attention" in self.layer_types:
+            mask = {"full_attention": mask, "sliding_attention": self._mask(visible & (keys > query - self.window))}
+        output = self.model(
+            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
+            **{self.cache_argument: self.cache},
+        )  # fmt: skip
+        return output.logits
+
+    def _mask(self, visible: torch.Tensor) -> torch.Tensor:
+        mask = visible[:, None]  # [rows, 1 (heads), queries, keys]
+        if self.eager:
+            return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min
+            )
+        return mask
+
+    def _advance(self, indices: list[int], logits: torch.Tensor) -> list[Request]:
+        """Pick each row's next token, hand it to its request, and let finished rows leave."""
+        picked = self._pick(logits, [self.rows[index].request for index in indices])
+        done: list[int] = []
+        for index, token in zip(indices, picked, strict=True):
+            row = self.rows[index]
+            request = row.request
+            request.tokens.append(token)
+            stopped = request.on_token(request, token) if request.on_token else False
+            if token in request.stop_ids or stopped:
+                request.finish_reason = "stop"
+            elif len(request.tokens) >= request.max_tokens:
+                request.finish_reason = "length"
+            if request.finish_reason:
+                done.append(index)
+            else:
+                row.next_token = token
+        return self._leave(done)
+
+    def _pick(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()
+        picked = []
+        for row, request in enumerate(requests):
+            if request.temperature <= 0:
+                picked.append(greedy[row])
+                continue
+            picked.append(sample(logits[row], request.temperature, request.top_p, request.generator))
+        return picked
+
+    def _cancel(self) -> list[Request]:
+        gone = [index for index, row in enumerate(self.rows) if row.request.cancelled and row.request.cancelled()]
+        for index in gone:
+            self.rows[index].request.finish_reason = "cancelled"
+        return self._leave(gone)
+
+    def _leave(self, indices: list[int]) -> list[Request]:
+        """Remove finished rows; the last live row moves into each freed slot, keeping the live rows contiguous."""
+        left = []
+        for index in sorted(indices, reverse=True):
+            left.append(self.rows[index].request)
+            last = len(self.rows) - 1
+            if index != last:
+                self.cache.move(last, index)
+                self.rows[index] = self.rows[last]
+            self.rows.pop()
+        return left
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from softmax(logits / temperature), restricted to the smallest set whose mass reaches top_p.
+
+    In float64 and shifted so the best logit is 0: any temperature above 0 gives finite scores."""
+    scores = logits.double().cpu()  # the request's seeded generator lives on the CPU, whatever the model's device
+    scores = (scores - scores.max()) / max(temperature, 1e-300)
+    probs = torch.softmax(scores, dim=-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        keep = ordered.cumsum(0) - ordered < top_p  # the tokens needed to reach top_p, the first always
+        probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+    if not math.isfinite(float(probs.sum())) or float(probs.sum()) <= 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@contextlib.contextmanager
+def adapter_in_model_dtype(model: Any) -> Iterator[None]:
+    """While generating, every trainable adapter weight in the dtype of the weights it adapts (LoRA matrices are
+    kept in fp32 for training): no per-step dtype copies. The weights are restored exactly afterwards."""
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
+    kept: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    if dtype is not None and dtype != torch.float32:
+        for parameter in model.parameters():
+            if parameter.dtype == torch.float32 and parameter.dtype != dtype:
+                kept.append((parameter, parameter.data))
+                parameter.data = parameter.data.to(dtype)
+    try:
+        yield
+    finally:
+        for parameter, data in kept:
+            parameter.data = data
