@@ -96,12 +96,12 @@ class Engine:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.model, self.config = model, config
         self.max_rows = max_rows
-        self.max_length = max_length or getattr(config, "max_position_embeddings", 2048)
+        self.max_length: int = max_length or getattr(config, "max_position_embeddings", 2048)
         self.prefill_chunk = prefill_chunk
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads: int = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = SlotCache(
             config.num_hidden_layers, max_rows, heads, self.max_length, head_dim, self.dtype, self.device
         )
