@@ -4,6 +4,8 @@ forms."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +87,113 @@ def test_monitor_counts_answers_failing_the_runs_format_check(runs, tmp_path):
     assert report["traffic"]["client_gone"] == 1
     assert any("fail json_valid" in alert for alert in report["alerts"])
     assert any("requests failed" in alert for alert in report["alerts"])
+
+
+def _rated_log(db: Path) -> Path:
+    """A request log with a correction, a good and a poor answer to one prompt, and an unrated answer."""
+    log = RequestLog(db)
+    answers = [(PROMPTS[0], "blue", 1, '{"colour": "red"}'), (PROMPTS[1], '{"colour": "blue"}', 5, None)]
+    answers += [(PROMPTS[1], "pink", 1, None), (PROMPTS[2], '{"colour": "pink"}', None, None)]
+    for i, (prompt, output, rating, correction) in enumerate(answers):
+        log.record(id=f"r{i}", endpoint="chat", model="colours", status=200, latency_ms=10.0, prompt_tokens=9,
+                   completion_tokens=3, messages=[{"role": "user", "content": prompt}], output=output)  # fmt: skip
+        if rating is not None:
+            log.feedback(f"r{i}", rating, correction, None)
+    log.close()
+    return db
+
+
+def _monitor(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["monitor", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("mode", "flag", "options"),
+    [
+        ("export", "--export", ["--min-rating", "4"]),
+        ("export-preferences", "--export-preferences", ["--good-rating", "4", "--bad-rating", "2"]),
+        ("export-preferences", "--export-preferences", ["--kto"]),
+    ],
+)
+def test_each_export_mode_writes_what_its_old_flag_writes(runs, tmp_path, capsys, mode, flag, options):
+    db, run = str(_rated_log(tmp_path / "requests.sqlite")), str(runs[0])
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    code, new_out, new_err = _monitor(capsys, mode, run, "--db", db, "--out", str(new), *options)
+    assert code == 0 and new.read_text() and new_err == ""
+    code, old_out, old_err = _monitor(capsys, run, "--db", db, flag, str(old), *options)
+    assert code == 0 and old.read_text() == new.read_text()
+    assert old_out.replace(str(old), "FILE") == new_out.replace(str(new), "FILE")
+    assert f"tunesmith monitor {mode} RUN --out FILE" in old_err and len(old_err.strip().splitlines()) == 1
+    for argv in ([mode, run, "--db", db, "--out", str(new)], [run, "--db", db, flag, str(old)]):
+        assert _monitor(capsys, *argv, *options)[0] == 2  # an existing file is never replaced silently
+        assert _monitor(capsys, *argv, *options, "--overwrite")[0] == 0
+    assert old.read_text() == new.read_text()
+
+
+def test_the_report_mode_prints_what_the_plain_form_prints(runs, tmp_path, capsys):
+    db, run = str(_rated_log(tmp_path / "requests.sqlite")), str(runs[0])
+    for options in (["--json"], []):
+        code, plain, plain_err = _monitor(capsys, run, "--db", db, *options)
+        assert code == 0 and plain_err == ""
+        assert _monitor(capsys, "report", run, "--db", db, *options) == (0, plain, "")
+    code, report, _ = _monitor(capsys, "--db", db, "--json", run)  # options before RUN, as ever
+    assert json.loads(report)["traffic"]["requests"] == 4 and json.loads(report)["feedback"]["corrections"] == 1
+    assert _monitor(capsys, "report", "--db", db, "--json", run) == (0, report, "")
+
+
+def test_a_run_folder_named_like_a_mode_is_reached_by_its_path(runs, tmp_path, capsys, monkeypatch):
+    db = str(_rated_log(tmp_path / "requests.sqlite"))
+    shutil.copytree(runs[0], tmp_path / "export")
+    monkeypatch.chdir(tmp_path)
+    code, report, _ = _monitor(capsys, "./export", "--db", db, "--json")
+    assert code == 0 and json.loads(report)["traffic"]["requests"] == 4
+    assert _monitor(capsys, "report", "export", "--db", db, "--json") == (0, report, "")
+    assert _monitor(capsys, "./export", "--db", db, "--export", "next.jsonl")[0] == 0
+    assert _monitor(capsys, "export", "export", "--db", db, "--out", "again.jsonl")[0] == 0
+    assert (tmp_path / "next.jsonl").read_text() == (tmp_path / "again.jsonl").read_text()
+
+
+def test_both_old_export_flags_together_are_refused(runs, tmp_path, capsys):
+    db = str(_rated_log(tmp_path / "requests.sqlite"))
+    code, _, err = _monitor(capsys, str(runs[0]), "--db", db, "--export", "a.jsonl", "--export-preferences", "b.jsonl")
+    assert code == 2 and "not both" in err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+HELP = {
+    "report": (["RUN", "--db", "--hours", "--json"], ["--out", "--min-rating", "--kto", "--overwrite"]),
+    "export": (["RUN", "--db", "--out", "--min-rating", "--overwrite"], ["--hours", "--json", "--kto"]),
+    "export-preferences": (
+        ["RUN", "--db", "--out", "--good-rating", "--bad-rating", "--kto", "--overwrite"],
+        ["--hours", "--json", "--min-rating"],
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(HELP))
+def test_each_monitor_mode_has_a_help_that_lists_its_own_options_only(mode, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["monitor", mode, "--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0 and text.startswith(f"usage: tunesmith monitor {mode} ")
+    listed, absent = HELP[mode]
+    for option in listed:
+        assert option in text, option
+    for option in absent:
+        assert option not in text, option
+
+
+def test_monitor_help_names_the_modes_and_run_alone_reports(capsys):
+    with pytest.raises(SystemExit):
+        main(["monitor", "--help"])
+    overview = capsys.readouterr().out
+    assert all(f"tunesmith monitor {form}" in overview for form in ("[report] RUN", "export RUN --out FILE"))
+    assert "export-preferences RUN --out FILE" in overview and "./export" in overview
+    with pytest.raises(SystemExit):
+        main(["monitor", "runs/x", "--help"])
+    assert capsys.readouterr().out.startswith("usage: tunesmith monitor report ")
+    with pytest.raises(SystemExit) as missing:
+        main(["monitor"])
+    assert missing.value.code == 2 and "RUN" in capsys.readouterr().err
