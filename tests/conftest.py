@@ -153,3 +153,28 @@ def train_lora_run(root: Path, model_dir: Path, name: str, seed: int = 0, *flags
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, tiny_model_dir) -> Path:
     return train_lora_run(tmp_path_factory.mktemp("deploy"), tiny_model_dir, "colours")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, tiny_model_dir, lora_run) -> list[Path]:
+    """Two finished LoRA runs over one base, `colours` and `shades`, trained once for every serve and monitor test."""
+    second = train_lora_run(tmp_path_factory.mktemp("second"), tiny_model_dir, "shades", 7, "--lr", "5e-2")
+    return [lora_run, second]
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """`runs` served in a thread with an API key, one server per test module: (url, request log path, app)."""
+    from tests.serve_helpers import KEY, running
+    from tunesmith.deploy.engine import Engine
+    from tunesmith.deploy.requestlog import RequestLog
+    from tunesmith.deploy.serve import create_app
+
+    engine = Engine(runs, queue_size=64)
+    log = RequestLog(tmp_path_factory.mktemp("log") / "requests.sqlite")
+    app = create_app(engine, log, api_key=KEY, max_tokens_limit=64, default_max_tokens=8)
+    try:
+        with running(app) as url:
+            yield url, log.path, app
+    finally:
+        engine.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tunesmith.cli.common import err, out, print_json
@@ -239,32 +240,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
-def cmd_monitor(args: argparse.Namespace) -> int:
+MONITOR_MODES = ("report", "export", "export-preferences")
+
+
+def cmd_monitor_report(args: argparse.Namespace) -> int:
     import time
 
     from rich.table import Table
 
-    from tunesmith.deploy.monitor import export_feedback, export_preferences, monitor_report
+    from tunesmith.deploy.monitor import monitor_report
 
-    if args.export and args.export_preferences:
-        raise TunesmithError("Pass --export or --export-preferences, not both: they write different datasets.")
-    if args.export_preferences:
-        result = export_preferences(
-            args.run, args.export_preferences, args.db, args.good_rating, args.bad_rating, args.kto, args.overwrite
-        )
-        what = "KTO rows" if result.kind == "kto" else "preference pairs"
-        out.print(
-            f"Wrote {result.rows} {what} to {result.target} ({result.from_corrections} from corrections, "
-            f"{result.from_ratings} from ratings: good >= {result.good_rating:g}, bad <= {result.bad_rating:g}"
-            + (f"; {result.dropped_conflicts} answer(s) rated both ways dropped" if result.dropped_conflicts else "")
-            + f"). Next: tunesmith data check {result.target}",
-            highlight=False,
-        )
-        return 0
-    if args.export:
-        count = export_feedback(args.run, args.export, args.db, args.min_rating, args.overwrite)
-        out.print(f"Wrote {count} examples to {args.export}. Next: tunesmith data check {args.export}", highlight=False)
-        return 0
     since = time.time() - args.hours * 3600 if args.hours else 0.0
     report = monitor_report(args.run, args.db, since)
     if args.json:
@@ -310,52 +295,194 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_monitor(sub: argparse._SubParsersAction) -> None:
+def cmd_monitor_export(args: argparse.Namespace) -> int:
+    from tunesmith.deploy.monitor import export_feedback
+
+    count = export_feedback(args.run, args.out, args.db, args.min_rating, args.overwrite)
+    out.print(f"Wrote {count} examples to {args.out}. Next: tunesmith data check {args.out}", highlight=False)
+    return 0
+
+
+def cmd_monitor_preferences(args: argparse.Namespace) -> int:
+    from tunesmith.deploy.monitor import export_preferences
+
+    result = export_preferences(
+        args.run, args.out, args.db, args.good_rating, args.bad_rating, args.kto, args.overwrite
+    )
+    what = "KTO rows" if result.kind == "kto" else "preference pairs"
+    out.print(
+        f"Wrote {result.rows} {what} to {result.target} ({result.from_corrections} from corrections, "
+        f"{result.from_ratings} from ratings: good >= {result.good_rating:g}, bad <= {result.bad_rating:g}"
+        + (f"; {result.dropped_conflicts} answer(s) rated both ways dropped" if result.dropped_conflicts else "")
+        + f"). Next: tunesmith data check {result.target}",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_monitor_flags(args: argparse.Namespace) -> int:
+    """`monitor RUN [--export FILE | --export-preferences FILE]`, the form older than the modes, as it always ran."""
+    if args.export and args.export_preferences:
+        raise TunesmithError("Pass --export or --export-preferences, not both: they write different datasets.")
+    for flag, mode, target, command in (
+        ("--export-preferences", "export-preferences", args.export_preferences, cmd_monitor_preferences),
+        ("--export", "export", args.export, cmd_monitor_export),
+    ):
+        if target:
+            err.print(
+                f"note: `tunesmith monitor RUN {flag} FILE` is now `tunesmith monitor {mode} RUN --out FILE`; "
+                "the old form still works.",
+                markup=False,
+                highlight=False,
+            )
+            args.out = target
+            return command(args)
+    return cmd_monitor_report(args)
+
+
+class _MonitorParser(argparse.ArgumentParser):
+    """Reads `monitor MODE RUN ...` with the mode's own parser, and anything not opening with a mode word as before
+    the modes existed: `monitor RUN ...` (a report) and the flags `--export FILE`, `--export-preferences FILE`."""
+
+    flags: argparse.ArgumentParser
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] and args[0] in (*MONITOR_MODES, "-h", "--help"):
+            return super().parse_known_args(args, namespace)
+        if not args or "-h" in args or "--help" in args:
+            # RUN alone reports: `monitor RUN --help` is the report's help, and a bare `monitor` asks for RUN.
+            return super().parse_known_args(["report", *args], namespace)
+        return self.flags.parse_known_args(args, namespace)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run", metavar="RUN", help="Run directory, e.g. runs/quickstart (one named like a mode: write ./export)."
+    )
+    parser.add_argument("--db", metavar="FILE", help="Request log [default: RUN/serve/requests.sqlite].")
+
+
+def _add_report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hours", type=float, metavar="N", help="Only the last N hours of traffic [default: all].")
+    parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
+
+
+def _add_export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--min-rating",
+        type=float,
+        metavar="R",
+        help="Also keep uncorrected answers rated at least R [default: corrected answers only].",
+    )
+
+
+def _add_preference_options(parser: argparse.ArgumentParser) -> None:
     from tunesmith.deploy.monitor import BAD_RATING, GOOD_RATING
 
+    parser.add_argument(
+        "--good-rating",
+        type=float,
+        metavar="R",
+        help=f"A rating at least R is a good answer [default: {GOOD_RATING:g}, on 1-5 stars; for thumbs up/down "
+        "pass 1].",
+    )
+    parser.add_argument(
+        "--bad-rating",
+        type=float,
+        metavar="R",
+        help=f"A rating at most R is a poor answer [default: {BAD_RATING:g}, on 1-5 stars; for thumbs up/down "
+        "pass 0 or -1].",
+    )
+    parser.add_argument(
+        "--kto",
+        action="store_true",
+        help="Write KTO rows (prompt, completion, label true/false) instead of pairs: corrections and good answers "
+        "desirable, corrected and poor answers undesirable.",
+    )
+
+
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing FILE.")
+
+
+def _add_out(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", required=True, metavar="FILE", help=f"JSONL file to write the {what} to.")
+
+
+REPORT_TEXT = (
+    "Read the request log of `tunesmith serve` and compare production prompts with the run's training data "
+    "(prompt-length distribution with a KS test, vocabulary Jensen-Shannon divergence, unseen words), count answers "
+    "failing the run's format check, summarise feedback, and raise alerts."
+)
+PREFERENCES_TEXT = (
+    "Write feedback as JSONL preference pairs for dpo, orpo or simpo: each correction (chosen) against the model's "
+    "answer (rejected), and for one prompt a well-rated answer against a poorly rated one; every row names the "
+    "served model of each side (chosen_model/rejected_model; null for a person's correction). With --kto, KTO rows "
+    "for kto instead."
+)
+
+
+def _monitor_flags_parser() -> argparse.ArgumentParser:
+    """The parser of the form older than the modes; never shown in --help, kept so old commands run unchanged."""
+    flags = argparse.ArgumentParser(prog="tunesmith monitor", description=REPORT_TEXT)
+    _add_run_options(flags)
+    _add_report_options(flags)
+    flags.add_argument("--export", metavar="FILE", help="As `monitor export RUN --out FILE`.")
+    _add_export_options(flags)
+    flags.add_argument("--export-preferences", metavar="FILE", help="As `monitor export-preferences RUN --out FILE`.")
+    _add_preference_options(flags)
+    _add_overwrite(flags)
+    flags.set_defaults(func=cmd_monitor_flags)
+    return flags
+
+
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
     monitor = sub.add_parser(
         "monitor",
         help="Production traffic, drift against the training data, format failures and feedback.",
-        description="Read the request log of `tunesmith serve` and compare production prompts with the run's "
-        "training data (prompt-length distribution with a KS test, vocabulary Jensen-Shannon divergence, unseen "
-        "words), count answers failing the run's format check, summarise feedback, and raise alerts. With "
-        "--export, turn corrected answers into a dataset for the next fine-tune; with --export-preferences, into "
-        "preference pairs (or KTO rows) for dpo, orpo, simpo or kto.",
+        usage="%(prog)s [report] RUN [options]\n"
+        "       %(prog)s export RUN --out FILE [options]\n"
+        "       %(prog)s export-preferences RUN --out FILE [options]",
+        description="Watch a served run and close the loop. `monitor RUN` (the same as `monitor report RUN`) "
+        "reports on the request log; `monitor export` and `monitor export-preferences` turn feedback into the "
+        "next dataset. A run folder named like a mode is written as a path, e.g. ./export. "
+        "`tunesmith monitor MODE --help` lists each mode's options.",
     )
-    monitor.add_argument("run", help="Run directory, e.g. runs/quickstart.")
-    monitor.add_argument("--db", help="Request log [default: RUN/serve/requests.sqlite].")
-    monitor.add_argument("--hours", type=float, help="Only the last N hours of traffic [default: all].")
-    monitor.add_argument("--json", action="store_true", help="Print the report as JSON.")
-    monitor.add_argument("--export", metavar="FILE", help="Write corrected answers as a JSONL chat dataset to FILE.")
-    monitor.add_argument(
-        "--min-rating", type=float, help="With --export: also keep uncorrected answers rated at least this."
+    # argparse has no default subcommand, and a mode word and a run folder share the first position; the class of
+    # the parser sub.add_parser built is swapped for one that looks at that first word before parsing.
+    monitor.__class__ = _MonitorParser
+    monitor.flags = _monitor_flags_parser()
+    modes = monitor.add_subparsers(
+        dest="mode", metavar="MODE", required=True, prog=monitor.prog, parser_class=argparse.ArgumentParser
     )
-    monitor.add_argument(
-        "--export-preferences",
-        metavar="FILE",
-        help="Write feedback as JSONL preference pairs to FILE: each correction (chosen) against the model's answer "
-        "(rejected), and for one prompt a well-rated answer against a poorly rated one; every row names the served "
-        "model of each side (chosen_model/rejected_model; null for a person's correction).",
+    report = modes.add_parser(
+        "report",
+        help="Traffic, drift, format failures, feedback and alerts (the default: `monitor RUN`).",
+        description=REPORT_TEXT,
     )
-    monitor.add_argument(
-        "--good-rating",
-        type=float,
-        help=f"With --export-preferences: a rating at least this is a good answer [default: {GOOD_RATING:g}, "
-        "on 1-5 stars; for thumbs up/down pass 1].",
+    _add_run_options(report)
+    _add_report_options(report)
+    report.set_defaults(func=cmd_monitor_report)
+    export = modes.add_parser(
+        "export",
+        help="Corrected answers as a chat dataset for the next fine-tune.",
+        description="Write each corrected answer in the request log (and, with --min-rating, each uncorrected "
+        "answer rated at least that) as a chat example in tunesmith's own format, ready for `tunesmith data check` "
+        "and the next fine-tune.",
     )
-    monitor.add_argument(
-        "--bad-rating",
-        type=float,
-        help=f"With --export-preferences: a rating at most this is a poor answer [default: {BAD_RATING:g}, "
-        "on 1-5 stars; for thumbs up/down pass 0 or -1].",
+    _add_run_options(export)
+    _add_out(export, "chat examples")
+    _add_export_options(export)
+    _add_overwrite(export)
+    export.set_defaults(func=cmd_monitor_export)
+    preferences = modes.add_parser(
+        "export-preferences",
+        help="Feedback as preference pairs (or KTO rows) for dpo, orpo, simpo or kto.",
+        description=PREFERENCES_TEXT,
     )
-    monitor.add_argument(
-        "--kto",
-        action="store_true",
-        help="With --export-preferences: write KTO rows (prompt, completion, label true/false) instead of pairs: "
-        "corrections and good answers desirable, corrected and poor answers undesirable.",
-    )
-    monitor.add_argument(
-        "--overwrite", action="store_true", help="With --export or --export-preferences: replace an existing FILE."
-    )
-    monitor.set_defaults(func=cmd_monitor)
+    _add_run_options(preferences)
+    _add_out(preferences, "pairs (or KTO rows)")
+    _add_preference_options(preferences)
+    _add_overwrite(preferences)
+    preferences.set_defaults(func=cmd_monitor_preferences)

@@ -226,7 +226,10 @@ def _alerts(report: dict[str, Any]) -> list[str]:
     for name in report["format"]["checks"]:
         share = report["format"][name]["share"]
         if share > LIMITS["format_failures"]:
-            alerts.append(f"{share:.0%} of answers fail {name}; export corrections with --export and retrain.")
+            alerts.append(
+                f"{share:.0%} of answers fail {name}; export the corrections (tunesmith monitor export RUN "
+                "--out FILE) and retrain."
+            )
     return alerts
 
 
