@@ -96,7 +96,7 @@ class Engine:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.model, self.config = model, config
         self.max_rows = max_rows
-        self.max_length: int = max_length or getattr(config, "max_position_embeddings", 2048)
+        self.max_length: int = max_length or int(getattr(config, "max_position_embeddings", None) or 2048)
         self.prefill_chunk = prefill_chunk
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
