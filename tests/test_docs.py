@@ -84,7 +84,8 @@ def tunesmith_commands(line: str) -> list[str]:
         text = text[2:].lstrip()
     if not text.startswith("tunesmith "):
         return []
-    lexer = shlex.shlex(without_comment(text), posix=True, punctuation_chars=True)
+    text = re.sub(r"(?<=\s)\d+(?=[<>])", " ", without_comment(text))  # a redirection's descriptor: 2>&1
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     lexer.commenters = ""
     commands: list[list[str]] = [[]]
