@@ -232,15 +232,7 @@ def write_file_atomic(path: Path, write: Callable[[Path], None], overwrite: bool
     path = Path(path)
     check_file_target(path, overwrite, what)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(path, write)
     record = _written() | {str(path.resolve()): sha256_file(path)}
     ledger = _ledger()
     ledger.parent.mkdir(parents=True, exist_ok=True)
