@@ -334,6 +334,7 @@ def summarise(
 ) -> TrainSummary:
     """The training summary written, and the manifest marked completed."""
     shared = {f.name for f in dataclasses.fields(TrainSummary)} & {f.name for f in dataclasses.fields(TrainResult)}
+    shared -= {"seconds"}  # rounded below
     summary = TrainSummary(
         **{name: getattr(result, name) for name in shared},
         run_dir=str(run.run_dir),
@@ -345,10 +346,10 @@ def summarise(
         trainable_params=parameters[0],
         total_params=parameters[1],
         first_loss=result.history[0]["loss"] if result.history else float("nan"),
+        seconds=round(result.seconds, 2),
         tokens_per_second=round(result.tokens_per_second, 2),
         tokenize=data.report,
     )
-    summary.seconds = round(result.seconds, 2)
     write_json(RunDir(run.run_dir).summary, asdict(summary))
     run.write_manifest("completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return summary
