@@ -372,7 +372,7 @@ async function comparePage(name) {
   const fields = c.field_accuracy || {};
   if (Object.keys(fields).length) {
     const names = [...new Set(Object.values(fields).flatMap((f) => Object.keys(f)))];
-    view.append(h("h2", {}, "Per-field accuracy"), table(["model", ...names], Object.entries(fields).map(([m, f]) => [m, ...names.map((n) => fmt(f[n], 3))])));
+    view.append(h("h2", {}, "Per-field accuracy"), table(["model", ...names], Object.entries(fields).map(([m, f]) => [label(m), ...names.map((n) => fmt(f[n], 3))])));
   }
   const against = h("select", {}, Object.keys(versus).map((k) => h("option", { value: k }, label(k))));
   const kind = h("select", {}, h("option", { value: "fixed" }, "fixed by fine-tuning"), h("option", { value: "broken" }, "broken by fine-tuning"));
