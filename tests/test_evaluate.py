@@ -348,13 +348,16 @@ def test_a_version_1_comparison_still_renders_in_the_report_and_the_cli(tmp_path
     assert "old few-shot answer" in printed and "zero_shot 1.5 s" in printed and old["verdict"][:40] in printed
 
 
-def test_a_comparison_of_a_later_version_is_refused_with_the_fix(tmp_path):
+def test_a_comparison_of_a_later_version_or_cut_short_is_refused_with_the_fix(tmp_path):
     from tunesmith.evaluate.compare import read_comparison
     from tunesmith.rundir import RunDir
 
     RunDir(tmp_path).eval.mkdir()
     RunDir(tmp_path).compare.write_text(json.dumps({"version": 3}))
     with pytest.raises(TunesmithError, match="version 3.*Upgrade tunesmith, or compare again"):
+        read_comparison(tmp_path)
+    RunDir(tmp_path).compare.write_text(json.dumps({"verdict": "a version-1 file cut short"}))
+    with pytest.raises(TunesmithError, match="not a comparison tunesmith wrote.*Compare again: tunesmith compare"):
         read_comparison(tmp_path)
 
 

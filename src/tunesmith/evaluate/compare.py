@@ -596,14 +596,13 @@ def read_comparison(run_dir: str | Path) -> CompareSummary | None:
         return None
     written = json.loads(path.read_text())
     version = written.pop("version", 1)
-    if version == 1:
-        written = _from_version_1(written)
-    elif version != COMPARE_VERSION:
+    if version not in (1, COMPARE_VERSION):
         raise TunesmithError(
             f"{path} is compare.json version {version}; this tunesmith reads versions 1 and {COMPARE_VERSION}. "
             f"Upgrade tunesmith, or compare again: tunesmith compare {run_dir}"
         )
     try:
+        written = _from_version_1(written) if version == 1 else written
         found = {name: Versus(**versus) for name, versus in written.pop("baselines").items()}
         return CompareSummary(**written, baselines=found)
     except (KeyError, TypeError) as exc:
