@@ -96,10 +96,10 @@ def test_compare_scores_base_and_tuned(trained_run, capsys):
     assert main(["compare", str(trained_run), "--limit", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["items"] == 3 and {"base", "tuned", "diff", "ci_low", "ci_high", "p_value"} <= set(
-        result["metrics"]["exact_match"]
+        result["baselines"]["zero_shot"]["metrics"]["exact_match"]
     )
     rows = (trained_run / "eval" / "predictions.jsonl").read_text().splitlines()
-    assert len(rows) == 3 and {"reference", "base", "tuned"} <= set(json.loads(rows[0]))
+    assert len(rows) == 3 and {"reference", "zero_shot", "tuned"} <= set(json.loads(rows[0]))
 
 
 def test_full_fine_tuning_run_saves_a_model(tmp_path, tiny_model_dir, chat_file, capsys):

@@ -23,6 +23,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import metrics as m
 from tunesmith.evaluate import stats
 
+from .compare_v1 import write_version_1_comparison
 from .conftest import build_model, build_tokenizer, chat_records, write_jsonl
 from .test_cli import train_args
 
@@ -208,7 +209,7 @@ def test_corpus_metric_comparison_is_paired():
 def test_wins_come_from_a_per_item_metric_when_a_corpus_metric_comes_first(tmp_path, monkeypatch):
     """eval.metrics [chrf_corpus, chrf]: per-item chrF decides wins and flips, and the summary says so."""
     from tunesmith.data.formats import Conversation, Message
-    from tunesmith.evaluate import compare, generate
+    from tunesmith.evaluate import compare
 
     references = [f"the {c} cat sat on the {w} mat" for c in ("red", "blue", "green") for w in ("big", "old")] * 2
     items = [
@@ -218,27 +219,29 @@ def test_wins_come_from_a_per_item_metric_when_a_corpus_metric_comes_first(tmp_p
     outputs = {"zero-shot": ["a dog"] * 12, "tuned": [r.replace(" mat", "") for r in references]}
     config = build_config({"eval": {"metrics": ["chrf_corpus", "chrf"], "bootstrap": 400}})
     loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None)
-    monkeypatch.setattr(generate, "load_run", lambda run_dir, base=False: loaded)
+    monkeypatch.setattr(compare, "load_run", lambda run_dir, base=False: loaded)
     monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
     monkeypatch.setattr(compare, "_generate", lambda model, items, base, console, label, stops: outputs[label])
     losses = [(2.0, 4)] * 12, [(1.0, 4)] * 12
     monkeypatch.setattr(compare, "_losses_of_both", lambda loaded, base, items: losses)
     summary = compare.compare_run(tmp_path)
-    assert summary.primary == "chrf_corpus" and summary.decided_by == "chrf"
-    assert (summary.wins, summary.ties, summary.losses) == (12, 0, 0) and len(summary.flipped["fixed"]) == 12
-    primary, chrf = summary.metrics["chrf_corpus"], summary.metrics["chrf"]
+    zero = summary.baselines["zero_shot"]
+    assert summary.primary == "chrf_corpus" and summary.decided_by == zero.decided_by == "chrf"
+    assert (zero.wins, zero.ties, zero.losses) == (12, 0, 0) and len(zero.flipped["fixed"]) == 12
+    primary, chrf = zero.metrics["chrf_corpus"], zero.metrics["chrf"]
     assert primary["role"] == "primary" and primary["test"] == "sacrebleu_paired_ar" and primary["p_value"] > 0
     assert primary["p_text"] == "p < 1/201" and "p < 1/201" in summary.verdict  # bootstrap // 2 trials
     assert chrf["role"] == "secondary" and chrf["p_holm"] >= chrf["p_value"] and "holm" in summary.correction
-    assert summary.metrics["loss"]["role"] == "secondary"
+    assert zero.metrics["loss"]["role"] == "secondary"
     assert "p=0 " not in json.dumps(asdict(summary)) and "p=0," not in summary.verdict
     assert m.deciding_metric(["bleu"]) == "chrf" and m.deciding_metric(["macro_f1", "bleu"]) == "accuracy"
 
 
-def _compare_on(tmp_path, monkeypatch, outputs):
-    """compare_run on 12 colour items with the given zero-shot and tuned answers (no model, no generation)."""
+def _compare_on(tmp_path, monkeypatch, outputs, shots=0):
+    """compare_run on 12 colour items with the given zero-shot (and `shots`-shot) and tuned answers (no model, no
+    generation); with shots, the few-shot baseline is taken as the strongest."""
     from tunesmith.data.formats import Conversation, Message
-    from tunesmith.evaluate import compare, generate
+    from tunesmith.evaluate import compare
 
     references = ["red", "blue", "green"] * 4
     items = [
@@ -247,12 +250,16 @@ def _compare_on(tmp_path, monkeypatch, outputs):
     ]
     config = build_config({"eval": {"metrics": ["exact_match"], "bootstrap": 200}})
     loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None)
-    monkeypatch.setattr(generate, "load_run", lambda run_dir, base=False: loaded)
+    monkeypatch.setattr(compare, "load_run", lambda run_dir, base=False: loaded)
     monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
     monkeypatch.setattr(
         compare, "_generate", lambda model, items, base, console, label, stops: outputs(references)[label]
     )
     monkeypatch.setattr(compare, "_losses_of_both", lambda loaded, base, items: ([(2.0, 4)] * 12, [(2.0, 4)] * 12))
+    if shots:
+        few = compare.baselines.Baseline("few_shot", shots, [c.prompt_messages for c in items])
+        monkeypatch.setattr(compare, "_prompting", lambda *args: [compare.baselines.zero_shot(items), few])
+        monkeypatch.setattr(compare, "_strongest", lambda *args: ("few_shot", "taken in this test"))
     return compare.compare_run(tmp_path)
 
 
@@ -271,6 +278,87 @@ def test_compare_keeps_its_verdicts_when_some_contestant_scores(tmp_path, monkey
     assert same.verdict.startswith("Prompting is as good: fine-tuning not needed for exact_match")
     won = _compare_on(tmp_path, monkeypatch, lambda refs: {"zero-shot": ["x"] * 12, "tuned": refs})
     assert won.verdict.startswith("Fine-tuning beat the strongest prompting baseline (zero-shot)")
+
+
+def test_a_comparison_is_written_as_one_entry_per_baseline_and_read_back_the_same(tmp_path, monkeypatch):
+    from tunesmith.evaluate.compare import COMPARE_VERSION, read_comparison
+    from tunesmith.rundir import RunDir
+
+    answers = lambda refs: {"zero-shot": ["x"] * 12, "2-shot": refs[:6] + ["x"] * 6, "tuned": refs}  # noqa: E731
+    summary = _compare_on(tmp_path, monkeypatch, answers, shots=2)
+    written = json.loads(RunDir(tmp_path).compare.read_text())
+    assert written["version"] == COMPARE_VERSION == 2
+    assert list(written["baselines"]) == ["zero_shot", "few_shot"] and written["strongest"] == "few_shot"
+    assert not {"metrics", "wins", "ties", "losses", "flipped", "few_shot"} & set(written)  # no copy at the top
+    zero, few = written["baselines"]["zero_shot"], written["baselines"]["few_shot"]
+    assert set(zero) == set(few) == {"against", "label", "metrics", "decided_by", "wins", "ties", "losses", "flipped",
+                                     "verdict"}  # fmt: skip
+    assert (zero["label"], few["label"], zero["against"], few["against"]) == ("zero-shot", "2-shot", "zero_shot",
+                                                                              "few_shot")  # fmt: skip
+    assert (zero["wins"], few["wins"]) == (12, 6) and "loss" in zero["metrics"] and "loss" not in few["metrics"]
+    contestants = {"zero_shot", "few_shot", "tuned"}
+    assert contestants <= set(written["examples"][0]) and "base" not in written["examples"][0]
+    assert set(written["field_accuracy"]) == contestants
+    assert set(written["seconds"]) == contestants | {"choosing the strongest baseline"}
+    assert written["verdict"].startswith("Fine-tuning beat the strongest prompting baseline (2-shot)")
+    assert read_comparison(tmp_path) == summary
+    assert read_comparison(tmp_path / "never-compared") is None
+
+
+def test_a_version_1_comparison_is_read_in_the_new_shape(tmp_path):
+    from tunesmith.evaluate.compare import read_comparison
+
+    old = write_version_1_comparison(tmp_path)
+    read = read_comparison(tmp_path)
+    assert read.version == 2 and list(read.baselines) == ["zero_shot", "few_shot"] and read.strongest == "few_shot"
+    zero, few = read.baselines["zero_shot"], read.baselines["few_shot"]
+    assert zero.metrics == old["metrics"] and (zero.wins, zero.ties, zero.losses) == (9, 3, 0)
+    assert few.metrics == old["few_shot"]["metrics"] and few.wins == 6 and few.verdict == old["few_shot"]["verdict"]
+    assert (zero.label, few.label, zero.against, few.against) == ("zero-shot", "3-shot", "zero_shot", "few_shot")
+    assert zero.verdict is None  # version 1 kept no verdict of the zero-shot comparison alone
+    row = zero.flipped["fixed"][0]
+    assert row["zero_shot"] == "old zero-shot answer" and "base" not in row
+    assert set(row["scores"]["exact_match"]) == {"zero_shot", "few_shot", "tuned"}
+    assert few.flipped["fixed"][0]["zero_shot"] == "old zero-shot answer" and read.examples == [row]
+    assert set(read.seconds) == {"zero_shot", "few_shot", "tuned", "choosing the strongest baseline"}
+    assert set(read.field_accuracy) == {"zero_shot", "few_shot", "tuned"}
+    assert (read.verdict, read.chosen_on, read.shots) == (old["verdict"], old["chosen_on"], 3)
+
+
+def test_a_version_1_comparison_still_renders_in_the_report_and_the_cli(tmp_path, capsys):
+    from tunesmith.cli.evaluate import print_comparison
+    from tunesmith.evaluate.compare import read_comparison
+    from tunesmith.evaluate.report import build_report, write_report
+
+    old = write_version_1_comparison(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text("name: old-run\nmodel: m\nmethod: lora\n")
+    report = build_report(tmp_path / "run")
+    assert report["comparison"]["version"] == 2 and set(report["comparison"]["baselines"]) == {"zero_shot", "few_shot"}
+    parser = _Text()
+    parser.feed(write_report(tmp_path / "run").read_text())
+    text = " ".join(parser.text)
+    assert old["verdict"] in text and "Tuned vs zero-shot prompting" in text and "Tuned vs 3-shot prompting" in text
+    assert "Strongest baseline: 3-shot" in text and "9 wins" in text and "6 wins" in text
+    assert "old zero-shot answer" in text and "old few-shot answer" in text
+    capsys.readouterr()
+    print_comparison(read_comparison(tmp_path / "run"))
+    printed = capsys.readouterr().out
+    assert "Base model zero-shot vs tuned" in printed and "Base model 3-shot vs tuned" in printed
+    assert "9 wins, 3 ties, 0 losses" in printed and "old zero-shot answer" in printed
+    assert "old few-shot answer" in printed and "zero_shot 1.5 s" in printed and old["verdict"][:40] in printed
+
+
+def test_a_comparison_of_a_later_version_or_cut_short_is_refused_with_the_fix(tmp_path):
+    from tunesmith.evaluate.compare import read_comparison
+    from tunesmith.rundir import RunDir
+
+    RunDir(tmp_path).eval.mkdir()
+    RunDir(tmp_path).compare.write_text(json.dumps({"version": 3}))
+    with pytest.raises(TunesmithError, match="version 3.*Upgrade tunesmith, or compare again"):
+        read_comparison(tmp_path)
+    RunDir(tmp_path).compare.write_text(json.dumps({"verdict": "a version-1 file cut short"}))
+    with pytest.raises(TunesmithError, match="not a comparison tunesmith wrote.*Compare again: tunesmith compare"):
+        read_comparison(tmp_path)
 
 
 class _Text(HTMLParser):
@@ -299,23 +387,22 @@ def test_compare_finds_a_real_win_and_writes_the_report(learnable_model_dir, tmp
     capsys.readouterr()
     assert main(["compare", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert {"metrics", "wins", "ties", "losses", "flipped", "verdict"} <= set(result)
-    exact = result["metrics"]["exact_match"]
+    assert result["version"] == 2 and {"baselines", "verdict", "strongest", "primary", "decided_by"} <= set(result)
+    zero = result["baselines"]["zero_shot"]
+    exact = zero["metrics"]["exact_match"]
     assert {"base", "tuned", "diff", "ci_low", "ci_high", "p_value"} <= set(exact)
     assert exact["tuned"] > 0.8 and exact["base"] == 0.0 and exact["ci_low"] > 0 and exact["p_value"] < 0.01
-    assert result["verdict"].startswith("Fine-tuning beat the strongest prompting baseline") and result["wins"] >= 8
+    assert result["verdict"].startswith("Fine-tuning beat the strongest prompting baseline") and zero["wins"] >= 8
     # The few-shot baseline: k shots from the training split, compared too, chosen or not on the val split.
-    few = result["few_shot"]
+    few = result["baselines"]["few_shot"]
     assert result["shots"] >= 1 and few["against"] == "few_shot" and few["metrics"]["exact_match"]["significant"]
-    assert result["strongest"] in ("base", "few_shot") and "validation items" in result["chosen_on"]
-    assert {"base", "few_shot", "tuned", "choosing the strongest baseline"} <= set(result["seconds"])
-    assert all({"base", "few_shot", "tuned"} <= set(row) for row in few["flipped"]["fixed"])
-    assert result["flipped"]["fixed"] and all(r["base"] != r["tuned"] for r in result["flipped"]["fixed"])
-    assert result["metrics"]["loss"]["tuned"] < result["metrics"]["loss"]["base"]
-    assert (
-        "bleu" in result["metrics"]
-        and result["metrics"]["perplexity"]["tuned"] < result["metrics"]["perplexity"]["base"]
-    )
+    assert set(few) == set(zero) and few["label"] == f"{result['shots']}-shot" and zero["label"] == "zero-shot"
+    assert result["strongest"] in ("zero_shot", "few_shot") and "validation items" in result["chosen_on"]
+    assert {"zero_shot", "few_shot", "tuned", "choosing the strongest baseline"} <= set(result["seconds"])
+    assert all({"zero_shot", "few_shot", "tuned"} <= set(row) for row in few["flipped"]["fixed"])
+    assert zero["flipped"]["fixed"] and all(r["zero_shot"] != r["tuned"] for r in zero["flipped"]["fixed"])
+    assert zero["metrics"]["loss"]["tuned"] < zero["metrics"]["loss"]["base"]
+    assert "bleu" in zero["metrics"] and zero["metrics"]["perplexity"]["tuned"] < zero["metrics"]["perplexity"]["base"]
 
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["comparison"]["verdict"] == result["verdict"]
@@ -369,13 +456,14 @@ def test_compare_says_not_significant_when_nothing_changed(tiny_model_dir, chat_
     capsys.readouterr()
     assert main(["compare", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    exact = result["metrics"]["exact_match"]
+    zero = result["baselines"]["zero_shot"]
+    exact = zero["metrics"]["exact_match"]
     assert exact["diff"] == 0 and exact["p_value"] == 1.0 and not exact["significant"]
-    few = (result["few_shot"] or {}).get("metrics", {}).get("exact_match", {}).get("base", 0)
+    few = result["baselines"].get("few_shot", {}).get("metrics", {}).get("exact_match", {}).get("base", 0)
     at_floor = exact["base"] == exact["tuned"] == few == 0  # a random tiny model answers nothing right
     expected = "Neither prompting nor fine-tuning works yet" if at_floor else "Prompting is as good: fine-tuning not"
     assert result["verdict"].startswith(expected)
-    assert math.isclose(result["metrics"]["loss"]["diff"], 0, abs_tol=1e-3)
+    assert math.isclose(zero["metrics"]["loss"]["diff"], 0, abs_tol=1e-3)
 
 
 TASK_YAML = """task: tiny_colours
@@ -412,11 +500,11 @@ def test_general_ability_runs_a_local_lm_eval_task_on_base_and_tuned(tiny_model_
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tasks / "tiny_colours.yaml").write_text(TASK_YAML.format(data=data))
     loaded = load_run(trained_run)
-    settings = loaded.config.eval.model_copy(
+    eval_config = loaded.config.eval.model_copy(
         update={"lm_eval_tasks": ["tiny_colours"], "lm_eval_include_path": str(tasks), "lm_eval_limit": None}
     )
     trust.grant([str(tasks)])  # as --allow-code or a user's own config would
-    table = general_ability(loaded, loaded, settings)
+    table = general_ability(loaded, loaded, eval_config)
     acc = table["tiny_colours"]["acc"]
     assert 0 <= acc["base"] <= 1 and 0 <= acc["tuned"] <= 1
     assert acc["diff"] == pytest.approx(acc["tuned"] - acc["base"])
@@ -434,11 +522,15 @@ def test_report_html_shows_every_value_from_the_run_as_text_never_as_markup(tmp_
     write_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
     result = {"base": 0.1, "tuned": 0.9, "diff": 0.8, "ci_low": 0.5, "ci_high": 1.0, "p_text": tag, "p_holm": tag,
               "test": tag, "role": tag, "significant": True}  # fmt: skip
-    flipped = [{"line": tag, "prompt": tag, "reference": tag, "base": tag, "tuned": tag}]
+    flipped = [{"line": tag, "prompt": tag, "reference": tag, "zero_shot": tag, "tuned": tag}]
+    versus = {
+        "against": "zero_shot", "label": tag, "metrics": {tag: result}, "decided_by": tag, "wins": tag, "ties": tag,
+        "losses": tag, "flipped": {"fixed": flipped, "broken": flipped}, "verdict": tag,
+    }  # fmt: skip
     compare = {
-        "verdict": tag, "primary": tag, "metrics": {tag: result}, "items": tag, "split": tag, "shots": tag,
-        "strongest": "base", "chosen_on": tag, "correction": tag, "seconds": {"base": tag, "tuned": tag},
-        "wins": tag, "ties": tag, "losses": tag, "decided_by": tag, "flipped": {"fixed": flipped, "broken": flipped},
+        "version": 2, "run_dir": tag, "verdict": tag, "primary": tag, "baselines": {"zero_shot": versus},
+        "items": tag, "split": tag, "shots": tag, "strongest": "zero_shot", "chosen_on": tag, "correction": tag,
+        "seconds": {"zero_shot": tag, "tuned": tag}, "decided_by": tag, "examples": flipped,
         "preference": {"items": tag, "start_run": tag, "tuned_vs_base": result},
         "general_ability": {tag: {tag: {"base": 0.1, "tuned": 0.2, "diff": 0.1}}},
     }  # fmt: skip

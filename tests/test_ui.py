@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from tests.compare_v1 import write_version_1_comparison
 from tests.conftest import chat_records, write_jsonl
 
 TOKEN = "test-token-0123456789"
@@ -184,6 +185,19 @@ def test_a_non_finite_metric_reaches_the_page_as_null(client, folders):
     answer = client.get("/api/runs/old", headers=AUTH)
     assert answer.status_code == 200 and "Infinity" not in answer.text
     assert answer.json()["metrics"][-1]["grad_norm"] is None
+
+
+def test_a_comparison_written_before_version_2_reaches_the_page_in_the_new_shape(client, folders):
+    runs, _ = folders
+    old = write_version_1_comparison(runs / "old")
+    assert client.get("/api/runs", headers=AUTH).json()["runs"][0]["compared"] is True
+    comparison = client.get("/api/runs/old", headers=AUTH).json()["comparison"]
+    assert comparison["version"] == 2 and comparison["strongest"] == "few_shot" and "metrics" not in comparison
+    zero, few = comparison["baselines"]["zero_shot"], comparison["baselines"]["few_shot"]
+    assert zero["metrics"] == old["metrics"] and few["metrics"] == old["few_shot"]["metrics"]
+    assert (zero["label"], few["label"]) == ("zero-shot", "3-shot")
+    assert zero["flipped"]["fixed"][0]["zero_shot"] == "old zero-shot answer"
+    assert set(comparison["seconds"]) == {"zero_shot", "few_shot", "tuned", "choosing the strongest baseline"}
 
 
 # --- The real browser ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -14,6 +14,9 @@ from tunesmith import trust
 from tunesmith.cli.common import add_code_option, config_default, err, grant_code, out, print_json
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
+
+if TYPE_CHECKING:
+    from tunesmith.evaluate.compare import CompareSummary
 
 
 def _versus_table(title: str, label: str, metrics: dict[str, dict[str, Any]]) -> Table:
@@ -33,23 +36,22 @@ def _versus_table(title: str, label: str, metrics: dict[str, dict[str, Any]]) ->
     return table
 
 
-def print_comparison(summary: Any) -> None:
+def print_comparison(summary: CompareSummary) -> None:
+    """The tuned model against each prompting baseline, then preference accuracy, timings and the verdict."""
     where = f"{summary.items} held-out examples ({summary.run_dir})"
-    versus = [("zero-shot", "base", asdict(summary) | {"against": "base"})]
-    if summary.few_shot:
-        versus.append((f"{summary.shots}-shot", "few_shot", summary.few_shot))
-    for label, column, result in versus:
-        out.print(_versus_table(f"Base model {label} vs tuned on {where}", label, result["metrics"]))
+    for versus in summary.baselines.values():
+        label = versus.label
+        out.print(_versus_table(f"Base model {label} vs tuned on {where}", label, versus.metrics))
         out.print(
-            f"Per item by {result['decided_by']}: {result['wins']} wins, {result['ties']} ties, "
-            f"{result['losses']} losses; {len(result['flipped']['fixed'])} fixed, "
-            f"{len(result['flipped']['broken'])} broken against {label}."
+            f"Per item by {versus.decided_by}: {versus.wins} wins, {versus.ties} ties, "
+            f"{versus.losses} losses; {len(versus.flipped['fixed'])} fixed, "
+            f"{len(versus.flipped['broken'])} broken against {label}."
         )
         for kind in ("fixed", "broken"):
-            for row in result["flipped"][kind][:2]:
+            for row in versus.flipped[kind][:2]:
                 out.print(f"[bold]{kind}[/] (line {row['line']}): {row['prompt'][:200]}", highlight=False)
                 out.print(f"  reference: {row['reference'][:200]}", highlight=False)
-                out.print(f"  {label + ':':10} {row[column][:200]}", highlight=False)
+                out.print(f"  {label + ':':10} {row[versus.against][:200]}", highlight=False)
                 out.print(f"  tuned:     {row['tuned'][:200]}", highlight=False)
     if summary.preference:
         models = [name for name in ("base", "start", "tuned") if name in summary.preference]

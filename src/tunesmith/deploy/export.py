@@ -42,7 +42,9 @@ def run_tokenizer(run_dir: Path) -> Any:
 
 
 def _merged(run_dir: Path) -> Any:
-    from tunesmith.methods import method_of
+    """The run's model as one set of weights: its saved whole model, or the base with its update merged in (the
+    merge itself is methods.merged_model's)."""
+    from tunesmith.methods import merged_model, method_of
     from tunesmith.models import load_model, resolve_model_path
     from tunesmith.train.precision import run_inference_dtype
 
@@ -57,8 +59,8 @@ def _merged(run_dir: Path) -> Any:
             "converted; serve this run with `tunesmith serve`, or train with method lora to export."
         )
     if method.merge is None:  # a method that exports merged without merging saves a whole model
-        return load_model(str(weights), dtype)
-    return method.merge(config, resolve_model_path(config.model), weights, dtype)
+        return load_model(str(weights), dtype)  # not load_trained: that would resolve the base, unused here
+    return merged_model(config, resolve_model_path(config.model), weights, dtype)
 
 
 def _write_merged(model: Any, tokenizer: Any, path: Path) -> None:

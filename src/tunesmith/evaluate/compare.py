@@ -5,29 +5,41 @@ every prediction, and score with the metrics of `eval.metrics`. Compare scores b
 same items and reports, per metric, both values, the paired difference with a bootstrap 95% CI and a
 p-value (Holm-corrected for all but the first, primary, metric), win/tie/loss counts and the items that
 flipped on a per-item metric, and a verdict on the primary metric that says when nothing is significant.
+`read_comparison` is the one reader of compare.json: every other module reads a comparison through it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
 
 from tunesmith.data.formats import Conversation
+from tunesmith.data.tokenize import tokenize_all
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import baselines, stats
 from tunesmith.evaluate import metrics as m
+from tunesmith.evaluate.general import general_ability
+from tunesmith.evaluate.generate import generate, load_run
 from tunesmith.files import json_line, own_dir, replacing, write_json
+from tunesmith.objectives.preference import prefers_chosen, tokenize_preferences
 from tunesmith.rundir import RunDir
+from tunesmith.train.batching import collate
+from tunesmith.train.loss import model_loss_sum
+
+if TYPE_CHECKING:
+    from tunesmith.config import EvalConfig
 
 SPLITS = ("test", "val", "train")
+COMPARE_VERSION = 2  # compare.json's shape; a file without `version` is version 1 (see _from_version_1)
 
 
 @dataclass
@@ -49,39 +61,40 @@ class Versus:
     """The tuned model against one baseline on the same items: per-metric paired statistics (the primary
     metric tested alone, the others Holm-corrected), per-item wins/ties/losses and flips, and a verdict."""
 
-    against: str  # "base" (zero-shot) or "few_shot"
-    metrics: dict[str, dict[str, Any]]
+    against: str  # the baseline's name, "zero_shot" or "few_shot": its answers' column in the item rows
+    label: str  # the baseline as people read it: "zero-shot", "3-shot"
+    metrics: dict[str, dict[str, Any]]  # name -> base (this baseline's value), tuned, diff, CI, p-values
     decided_by: str  # the per-item metric whose scores give wins, ties, losses and flipped items
     wins: int
     ties: int
     losses: int
     flipped: dict[str, list[dict[str, Any]]]
-    verdict: str
+    verdict: str | None  # None in a comparison read from a version-1 file, which kept no zero-shot verdict
 
 
 @dataclass
 class CompareSummary:
+    """compare.json: the tuned model against each prompting baseline (one `Versus` each, the same shape), and the
+    verdict against the strongest. Contestants are named "zero_shot", "few_shot" and "tuned" throughout: baselines,
+    strongest, seconds, field_accuracy and the answer columns of the item rows."""
+
     run_dir: str
     split: str
     items: int
     primary: str  # eval.metrics[0]: the verdict's metric, tested alone
     decided_by: str  # the per-item metric whose scores give wins, ties, losses and flipped items
     correction: str  # how the secondary metrics' p-values are corrected for multiple comparisons
-    metrics: dict[str, dict[str, Any]]  # tuned against the base model zero-shot
-    wins: int
-    ties: int
-    losses: int
-    flipped: dict[str, list[dict[str, Any]]]
+    baselines: dict[str, Versus]  # "zero_shot", then "few_shot" when at least one shot fits the context
     verdict: str  # against the strongest prompting baseline
-    examples: list[dict[str, str]]
+    examples: list[dict[str, Any]]  # the first item rows: every contestant's answer and scores
     field_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     general_ability: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    few_shot: dict[str, Any] | None = None  # tuned against the few-shot baseline (a Versus), when it has shots
     shots: int = 0  # solved examples in each few-shot prompt (0: no few-shot baseline)
-    strongest: str = "base"  # the prompting baseline the verdict is against: "base" (zero-shot) or "few_shot"
+    strongest: str = "zero_shot"  # the key in `baselines` of the baseline the verdict is against
     chosen_on: str = ""  # the split (and primary-metric scores) the strongest baseline was chosen on
     seconds: dict[str, float] = field(default_factory=dict)  # generation time per contestant on the compared items
     preference: dict[str, Any] | None = None  # preference runs: how often each model prefers the chosen answer
+    version: int = COMPARE_VERSION
 
 
 def _answer_to_learn(conversation: Conversation) -> bool:
@@ -111,10 +124,6 @@ def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversati
 @torch.no_grad()
 def item_losses(model: Any, tokenizer: Any, items: list[Conversation], config: Any) -> list[tuple[float, int]]:
     """(summed answer-token loss, answer tokens) per item, teacher-forced, as in training."""
-    from tunesmith.data.tokenize import tokenize_all
-    from tunesmith.train.batching import collate
-    from tunesmith.train.loss import model_loss_sum
-
     examples, _ = tokenize_all(tokenizer, items, config.data.max_length, config.data.train_on)
     by_line = {e.line: e for e in examples}
     device = next(model.parameters()).device
@@ -133,9 +142,6 @@ def item_losses(model: Any, tokenizer: Any, items: list[Conversation], config: A
 @torch.no_grad()
 def mean_answer_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int) -> float:
     """Answer-token loss averaged over every answer token of the examples, teacher-forced as in training."""
-    from tunesmith.train.batching import collate
-    from tunesmith.train.loss import model_loss_sum
-
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
@@ -149,11 +155,9 @@ def mean_answer_loss(model: Any, examples: list[Any], pad_id: int, batch_size: i
 def _generate(
     loaded: Any, prompts: list[tuple[Any, ...]], base: bool, console: Console, label: str, stops: list[str]
 ) -> list[str]:
-    from tunesmith.evaluate.generate import generate
-
-    settings = loaded.config.eval
-    if settings.temperature > 0:
-        torch.manual_seed(settings.seed)  # sampled answers repeat for the same eval.seed
+    eval_config = loaded.config.eval
+    if eval_config.temperature > 0:
+        torch.manual_seed(eval_config.seed)  # sampled answers repeat for the same eval.seed
     with Progress(console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"generate ({label})", total=len(prompts))
         with loaded.base_only() if base else nullcontext():
@@ -161,11 +165,11 @@ def _generate(
                 loaded.model,
                 loaded.tokenizer,
                 prompts,
-                settings.max_new_tokens,
-                settings.batch_size,
+                eval_config.max_new_tokens,
+                eval_config.batch_size,
                 progress=lambda n: progress.advance(task, n),
-                temperature=settings.temperature,
-                top_p=settings.top_p,
+                temperature=eval_config.temperature,
+                top_p=eval_config.top_p,
                 stops=stops,
             )
 
@@ -189,19 +193,17 @@ def eval_run(
     limit: int | None = None,
     console: Console | None = None,
 ) -> EvalSummary:
-    from tunesmith.evaluate.generate import load_run
-
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, base=base)
-    settings = loaded.config.eval
-    items = split_items(run_dir, split, limit or settings.limit)
+    eval_config = loaded.config.eval
+    items = split_items(run_dir, split, limit or eval_config.limit)
     label = "base" if base else "tuned"
     references = [str(c.reference) for c in items]
     stops = baselines.turn_stops(loaded.tokenizer)
     predictions = _generate(loaded, [c.prompt_messages for c in items], False, console, label, stops)
-    per_item = m.score(settings.metrics, predictions, references, settings.schema_path)
-    values = {k: round(v, 6) for k, v in m.summary(per_item, settings.metrics, predictions, references).items()}
+    per_item = m.score(eval_config.metrics, predictions, references, eval_config.schema_path)
+    values = {k: round(v, 6) for k, v in m.summary(per_item, eval_config.metrics, predictions, references).items()}
     loss, perplexity = _loss_of(item_losses(loaded.model, loaded.tokenizer, items, loaded.config))
     out = own_dir(RunDir(run_dir).eval)
     path = out / f"predictions-{split}-{label}.jsonl"
@@ -219,7 +221,7 @@ def eval_run(
         loss,
         perplexity,
         m.field_accuracy(predictions, references),
-        m.confusion(predictions, references) if _classification(settings.metrics) else None,
+        m.confusion(predictions, references) if _classification(eval_config.metrics) else None,
         str(path),
     )
     write_json(out / f"eval-{split}-{label}.json", asdict(summary))
@@ -232,89 +234,82 @@ def compare_run(
     """Generate with the base model (zero-shot and few-shot) and the tuned model on the same items and compare
     the tuned model with each prompting baseline, with paired statistics; the verdict is against the strongest
     baseline, chosen on the validation split (choosing on the compared items would flatter it)."""
-    from tunesmith.evaluate.generate import load_run
-
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     loaded = load_run(run_dir)
     # A PEFT run answers as its base with the adapter off, so it needs no second copy of the weights.
     base = loaded if loaded.shares_base else load_run(run_dir, base=True)
-    settings = loaded.config.eval
+    eval_config = loaded.config.eval
     every = split_items(run_dir, split, None)  # preference accuracy scores them all (no generation)
-    items = every[: limit or settings.limit]
+    items = every[: limit or eval_config.limit]
     references = [str(c.reference) for c in items]
-    pool = _shot_pool(run_dir, settings)
+    pool = _shot_pool(run_dir, eval_config)
     prompting = _prompting(loaded, base, items, pool)
     outputs, seconds = _answers(loaded, base, prompting, [c.prompt_messages for c in items], console)
     base_losses, tuned_losses = _losses_of_both(loaded, base, items)
-    scores = {label: m.score(settings.metrics, outputs[label], references, settings.schema_path) for label in outputs}
+    scores = {
+        label: m.score(eval_config.metrics, outputs[label], references, eval_config.schema_path) for label in outputs
+    }
     rows = _compare_rows(items, references, outputs, scores)
-    losses = _compare_losses(settings, base_losses, tuned_losses)  # the base's own, so against zero-shot only
+    losses = _compare_losses(eval_config, base_losses, tuned_losses)  # the base's own, so against zero-shot only
     versus = {
-        b.name: _versus(settings, b.name, scores, outputs, references, rows, losses if b.name == "base" else {})
+        b.name: _versus(
+            eval_config, b, prompting, scores, outputs, references, rows, losses if b.name == "zero_shot" else {}
+        )
         for b in prompting
     }
     start = time.perf_counter()
     strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, pool, split, limit, console)
     seconds["choosing the strongest baseline"] = round(time.perf_counter() - start, 2)
-    zero = versus["base"]
+    primary = eval_config.metrics[0]
     summary = CompareSummary(
         run_dir=str(run_dir),
         split=split,
         items=len(items),
-        primary=settings.metrics[0],
-        decided_by=zero.decided_by,
+        primary=primary,
+        decided_by=versus["zero_shot"].decided_by,
         correction=SECONDARY_CORRECTION,
-        metrics=zero.metrics,
-        wins=zero.wins,
-        ties=zero.ties,
-        losses=zero.losses,
-        flipped=zero.flipped,
-        verdict=_nothing_works(
-            settings.metrics[0], _contestant_values(versus, settings.metrics[0], prompting), len(items)
-        )
-        or _final_verdict(versus[strongest], settings.metrics[0], _label(prompting, strongest), chosen_on),
+        baselines=versus,
+        verdict=_nothing_works(primary, _contestant_values(versus, primary), len(items))
+        or _final_verdict(versus[strongest], primary, chosen_on),
         examples=rows[:3],
         field_accuracy={label: m.field_accuracy(outputs[label], references) for label in outputs},
-        few_shot=asdict(versus["few_shot"]) if "few_shot" in versus else None,
         shots=prompting[-1].k,
         strongest=strongest,
         chosen_on=chosen_on,
         seconds=seconds,
     )
-    if settings.lm_eval_tasks:
-        from tunesmith.evaluate.general import general_ability
-
-        summary.general_ability = general_ability(loaded, base, settings)
+    if eval_config.lm_eval_tasks:
+        summary.general_ability = general_ability(loaded, base, eval_config)
     if items[0].kind == "pair":  # every held-out pair: a forward pass each, no generation, so no eval.limit
         summary.preference = _preference_accuracy(loaded, base, every)
-    _write_compare(RunDir(run_dir).eval, rows, summary)
+    _write_compare(RunDir(run_dir), rows, summary)
     return summary
 
 
-def _shot_pool(run_dir: Path, settings: Any) -> list[Conversation]:
+def _shot_pool(run_dir: Path, eval_config: EvalConfig) -> list[Conversation]:
     """The training examples few-shot prompts draw from; none when eval.shots is 0 or the run kept no train split."""
-    if settings.shots == 0 or not RunDir(run_dir).split("train").is_file():
+    if eval_config.shots == 0 or not RunDir(run_dir).split("train").is_file():
         return []
     return [c for c in RunDir(run_dir).read_split("train") if _answer_to_learn(c)]
 
 
 def _prompting(loaded: Any, base: Any, items: list[Conversation], pool: list[Conversation]) -> list[baselines.Baseline]:
-    """The prompting baselines on `items`: zero-shot ("base"), and few-shot from `pool` when it is not empty and
+    """The prompting baselines on `items`: zero-shot, and few-shot from `pool` when it is not empty and
     at least one shot fits the model's context."""
-    settings = loaded.config.eval
-    zero = baselines.Baseline("base", 0, [c.prompt_messages for c in items])
+    eval_config = loaded.config.eval
+    zero = baselines.zero_shot(items)
     if not pool:
         return [zero]
     few = baselines.few_shot(
         loaded.tokenizer,
         items,
         pool,
-        shots=settings.shots,
+        shots=eval_config.shots,
         limit=baselines.context_limit(base.model),
-        max_new_tokens=settings.max_new_tokens,
-        seed=settings.seed,
-        similar=settings.similar_shots,
+        max_new_tokens=eval_config.max_new_tokens,
+        seed=eval_config.seed,
+        similar=eval_config.similar_shots,
     )
     return [zero, few] if few.k else [zero]
 
@@ -359,28 +354,31 @@ def _strongest(
     Without a separate validation split the few-shot baseline is taken (the usual stronger one) and said so."""
     if len(prompting) == 1:
         return prompting[0].name, "the only prompting baseline (no few-shot examples fit or eval.shots is 0)"
-    settings = loaded.config.eval
+    eval_config = loaded.config.eval
     try:
-        items = split_items(run_dir, "val", limit or settings.limit) if split != "val" else []
+        items = split_items(run_dir, "val", limit or eval_config.limit) if split != "val" else []
     except TunesmithError:
         items = []
     if not items:
         return "few_shot", "no separate validation split: the few-shot baseline is taken as the stronger"
     chosen = _prompting(loaded, base, items, pool)
     if len(chosen) == 1:
-        return "base", "the few-shot prompts of the validation split do not fit the context"
+        return "zero_shot", "the few-shot prompts of the validation split do not fit the context"
     outputs, _ = _answers(loaded, base, chosen, None, console)
     references = [str(c.reference) for c in items]
-    primary = settings.metrics[0]
-    value = {b.name: baselines.metric_value(primary, outputs[b.name], references, settings.schema_path) for b in chosen}
-    strongest = max(value, key=lambda name: (value[name], name == "base"))  # a tie goes to the cheaper zero-shot
+    primary = eval_config.metrics[0]
+    value = {
+        b.name: baselines.metric_value(primary, outputs[b.name], references, eval_config.schema_path) for b in chosen
+    }
+    strongest = max(value, key=lambda name: (value[name], name == "zero_shot"))  # a tie goes to the cheaper one
     shown = ", ".join(f"{_label(chosen, name)} {score:.3f}" for name, score in value.items())
     return strongest, f"{primary} on {len(items)} validation items: {shown}"
 
 
 def _versus(
-    settings: Any,
-    against: str,
+    eval_config: EvalConfig,
+    baseline: baselines.Baseline,
+    prompting: list[baselines.Baseline],
     scores: dict[str, dict[str, list[float]]],
     outputs: dict[str, list[str]],
     references: list[str],
@@ -389,26 +387,25 @@ def _versus(
 ) -> Versus:
     """The tuned model against one baseline's answers to the same items; `extra` holds further compared
     metrics (the answer loss), corrected for multiple comparisons with the others."""
-    pair = {"base": scores[against], "tuned": scores["tuned"]}
-    answers = {"base": outputs[against], "tuned": outputs["tuned"]}
-    compared = _compare_metrics(settings, pair, answers, references)
+    pair = {"base": scores[baseline.name], "tuned": scores["tuned"]}
+    answers = {"base": outputs[baseline.name], "tuned": outputs["tuned"]}
+    compared = _compare_metrics(eval_config, pair, answers, references)
     results = {name: result.to_dict() for name, result in compared.items()} | extra
-    primary = settings.metrics[0]
+    primary = eval_config.metrics[0]
     _correct_secondaries(primary, results)
-    decided_by = m.deciding_metric(settings.metrics)
-    decider_base, decider_tuned = _deciding_scores(decided_by, pair, answers, references, settings.schema_path)
+    decided_by = m.deciding_metric(eval_config.metrics)
+    decider_base, decider_tuned = _deciding_scores(decided_by, pair, answers, references, eval_config.schema_path)
     wins, ties, losses = stats.wins_ties_losses(decider_base, decider_tuned)
     flipped = _flipped(rows, decider_base, decider_tuned)
     verdict = stats.verdict(primary, compared[primary])
-    return Versus(against, results, decided_by, wins, ties, losses, flipped, verdict)
+    label = _label(prompting, baseline.name)
+    return Versus(baseline.name, label, results, decided_by, wins, ties, losses, flipped, verdict)
 
 
-def _contestant_values(
-    versus: dict[str, Versus], primary: str, prompting: list[baselines.Baseline]
-) -> dict[str, float]:
+def _contestant_values(versus: dict[str, Versus], primary: str) -> dict[str, float]:
     """Every contestant's primary-metric value on the compared items: each prompting baseline, then the tuned model."""
-    values = {_label(prompting, name): float(v.metrics[primary]["base"]) for name, v in versus.items()}
-    return values | {"tuned": float(versus["base"].metrics[primary]["tuned"])}
+    values = {v.label: float(v.metrics[primary]["base"]) for v in versus.values()}
+    return values | {"tuned": float(versus["zero_shot"].metrics[primary]["tuned"])}
 
 
 def _nothing_works(primary: str, values: dict[str, float], items: int) -> str | None:
@@ -426,9 +423,9 @@ def _nothing_works(primary: str, values: dict[str, float], items: int) -> str | 
     )
 
 
-def _final_verdict(versus: Versus, primary: str, label: str, chosen_on: str) -> str:
+def _final_verdict(versus: Versus, primary: str, chosen_on: str) -> str:
     """Whether the tuned model beat the strongest prompting baseline on the primary metric, in plain words."""
-    result = versus.metrics[primary]
+    result, label = versus.metrics[primary], versus.label
     detail = (
         f"{primary} {label} {result['base']:.3f} -> tuned {result['tuned']:.3f} (diff {result['diff']:+.3f}, 95% CI "
         f"[{result['ci_low']:+.3f}, {result['ci_high']:+.3f}], {result['p_text']}, {result['test']}); strongest "
@@ -450,9 +447,6 @@ def _preference_accuracy(loaded: Any, base: Any, items: list[Conversation]) -> d
     """On held-out pairs, how often the base, the starting model (init_from's run, when there is one) and the
     tuned model give the chosen answer a higher per-token log-probability than the rejected one; the tuned
     model against each, paired (McNemar's exact test)."""
-    from tunesmith.evaluate.generate import load_run
-    from tunesmith.objectives.preference import prefers_chosen, tokenize_preferences
-
     config, tokenizer = loaded.config, loaded.tokenizer
     examples, _ = tokenize_preferences(tokenizer, items, config.data.max_length, "pair")
     pad, size = tokenizer.pad_token_id, config.eval.batch_size
@@ -482,7 +476,7 @@ def _losses_of_both(
 
 
 def _compare_metrics(
-    settings: Any,
+    eval_config: EvalConfig,
     scores: dict[str, dict[str, list[float]]],
     outputs: dict[str, list[str]],
     references: list[str],
@@ -495,18 +489,18 @@ def _compare_metrics(
             scores["base"][name],
             scores["tuned"][name],
             name in m.BINARY,
-            settings.bootstrap,
-            settings.seed + index,
+            eval_config.bootstrap,
+            eval_config.seed + index,
         )
-    for name in settings.metrics:
+    for name in eval_config.metrics:
         if name in m.CORPUS_METRICS:
             compared[name] = stats.compare_corpus(
                 m.CORPUS_METRICS[name],
                 outputs["base"],
                 outputs["tuned"],
                 references,
-                settings.bootstrap // 2,
-                settings.seed,
+                eval_config.bootstrap // 2,
+                eval_config.seed,
                 m.sacrebleu_metric(name),
             )
     return compared
@@ -542,7 +536,7 @@ def _deciding_scores(
 
 
 def _compare_losses(
-    settings: Any, base_losses: list[tuple[float, int]], tuned_losses: list[tuple[float, int]]
+    eval_config: EvalConfig, base_losses: list[tuple[float, int]], tuned_losses: list[tuple[float, int]]
 ) -> dict[str, dict[str, Any]]:
     """Paired loss per answer token and corpus perplexity, over the items both models have answer tokens for."""
     scored = [i for i, (_, n) in enumerate(tuned_losses) if n and base_losses[i][1]]
@@ -550,7 +544,7 @@ def _compare_losses(
         return {}
     per_base = [base_losses[i][0] / base_losses[i][1] for i in scored]
     per_tuned = [tuned_losses[i][0] / tuned_losses[i][1] for i in scored]
-    loss = stats.compare_per_item("loss", per_base, per_tuned, False, settings.bootstrap, settings.seed)
+    loss = stats.compare_per_item("loss", per_base, per_tuned, False, eval_config.bootstrap, eval_config.seed)
     base_ppl, tuned_ppl = _loss_of(base_losses)[1], _loss_of(tuned_losses)[1]
     return {
         "loss": loss.to_dict() | {"lower_is_better": True},
@@ -587,9 +581,75 @@ def _flipped(
     }
 
 
-def _write_compare(out: Path, rows: list[dict[str, Any]], summary: CompareSummary) -> None:
-    own_dir(out)
-    layout = RunDir(out.parent)
+def _write_compare(layout: RunDir, rows: list[dict[str, Any]], summary: CompareSummary) -> None:
+    own_dir(layout.eval)
     with replacing(layout.predictions) as handle:
         handle.writelines(json_line(row) for row in rows)
     write_json(layout.compare, asdict(summary))
+
+
+def read_comparison(run_dir: str | Path) -> CompareSummary | None:
+    """The run's compare.json, None before the run is compared. A file written before version 2 (no `version`:
+    the zero-shot comparison at the top level, the few-shot one under `few_shot`) is converted as it is read."""
+    path = RunDir(Path(run_dir)).compare
+    if not path.is_file():
+        return None
+    written = json.loads(path.read_text())
+    version = written.pop("version", 1)
+    if version not in (1, COMPARE_VERSION):
+        raise TunesmithError(
+            f"{path} is compare.json version {version}; this tunesmith reads versions 1 and {COMPARE_VERSION}. "
+            f"Upgrade tunesmith, or compare again: tunesmith compare {run_dir}"
+        )
+    try:
+        written = _from_version_1(written) if version == 1 else written
+        found = {name: Versus(**versus) for name, versus in written.pop("baselines").items()}
+        return CompareSummary(**written, baselines=found)
+    except (KeyError, TypeError) as exc:
+        raise TunesmithError(
+            f"{path} is not a comparison tunesmith wrote ({exc}). Compare again: tunesmith compare {run_dir}"
+        ) from None
+
+
+def _from_version_1(old: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 compare.json in the version-2 shape. Version 1 named the zero-shot contestant "base" (now
+    "zero_shot"), kept its comparison at the top level and the few-shot one under `few_shot`, and stored no
+    zero-shot verdict of its own; older files may also lack decided_by, shots and strongest."""
+    primary = old["primary"]
+    shots = old.get("shots") or 0
+    moved = ("metrics", "wins", "ties", "losses", "flipped")
+    zero = {key: old[key] for key in moved} | {"verdict": None}
+    found = {"zero_shot": zero} | ({"few_shot": old["few_shot"]} if old.get("few_shot") else {})
+    kept = {key: value for key, value in old.items() if key not in (*moved, "few_shot")}
+    return kept | {
+        "decided_by": old.get("decided_by", primary),
+        "baselines": {
+            name: versus
+            | {
+                "against": name,
+                "label": f"{shots}-shot" if name == "few_shot" else "zero-shot",
+                "decided_by": versus.get("decided_by", primary),
+                "flipped": {kind: [_version_1_row(r) for r in rows] for kind, rows in versus["flipped"].items()},
+            }
+            for name, versus in found.items()
+        },
+        "examples": [_version_1_row(row) for row in old.get("examples", [])],
+        "strongest": _version_1_name(old.get("strongest", "base")),
+        "seconds": {_version_1_name(name): value for name, value in (old.get("seconds") or {}).items()},
+        "field_accuracy": {_version_1_name(name): value for name, value in (old.get("field_accuracy") or {}).items()},
+    }
+
+
+def _version_1_name(contestant: str) -> str:
+    return "zero_shot" if contestant == "base" else contestant
+
+
+def _version_1_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An item row with version 2's contestant names: its answer columns, and those of its per-metric scores."""
+    renamed = {_version_1_name(key): value for key, value in row.items()}
+    if "scores" in renamed:
+        renamed["scores"] = {
+            metric: {_version_1_name(name): score for name, score in by.items()}
+            for metric, by in renamed["scores"].items()
+        }
+    return renamed

@@ -9,10 +9,13 @@ one with the adapter switched off), so nothing is downloaded or loaded twice. Lo
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunesmith import trust
 from tunesmith.errors import TunesmithError
+
+if TYPE_CHECKING:
+    from tunesmith.config import EvalConfig
 
 
 def _numbers(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -25,8 +28,8 @@ def _numbers(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return found
 
 
-def general_ability(tuned: Any, base: Any, settings: Any) -> dict[str, dict[str, dict[str, float]]]:
-    """task -> metric -> {base, tuned, diff} for the tasks in settings.lm_eval_tasks."""
+def general_ability(tuned: Any, base: Any, eval_config: EvalConfig) -> dict[str, dict[str, dict[str, float]]]:
+    """task -> metric -> {base, tuned, diff} for the tasks in eval.lm_eval_tasks."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -35,28 +38,30 @@ def general_ability(tuned: Any, base: Any, settings: Any) -> dict[str, dict[str,
         raise TunesmithError(
             "eval.lm_eval_tasks needs lm-evaluation-harness: pip install lm-eval (or empty eval.lm_eval_tasks)."
         ) from None
-    if settings.lm_eval_include_path:
+    if eval_config.lm_eval_include_path:
         # Its task YAML can run code (`!function`): only when this command line allowed it.
-        trust.require("eval.lm_eval_include_path", str(settings.lm_eval_include_path))
+        trust.require("eval.lm_eval_include_path", str(eval_config.lm_eval_include_path))
     manager = (
-        TaskManager(include_path=settings.lm_eval_include_path) if settings.lm_eval_include_path else TaskManager()
+        TaskManager(include_path=eval_config.lm_eval_include_path)
+        if eval_config.lm_eval_include_path
+        else TaskManager()
     )
     scores = {}
     for label, loaded in (("base", base), ("tuned", tuned)):
         context = loaded.base_only() if label == "base" and loaded is tuned else nullcontext()
         with context:
-            wrapped = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=settings.batch_size)
+            wrapped = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=eval_config.batch_size)
             try:
                 output = lm_eval.simple_evaluate(
                     model=wrapped,
-                    tasks=list(settings.lm_eval_tasks),
+                    tasks=list(eval_config.lm_eval_tasks),
                     task_manager=manager,
-                    limit=settings.lm_eval_limit,
+                    limit=eval_config.lm_eval_limit,
                     log_samples=False,
                 )
             except (KeyError, ValueError) as exc:
                 raise TunesmithError(
-                    f"lm-eval could not run {settings.lm_eval_tasks}: {exc}. Check the task names "
+                    f"lm-eval could not run {eval_config.lm_eval_tasks}: {exc}. Check the task names "
                     "(`lm-eval ls tasks`) and eval.lm_eval_include_path."
                 ) from None
         scores[label] = _numbers(output["results"])

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tunesmith.evaluate.compare import CompareSummary, compare_run, read_comparison
 from tunesmith.files import own_dir, write_json, write_text_atomic
 from tunesmith.rundir import RunDir
 from tunesmith.watch import read_metrics
@@ -28,7 +30,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     check = _read(layout.check_report) or {}
     summary = _read(layout.summary) or {}
     plan = _read(layout.plan)
-    compare = _read(layout.compare)
+    compare = read_comparison(run_dir)
     metrics = read_metrics(run_dir)
     train_config = config.get("train", {})
     spent = summary.get("seconds")
@@ -71,7 +73,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "train": [[r["step"], r["loss"]] for r in metrics if r.get("type", "train") == "train" and "loss" in r],
             "val": [[r["step"], r["val_loss"]] for r in metrics if r.get("type") == "val" and "val_loss" in r],
         },
-        "comparison": compare,
+        "comparison": asdict(compare) if compare else None,
     }
 
 
@@ -132,37 +134,32 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def _comparison_html(compare: dict[str, Any]) -> list[str]:
     """The verdict against the strongest prompting baseline, every contestant side by side, then the tuned model
-    against each baseline with its statistics and flipped items."""
-    shots = compare.get("shots") or 0
-    labels = {"base": "zero-shot", "few_shot": f"{shots}-shot"}
-    few = compare.get("few_shot")
-    versus = {"base": {**compare, "against": "base"}} | ({"few_shot": few} if few else {})
-    strongest = versus.get(compare.get("strongest", "base"), versus["base"])
+    against each baseline with its statistics and flipped items. `compare` is a CompareSummary as a dict."""
+    versus = compare["baselines"]
+    strongest = versus[compare["strongest"]]
     primary = strongest["metrics"].get(compare["primary"]) or {}
     good = bool(primary.get("significant")) and (primary.get("diff") or 0) > 0
     sections = [f"<div class='verdict {'good' if good else 'plain'}'>{_text(compare['verdict'])}</div>"]
     contestants = [*versus, "tuned"]
     rows = [
-        [name, *(_fmt(versus[c]["metrics"].get(name, {}).get("base")) for c in versus), _fmt(m.get("tuned"))]
-        for name, m in compare["metrics"].items()
+        [name, *(_fmt(v["metrics"].get(name, {}).get("base")) for v in versus.values()), _fmt(m.get("tuned"))]
+        for name, m in versus["zero_shot"]["metrics"].items()
         if "tuned" in m
     ]
-    seconds = compare.get("seconds") or {}
-    rows.append(["generation seconds", *(_fmt(seconds.get(c)) for c in contestants)])
+    rows.append(["generation seconds", *(_fmt(compare["seconds"].get(c)) for c in contestants)])
     sections.append(f"<h2>Base prompted vs tuned ({_text(compare['items'])} {_text(compare['split'])} items)</h2>")
-    sections.append(_table(["metric", *(labels.get(c, c) for c in contestants)], rows))
-    if compare.get("chosen_on"):
-        chosen = labels.get(compare.get("strongest", "base"), "zero-shot")
+    sections.append(_table(["metric", *(v["label"] for v in versus.values()), "tuned"], rows))
+    if compare["chosen_on"]:
         sections.append(
-            f"<p class='muted'>Strongest baseline: {_text(chosen)}, chosen by {_text(compare['chosen_on'])}.</p>"
+            f"<p class='muted'>Strongest baseline: {_text(strongest['label'])}, chosen by "
+            f"{_text(compare['chosen_on'])}.</p>"
         )
-    sections.append(f"<p class='muted'>Multiple comparisons: {_text(compare.get('correction', '-'))}.</p>")
-    preference = compare.get("preference")
-    if preference:
-        sections.extend(_preference_html(preference))
-    for name, against in versus.items():
-        sections.extend(_versus_html(against, labels[name], compare["primary"]))
-    general = compare.get("general_ability") or {}
+    sections.append(f"<p class='muted'>Multiple comparisons: {_text(compare['correction'] or '-')}.</p>")
+    if compare["preference"]:
+        sections.extend(_preference_html(compare["preference"]))
+    for against in versus.values():
+        sections.extend(_versus_html(against))
+    general = compare["general_ability"]
     if general:
         rows = [
             [task, metric, _fmt(v["base"]), _fmt(v["tuned"]), _fmt(v["diff"], 4)]
@@ -194,8 +191,9 @@ def _preference_html(preference: dict[str, Any]) -> list[str]:
     ]
 
 
-def _versus_html(versus: dict[str, Any], label: str, primary: str) -> list[str]:
+def _versus_html(versus: dict[str, Any]) -> list[str]:
     """One baseline against the tuned model: paired statistics per metric, wins/ties/losses, flipped items."""
+    label = versus["label"]
     rows = [
         [
             name, _fmt(m.get("base")), _fmt(m.get("tuned")), _fmt(m.get("diff"), 4),
@@ -208,14 +206,14 @@ def _versus_html(versus: dict[str, Any], label: str, primary: str) -> list[str]:
     headers = ["metric", label, "tuned", "diff", "95% CI", "p", "p (Holm)", "test", "role", "significant"]
     sections = [f"<h2>Tuned vs {_text(label)} prompting</h2>", _table(headers, rows)]
     sections.append(
-        f"<p>Decided per item by {_text(versus.get('decided_by', primary))}: {_text(versus['wins'])} wins, "
+        f"<p>Decided per item by {_text(versus['decided_by'])}: {_text(versus['wins'])} wins, "
         f"{_text(versus['ties'])} ties, {_text(versus['losses'])} losses.</p>"
     )
     for kind in ("fixed", "broken"):
         flipped = versus["flipped"][kind]
         sections.append(f"<h3>{kind.capitalize()} by fine-tuning against {_text(label)} ({len(flipped)})</h3>")
         if flipped:
-            column = versus.get("against", "base")
+            column = versus["against"]
             rows = [
                 [r["line"], r["prompt"][:300], r["reference"][:300], r.get(column, "")[:300], r["tuned"][:300]]
                 for r in flipped[:10]
@@ -262,16 +260,13 @@ def write_report(run_dir: str | Path) -> Path:
     layout = RunDir(run_dir)
     own_dir(layout.eval)
     write_json(layout.report_json, report)
-    target = layout.report_html
-    write_text_atomic(target, render_html(report))
-    return target
+    write_text_atomic(layout.report_html, render_html(report))
+    return layout.report_html
 
 
 def compare_and_report(
     run_dir: str | Path, limit: int | None = None, split: str = "test", console: Any = None
-) -> tuple[Any, Path]:
+) -> tuple[CompareSummary, Path]:
     """compare_run's summary, and the report written after it (it includes the comparison just made)."""
-    from tunesmith.evaluate.compare import compare_run
-
     summary = compare_run(run_dir, limit=limit, console=console, split=split)
     return summary, write_report(run_dir)

@@ -1,10 +1,10 @@
 """The browser UI's server: pages and a JSON API over the same run directories and data files the CLI uses.
 
 Every answer is read from the files the stages write (manifest, metrics.jsonl, check.json, compare.json through
-evaluate.report.build_report) or computed by the stage's own function (check_data, plan_run, data.review); the UI
-keeps no state of its own beyond the launcher's queue. It must never act for another web page: every request
-needs the token, a Host naming this machine and, to change anything, this page's own Origin; and no path taken
-from a request reaches outside the runs and data folders it was started on.
+evaluate.compare.read_comparison in evaluate.report.build_report) or computed by the stage's own function
+(check_data, plan_run, data.review); the UI keeps no state of its own beyond the launcher's queue. It must never
+act for another web page: every request needs the token, a Host naming this machine and, to change anything, this
+page's own Origin; and no path taken from a request reaches outside the runs and data folders it was started on.
 """
 
 from __future__ import annotations

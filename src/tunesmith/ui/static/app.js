@@ -350,41 +350,40 @@ async function comparePage(name) {
   const c = d.comparison;
   view.append(h("h1", {}, "Compare: ", h("a", { href: `#/run/${enc(name)}` }, name)));
   if (!c) { view.append(h("p", { class: "muted" }, `No comparison yet. Run: tunesmith compare ${name}`)); return; }
-  const labels = { base: "zero-shot", few_shot: `${c.shots}-shot` };
-  const versus = { base: { ...c, against: "base" }, ...(c.few_shot ? { few_shot: c.few_shot } : {}) };
+  // c is compare.json as evaluate.compare.read_comparison gives it: one comparison per baseline, the same shape each.
+  const versus = c.baselines, label = (key) => (versus[key] ? versus[key].label : key);
   view.append(h("div", { class: "verdict", id: "verdict" }, c.verdict),
-    h("p", { class: "muted" }, `${c.items} ${c.split} items · primary ${c.primary} · strongest baseline ${labels[c.strongest] || c.strongest}${c.chosen_on ? " (chosen by " + c.chosen_on + ")" : ""} · ${c.correction}`));
+    h("p", { class: "muted" }, `${c.items} ${c.split} items · primary ${c.primary} · strongest baseline ${label(c.strongest)}${c.chosen_on ? " (chosen by " + c.chosen_on + ")" : ""} · ${c.correction}`));
   const contestants = [...Object.keys(versus), "tuned"];
-  const rows = Object.entries(c.metrics).filter(([, m]) => "tuned" in m).map(([k, m]) => [k, ...Object.keys(versus).map((v) => fmt((versus[v].metrics[k] || {}).base)), fmt(m.tuned)]);
-  rows.push(["generation seconds", ...contestants.map((x) => fmt((c.seconds || {})[x], 3))]);
-  view.append(h("h2", {}, "Every contestant"), table(["metric", ...contestants.map((x) => labels[x] || x)], rows));
+  const rows = Object.entries(versus.zero_shot.metrics).filter(([, m]) => "tuned" in m).map(([k, m]) => [k, ...Object.values(versus).map((v) => fmt((v.metrics[k] || {}).base)), fmt(m.tuned)]);
+  rows.push(["generation seconds", ...contestants.map((x) => fmt(c.seconds[x], 3))]);
+  view.append(h("h2", {}, "Every contestant"), table(["metric", ...contestants.map(label)], rows));
   if (c.preference) {
     const p = c.preference;
     view.append(h("h2", {}, `Preference accuracy (${p.items} held-out pairs)`), table(["against", "their accuracy", "tuned", "diff", "95% CI", "p"],
       ["base", "start"].filter((k) => p[`tuned_vs_${k}`]).map((k) => { const r = p[`tuned_vs_${k}`]; return [k, fmt(r.base), fmt(r.tuned), fmt(r.diff), `[${fmt(r.ci_low)}, ${fmt(r.ci_high)}]`, r.p_text]; })));
   }
-  for (const [key, v] of Object.entries(versus)) {
-    const label = labels[key];
-    view.append(h("h2", {}, `Tuned vs ${label}`), table(["metric", label, "tuned", "diff", "95% CI", "p", "p (Holm)", "test", "significant"],
+  for (const v of Object.values(versus)) {
+    view.append(h("h2", {}, `Tuned vs ${v.label}`), table(["metric", v.label, "tuned", "diff", "95% CI", "p", "p (Holm)", "test", "significant"],
       Object.entries(v.metrics).map(([k, m]) => [k, fmt(m.base), fmt(m.tuned), fmt(m.diff), "ci_low" in m ? `[${fmt(m.ci_low)}, ${fmt(m.ci_high)}]` : "-",
         m.p_text || "-", fmt(m.p_holm), m.test || "-", m.significant ? "yes" : "no"])),
-    h("p", {}, `Decided per item by ${v.decided_by || c.primary}: ${v.wins} wins, ${v.ties} ties, ${v.losses} losses.`));
+    h("p", {}, `Decided per item by ${v.decided_by}: ${v.wins} wins, ${v.ties} ties, ${v.losses} losses.`));
   }
   const fields = c.field_accuracy || {};
   if (Object.keys(fields).length) {
     const names = [...new Set(Object.values(fields).flatMap((f) => Object.keys(f)))];
-    view.append(h("h2", {}, "Per-field accuracy"), table(["model", ...names], Object.entries(fields).map(([m, f]) => [m, ...names.map((n) => fmt(f[n], 3))])));
+    view.append(h("h2", {}, "Per-field accuracy"), table(["model", ...names], Object.entries(fields).map(([m, f]) => [label(m), ...names.map((n) => fmt(f[n], 3))])));
   }
-  const against = h("select", {}, Object.keys(versus).map((k) => h("option", { value: k }, labels[k])));
+  const against = h("select", {}, Object.keys(versus).map((k) => h("option", { value: k }, label(k))));
   const kind = h("select", {}, h("option", { value: "fixed" }, "fixed by fine-tuning"), h("option", { value: "broken" }, "broken by fine-tuning"));
   const filter = h("input", { id: "flip-filter", placeholder: "filter text", size: 30 });
   const flips = h("div", { id: "flipped" });
   function showFlips() {
-    const v = versus[against.value], col = v.against || "base", q = filter.value.toLowerCase();
+    const v = versus[against.value], q = filter.value.toLowerCase();
     const list = v.flipped[kind.value].filter((r) => !q || JSON.stringify(r).toLowerCase().includes(q));
     flips.replaceChildren(h("p", { class: "muted" }, `${list.length} items`), ...list.slice(0, 100).map((r) => h("div", { class: "card" },
       h("div", { class: "muted" }, `line ${r.line}`), h("div", {}, r.prompt),
-      h("div", { class: "answers" }, h("div", { class: "card" }, h("b", {}, "reference\n"), r.reference), h("div", { class: "card" }, h("b", {}, `${labels[against.value]}\n`), r[col] || ""),
+      h("div", { class: "answers" }, h("div", { class: "card" }, h("b", {}, "reference\n"), r.reference), h("div", { class: "card" }, h("b", {}, `${v.label}\n`), r[v.against] || ""),
         h("div", { class: "card" }, h("b", {}, "tuned\n"), r.tuned)))));
   }
   [against, kind].forEach((el) => el.addEventListener("change", showFlips));
