@@ -14,9 +14,9 @@ from tunesmith.rundir import LAYOUT
 SOURCE = Path(tunesmith.__file__).parent
 # The names only rundir.py may spell: each LAYOUT entry's last part (glob stars aside), and a checkpoint's folder.
 OWNED = {key.rstrip("/").rsplit("/", 1)[-1] for key in LAYOUT} - {"*", "step-*", "data", "model", "adapter"}
-# Also ordinary words (a tracker is called tensorboard; a model folder holds its own tokenizer/):
-OWNED -= {"tokenizer", "eval", "export", "serve", "checkpoints", "tensorboard"}
-OWNED |= {"step-"}
+# Also ordinary words (a tracker is called tensorboard or wandb; a model folder holds its own tokenizer/):
+OWNED -= {"tokenizer", "eval", "export", "serve", "checkpoints", "tensorboard", "wandb"}
+OWNED |= {"step-", "eval-", "predictions-"}  # the starts of names RunDir builds from their parts
 ELSEWHERE = {MARKER: "files.py"}  # the marker of every folder tunesmith made, runs and exports alike
 
 

@@ -199,6 +199,27 @@ def save_atomic(target: Path, write: Callable[[Path], None], replace: bool = Fal
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder: so a rename inside it survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(staged: Path, target: Path) -> None:
+    """Move a completely written folder into place: its files flushed, then renamed to `target` and the parent
+    flushed. Whatever is at `target` is a leftover the caller has judged incomplete (a checkpoint folder without
+    its last file) and is removed first."""
+    for item in staged.iterdir():
+        fsync_path(item)
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(staged, target)
+    fsync_path(target.parent)
+
+
 def _written() -> dict[str, str]:
     try:
         found = json.loads(_ledger().read_text(encoding="utf-8"))

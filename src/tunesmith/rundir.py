@@ -1,8 +1,9 @@
 """The run directory's layout, in one place: every file a run holds is named here and nowhere else.
 
-LAYOUT lists them (docs/run-directory.md shows the same list, and tests/test_rundir.py checks both against a real
-run and that no other module spells a run file's name). Code reaches a run file through a RunDir property, never
-by its name: `RunDir(path).metrics`, `RunDir(path).checkpoint(step).state`.
+LAYOUT lists them: docs/run-directory.md shows the same list (tests/test_docs.py checks it), and
+tests/test_rundir.py checks LAYOUT against a real run and that no other module spells a run file's name. Code
+reaches a run file through a RunDir property, never by its name: `RunDir(path).metrics`,
+`RunDir(path).checkpoint(step).state`.
 """
 
 from __future__ import annotations
@@ -55,11 +56,15 @@ LAYOUT: dict[str, str] = {
     "tensorboard/": "TensorBoard event files (tracking.trackers: [tensorboard])",
     "tensorboard/*": "",
     "mlflow.db": "the MLflow store, unless tracking.mlflow_uri names another",
+    "wandb/": "Weights & Biases' own files (tracking.trackers: [wandb]; the run folder is W&B's dir)",
+    "wandb/*": "",
     "eval/": "what compare and the report wrote",
     "eval/compare.json": "the comparison: every contestant's metrics with CIs, p-values, the verdict",
     "eval/predictions.jsonl": "every compared item's prompt, reference and each contestant's answer",
     "eval/report.json": "the run report's data",
     "eval/report.html": "the run report, self-contained",
+    "eval/eval-*.json": "tunesmith eval: a model's metrics, loss, perplexity (eval-SPLIT-LABEL.json; LABEL base/tuned)",
+    "eval/predictions-*.jsonl": "tunesmith eval: that model's answers and scores (predictions-SPLIT-LABEL.jsonl)",
     "export/": "exports, one folder per format",
     "export/*/": "an export (merged, adapter, gguf, ollama)",
     "export/*/*": "",
@@ -213,6 +218,16 @@ class RunDir:
     @property
     def report_html(self) -> Path:
         return self.eval / "report.html"
+
+    def eval_summary(self, split: str, label: str) -> Path:
+        return self.eval / f"eval-{split}-{label}.json"
+
+    def eval_predictions(self, split: str, label: str) -> Path:
+        return self.eval / f"predictions-{split}-{label}.jsonl"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
 
     def export(self, fmt: str) -> Path:
         return self.path / "export" / fmt

@@ -51,7 +51,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing run directory.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
-    parallel = parser.add_argument_group("data-parallel training (see README: Multi-GPU and multi-node)")
+    parallel = parser.add_argument_group("data-parallel training (see docs/distributed.md and multi-node)")
     parallel.add_argument(
         "--nproc",
         type=int,

@@ -205,8 +205,9 @@ def eval_run(
     per_item = m.score(eval_config.metrics, predictions, references, eval_config.schema_path)
     values = {k: round(v, 6) for k, v in m.summary(per_item, eval_config.metrics, predictions, references).items()}
     loss, perplexity = _loss_of(item_losses(loaded.model, loaded.tokenizer, items, loaded.config))
-    out = own_dir(RunDir(run_dir).eval)
-    path = out / f"predictions-{split}-{label}.jsonl"
+    layout = RunDir(run_dir)
+    own_dir(layout.eval)
+    path = layout.eval_predictions(split, label)
     with replacing(path) as handle:
         for item, prediction, *scores in zip(items, predictions, *per_item.values(), strict=True):
             row = {"line": item.line, "prompt": item.prompt_messages[-1].content, "reference": str(item.reference)}
@@ -224,7 +225,7 @@ def eval_run(
         m.confusion(predictions, references) if _classification(eval_config.metrics) else None,
         str(path),
     )
-    write_json(out / f"eval-{split}-{label}.json", asdict(summary))
+    write_json(layout.eval_summary(split, label), asdict(summary))
     return summary
 
 

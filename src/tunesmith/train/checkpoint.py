@@ -4,7 +4,7 @@ A checkpoint is a directory `checkpoints/step-000120/` holding the trainable wei
 (`trainable.safetensors`: the LoRA/adapter matrices, or every weight for full fine-tuning), the
 optimizer and scheduler states, every RNG state, and `state.json` (step, data position, tokens,
 best metric, validation history). It is written into a hidden temporary directory, each file
-fsynced, and renamed into place only when complete: a kill or a full disk mid-write leaves the
+fsynced, and renamed into place only when complete (files.publish_dir): a kill or a full disk mid-write leaves the
 previous checkpoints untouched, and the half-written directory is swept away on the next start.
 """
 
@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import publish_dir
 from tunesmith.rundir import PARTIAL_PREFIX, CheckpointDir, RunDir
 from tunesmith.train.distributed import shard_like, whole
 
@@ -165,14 +166,6 @@ def load_trainable(model: Any, path: Path) -> None:
             params[name].copy_(shard_like(params[name], tensor))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     run_dir: Path,
     model: Any,
@@ -206,12 +199,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), files.scheduler)
         torch.save(rng_states(), files.rng)
         files.state.write_text(state.to_json())  # last: its presence marks a complete checkpoint
-        for item in tmp.iterdir():
-            _fsync(item)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(root)
+        publish_dir(tmp, final)
     except Exception as exc:  # torch.save and safetensors raise their own types on a full disk, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_checkpoint(run_dir)

@@ -93,7 +93,7 @@ class Trackers:
         run = wandb.init(
             project=config.tracking.wandb_project,
             name=config.name,
-            dir=str(self.run_dir),
+            dir=str(RunDir(self.run_dir).path),
             mode=config.tracking.wandb_mode,
             config=flat_config(config),
             id=known,
