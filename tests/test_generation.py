@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import build_model
-from tunesmith.generation import Engine, Request, generation_view
+from tunesmith.generation import BASE, Engine, Request, generation_view
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,20 @@ def test_the_merged_adapter_answers_as_the_unmerged_one_and_switches_off_for_the
         base_plain = _answers(lora_model, prompts, merge=False, pack=False)
     assert base_view == base_plain
     assert base_view != merged
+
+
+def test_adapters_switch_per_row_and_each_row_answers_as_alone(lora_model):
+    prompts = _prompts()[:6]
+    names = ["first", "second", BASE, "second", "first", BASE]
+
+    def alone(prompt, name):
+        with generation_view(lora_model, merge=False, pack=False):
+            return Engine(lora_model, max_rows=1, max_length=64).run([Request(prompt, 8, adapter=name)])[0].tokens
+
+    with generation_view(lora_model, merge=False, pack=False):
+        mixed = Engine(lora_model, max_rows=6, max_length=64).run(
+            [Request(p, 8, adapter=n) for p, n in zip(prompts, names, strict=True)]
+        )
+    assert [r.tokens for r in mixed] == [alone(p, n) for p, n in zip(prompts, names, strict=True)]
+    assert len({tuple(alone(prompts[0], n)) for n in ("first", "second", BASE)}) == 3  # the adapters differ
+    lora_model.set_adapter("first")

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+BASE = "__base__"  # Request.adapter for the base model's answers (PEFT's own name for a base row of a mixed batch)
+
 
 @dataclass
 class Request:
@@ -38,6 +40,9 @@ class Request:
     # Called after each token with (request, token id); returns True to stop here (a stop text was reached).
     on_token: Callable[[Request, int], bool] | None = None
     cancelled: Callable[[], bool] | None = None
+    # A PEFT model's adapter to answer with (BASE: adapters off); None: the model as it is set. Rows of one batch
+    # may differ: the step then runs PEFT's mixed batch (each row its own adapter, none merged).
+    adapter: str | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "cancelled" once done
     generator: torch.Generator | None = None
@@ -161,7 +166,8 @@ class Engine:
         cache = self.cache
         cache.slot, cache.start, cache.span = index, torch.tensor([row.position]), row.position + len(chunk)
         positions = torch.arange(row.position, row.position + len(chunk), device=self.device)
-        logits = self._forward(torch.tensor([chunk], device=self.device), positions[None], positions[None, :, None])
+        ids = torch.tensor([chunk], device=self.device)
+        logits = self._forward(ids, positions[None], positions[None, :, None], [row.request.adapter])
         cache.slot = None
         row.position += len(chunk)
         if row.pending:
@@ -174,15 +180,17 @@ class Engine:
         positions = torch.tensor([row.position for row in self.rows], device=self.device)
         cache = self.cache
         cache.rows, cache.start, cache.span = len(self.rows), positions, int(positions.max()) + 1
-        logits = self._forward(
-            torch.tensor(tokens, device=self.device)[:, None], positions[:, None], positions[:, None, None]
-        )
+        adapters = [row.request.adapter for row in self.rows]
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        logits = self._forward(ids, positions[:, None], positions[:, None, None], adapters)
         decoding = [index for index, row in enumerate(self.rows) if row.next_token is not None]
         for index in decoding:
             self.rows[index].position += 1
         return self._advance(decoding, logits[decoding, -1])
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor, adapters: list[str | None]
+    ) -> torch.Tensor:
         """Logits of the last position of each row; `query` holds each query's position ([rows, queries, 1])."""
         keys = torch.arange(self.cache.span, device=self.device)[None, None, :]
         visible = keys <= query  # causal: a query sees every key up to its own position
@@ -190,11 +198,29 @@ class Engine:
         mask: Any = self._mask(visible)
         if self.layer_types and self.window and "sliding_attention" in self.layer_types:
             mask = {"full_attention": mask, "sliding_attention": self._mask(visible & (keys > query - self.window))}
-        output = self.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
-            **{self.cache_argument: self.cache},
-        )  # fmt: skip
+        arguments = {self.cache_argument: self.cache}
+        with self._adapters(adapters, arguments):
+            output = self.model(
+                input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                **arguments,
+            )  # fmt: skip
         return output.logits
+
+    def _adapters(self, adapters: list[str | None], arguments: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """Set up one pass for its rows' adapters: one adapter for all (set active, merged where the view merges),
+        the base for all (adapters off), or PEFT's per-row `adapter_names`."""
+        if all(adapter is None for adapter in adapters):
+            return contextlib.nullcontext()
+        active = list(getattr(self.model, "active_adapters", None) or [BASE])
+        names = [adapter or active[0] for adapter in adapters]
+        if len(set(names)) > 1:
+            arguments["adapter_names"] = names
+            return contextlib.nullcontext()
+        if names[0] == BASE:
+            return self.model.disable_adapter()
+        if active != [names[0]]:
+            self.model.set_adapter(names[0])
+        return contextlib.nullcontext()
 
     def _mask(self, visible: torch.Tensor) -> torch.Tensor:
         mask = visible[:, None]  # [rows, 1 (heads), queries, keys]
