@@ -109,17 +109,20 @@ def model_and_tokenizer(run: str | None):
     return model.eval(), tokenizer
 
 
-def prompts(count: int) -> list[tuple[Message, ...]]:
-    lines = (ROOT / "examples/quickstart/notes.jsonl").read_text().splitlines()[-count:]
+def prompts(count: int, run: str | None = None) -> list[tuple[Message, ...]]:
+    """The run's first test items (as compare sees them), or else the quickstart's last notes."""
+    source = Path(run) / "data" / "test.jsonl" if run else ROOT / "examples/quickstart/notes.jsonl"
+    lines = source.read_text().splitlines()
+    lines = lines[:count] if run else lines[-count:]
     return [tuple(Message(m["role"], m["content"]) for m in json.loads(line)["messages"][:-1]) for line in lines]
 
 
-def engine_answers(model, tokenizer, encoded, max_new_tokens, rows) -> tuple[list[list[int]], float]:
+def engine_answers(model, tokenizer, encoded, max_new_tokens, rows, merge=True) -> tuple[list[list[int]], float]:
     stops = frozenset(t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")) if t)
-    engine = Engine(model, max_rows=rows, max_length=max(map(len, encoded)) + max_new_tokens + 1)
-    requests = [Request(ids, max_new_tokens, stop_ids=stops) for ids in encoded]
-    start = time.perf_counter()
-    with generation_view(model):
+    start = time.perf_counter()  # the view's packing and merging included
+    with generation_view(model, merge=merge):
+        engine = Engine(model, max_rows=rows, max_length=max(map(len, encoded)) + max_new_tokens + 1)
+        requests = [Request(ids, max_new_tokens, stop_ids=stops) for ids in encoded]
         engine.run(requests)
     return [r.tokens for r in requests], time.perf_counter() - start
 
@@ -140,26 +143,29 @@ def main() -> None:
     model, tokenizer = model_and_tokenizer(args.run)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"weights {weights / 1e9:.3f} GB -> batch-1 bound {bound * 1e9 / weights:.0f} tokens/s")
-    conversations = prompts(args.prompts)
+    conversations = prompts(args.prompts, args.run)
     encoded = [prompt_ids(tokenizer, c) for c in conversations]
     results = {}
     for rows in (1, 8):
         tokens, seconds = engine_answers(model, tokenizer, encoded, args.max_new_tokens, rows)
         produced = sum(map(len, tokens))
         results[rows] = tokens
-        print(f"engine   batch {rows}: {produced / seconds:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s)")
+        rate = produced / seconds
+        share = f" = {rate / (bound * 1e9 / weights):.0%} of the bound" if rows == 1 else ""
+        print(f"engine   batch {rows}: {rate:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s){share}")
     if not args.skip_hf:
+        unmerged, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, 8, merge=False)
         stops = ["<end_of_turn>"]
         for rows in (1, 8):
             start = time.perf_counter()
-            with torch.inference_mode():
-                texts = hf_generate(model, tokenizer, conversations, args.max_new_tokens, rows, stops=stops)
+            texts = hf_generate(model, tokenizer, conversations, args.max_new_tokens, rows, stops=stops)
             seconds = time.perf_counter() - start
             produced = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
             print(f"HF path  batch {rows}: {produced / seconds:6.1f} tokens/s (~{produced} tokens, {seconds:.1f} s)")
-        engine_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in results[8]]
-        same = sum(a.strip() == b.strip() for a, b in zip(engine_texts, texts, strict=True))
-        print(f"greedy answers identical to the HF path: {same} of {len(texts)}")
+        for label, answers in (("merged adapter", results[8]), ("unmerged adapter", unmerged)):
+            engine_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in answers]
+            same = sum(a.strip() == b.strip() for a, b in zip(engine_texts, texts, strict=True))
+            print(f"greedy answers identical to the HF path ({label}): {same} of {len(texts)}")
     if args.gguf:
         from llama_cpp import Llama
 

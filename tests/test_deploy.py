@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE, render
 from tunesmith.deploy.export import export_run, modelfile, modelfile_string
 from tunesmith.deploy.template import SAMPLE_CONVERSATIONS, TurnFormat, go_template, turn_format
 from tunesmith.errors import TunesmithError
+from tunesmith.rundir import RunDir
 
 GEMMA_STYLE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
@@ -249,3 +251,25 @@ def test_llama_cpp_generates_from_the_gguf_export(lora_run, tmp_path):
     assert tokens == build_tokenizer()("colour red item 3", add_special_tokens=False)["input_ids"]
     result = llm.create_completion("colour red", max_tokens=4, temperature=0.0)
     assert result["usage"]["completion_tokens"] >= 1
+
+
+def test_export_parity_scores_the_gguf_beside_the_tuned_model(lora_run, capsys):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from tunesmith.evaluate.parity import _summary, parity_run
+
+    summary = parity_run(lora_run, "f32", limit=6)
+    config = RunDir(lora_run).read_config()
+    assert summary.items == 6 and 0 <= summary.identical <= 6
+    assert set(summary.metrics) >= set(config.eval.metrics)
+    assert summary.gguf.endswith("-f32.gguf") and "export/gguf-f32" in summary.gguf
+    assert json.loads(RunDir(lora_run).parity("f32").read_text())["identical"] == summary.identical
+    assert summary.verdict.startswith("The export") or summary.verdict.startswith("No significant")
+    # The CLI reuses the export now in place, and says how many answers are identical.
+    assert main(["compare", str(lora_run), "--engine", "llamacpp", "--gguf-type", "f32", "--limit", "6"]) == 0
+    assert f"Identical greedy answers: {summary.identical} of 6" in capsys.readouterr().out
+    # An export that has lost what was learnt is called worse, with the numbers.
+    references = [f"colour {i}" for i in range(30)]
+    worse = _summary(lora_run, "test", Path("x.gguf"), "f32", config.eval, references, references, ["?"] * 30)
+    assert worse.identical == 0 and worse.verdict.startswith("The export is WORSE"), worse.verdict
+    same = _summary(lora_run, "test", Path("x.gguf"), "f32", config.eval, references, references, references)
+    assert same.verdict.startswith("The export (x.gguf) answers exactly as the tuned model on all 30 items")

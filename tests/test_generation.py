@@ -137,3 +137,21 @@ def test_adapters_switch_per_row_and_each_row_answers_as_alone(lora_model):
     assert [r.tokens for r in mixed] == [alone(p, n) for p, n in zip(prompts, names, strict=True)]
     assert len({tuple(alone(prompts[0], n)) for n in ("first", "second", BASE)}) == 3  # the adapters differ
     lora_model.set_adapter("first")
+
+
+def test_fused_norms_compute_the_families_formulas():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tunesmith.generation import _fused_norm
+
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16) * 4
+    for norm in (Gemma3RMSNorm(16), LlamaRMSNorm(16)):
+        torch.nn.init.normal_(norm.weight, 0, 0.5)
+        norm = norm.to(torch.bfloat16)
+        with torch.inference_mode():
+            fused, plain = _fused_norm(norm)(x), norm(x)
+        assert fused.dtype == plain.dtype == torch.bfloat16
+        assert torch.allclose(fused.float(), plain.float(), rtol=1e-2, atol=1e-2), type(norm).__name__
+        assert (fused != plain).float().mean() < 0.05  # a rounding flip at most here and there, not another formula
+    assert _fused_norm(torch.nn.LayerNorm(16)) is None

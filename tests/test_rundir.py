@@ -16,7 +16,7 @@ SOURCE = Path(tunesmith.__file__).parent
 OWNED = {key.rstrip("/").rsplit("/", 1)[-1] for key in LAYOUT} - {"*", "step-*", "data", "model", "adapter"}
 # Also ordinary words (a tracker is called tensorboard or wandb; a model folder holds its own tokenizer/):
 OWNED -= {"tokenizer", "eval", "export", "serve", "checkpoints", "tensorboard", "wandb"}
-OWNED |= {"step-", "eval-", "predictions-"}  # the starts of names RunDir builds from their parts
+OWNED |= {"step-", "eval-", "predictions-", "parity-"}  # the starts of names RunDir builds from their parts
 ELSEWHERE = {MARKER: "files.py"}  # the marker of every folder tunesmith made, runs and exports alike
 
 

@@ -237,12 +237,7 @@ class Engine:
         for index, token in zip(indices, picked, strict=True):
             row = self.rows[index]
             request = row.request
-            request.tokens.append(token)
-            stopped = request.on_token(request, token) if request.on_token else False
-            if token in request.stop_ids or stopped:
-                request.finish_reason = "stop"
-            elif len(request.tokens) >= request.max_tokens:
-                request.finish_reason = "length"
+            request.finish_reason = take(request, token)
             if request.finish_reason:
                 done.append(index)
             else:
@@ -276,6 +271,18 @@ class Engine:
                 self.rows[index] = self.rows[last]
             self.rows.pop()
         return left
+
+
+def take(request: Request, token: int) -> str | None:
+    """Add a generated token to its request; the reason it ends there ("stop": a stop id, or `on_token` saw a stop
+    text; "length": max_tokens reached), or None to go on. Every generator of answers ends requests by this rule."""
+    request.tokens.append(token)
+    stopped = request.on_token(request, token) if request.on_token else False
+    if token in request.stop_ids or stopped:
+        return "stop"
+    if len(request.tokens) >= request.max_tokens:
+        return "length"
+    return None
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -337,6 +344,8 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
     - `pack` (default: where packing_pays): every linear layer's weight reordered once into oneDNN's blocked
       layout, as torch.compile's CPU freezing does; a bf16 matrix-vector product then reads its weights at close
       to the memory's speed instead of half of it. The product is oneDNN's either way: the same numbers.
+    - RMSNorm layers of the families below in one fused op (torch.rms_norm, in float32 as theirs) instead of
+      eight: the same formula, a tenth of the calls.
     - `merge`: a LoRA layer whose one active adapter is on computes with W + scale * B @ A (in float32, rounded
       once to the model's dtype) instead of the three products, where one adapter serves. With the adapter off
       (`disable_adapter()`, the base model's answers) or per-row adapters (`adapter_names`), the layer computes as
@@ -350,7 +359,10 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
     with adapter_in_model_dtype(model):
         try:
             for module in model.modules():
-                if merge and _mergeable_lora(module):
+                norm = _fused_norm(module)
+                if norm is not None:
+                    _patch(module, norm, patched)
+                elif merge and _mergeable_lora(module):
                     _patch(module, _merged_forward(module, pack), patched)
                 elif pack and isinstance(module, torch.nn.Linear):
                     _patch(module, _packed_forward(module), patched)
@@ -358,6 +370,39 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
         finally:
             for module in patched:
                 del module.forward  # the class's own forward again
+
+
+# RMSNorm classes whose forward is known: Gemma's scales by (1 + weight) in float32 before rounding; Llama's (and
+# these others') rounds first, then scales by weight in the model's dtype.
+ONE_PLUS_WEIGHT_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
+WEIGHT_AFTER_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}
+
+
+def _fused_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    kind = type(module).__name__
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    weight = getattr(module, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    own, shape = module.forward, (weight.shape[0],)
+    if kind in ONE_PLUS_WEIGHT_NORMS:
+        scale = 1.0 + weight.detach().float()
+
+        def gemma(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                return own(x)
+            return torch.rms_norm(x.float(), shape, scale, eps).type_as(x)
+
+        return gemma
+    if kind in WEIGHT_AFTER_NORMS:
+
+        def llama(x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                return own(x)
+            return weight * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+
+        return llama
+    return None
 
 
 def _sharded(model: Any) -> bool:

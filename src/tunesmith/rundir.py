@@ -63,6 +63,7 @@ LAYOUT: dict[str, str] = {
     "eval/predictions.jsonl": "every compared item's prompt, reference and each contestant's answer",
     "eval/report.json": "the run report's data",
     "eval/report.html": "the run report, self-contained",
+    "eval/parity-*.json": "tunesmith compare --engine llamacpp: the GGUF export scored beside the tuned model",
     "eval/eval-*.json": "tunesmith eval: a model's metrics, loss, perplexity (eval-SPLIT-LABEL.json; LABEL base/tuned)",
     "eval/predictions-*.jsonl": "tunesmith eval: that model's answers and scores (predictions-SPLIT-LABEL.jsonl)",
     "export/": "exports, one folder per format",
@@ -218,6 +219,9 @@ class RunDir:
     @property
     def report_html(self) -> Path:
         return self.eval / "report.html"
+
+    def parity(self, gguf_type: str) -> Path:
+        return self.eval / f"parity-{gguf_type}.json"
 
     def eval_summary(self, split: str, label: str) -> Path:
         return self.eval / f"eval-{split}-{label}.json"

@@ -79,12 +79,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tunesmith.evaluate.report import compare_and_report
 
     _allow_code(args)
+    if args.engine == "llamacpp":
+        return _compare_export(args)
     summary, report = compare_and_report(args.run, limit=args.limit, split=args.split, console=err)
     if args.json:
         print_json(asdict(summary))
     else:
         print_comparison(summary)
         out.print(f"Report: {report}")
+    return 0
+
+
+def _compare_export(args: argparse.Namespace) -> int:
+    from tunesmith.evaluate.parity import parity_run
+
+    summary = parity_run(args.run, args.gguf_type, args.gguf, limit=args.limit, split=args.split, console=err)
+    if args.json:
+        print_json(asdict(summary))
+        return 0
+    table = Table(title=f"{summary.gguf} (llama.cpp) against the tuned model on {summary.items} {summary.split} items")
+    for column in ("metric", "torch", "export", "diff (95% CI)", "p"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, row in summary.metrics.items():
+        interval = f"{row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        table.add_row(name, f"{row['torch']:.3f}", f"{row['export']:.3f}", interval, row.get("p_text", ""))
+    out.print(table)
+    out.print(f"Identical greedy answers: {summary.identical} of {summary.items}")
+    out.print(f"Generation: torch {summary.seconds['torch']:.1f} s, llama.cpp {summary.seconds['export']:.1f} s")
+    out.print(f"[bold]{summary.verdict}")
     return 0
 
 
@@ -213,6 +235,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from tunesmith.deploy.gguf_writer import TYPES as GGUF_TYPES
+
     compare = sub.add_parser(
         "compare",
         help="Base versus tuned on a run's test split, with confidence intervals and a verdict; writes the report.",
@@ -226,6 +250,21 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--split", default="test", choices=["test", "val", "train"], help="Split [default: test].")
     compare.add_argument("--limit", type=int, default=None, help="Examples to use [default: eval.limit].")
     compare.add_argument("--json", action="store_true", help="Print the result as JSON on stdout.")
+    compare.add_argument(
+        "--engine",
+        choices=["native", "llamacpp"],
+        default="native",
+        help="native: base versus tuned (the comparison above); llamacpp: the run's GGUF export, run by llama.cpp, "
+        "scored beside the tuned model on the same items (identical answers, each metric's difference with its "
+        "CI, a verdict that says when the export is worse); writes eval/parity-TYPE.json [default: native].",
+    )
+    compare.add_argument(
+        "--gguf-type",
+        default="f16",
+        choices=GGUF_TYPES,
+        help="With --engine llamacpp: the export's tensor type, exported first if the run has none [default: f16].",
+    )
+    compare.add_argument("--gguf", default=None, help="With --engine llamacpp: this GGUF file instead of an export.")
     add_code_option(compare)
     compare.set_defaults(func=cmd_compare)
 

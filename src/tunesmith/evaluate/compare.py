@@ -390,7 +390,7 @@ def _versus(
     metrics (the answer loss), corrected for multiple comparisons with the others."""
     pair = {"base": scores[baseline.name], "tuned": scores["tuned"]}
     answers = {"base": outputs[baseline.name], "tuned": outputs["tuned"]}
-    compared = _compare_metrics(eval_config, pair, answers, references)
+    compared = compare_metrics(eval_config, pair, answers, references)
     results = {name: result.to_dict() for name, result in compared.items()} | extra
     primary = eval_config.metrics[0]
     _correct_secondaries(primary, results)
@@ -476,7 +476,7 @@ def _losses_of_both(
     return base_losses, item_losses(loaded.model, loaded.tokenizer, items, loaded.config)
 
 
-def _compare_metrics(
+def compare_metrics(
     eval_config: EvalConfig,
     scores: dict[str, dict[str, list[float]]],
     outputs: dict[str, list[str]],

@@ -78,42 +78,65 @@ def generate(
 
     Generation ends at EOS and, with `stops`, at the first of those texts, which is cut from the answer
     (evaluate/baselines.py: turn_stops gives the template's turn boundaries)."""
-    special = set(tokenizer.all_special_tokens)
-    texts = [stop for stop in stops or [] if stop not in special]
-    # A stop that is one special token (an end-of-turn such as Gemma's) ends generation as an EOS id.
-    eos = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(stop) for stop in stops or [] if stop in special)]
-    stop_ids = frozenset(token for token in eos if token is not None)
-    encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
-    if not encoded:
+    asked = Asked(tokenizer, prompts, max_new_tokens, temperature, top_p, stops, seed)
+    if not asked.requests:
         return []
-    if temperature > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
-
-    def reached_stop_text(request: Request, token: int) -> bool:
-        return any(text in tokenizer.decode(request.tokens, skip_special_tokens=True) for text in texts)
-
-    requests = [
-        Request(
-            ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=None if seed is None else seed + index,
-            stop_ids=stop_ids,
-            on_token=reached_stop_text if texts else None,
-        )
-        for index, ids in enumerate(encoded)
-    ]
-    length = max(map(len, encoded)) + max_new_tokens
+    length = max(len(r.prompt_ids) for r in asked.requests) + max_new_tokens
     with generation_view(model):
-        engine = Engine(model, max_rows=max(1, min(batch_size, len(requests))), max_length=length)
-        for request in requests:
+        engine = Engine(model, max_rows=max(1, min(batch_size, len(asked.requests))), max_length=length)
+        for request in asked.requests:
             engine.submit(request)
         while engine.busy:
             finished = engine.step()
             if progress is not None and finished:
                 progress(len(finished))
-    return [cut_at_stops(tokenizer.decode(r.tokens, skip_special_tokens=True), texts) for r in requests]
+    return asked.answers()
+
+
+class Asked:
+    """Prompts as generation requests with a run's stop rules, and the answers they come back with: what every
+    generator of answers shares (the engine here, llama.cpp in evaluate/parity.py).
+
+    A stop that is one special token (an end-of-turn such as Gemma's) ends generation as an EOS id; any other stop
+    text ends it once the answer contains it, and is cut from the answer."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompts: list[tuple[Message, ...]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stops: list[str] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        special = set(tokenizer.all_special_tokens)
+        self.texts = [stop for stop in stops or [] if stop not in special]
+        ends = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(s) for s in stops or [] if s in special)]
+        stop_ids = frozenset(token for token in ends if token is not None)
+        if temperature > 0 and seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        self.requests = [
+            Request(
+                prompt_ids(tokenizer, messages),
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=None if seed is None else seed + index,
+                stop_ids=stop_ids,
+                on_token=self._reached_stop_text if self.texts else None,
+            )
+            for index, messages in enumerate(prompts)
+        ]
+
+    def _reached_stop_text(self, request: Request, token: int) -> bool:
+        decoded = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        return any(text in decoded for text in self.texts)
+
+    def answers(self) -> list[str]:
+        decode = self.tokenizer.decode
+        return [cut_at_stops(decode(r.tokens, skip_special_tokens=True), self.texts) for r in self.requests]
 
 
 def read_prompts(path: Path) -> list[tuple[Message, ...]]:
