@@ -114,7 +114,7 @@ class Engine:
             raise TunesmithError(f"Served runs need distinct names other than '{BASE}'; got {names}.")
         self.models: dict[str, Served] = {}
         self.model = self._load(run_dirs, configs)
-        self.context_limit: int = context_limit or getattr(self.model.config, "max_position_embeddings", 4096)
+        self.context_limit: int = context_limit or int(getattr(self.model.config, "max_position_embeddings", 4096))
         # Prompts longer than the run saw in training are answered poorly and cost the most: by default the
         # prompt alone is held to the training length (one token left to answer within the context).
         if max_prompt_tokens is not None and not 0 < max_prompt_tokens < self.context_limit:
@@ -316,12 +316,14 @@ class Engine:
         """After a failed step: fail the requests that streamed (or were already alone), and put the others back
         at the front of the waiting list, each to be generated again alone."""
         failed, self.running = self.running, []
-        again = [] if len(failed) == 1 else [a.job for a in failed if not a.job.streamed and not a.job.alone]
+        again: list[Job] = []
         for answer in failed:
-            if answer.job not in again and not answer.job.answered:
-                _fail(answer.job, error)
-        for job in again:
-            job.alone = True
+            job = answer.job
+            if len(failed) > 1 and not job.streamed and not job.alone and not job.answered:
+                job.alone = True
+                again.append(job)
+            elif not job.answered:
+                _fail(job, error)
         with self.changed:
             self.pending[:0] = [job for job in again if not job.cancelled.is_set()]
 
