@@ -315,3 +315,15 @@ def test_requests_for_two_adapters_and_the_base_share_steps_and_answer_as_alone(
     assert max(engine.batch_sizes) >= 3  # the blocker left after one step: these three decoded in the same steps
     for (name, (run, base)), prompt in zip(asked.items(), PROMPTS, strict=True):
         assert answers[name].strip() == reference(run, prompt, base=base), name
+
+
+def test_the_cache_holds_the_longest_prompt_and_answer_and_a_larger_server_limit_is_refused(runs, tmp_path):
+    from tunesmith.errors import TunesmithError
+
+    engine = Engine(runs[:1], max_tokens_limit=16)
+    try:
+        assert engine.max_length == min(engine.context_limit, engine.max_prompt_tokens + 16)
+        with pytest.raises(TunesmithError, match="max_tokens_limit 64"):
+            create_app(engine, RequestLog(tmp_path / "r.sqlite"), max_tokens_limit=64, default_max_tokens=8)
+    finally:
+        engine.close()
