@@ -188,7 +188,7 @@ def main() -> None:
         "other statuses": dict(tally.other),
         "latency p50/p95 s": f"{quantile(latencies, 0.5):.3f} / {quantile(latencies, 0.95):.3f}",
         "in the server p50/p95 s": f"{quantile(in_server, 0.5):.3f} / {quantile(in_server, 0.95):.3f}",
-        "mean batch size": round(
+        "mean rows per step": round(
             sample(metrics, "tunesmith_batch_size_sum") / sample(metrics, "tunesmith_batch_size_count"), 2
         ),
         "peak queue depth": int(peak_queue),

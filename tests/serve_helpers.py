@@ -112,7 +112,8 @@ def logged(db: Path, status: int) -> list[tuple]:
 
 
 class HookedModel:
-    """The engine's model with a hook before every forward pass (slow it down, count it, make it fail)."""
+    """The engine's model with a hook before every forward pass (slow it down, count it, make it fail). Set it
+    before the first request: the worker sets up its generation engine over `engine.model` then."""
 
     def __init__(self, model, before) -> None:
         self.model, self.before, self.calls = model, before, 0
@@ -126,17 +127,18 @@ class HookedModel:
         return getattr(self.model, name)
 
 
-def held(engine: Engine) -> threading.Event:
-    """Hold the worker in its first batch until the returned event is set, so later requests queue up."""
-    release, generate, first = threading.Event(), engine._generate, []
+def held(engine: Engine, when=lambda jobs: True) -> threading.Event:
+    """Hold the worker in the first step whose running jobs pass `when`, until the returned event is set, so later
+    requests queue up."""
+    release, step, first = threading.Event(), engine._step, []
 
-    def generate_held(jobs):
-        if not first:
+    def step_held(generator):
+        if not first and when([answer.job for answer in engine.running]):
             first.append(True)
             release.wait(30)
-        return generate(jobs)
+        return step(generator)
 
-    engine._generate = generate_held
+    engine._step = step_held
     return release
 
 

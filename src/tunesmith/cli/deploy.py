@@ -112,8 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     with err.status("Loading the model..."):
         engine = Engine(
-            run_dirs, queue_size=args.queue_size, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens
-        )
+            run_dirs, queue_size=args.queue_size, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+        )  # fmt: skip
     log_path = Path(args.log_db) if args.log_db else default_log_path(run_dirs[0])
     hosts = allowed_hosts(args.host, args.allow_host or [])
     app = create_app(
@@ -216,7 +217,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-batch",
         type=_positive,
         default=limits.MAX_BATCH,
-        help=f"Most waiting requests generated together in one batch [default: {limits.MAX_BATCH}].",
+        help=f"Most requests generated at once; a waiting one joins when a row is free [default: {limits.MAX_BATCH}].",
     )
     serve.add_argument(
         "--max-body-bytes",

@@ -1,12 +1,18 @@
 """The models a server answers with: one base, any number of a run's adapters over it, one worker.
 
-Runs that share a base model are served from one copy of it: each PEFT adapter is loaded under its
-run's name and switched per request, and `base` answers with the adapters off. Generation happens on
-one worker thread that takes jobs from one bounded waiting list (everything not yet generating
-counts against it; a full list answers "busy") and generates the waiting requests for the same model
-together, up to max_batch at a time, as one left-padded batch with one KV cache; requests for another
-adapter wait for the next batch. Tokens are decoded incrementally and handed back as text deltas for
-streaming. One request must never fail another: an error in one row of a batch answers that row only.
+Runs that share a base model are served from one copy of it: each PEFT adapter is loaded under its run's name,
+and `base` answers with the adapters off. Generation happens on one worker thread, which owns for its whole life
+one `tunesmith.generation.Engine` (the engine `evaluate`, `compare` and validation generate with: continuous
+batching over one preallocated KV cache, made at the first request) inside `generation_view` (a single adapter
+merged into the weights; several adapters computed per row). Jobs wait on one bounded list (everything not yet
+generating counts against it; a full list answers "busy"); a waiting job joins the running batch at the next step
+as soon as a row is free, and a finished row leaves at once. Rows of one step may belong to different adapters and
+the base: each row answers with its own (PEFT's per-row adapters), so no request waits for another model's batch.
+Tokens are decoded incrementally and handed back as text deltas for streaming.
+
+One request must never fail another: an error in one request's sampling, seeding or text handling answers that
+request only. A step that fails as a whole (the forward pass) fails the requests that already streamed text (their
+answer cannot be started over) and generates each of the others again, alone; only one that fails alone fails.
 """
 
 from __future__ import annotations
@@ -17,14 +23,13 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import PeftModel
 
+from tunesmith import generation
 from tunesmith.deploy import limits
 from tunesmith.deploy.export import run_tokenizer
 from tunesmith.deploy.template import stop_tokens
@@ -67,6 +72,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     answered: bool = False  # "done" or "error" was emitted
     streamed: bool = False  # a delta was emitted: the answer cannot be started over
+    alone: bool = False  # generated again after a failed step: in a batch of its own, to see whether it is the cause
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Engine:
         context_limit: int | None = None,
         max_batch: int = limits.MAX_BATCH,
         max_prompt_tokens: int | None = None,
+        max_tokens_limit: int = limits.MAX_TOKENS_LIMIT,
     ) -> None:
         if not run_dirs:
             raise TunesmithError("Name at least one run to serve.")
@@ -107,7 +114,7 @@ class Engine:
             raise TunesmithError(f"Served runs need distinct names other than '{BASE}'; got {names}.")
         self.models: dict[str, Served] = {}
         self.model = self._load(run_dirs, configs)
-        self.context_limit = context_limit or getattr(self.model.config, "max_position_embeddings", 4096)
+        self.context_limit: int = context_limit or int(getattr(self.model.config, "max_position_embeddings", 4096))
         # Prompts longer than the run saw in training are answered poorly and cost the most: by default the
         # prompt alone is held to the training length (one token left to answer within the context).
         if max_prompt_tokens is not None and not 0 < max_prompt_tokens < self.context_limit:
@@ -117,16 +124,19 @@ class Engine:
             )
         trained = min(config.data.max_length for config in configs)
         self.max_prompt_tokens = max_prompt_tokens or min(trained, self.context_limit - 1)
+        self.max_tokens_limit = max_tokens_limit
+        # Every row's slot of the KV cache holds the longest prompt and the longest answer a request may ask for.
+        self.max_length = min(self.context_limit, self.max_prompt_tokens + max_tokens_limit)
         self.queue_size = queue_size
         self.pending: list[Job] = []  # every job not yet generating, oldest first; at most queue_size
+        self.running: list[_Answer] = []  # the jobs generating now (replaced, never changed in place: read anywhere)
         self.peak_waiting = 0
         self.closed = False
         self.changed = threading.Condition()
-        self.batch_seconds = 0.0  # running mean of one batch's wall time, for Retry-After (learnt, not guessed)
-        self.batch_started = 0.0
+        self.step_seconds = 0.0  # running mean of one step's wall time, for Retry-After (learnt, not guessed)
         self.max_batch = max_batch
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # recent batch sizes
-        self.on_batch: Callable[[int], None] | None = None
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows in each recent step
+        self.on_batch: Callable[[int], None] | None = None  # called with the rows of each step
         self.worker = threading.Thread(target=self._work, name="tunesmith-generate", daemon=True)
         self.worker.start()
 
@@ -184,10 +194,12 @@ class Engine:
         return self.worker.is_alive()
 
     def retry_after(self) -> int:
-        """Seconds until places on the waiting list free up: when the batch generating now ends (at the recent
-        pace), the worker takes the next one off the list."""
-        left = self.batch_seconds - (time.perf_counter() - self.batch_started)
-        return min(limits.RETRY_AFTER_MAX_S, math.ceil(max(1.0, left)))
+        """Seconds until places on the waiting list free up, at the recent pace (the learnt mean seconds of one
+        step): a step gives each running row one token, so by the time the row with the most tokens left to its
+        max_tokens is done, every running row has ended and freed its place for a waiting job. A row that stops
+        early (a stop token or text) frees its place sooner; a prompt still being prefilled takes a little longer."""
+        left = max((answer.tokens_left for answer in self.running), default=0)
+        return min(limits.RETRY_AFTER_MAX_S, math.ceil(max(1.0, self.step_seconds * left)))
 
     def close(self) -> None:
         """Stop taking jobs. Those generating now finish; those still waiting are answered at once with an error
@@ -196,133 +208,161 @@ class Engine:
             self.closed = True
             waiting, self.pending = self.pending, []
             self.changed.notify()
-        for job in waiting:
-            if not job.cancelled.is_set():
-                _fail(job, Stopped("the model was unloaded before this request's turn; send it again"))
+        _unloaded(waiting)
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest waiting job and up to max_batch - 1 more for the same model, in arrival order."""
+    # --- The worker -----------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            if self._admit(None) is None:  # closed before the first request: nothing to set up
+                return
+            # One adapter (or none) is merged into the weights; several share the base, each row its own.
+            adapters = {served.adapter for served in self.models.values() if served.adapter}
+            with generation.generation_view(self.model, merge=len(adapters) <= 1):
+                engine = self._generator()
+                while (joining := self._admit(engine)) is not None:
+                    for job in joining:
+                        self._start(engine, job)
+                    if self.running and not self._run_step(engine):
+                        del engine  # a failed step may have left its rows' state half-written: start afresh
+                        engine = self._generator()
+        except BaseException as error:  # a bug here must not leave requests hanging: answer them, then stop
+            logger.exception("The generation worker stopped")
+            with self.changed:
+                self.closed = True
+                stranded, self.pending = self.pending, []
+            for job in [answer.job for answer in self.running] + stranded:
+                if not job.answered:
+                    _fail(job, error if isinstance(error, Exception) else Stopped("the worker stopped"))
+            self.running = []
+            raise
+
+    def _generator(self) -> generation.Engine:
+        return generation.Engine(self.model, max_rows=self.max_batch, max_length=self.max_length)
+
+    def _admit(self, engine: generation.Engine | None) -> list[Job] | None:
+        """The waiting jobs that join the running batch now (oldest first, as many as rows are free); waits while
+        nothing runs and nothing waits. None once closed with nothing running (jobs still waiting are answered).
+        A job generated again alone after a failed step joins only an empty batch, and nothing joins beside it."""
         with self.changed:
             while True:
                 self.pending = [job for job in self.pending if not job.cancelled.is_set()]
-                if self.closed:
-                    return None
-                if self.pending:
+                if self.closed or self.pending or self.running:
                     break
                 self.changed.wait()
-            name = self.pending[0].served.name
-            batch = [job for job in self.pending if job.served.name == name][: self.max_batch]
-            self.pending = [job for job in self.pending if job not in batch]
-            return batch
+            if self.closed:
+                stranded, self.pending = self.pending, []
+            elif engine is None:
+                return []
+            else:
+                joining: list[Job] = []
+                while self.pending and len(self.running) + len(joining) < self.max_batch:
+                    alone = self.pending[0].alone
+                    if any(answer.job.alone for answer in self.running) or alone and (self.running or joining):
+                        break
+                    joining.append(self.pending.pop(0))
+                    if joining[-1].alone:
+                        break
+                return joining
+        _unloaded(stranded)  # only those generated again after a failed step can be here: close() took the rest
+        return [] if self.running else None
 
-    def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self.batch_started = time.perf_counter()
-            self.batch_sizes.append(len(batch))
-            if self.on_batch:
-                self.on_batch(len(batch))
-            self._answer(batch)
-            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.perf_counter() - self.batch_started)
-
-    def _answer(self, batch: list[Job]) -> None:
-        """Generate a batch; errors in one row stay in that row, and a batch-wide failure (the forward pass)
-        is retried row by row for the requests that have no text yet, so only the one that fails alone fails."""
+    def _start(self, engine: generation.Engine, job: Job) -> None:
+        """Submit one job to the engine; a job it refuses (a seed torch cannot take, a prompt over the cache)
+        fails alone."""
         try:
-            self._generate(batch)
-        except Exception as error:  # a failed batch must not take the worker down
-            logger.exception("Generation failed for a batch of %d", len(batch))
-            unanswered = [job for job in batch if not job.answered]
-            for job in unanswered:
-                if len(batch) > 1 and not job.streamed:
-                    self._answer([job])
-                else:
-                    _fail(job, error)
-
-    def _adapter_context(self, served: Served):
-        if not hasattr(self.model, "peft_config"):
-            return nullcontext()
-        if served.adapter is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(served.adapter)
-        return nullcontext()
-
-    @torch.inference_mode()
-    def _generate(self, jobs: list[Job]) -> None:
-        """Generate for several requests at once: prompts left-padded into one batch, one KV cache.
-
-        Each row stops on its own (stop token, stop text, max_tokens, client gone) and its request is
-        answered at once; finished rows ride along on padding until the longest one ends.
-        """
-        served = jobs[0].served
-        width = max(len(job.prompt_ids) for job in jobs)
-        pad = served.tokenizer.pad_token_id or 0
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-            mask[row, width - len(job.prompt_ids) :] = 1
-        device = self.model.device
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        rows = [_Row(job) for job in jobs]
-        if all(row.done for row in rows):
+            if not job.prompt_ids:
+                raise ValueError("the prompt has no tokens")
+            answer = _Answer(job, self._adapter(job.served))
+            engine.submit(answer.request)
+        except Exception as error:
+            logger.exception("Generation failed for one request", exc_info=error)
+            _fail(job, error)
             return
-        with self._adapter_context(served):
-            # Only the last position's logits are needed: with a 262k vocabulary the rest would dominate.
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-            )
-            for _ in range(max(job.max_tokens for job in jobs)):
-                tokens = [row.step(out.logits[i, -1]) if not row.done else pad for i, row in enumerate(rows)]
-                if all(row.done for row in rows):
-                    break
-                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=torch.long, device=device)], dim=1)
-                positions = positions[:, -1:] + 1
-                # transformers 5 names the KV cache `cache`; 4.x `past_key_values`.
-                name = "cache" if "cache" in out else "past_key_values"
-                out = self.model(
-                    input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{name: out[name]},
-                )  # fmt: skip
-        for row in rows:
-            row.finish()
+        self.running = [*self.running, answer]
+
+    def _adapter(self, served: Served) -> str | None:
+        """The generation engine's adapter for a served model's rows: its adapter, adapters off for `base` of a PEFT
+        model, or None (the model as it is) for a model without adapters."""
+        if served.adapter is not None:
+            return served.adapter
+        return generation.BASE if hasattr(self.model, "peft_config") else None
+
+    def _step(self, engine: generation.Engine) -> list[generation.Request]:
+        """One step of the engine: admit, prefill one chunk, decode one token per row (tests hold or break it here)."""
+        return engine.step()
+
+    def _run_step(self, engine: generation.Engine) -> bool:
+        """Run one step and answer the requests it finished; False when the step failed as a whole."""
+        rows = len(self.running)
+        self.batch_sizes.append(rows)
+        if self.on_batch:
+            self.on_batch(rows)
+        started = time.perf_counter()
+        try:
+            finished = self._step(engine)
+        except Exception as error:  # a failed step must not take the worker down, nor fail more than it must
+            logger.exception("A generation step failed with %d rows", rows)
+            self._recover(error)
+            return False
+        self.step_seconds = 0.8 * self.step_seconds + 0.2 * (time.perf_counter() - started)
+        done = [answer for answer in self.running if any(answer.request is request for request in finished)]
+        self.running = [answer for answer in self.running if answer not in done]
+        for answer in done:
+            answer.finish()
+        return True
+
+    def _recover(self, error: Exception) -> None:
+        """After a failed step: fail the requests that streamed (or were already alone), and put the others back
+        at the front of the waiting list, each to be generated again alone."""
+        failed, self.running = self.running, []
+        again: list[Job] = []
+        for answer in failed:
+            job = answer.job
+            if len(failed) > 1 and not job.streamed and not job.alone and not job.answered:
+                job.alone = True
+                again.append(job)
+            elif not job.answered:
+                _fail(job, error)
+        with self.changed:
+            self.pending[:0] = [job for job in again if not job.cancelled.is_set()]
 
 
-class _Row:
-    """One request inside a batch: its sampling, decoded text, streaming position and stop rules."""
+class _Answer:
+    """One job while it generates: its engine Request, decoded text, streaming position and stop rules.
+    `on_token` is the Request's callback; `finish` answers the job once the engine is done with it."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, adapter: str | None) -> None:
         self.job, self.served = job, job.served
         self.produced: list[int] = []
-        self.sent, self.text, self.first, self.reason = 0, "", None, "length"
+        self.sent, self.text = 0, ""
+        self.first: float | None = None
         self.stops = [*self.served.stop_texts, *job.stop]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.done = False
-        self.generator = None
-        try:
-            self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-        except Exception as error:  # e.g. a seed out of torch's range: this request fails, not its batch
-            self.fail(error)
+        self.error: Exception | None = None
+        self.request = generation.Request(
+            prompt_ids=list(job.prompt_ids), max_tokens=job.max_tokens, temperature=job.temperature,
+            top_p=job.top_p, seed=job.seed, stop_ids=frozenset(self.served.stop_ids), on_token=self.on_token,
+            cancelled=job.cancelled.is_set, adapter=adapter,
+        )  # fmt: skip
 
-    def step(self, logits: torch.Tensor) -> int:
-        """advance(), with any error ending this row only."""
+    @property
+    def tokens_left(self) -> int:
+        return max(0, self.job.max_tokens - len(self.request.tokens))
+
+    def on_token(self, request: generation.Request, token: int) -> bool:
+        """advance(), with any error ending this request only (True: stop here)."""
         try:
-            return self.advance(logits)
+            return self.advance(token)
         except Exception as error:
-            return self.fail(error)
+            self.error = error
+            return True
 
-    def fail(self, error: Exception) -> int:
-        logger.exception("Generation failed for one request", exc_info=error)
-        self.done = True
-        _fail(self.job, error)
-        return 0
-
-    def advance(self, logits: torch.Tensor) -> int:
-        """Pick this row's next token; ends the row (and answers its request) when it should stop."""
+    def advance(self, token: int) -> bool:
+        """Take the next token: decode, cut at a stop text, stream what is ready; True when the answer ends here."""
         job = self.job
-        token = _pick(logits, job.temperature, job.top_p, self.generator)
-        if token in self.served.stop_ids:
-            return self.finish("stop", token)
+        if token in self.request.stop_ids:
+            return True
         self.produced.append(token)
         if self.first is None:
             self.first = time.perf_counter() - job.queued_at  # includes the wait in the queue
@@ -330,46 +370,43 @@ class _Row:
         cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
-            return self.finish("stop", token)
+            return True
+        # Held back: what could still become a stop text, and an incomplete UTF-8 character.
         ready = len(self.text) - self.hold if not self.text.endswith("\ufffd") else self.sent
         if job.stream and ready > self.sent:
             job.streamed = True
             job.emit("delta", self.text[self.sent : ready])
             self.sent = ready
-        if job.cancelled.is_set():
-            return self.finish("cancelled", token)
-        if len(self.produced) >= job.max_tokens:
-            return self.finish("length", token)
-        return token
+        return False
 
-    def finish(self, reason: str | None = None, token: int = 0) -> int:
-        if self.done:
-            return token
-        self.done = True
-        self.reason = reason or self.reason
-        if self.job.stream and len(self.text) > self.sent:
-            self.job.streamed = True
-            self.job.emit("delta", self.text[self.sent :])
-        result = Result(self.text, len(self.job.prompt_ids), len(self.produced), self.reason, self.first)
-        self.job.answered = True
-        self.job.emit("done", result)
-        return token
+    def finish(self) -> None:
+        """Answer the job: the rest of its text and its Result, or its error."""
+        job = self.job
+        if self.error is None:
+            try:
+                if job.stream and len(self.text) > self.sent:
+                    job.streamed = True
+                    job.emit("delta", self.text[self.sent :])
+                reason = self.request.finish_reason or "length"
+                result = Result(self.text, len(job.prompt_ids), len(self.produced), reason, self.first)
+                job.answered = True
+                job.emit("done", result)
+                return
+            except Exception as error:
+                self.error = error
+        logger.exception("Generation failed for one request", exc_info=self.error)
+        _fail(job, self.error)
 
 
 def _fail(job: Job, error: Exception) -> None:
     job.answered = True
-    job.emit("error", f"{type(error).__name__}: {error}")
+    try:
+        job.emit("error", f"{type(error).__name__}: {error}")
+    except Exception:  # the one to tell is gone: nothing more to do for this request
+        logger.exception("Could not answer a failed request")
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    # In float64 and shifted so the best logit is 0: any temperature above 0, however small, gives finite
-    # scores (in float32 a temperature of 1e-50 is 0, and the scores NaN).
-    scores = logits.double().cpu()  # the request's seeded generator lives on the CPU, whatever the model's device
-    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
-    if top_p < 1.0:
-        ordered, order = probs.sort(descending=True)
-        keep = ordered.cumsum(0) - ordered < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _unloaded(jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.cancelled.is_set():
+            _fail(job, Stopped("the model was unloaded before this request's turn; send it again"))

@@ -2,7 +2,7 @@
 from here (this module imports nothing heavy, so the CLI's help does not load torch)."""
 
 QUEUE_SIZE = 64  # requests that may wait for the model, not counting those generating; more get 503
-MAX_BATCH = 8  # most waiting requests generated together in one batch
+MAX_BATCH = 8  # most requests generating at once (rows of the running batch)
 MAX_TOKENS_LIMIT = 1024  # largest max_tokens a request may ask for
 DEFAULT_MAX_TOKENS = 256  # max_tokens when a request gives none
 MAX_BODY_BYTES = 4 * 2**20  # largest request body; a larger one gets 413 before it is read

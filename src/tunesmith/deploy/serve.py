@@ -38,6 +38,7 @@ from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy import guard, limits
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
+from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -310,7 +311,7 @@ class Metrics:
             registry=self.registry,
         )  # fmt: skip
         self.batch = Histogram(
-            "tunesmith_batch_size", "Requests generated together in one batch",
+            "tunesmith_batch_size", "Rows (requests) in each generation step of the running batch",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
         )  # fmt: skip
 
@@ -420,6 +421,11 @@ def create_app(
     from fastapi import FastAPI
     from starlette.middleware.cors import CORSMiddleware
 
+    if max_tokens_limit > engine.max_tokens_limit:  # each row's slot of the KV cache holds no longer answer
+        raise TunesmithError(
+            f"max_tokens_limit {max_tokens_limit} is over the {engine.max_tokens_limit} the engine was loaded for; "
+            "load it with max_tokens_limit at least as large."
+        )
     app = FastAPI(
         title="tunesmith",
         description="OpenAI-compatible API over fine-tuned models.",
