@@ -110,11 +110,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Leave a core to the event loop: sharing one with torch's intra-op threads makes every parallel op wait
         # for whichever thread is descheduled, and under a burst of requests generation ran 30x slower.
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+    sizes = {"queue_size": args.queue_size, "max_prompt_tokens": args.max_prompt_tokens}
+    sizes["max_tokens_limit"] = args.max_tokens_limit
     with err.status("Loading the model..."):
-        engine = Engine(
-            run_dirs, queue_size=args.queue_size, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
-            max_tokens_limit=args.max_tokens_limit,
-        )  # fmt: skip
+        if args.engine == "llamacpp":
+            from tunesmith.deploy.llamacpp import GgufEngine
+
+            gguf = Path(args.gguf) if args.gguf else None
+            engine: Engine = GgufEngine(run_dirs, gguf, args.gguf_type, **sizes)
+        else:
+            engine = Engine(run_dirs, max_batch=args.max_batch, **sizes)
     log_path = Path(args.log_db) if args.log_db else default_log_path(run_dirs[0])
     hosts = allowed_hosts(args.host, args.allow_host or [])
     app = create_app(
@@ -156,6 +161,8 @@ def _positive(text: str) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from tunesmith.deploy.gguf_writer import TYPES
+
     serve = sub.add_parser(
         "serve",
         help="Serve runs over an OpenAI-compatible HTTP API (with metrics and a request log).",
@@ -232,10 +239,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-db", help="SQLite file for the request log [default: RUN/serve/requests.sqlite].")
     serve.add_argument(
         "--engine",
-        choices=["native", "vllm"],
+        choices=["native", "llamacpp", "vllm"],
         default="native",
-        help="native: this process (CPU or GPU); vllm: hand the same runs to `vllm serve` [default: native].",
+        help="native: this process (CPU or GPU); llamacpp: each run's GGUF export run by llama.cpp in this process, "
+        "behind the same API (exported first if missing; one request at a time; no `base`); vllm: hand the same "
+        "runs to `vllm serve` [default: native].",
     )
+    serve.add_argument(
+        "--gguf-type",
+        default="f16",
+        choices=TYPES,
+        help="With --engine llamacpp: the exports' tensor type [default: f16].",
+    )
+    serve.add_argument("--gguf", help="With --engine llamacpp and one run: serve this GGUF file as that run.")
     serve.add_argument("--dry-run", action="store_true", help="With --engine vllm: print the vLLM command only.")
     serve.add_argument("--quiet", action="store_true", help="Log only warnings.")
     serve.set_defaults(func=cmd_serve)

@@ -18,6 +18,7 @@ answer cannot be started over) and generates each of the others again, alone; on
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import threading
@@ -216,9 +217,7 @@ class Engine:
         try:
             if self._admit(None) is None:  # closed before the first request: nothing to set up
                 return
-            # One adapter (or none) is merged into the weights; several share the base, each row its own.
-            adapters = {served.adapter for served in self.models.values() if served.adapter}
-            with generation.generation_view(self.model, merge=len(adapters) <= 1):
+            with self._view():
                 engine = self._generator()
                 while (joining := self._admit(engine)) is not None:
                     for job in joining:
@@ -237,10 +236,17 @@ class Engine:
             self.running = []
             raise
 
-    def _generator(self) -> generation.Engine:
+    def _view(self) -> contextlib.AbstractContextManager:
+        """The model as the worker generates with it: one adapter (or none) merged into the weights; several share
+        the base, each row its own."""
+        adapters = {served.adapter for served in self.models.values() if served.adapter}
+        return generation.generation_view(self.model, merge=len(adapters) <= 1)
+
+    def _generator(self) -> Any:
+        """What generates: anything with generation.Engine's submit, step and busy."""
         return generation.Engine(self.model, max_rows=self.max_batch, max_length=self.max_length)
 
-    def _admit(self, engine: generation.Engine | None) -> list[Job] | None:
+    def _admit(self, engine: Any) -> list[Job] | None:
         """The waiting jobs that join the running batch now (oldest first, as many as rows are free); waits while
         nothing runs and nothing waits. None once closed with nothing running (jobs still waiting are answered).
         A job generated again alone after a failed step joins only an empty batch, and nothing joins beside it."""
@@ -267,7 +273,7 @@ class Engine:
         _unloaded(stranded)  # only those generated again after a failed step can be here: close() took the rest
         return [] if self.running else None
 
-    def _start(self, engine: generation.Engine, job: Job) -> None:
+    def _start(self, engine: Any, job: Job) -> None:
         """Submit one job to the engine; a job it refuses (a seed torch cannot take, a prompt over the cache)
         fails alone."""
         try:
@@ -288,11 +294,11 @@ class Engine:
             return served.adapter
         return generation.BASE if hasattr(self.model, "peft_config") else None
 
-    def _step(self, engine: generation.Engine) -> list[generation.Request]:
+    def _step(self, engine: Any) -> list[generation.Request]:
         """One step of the engine: admit, prefill one chunk, decode one token per row (tests hold or break it here)."""
         return engine.step()
 
-    def _run_step(self, engine: generation.Engine) -> bool:
+    def _run_step(self, engine: Any) -> bool:
         """Run one step and answer the requests it finished; False when the step failed as a whole."""
         rows = len(self.running)
         self.batch_sizes.append(rows)

@@ -1,4 +1,5 @@
-"""A GGUF file run by llama.cpp (llama-cpp-python), generating for the same requests as tunesmith's engine.
+"""GGUF files run by llama.cpp (llama-cpp-python), generating for the same requests as tunesmith's engine: export
+parity (evaluate/parity.py) and `tunesmith serve --engine llamacpp` (GgufEngine).
 
 Requests are `generation.Request`s fed with the run's own prompt token ids (the export carries the run's vocabulary,
 so the ids mean the same tokens) and ended by the same rule (`generation.take`): stop ids, stop texts through
@@ -8,15 +9,32 @@ the whole vocabulary with the request's seed, and no repetition penalty, as the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from tunesmith.deploy.engine import Engine, Served
+from tunesmith.deploy.export import export_run, run_tokenizer
 from tunesmith.errors import TunesmithError
 from tunesmith.generation import Request, take
+from tunesmith.models import resolve_model_path
+from tunesmith.rundir import RunDir
 
 INSTALL = "pip install 'tunesmith[llamacpp]' (llama-cpp-python)"
+
+
+def find_gguf(run_dir: Path, gguf_type: str) -> Path | None:
+    """The run's GGUF export of that type, wherever `tunesmith export` (or parity_run) put it."""
+    layout = RunDir(run_dir)
+    for folder in (layout.export("gguf"), layout.export(f"gguf-{gguf_type}")):
+        found = sorted(folder.glob(f"*-{gguf_type}.gguf")) if folder.is_dir() else []
+        if found:
+            return found[0]
+    return None
 
 
 class GgufModel:
@@ -34,7 +52,8 @@ class GgufModel:
             model_path=str(path), n_ctx=context, n_threads=threads or torch.get_num_threads(), verbose=False
         )
 
-    def generate(self, request: Request) -> Request:
+    def stream(self, request: Request) -> Iterator[int]:
+        """The request's tokens as llama.cpp samples them, without end: the caller stops (generation.take)."""
         if request.seed is not None:
             self.llm.set_seed(request.seed)
         tokens = self.llm.generate(
@@ -46,11 +65,99 @@ class GgufModel:
             repeat_penalty=1.0,
             reset=True,
         )
-        for token in tokens:
-            if request.cancelled is not None and request.cancelled():
-                request.finish_reason = "cancelled"
-                break
-            request.finish_reason = take(request, int(token))
-            if request.finish_reason:
-                break
+        return (int(token) for token in tokens)
+
+    def generate(self, request: Request) -> Request:
+        """One request to its end."""
+        stepper = Stepper({request.adapter: self})
+        stepper.submit(request)
+        while stepper.busy:
+            stepper.step()
         return request
+
+
+class Stepper:
+    """GGUF models behind the generation engine's interface (`submit`, `step`, `busy`), one token per step: the
+    server's worker drives it as it drives tunesmith's engine. llama.cpp keeps one sequence here, so requests run one
+    after another (the worker admits one at a time); `Request.adapter` names the model of the request."""
+
+    def __init__(self, models: dict[str | None, GgufModel]) -> None:
+        self.models = models
+        self.waiting: list[Request] = []
+        self.current: Request | None = None
+        self.tokens: Iterator[int] | None = None
+
+    def submit(self, request: Request) -> None:
+        if request.adapter not in self.models:
+            raise ValueError(f"no GGUF model is loaded for {request.adapter!r}")
+        if len(request.prompt_ids) + request.max_tokens > self.models[request.adapter].llm.n_ctx():
+            raise ValueError(f"a prompt of {len(request.prompt_ids)} tokens and max_tokens {request.max_tokens} exceed "
+                             f"the {self.models[request.adapter].llm.n_ctx()}-token context")  # fmt: skip
+        self.waiting.append(request)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or bool(self.waiting)
+
+    def step(self) -> list[Request]:
+        """One token of the current request (starting the next if none runs); the request if it ended."""
+        if self.current is None:
+            if not self.waiting:
+                return []
+            self.current = self.waiting.pop(0)
+            self.tokens = self.models[self.current.adapter].stream(self.current)
+        request, tokens = self.current, self.tokens
+        assert tokens is not None
+        if request.cancelled is not None and request.cancelled():
+            request.finish_reason = "cancelled"
+        else:
+            request.finish_reason = take(request, next(tokens))
+        if request.finish_reason is None:
+            return []
+        self.current = self.tokens = None
+        return [request]
+
+
+class GgufEngine(Engine):
+    """The server's worker over the runs' GGUF exports run by llama.cpp: the same routes, auth, limits, request log,
+    metrics, feedback and monitor as the native engine, with each run's own chat template and stops (the prompt is
+    rendered by the run's tokenizer; its ids are the export's). Each run is one model (its export merges its
+    adapter); there is no `base`. A run without an export of `gguf_type` is exported first."""
+
+    def __init__(self, run_dirs: list[Path], gguf: Path | None = None, gguf_type: str = "f16", **limits: Any) -> None:
+        if gguf is not None and len(run_dirs) != 1:
+            raise TunesmithError("--gguf names one file: serve one run with it, or leave --gguf out.")
+        self.gguf, self.gguf_type = gguf, gguf_type
+        self.files: dict[str, Path] = {}
+        super().__init__(run_dirs, **{"max_batch": 1} | limits)
+        self.max_batch = 1  # one sequence at a time: the others wait their turn on the list
+
+    def _load(self, run_dirs: list[Path], configs: list[Any]) -> Any:
+        for path in run_dirs:
+            found = self.gguf or find_gguf(path, self.gguf_type)
+            if found is None:
+                folder = export_run(path, "gguf", out=RunDir(path).export(f"gguf-{self.gguf_type}"),
+                                    gguf_type=self.gguf_type)  # fmt: skip
+                found = next(folder.glob("*.gguf"))
+            self.files[path.name] = found
+            self._register(path.name, path, run_tokenizer(path), path.name)
+        context = min(_trained_context(resolve_model_path(config.model)) for config in configs)
+        return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
+
+    def _view(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def _adapter(self, served: Served) -> str | None:
+        return served.name
+
+    def _generator(self) -> Stepper:
+        threads = torch.get_num_threads()
+        return Stepper({name: GgufModel(path, self.max_length, threads) for name, path in self.files.items()})
+
+
+def _trained_context(source: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(config, "max_position_embeddings", None) or 4096)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from tunesmith.deploy.export import export_run
-from tunesmith.deploy.llamacpp import GgufModel
+from tunesmith.deploy.llamacpp import GgufModel, find_gguf
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import baselines, stats
 from tunesmith.evaluate import metrics as m
@@ -42,16 +42,6 @@ class ParitySummary:
     verdict: str
     differing: list[dict[str, Any]]  # the first items answered differently: prompt, reference, torch, export
     seconds: dict[str, float]  # generation time of each
-
-
-def find_gguf(run_dir: Path, gguf_type: str) -> Path | None:
-    """The run's GGUF export of that type, wherever `tunesmith export` (or parity_run) put it."""
-    layout = RunDir(run_dir)
-    for folder in (layout.export("gguf"), layout.export(f"gguf-{gguf_type}")):
-        found = sorted(folder.glob(f"*-{gguf_type}.gguf")) if folder.is_dir() else []
-        if found:
-            return found[0]
-    return None
 
 
 def parity_run(
