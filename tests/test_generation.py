@@ -155,3 +155,16 @@ def test_fused_norms_compute_the_families_formulas():
         assert torch.allclose(fused.float(), plain.float(), rtol=1e-2, atol=1e-2), type(norm).__name__
         assert (fused != plain).float().mean() < 0.05  # a rounding flip at most here and there, not another formula
     assert _fused_norm(torch.nn.LayerNorm(16)) is None
+
+
+def test_sampled_tokens_come_with_their_log_probabilities(model):
+    prompt = _prompts()[2]
+    request = Engine(model, max_rows=2, max_length=64).run(
+        [Request(prompt, 6, temperature=0.8, seed=3, logprobs=True)]
+    )[0]
+    ids = torch.tensor([prompt + request.tokens])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(request.tokens)[:, None])[:, 0]
+    assert len(request.token_logprobs) == 6
+    assert torch.allclose(torch.tensor(request.token_logprobs), expected, atol=1e-4)

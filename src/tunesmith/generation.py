@@ -44,6 +44,10 @@ class Request:
     # may differ: the step then runs PEFT's mixed batch (each row its own adapter, none merged).
     adapter: str | None = None
     tokens: list[int] = field(default_factory=list)
+    # With `logprobs`, each token's log-probability under the distribution it was drawn from (the model's softmax
+    # at temperature 1, in float32, before top_p): what an RL objective needs of its rollouts.
+    logprobs: bool = False
+    token_logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "cancelled" once done
     generator: torch.Generator | None = None
 
@@ -252,6 +256,9 @@ class Engine:
                 picked.append(greedy[row])
                 continue
             picked.append(sample(logits[row], request.temperature, request.top_p, request.generator))
+        for row, request in enumerate(requests):
+            if request.logprobs:
+                request.token_logprobs.append(float(torch.log_softmax(logits[row].float(), -1)[picked[row]]))
         return picked
 
     def _cancel(self) -> list[Request]:
