@@ -59,6 +59,25 @@ def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
     return LoadedRun(config, model, tokenizer, tuned=not base)
 
 
+def split_stops(tokenizer: Any, stops: list[str]) -> tuple[frozenset[int], list[str]]:
+    """EOS and the stops that end generation as a token id, and the stops left to match as text.
+
+    A stop that is one special token (an end-of-turn such as Gemma's) is an id. So is the special token that opens
+    a stop such as ChatML's "<|im_start|>user": answers are decoded without special tokens, so that text would never
+    be seen, and a special token that opens a turn ends the answer whichever turn follows."""
+    special = set(tokenizer.all_special_tokens)
+    ids, texts = [tokenizer.eos_token_id], []
+    for stop in stops:
+        opening = (
+            stop if stop in special else next((token for token in special if token and stop.startswith(token)), None)
+        )
+        if opening is None:
+            texts.append(stop)
+        else:
+            ids.append(tokenizer.convert_tokens_to_ids(opening))
+    return frozenset(token for token in ids if token is not None), texts
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -78,11 +97,7 @@ def generate(
 
     Generation ends at EOS and, with `stops`, at the first of those texts, which is cut from the answer
     (evaluate/baselines.py: turn_stops gives the template's turn boundaries)."""
-    special = set(tokenizer.all_special_tokens)
-    texts = [stop for stop in stops or [] if stop not in special]
-    # A stop that is one special token (an end-of-turn such as Gemma's) ends generation as an EOS id.
-    eos = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(stop) for stop in stops or [] if stop in special)]
-    stop_ids = frozenset(token for token in eos if token is not None)
+    stop_ids, texts = split_stops(tokenizer, stops or [])
     encoded = [prompt_ids(tokenizer, messages) for messages in prompts]
     if not encoded:
         return []
