@@ -121,3 +121,22 @@ def test_a_smollm2_lora_run_exports_a_gguf_that_llama_cpp_tokenizes_alike(smollm
     finally:
         llm.close()
     assert _llama_cpp_mismatches(llama_cpp, tokenizer, gguf) == []
+
+    # The weights too: llama.cpp answers greedily token for token as the merged model does (rotary rows permuted).
+    import torch
+
+    from tunesmith.deploy.export import _merged
+
+    question = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = _merged(run).float().generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, verbose=False)
+    try:
+        got = [token for _, token in zip(range(8), llm.generate(ids, temp=0.0, top_k=1), strict=False)]
+    finally:
+        llm.close()
+    answer = expected[0, len(ids) :].tolist()  # up to EOS, which llama.cpp's generate does not stop at
+    assert got[: len(answer)] == answer
