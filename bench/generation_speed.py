@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--run", help="A finished LoRA run to generate with instead of a random adapter.")
     parser.add_argument("--gguf", help="A GGUF export of the same weights, for llama.cpp's tokens/s.")
     parser.add_argument("--skip-hf", action="store_true", help="Leave out today's HF generate path (slow).")
+    parser.add_argument("--batches", default="1,8", help="Batch sizes to time, comma-separated [default: 1,8].")
     args = parser.parse_args()
     flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in Path("/proc/cpuinfo").read_text()]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -146,7 +147,8 @@ def main() -> None:
     conversations = prompts(args.prompts, args.run)
     encoded = [prompt_ids(tokenizer, c) for c in conversations]
     results = {}
-    for rows in (1, 8):
+    batches = [int(b) for b in args.batches.split(",")]
+    for rows in batches:
         tokens, seconds = engine_answers(model, tokenizer, encoded, args.max_new_tokens, rows)
         produced = sum(map(len, tokens))
         results[rows] = tokens
@@ -154,15 +156,15 @@ def main() -> None:
         share = f" = {rate / (bound * 1e9 / weights):.0%} of the bound" if rows == 1 else ""
         print(f"engine   batch {rows}: {rate:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s){share}")
     if not args.skip_hf:
-        unmerged, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, 8, merge=False)
+        unmerged, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, batches[-1], merge=False)
         stops = ["<end_of_turn>"]
-        for rows in (1, 8):
+        for rows in batches:
             start = time.perf_counter()
             texts = hf_generate(model, tokenizer, conversations, args.max_new_tokens, rows, stops=stops)
             seconds = time.perf_counter() - start
             produced = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
             print(f"HF path  batch {rows}: {produced / seconds:6.1f} tokens/s (~{produced} tokens, {seconds:.1f} s)")
-        for label, answers in (("merged adapter", results[8]), ("unmerged adapter", unmerged)):
+        for label, answers in (("merged adapter", results[batches[-1]]), ("unmerged adapter", unmerged)):
             engine_texts = [tokenizer.decode(t, skip_special_tokens=True) for t in answers]
             same = sum(a.strip() == b.strip() for a, b in zip(engine_texts, texts, strict=True))
             print(f"greedy answers identical to the HF path ({label}): {same} of {len(texts)}")

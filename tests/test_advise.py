@@ -97,6 +97,22 @@ def test_answers_stop_at_the_templates_turn_boundary():
     assert baselines.cut_at_stops(" plain answer ", stops) == "plain answer"
 
 
+def test_a_chatml_turn_opening_stops_as_its_special_token():
+    """Answers are decoded without special tokens, so ChatML's "<|im_start|>user" can only stop as a token id."""
+    from tunesmith.evaluate.generate import split_stops
+
+    chatml = (  # <s> and </s> stand for <|im_start|> and <|im_end|>, the tokenizer's BOS and EOS
+        "{% for m in messages %}{{ '<s>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+    )
+    tokenizer = build_tokenizer(chatml)
+    stops = baselines.turn_stops(tokenizer)
+    assert stops == ["</s>", "<s>assistant", "<s>system", "<s>user"]
+    assert split_stops(tokenizer, stops) == (frozenset({tokenizer.eos_token_id, tokenizer.bos_token_id}), [])
+    plain = build_tokenizer()
+    assert split_stops(plain, ["### User:"]) == (frozenset({plain.eos_token_id}), ["### User:"])
+
+
 def test_every_metric_eval_knows_gives_one_value():
     from tunesmith.evaluate.metrics import KNOWN
 

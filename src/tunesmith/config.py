@@ -328,7 +328,10 @@ class RunConfig(Section):
     name: str | None = Field(None, description="Run name; defaults to the last part of out, else 'run'.")
     model: str = Field(
         DEFAULT_MODEL,
-        description="Base model: 'gemma-3-270m' (embedded), a Hugging Face hub id, a local directory or a .gguf file.",
+        description=(
+            "Base model: 'gemma-3-270m' or 'smollm2-135m' (embedded), a Hugging Face hub id, a local directory or "
+            "a .gguf file."
+        ),
     )
     method: Literal["lora", "qlora", "dora", "adapter", "full"] = Field(
         "lora",

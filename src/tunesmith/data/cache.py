@@ -19,7 +19,7 @@ from tunesmith.data.tokenize import TokenizedExample, TokenizeStats, tokenize_al
 from tunesmith.errors import TunesmithError
 from tunesmith.files import save_atomic
 
-VERSION = "1"
+VERSION = "2"  # 2: an answer that ends with EOS and a newline (ChatML) gets no second EOS
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -122,7 +122,8 @@ def tokenize_conversation(tokenizer: Any, conversation: Conversation, train_on: 
     last_answer = max(i for i, (_, answer) in enumerate(pieces) if answer)
     for index, (text, is_answer) in enumerate(pieces):
         piece_ids = _encode(tokenizer, text)
-        if index == last_answer and eos is not None and (not piece_ids or piece_ids[-1] != eos):
+        # ChatML's answer ends with EOS (<|im_end|>) and a newline: EOS is there already, only not last.
+        if index == last_answer and eos is not None and eos not in piece_ids:
             piece_ids.append(eos)  # the template did not end the answer with EOS; the model must learn to stop
         ids.extend(piece_ids)
         learned = train_on == "all" or (is_answer and (train_on != "last" or index == last_answer))

@@ -134,6 +134,26 @@ def _steps(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{key: value for key, value in pre_tokenizer.items() if key != "trim_offsets"}]
 
 
+def split_as_labelled(tokenizer: Any, label: str) -> bool:
+    """Give a tokenizer read from a GGUF file the pre-tokenizer its llama.cpp label (tokenizer.ggml.pre) names, where
+    that label is one of PRE_TOKENIZERS and the tokenizer splits otherwise; True if it was changed.
+
+    transformers reads labels it has no split for (SmolLM's "smollm": every digit alone) as GPT-2's split, which
+    tokenizes runs of spaces before a digit differently from llama.cpp and from the model's own training.
+    """
+    known = {name: steps for name, steps, _ in PRE_TOKENIZERS}
+    backend = tokenizer.backend_tokenizer
+    spec = json.loads(backend.to_str())
+    if label not in known or _steps(spec.get("pre_tokenizer")) == known[label]:
+        return False
+    from tokenizers import Tokenizer
+
+    steps = [{"trim_offsets": True, **step} if step["type"] == "ByteLevel" else step for step in known[label]]
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": steps}
+    backend.pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    return True
+
+
 def pre_tokenizer_name(tokenizer: Any) -> str:
     """The llama.cpp pre-tokenizer (tokenizer.ggml.pre) that splits text as this byte-level BPE tokenizer does.
 

@@ -59,6 +59,25 @@ def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
     return LoadedRun(config, model, tokenizer, tuned=not base)
 
 
+def split_stops(tokenizer: Any, stops: list[str]) -> tuple[frozenset[int], list[str]]:
+    """EOS and the stops that end generation as a token id, and the stops left to match as text.
+
+    A stop that is one special token (an end-of-turn such as Gemma's) is an id. So is the special token that opens
+    a stop such as ChatML's "<|im_start|>user": answers are decoded without special tokens, so that text would never
+    be seen, and a special token that opens a turn ends the answer whichever turn follows."""
+    special = set(tokenizer.all_special_tokens)
+    ids, texts = [tokenizer.eos_token_id], []
+    for stop in stops:
+        opening = (
+            stop if stop in special else next((token for token in special if token and stop.startswith(token)), None)
+        )
+        if opening is None:
+            texts.append(stop)
+        else:
+            ids.append(tokenizer.convert_tokens_to_ids(opening))
+    return frozenset(token for token in ids if token is not None), texts
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -97,8 +116,8 @@ class Asked:
     """Prompts as generation requests with a run's stop rules, and the answers they come back with: what every
     generator of answers shares (the engine here, llama.cpp in evaluate/parity.py).
 
-    A stop that is one special token (an end-of-turn such as Gemma's) ends generation as an EOS id; any other stop
-    text ends it once the answer contains it, and is cut from the answer."""
+    Stops are split by split_stops: special tokens end generation as ids; any other stop text ends it once the
+    answer contains it, and is cut from the answer."""
 
     def __init__(
         self,
@@ -111,10 +130,7 @@ class Asked:
         seed: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        special = set(tokenizer.all_special_tokens)
-        self.texts = [stop for stop in stops or [] if stop not in special]
-        ends = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(s) for s in stops or [] if s in special)]
-        stop_ids = frozenset(token for token in ends if token is not None)
+        stop_ids, self.texts = split_stops(tokenizer, stops or [])
         if temperature > 0 and seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)))
         self.requests = [
