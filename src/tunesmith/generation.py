@@ -7,9 +7,12 @@ one token for every row past its prefill, in one forward pass with each row at i
 position and its own mask over the cache). A row that finishes leaves at once: the last row moves into its slot,
 so the live rows always form one contiguous block and the attention reads a view, never a gathered copy.
 
-Nothing is concatenated per step: the cache is written in place, the output layer computes the last position only
-(`logits_to_keep=1`), and the adapter of a tuned run computes in the model's dtype (`adapter_in_model_dtype`).
-Sampling is per row and seeded per request: a seeded request gets the same tokens alone or beside others.
+Nothing is concatenated per step: the cache is written in place and the output layer computes the last position only
+(`logits_to_keep=1`). Sampling is per row and seeded per request: a seeded request gets the same tokens alone or
+beside others. Rows may answer with different adapters of one PEFT model (`Request.adapter`). `generation_view`
+is the model as it generates fastest (weights packed for oneDNN, a single adapter merged, fused norms), restored
+exactly afterwards; `take` is the one rule that ends a request, for this engine and for llama.cpp's
+(deploy/llamacpp.py) alike.
 """
 
 from __future__ import annotations
