@@ -115,7 +115,7 @@ class Engine:
             raise TunesmithError(f"Served runs need distinct names other than '{BASE}'; got {names}.")
         self.models: dict[str, Served] = {}
         self.model = self._load(run_dirs, configs)
-        self.context_limit: int = context_limit or int(getattr(self.model.config, "max_position_embeddings", 4096))
+        self.context_limit: int = context_limit or self._trained_context()
         # Prompts longer than the run saw in training are answered poorly and cost the most: by default the
         # prompt alone is held to the training length (one token left to answer within the context).
         if max_prompt_tokens is not None and not 0 < max_prompt_tokens < self.context_limit:
@@ -166,6 +166,10 @@ class Engine:
             self._register(path.name, path, run_tokenizer(path), path.name)
         self._register(BASE, None, self.models[run_dirs[0].name].tokenizer, None)
         return model.eval()
+
+    def _trained_context(self) -> int:
+        """The longest sequence the served model was built for."""
+        return int(getattr(self.model.config, "max_position_embeddings", 4096))
 
     def _register(self, name: str, run_dir: Path | None, tokenizer: Any, adapter: str | None) -> None:
         ids, texts = stop_tokens(tokenizer)

@@ -10,9 +10,8 @@ the whole vocabulary with the request's seed, and no repetition penalty, as the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,6 +34,17 @@ def find_gguf(run_dir: Path, gguf_type: str) -> Path | None:
         if found:
             return found[0]
     return None
+
+
+def gguf_export(run_dir: Path, gguf_type: str, say: Callable[[str], None] | None = None) -> Path:
+    """The run's GGUF export of that type (find_gguf), written to export/gguf-TYPE/ first if it has none."""
+    found = find_gguf(run_dir, gguf_type)
+    if found is not None:
+        return found
+    if say is not None:
+        say(f"No {gguf_type} GGUF export yet: exporting one (tunesmith export --format gguf)...")
+    folder = export_run(run_dir, "gguf", out=RunDir(run_dir).export(f"gguf-{gguf_type}"), gguf_type=gguf_type)
+    return next(folder.glob("*.gguf"))
 
 
 class GgufModel:
@@ -129,20 +139,18 @@ class GgufEngine(Engine):
             raise TunesmithError("--gguf names one file: serve one run with it, or leave --gguf out.")
         self.gguf, self.gguf_type = gguf, gguf_type
         self.files: dict[str, Path] = {}
-        super().__init__(run_dirs, **{"max_batch": 1} | limits)
-        self.max_batch = 1  # one sequence at a time: the others wait their turn on the list
+        # One sequence at a time: the others wait their turn on the list.
+        super().__init__(run_dirs, **(limits | {"max_batch": 1}))
 
-    def _load(self, run_dirs: list[Path], configs: list[Any]) -> Any:
+    def _load(self, run_dirs: list[Path], configs: list[Any]) -> None:
+        """Find (or export) each run's GGUF file; llama.cpp loads them in the worker, at the cache's length."""
         for path in run_dirs:
-            found = self.gguf or find_gguf(path, self.gguf_type)
-            if found is None:
-                folder = export_run(path, "gguf", out=RunDir(path).export(f"gguf-{self.gguf_type}"),
-                                    gguf_type=self.gguf_type)  # fmt: skip
-                found = next(folder.glob("*.gguf"))
-            self.files[path.name] = found
+            self.files[path.name] = self.gguf or gguf_export(path, self.gguf_type)
             self._register(path.name, path, run_tokenizer(path), path.name)
-        context = min(_trained_context(resolve_model_path(config.model)) for config in configs)
-        return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
+        self.configs = configs
+
+    def _trained_context(self) -> int:
+        return min(_model_context(resolve_model_path(config.model)) for config in self.configs)
 
     def _view(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -155,7 +163,7 @@ class GgufEngine(Engine):
         return Stepper({name: GgufModel(path, self.max_length, threads) for name, path in self.files.items()})
 
 
-def _trained_context(source: str) -> int:
+def _model_context(source: str) -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source)

@@ -17,8 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
-from tunesmith.deploy.export import export_run
-from tunesmith.deploy.llamacpp import GgufModel, find_gguf
+from tunesmith.deploy.llamacpp import GgufModel, gguf_export
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate import baselines, stats
 from tunesmith.evaluate import metrics as m
@@ -56,11 +55,7 @@ def parity_run(
     torch model on the same items."""
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
-    path = Path(gguf) if gguf else find_gguf(run_dir, gguf_type)
-    if path is None:
-        console.print(f"[bold]No {gguf_type} GGUF export yet: exporting one (tunesmith export --format gguf)...")
-        folder = export_run(run_dir, "gguf", out=RunDir(run_dir).export(f"gguf-{gguf_type}"), gguf_type=gguf_type)
-        path = next(folder.glob("*.gguf"))
+    path = Path(gguf) if gguf else gguf_export(run_dir, gguf_type, lambda text: console.print(f"[bold]{text}"))
     loaded = load_run(run_dir)
     eval_config = loaded.config.eval
     items = split_items(run_dir, split, limit or eval_config.limit)
