@@ -169,9 +169,9 @@ def main() -> None:
             same = sum(a.strip() == b.strip() for a, b in zip(engine_texts, texts, strict=True))
             print(f"greedy answers identical to the HF path ({label}): {same} of {len(texts)}")
     if args.gguf:
-        from llama_cpp import Llama
+        from tunesmith.deploy.llamacpp import load_llama
 
-        llm = Llama(args.gguf, n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+        llm = load_llama(Path(args.gguf), 1024)
         produced, start = 0, time.perf_counter()
         for ids in encoded:
             out = llm.create_completion(ids, max_tokens=args.max_new_tokens, temperature=0.0)

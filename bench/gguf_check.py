@@ -62,11 +62,13 @@ def main() -> None:
     print(f"metadata: {len(keys)} architecture/tokenizer keys in the reference, differing or missing: {differing}")
 
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         print("llama-cpp-python not installed: generation check skipped")
         return
-    llm = Llama(model_path=str(out), n_ctx=256, verbose=False)
+    from tunesmith.deploy.llamacpp import load_llama
+
+    llm = load_llama(Path(out), 256)
     text = llm("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     print(f"llama.cpp generates from it: {text!r}")
 

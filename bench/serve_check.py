@@ -45,9 +45,9 @@ def main() -> None:
     started = time.perf_counter()
     folder = export_run(run, "ollama", work / "ollama")
     print(f"export ollama (q8_0): {time.perf_counter() - started:.0f} s -> {sorted(p.name for p in folder.iterdir())}")
-    from llama_cpp import Llama
+    from tunesmith.deploy.llamacpp import load_llama
 
-    llm = Llama(model_path=str(next(folder.glob("*.gguf"))), n_ctx=1024, verbose=False)
+    llm = load_llama(next(folder.glob("*.gguf")), 1024)
     answers, started = [], time.perf_counter()
     for messages in prompts:
         reply = llm.create_chat_completion(messages=messages, max_tokens=96, temperature=0.0)

@@ -62,3 +62,25 @@ def test_one_gguf_file_names_one_run(runs, tmp_path):
 
     with pytest.raises(TunesmithError, match="one run"):
         GgufEngine(runs, gguf=tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_llama_cpp_loads_without_its_amx_repacking_on_an_amx_cpu(monkeypatch, tmp_path, amx):
+    import llama_cpp.llama as binding
+
+    from tunesmith.deploy import llamacpp
+
+    seen = {}
+
+    def fake_llama(**arguments):  # llama-cpp-python's Llama reads its defaults while it loads
+        seen["extra_buffers"] = binding.llama_cpp.llama_model_default_params().use_extra_bufts
+        seen["arguments"] = arguments
+        return "model"
+
+    default = binding.llama_cpp.llama_model_default_params
+    monkeypatch.setattr(llamacpp, "amx_cpu", lambda: amx)
+    monkeypatch.setattr(binding, "Llama", fake_llama)
+    assert llamacpp.load_llama(tmp_path / "m.gguf", 128, threads=1) == "model"
+    assert seen["extra_buffers"] is (not amx)
+    assert seen["arguments"]["n_ctx"] == 128
+    assert binding.llama_cpp.llama_model_default_params is default  # restored after the one load

@@ -47,20 +47,51 @@ def gguf_export(run_dir: Path, gguf_type: str, say: Callable[[str], None] | None
     return next(folder.glob("*.gguf"))
 
 
+def amx_cpu() -> bool:
+    """Whether this CPU has Intel AMX (its flags in /proc/cpuinfo)."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def load_llama(path: Path, context: int, threads: int | None = None) -> Any:
+    """llama.cpp's model for one GGUF file. On a CPU with AMX, without llama.cpp's extra weight buffers: in
+    llama-cpp-python 0.3.36 its AMX repacking of Q8_0 weights crashes the process (SIGSEGV in the first decode) on
+    such a CPU (2 cores, avx512_bf16 and amx_bf16, quickstart's q8_0 export); without it the same file answers at
+    ~35 tokens/s there. llama-cpp-python's Llama takes no such argument, so its default model parameters are
+    amended for the one constructor call."""
+    import llama_cpp
+    import llama_cpp.llama as binding
+
+    def parameters() -> Any:
+        made = default()
+        made.use_extra_bufts = False
+        return made
+
+    default = llama_cpp.llama_model_default_params
+    if amx_cpu():
+        binding.llama_cpp.llama_model_default_params = parameters
+    try:
+        return binding.Llama(
+            model_path=str(path), n_ctx=context, n_threads=threads or torch.get_num_threads(), verbose=False
+        )
+    finally:
+        binding.llama_cpp.llama_model_default_params = default
+
+
 class GgufModel:
     """One GGUF file loaded once; `generate` runs one request to its end (llama.cpp keeps one sequence here)."""
 
     def __init__(self, path: Path, context: int, threads: int | None = None) -> None:
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise TunesmithError(f"Running a GGUF export needs llama.cpp's Python binding: {INSTALL}.") from None
         if not path.is_file():
             raise TunesmithError(f"GGUF file {path} not found; export one with: tunesmith export RUN --format gguf")
         self.path = path
-        self.llm: Any = Llama(
-            model_path=str(path), n_ctx=context, n_threads=threads or torch.get_num_threads(), verbose=False
-        )
+        self.llm: Any = load_llama(path, context, threads)
 
     def stream(self, request: Request) -> Iterator[int]:
         """The request's tokens as llama.cpp samples them, without end: the caller stops (generation.take)."""
