@@ -7,7 +7,8 @@ Without RUN it trains a tiny LoRA run first (the tests' 2-layer random Llama, a 
 Starts the server as its own process, then CLIENTS concurrent clients send REQUESTS chat requests
 between them (every fourth streamed), each retrying a 503 after the Retry-After it was given, as
 OpenAI's clients do. Stops starting requests after SECONDS; those started may take as long again.
-Prints requests, answered, 503s and retries, p50/p95 latency (first try to answer, waits included),
+Prints requests, answered, 503s and retries, p50/p95 latency (first try to answer, waits included), time to
+first token of the streamed requests (first try to the first content chunk),
 peak queue depth (the server's own high-water mark), the server's peak RSS and the CPU flags; exits 1
 when a request was lost, a status other than 200/503 came back, or the request log disagrees.
 """
@@ -48,7 +49,18 @@ class Tally:
     def __init__(self) -> None:
         self.started = self.answered = self.busy = self.retries = 0
         self.latencies: list[float] = []
+        self.first_tokens: list[float] = []  # streamed requests: first try to the first content chunk
         self.other: collections.Counter[str] = collections.Counter()
+
+
+def first_content(text: str) -> bool:
+    """Whether a streamed reply so far holds a chunk with answer text (the first chunk may carry only the role)."""
+    for line in text.splitlines():
+        if line.startswith("data: {") and line.endswith("}"):
+            delta = json.loads(line[6:])["choices"][0].get("delta", {})
+            if delta.get("content"):
+                return True
+    return False
 
 
 async def client(
@@ -71,7 +83,11 @@ async def client(
             tries += 1
             try:
                 async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
-                    text = (await reply.aread()).decode()
+                    text, first = "", None
+                    async for chunk in reply.aiter_text():
+                        text += chunk
+                        if first is None and body["stream"] and reply.status_code == 200 and first_content(text):
+                            first = time.perf_counter() - began
             except Exception as error:  # a transport failure is a lost request, not something to retry
                 tally.other[type(error).__name__] += 1
                 break
@@ -82,6 +98,8 @@ async def client(
             if reply.status_code == 200 and (not body["stream"] or text.rstrip().endswith("data: [DONE]")):
                 tally.answered += 1
                 tally.latencies.append(time.perf_counter() - began)
+                if first is not None:
+                    tally.first_tokens.append(first)
             else:
                 tally.other[f"{reply.status_code} {text[:80]!r}"] += 1
             break
@@ -177,7 +195,7 @@ def main() -> None:
         in_server = sorted(row[0] / 1000 for row in db.execute("SELECT latency_ms FROM requests WHERE status = 200"))
 
     lost = tally.started - tally.answered
-    latencies = sorted(tally.latencies)
+    latencies, first_tokens = sorted(tally.latencies), sorted(tally.first_tokens)
     report = {
         "requests": tally.started,
         "not started (time bound)": args.requests - tally.started,
@@ -187,6 +205,9 @@ def main() -> None:
         "lost": lost,
         "other statuses": dict(tally.other),
         "latency p50/p95 s": f"{quantile(latencies, 0.5):.3f} / {quantile(latencies, 0.95):.3f}",
+        "time to first token p50/p95 s (streamed)": (
+            f"{quantile(first_tokens, 0.5):.3f} / {quantile(first_tokens, 0.95):.3f}"
+        ),
         "in the server p50/p95 s": f"{quantile(in_server, 0.5):.3f} / {quantile(in_server, 0.95):.3f}",
         "mean rows per step": round(
             sample(metrics, "tunesmith_batch_size_sum") / sample(metrics, "tunesmith_batch_size_count"), 2
