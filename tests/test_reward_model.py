@@ -4,6 +4,7 @@ run folder runs no code from it."""
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -24,28 +25,33 @@ from tunesmith.rundir import RunDir
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.batching import collate
 
-from .conftest import build_tokenizer, chat_prompt, write_jsonl
+from .conftest import FILLER, build_tokenizer, chat_prompt, write_jsonl
 from .test_cli import train_args
 
 COLOURS = ["red", "green", "blue", "black", "white", "pink"]
 
 
 def separable_pairs(n: int) -> list[dict]:
-    """Pairs as `monitor --export-preferences` writes them (the prompt as messages, the sides' models and source):
-    every chosen answer says "quick brown fox", no rejected one does."""
-    return [
-        {
+    """Pairs as `monitor --export-preferences` writes them (the prompt as messages, the sides' models and source).
+    Both answers are four random filler words, but only the chosen one says "fox": a small fixed difference under
+    large differences from pair to pair, so a fresh head ranks them about as chance does and a trained one learns it."""
+    rows = []
+    words = [w for w in FILLER if w != "fox"]
+    for i in range(n):
+        draw = random.Random(i)
+        chosen, rejected = draw.sample(words, 3), draw.sample(words, 4)
+        chosen.insert(draw.randrange(4), "fox")
+        rows.append({
             "prompt": [{"role": "user", "content": chat_prompt(i)}],
-            "chosen": f"the quick brown fox {COLOURS[i % 6]}",
-            "rejected": f"the lazy dog {COLOURS[(i + 1) % 6]}",
+            "chosen": " ".join(chosen),
+            "rejected": " ".join(rejected),
             "chosen_model": None,
             "rejected_model": "colours",
             "source": "correction",
             "chosen_request": f"r{i}",
             "rejected_request": f"r{i}",
-        }
-        for i in range(n)
-    ]
+        })  # fmt: skip
+    return rows
 
 
 def _rows(run_dir, kind):
@@ -132,7 +138,7 @@ def lora_reward_run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("rm")
     data = write_jsonl(root / "pairs.jsonl", separable_pairs(80))
     out = root / "rm"
-    flags = ["--method", "lora", "--max-steps", "60", "--lr", "2e-2", "--set", "checkpoint.every=60", *FLAGS]
+    flags = [*FLAGS, "--method", "lora", "--max-steps", "80", "--lr", "1e-2", "--train.batch_size", "8"]
     assert main(train_args(tiny_model_dir, data, out, *flags)) == 0
     return out
 
@@ -192,13 +198,13 @@ def test_the_untrained_start_is_the_head_training_began_with(tiny_model_dir):
     first = fresh_head(model.config, 0)
     again = OBJECTIVES["reward_model"].attach(model, 0)
     torch.testing.assert_close(getattr(again, HEAD).weight, first.weight)
-    assert float(first.weight.std()) == pytest.approx(model.config.initializer_range, rel=0.5)
+    assert float(first.weight.detach().std()) == pytest.approx(model.config.initializer_range, rel=0.5)
 
 
 def test_full_fine_tuning_learns_separable_pairs(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(80))
     out = tmp_path / "full"
-    flags = ["--method", "full", "--max-steps", "40", "--lr", "2e-3", *FLAGS]
+    flags = [*FLAGS, "--method", "full", "--max-steps", "60", "--lr", "3e-3", "--train.batch_size", "8"]
     assert main(train_args(tiny_model_dir, data, out, *flags)) == 0
     capsys.readouterr()
     assert main(["compare", str(out), "--json"]) == 0

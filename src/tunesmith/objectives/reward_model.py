@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tunesmith.config import PreferenceConfig
@@ -114,7 +114,7 @@ def read_head(path: Path) -> torch.nn.Linear:
         with safe_open(str(path), framework="pt") as saved:
             metadata = saved.metadata() or {}
             weight, bias = saved.get_tensor("weight"), saved.get_tensor("bias")
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
         raise TunesmithError(
             f"{path}: not a reward head tunesmith wrote ({str(exc).splitlines()[0][:200]}). Train the run again."
         ) from None
