@@ -58,7 +58,7 @@ def fresh_head(model_config: Any, seed: int) -> torch.nn.Linear:
     return new_head(model_config.hidden_size, seed, float(getattr(model_config, "initializer_range", 0.02) or 0.02))
 
 
-def sequence_scores(model: Any, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_scores(model: Any, head: torch.nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One fp32 score per row: `head` on the decoder's hidden state at the row's last attended token."""
     hidden = _decoder_hidden(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     mask = batch["attention_mask"]
