@@ -243,7 +243,7 @@ def compare_run(
     baseline, chosen on the validation split (choosing on the compared items would flatter it)."""
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
-    if RunDir(run_dir).read_config().objective == "reward_model":
+    if RunDir(run_dir).read_config_fields().get("objective") == "reward_model":
         return compare_reward_model(run_dir, split)
     loaded = load_run(run_dir)
     # A PEFT run answers as its base with the adapter off, so it needs no second copy of the weights.
