@@ -338,12 +338,13 @@ class RunConfig(Section):
         description="Fine-tuning technique: lora (recommended start), qlora (4-bit base + LoRA), dora "
         "(weight-decomposed LoRA), adapter (bottleneck layers), full (every weight).",
     )
-    objective: Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"] = Field(
+    objective: Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "reward_model"] = Field(
         "sft",
         description="What the method trains toward: sft (imitate the answers: the default), or a preference "
         "objective on pairs of a chosen and a rejected answer: dpo, ipo (DPO's squared variant), orpo (SFT plus an "
         "odds-ratio term, no reference), simpo (length-normalised, no reference), or kto (single answers marked "
-        "desirable or not). dpo, ipo and kto measure against the model the run starts from.",
+        "desirable or not). dpo, ipo and kto measure against the model the run starts from. reward_model trains a "
+        "scalar head on the same pairs (Bradley-Terry): a scorer that compare rates by held-out pair accuracy.",
     )
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="Preference objectives' settings (objective other than sft)."

@@ -272,6 +272,7 @@ def build_model(
         run.console.print(f"starting from {config.init_from}'s trained weights")
     else:
         model, _ = apply_method(load_base(config, source, dtype), config)
+    model = objective_of(config).attach(model, config.train.seed)
     trainable, total = count_parameters(model)
     run.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if not run.resuming and run.world.main:
@@ -316,7 +317,9 @@ def train(
 
 
 def save(config: RunConfig, run: OpenRun, data: Tokenized, model: Any, trained: dict[str, Any] | None) -> None:
-    """The trained weights with their tokenizer, the tokenizer and chat template alone, and the loss plot."""
+    """The objective's own part (a reward head), the trained weights with their tokenizer, the tokenizer and chat
+    template alone, and the loss plot."""
+    trained = objective_of(config).save_own(model, run.run_dir, trained)
 
     def write_weights(path: Path) -> None:
         save_trained(model, config, path, trained)

@@ -10,6 +10,7 @@ flipped on a per-item metric, and a verdict on the primary metric that says when
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from tunesmith.evaluate.general import general_ability
 from tunesmith.evaluate.generate import generate, load_run
 from tunesmith.files import json_line, own_dir, replacing, write_json
 from tunesmith.objectives.preference import prefers_chosen, tokenize_preferences
+from tunesmith.objectives.reward_model import fresh_head, load_reward_model
 from tunesmith.rundir import RunDir
 from tunesmith.train.batching import collate
 from tunesmith.train.loss import model_loss_sum
@@ -39,6 +41,10 @@ if TYPE_CHECKING:
     from tunesmith.config import EvalConfig
 
 SPLITS = ("test", "val", "train")
+# What preference accuracy counts, for a preference run (the default of a compare.json without `measure`) and a
+# reward model.
+PER_TOKEN = "a higher log-probability per token than the rejected one"
+REWARD_SCORE = "a higher reward-model score than the rejected one (a tie counts half)"
 COMPARE_VERSION = 2  # compare.json's shape; a file without `version` is version 1 (see _from_version_1)
 
 
@@ -237,6 +243,8 @@ def compare_run(
     baseline, chosen on the validation split (choosing on the compared items would flatter it)."""
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
+    if RunDir(run_dir).read_config_fields().get("objective") == "reward_model":
+        return compare_reward_model(run_dir, split)
     loaded = load_run(run_dir)
     # A PEFT run answers as its base with the adapter off, so it needs no second copy of the weights.
     base = loaded if loaded.shares_base else load_run(run_dir, base=True)
@@ -456,7 +464,7 @@ def _preference_accuracy(loaded: Any, base: Any, items: list[Conversation]) -> d
     if config.init_from:
         wins["start"] = prefers_chosen(load_run(config.init_from).model, examples, pad, size)
     wins["tuned"] = prefers_chosen(loaded.model, examples, pad, size)
-    result: dict[str, Any] = {"items": len(examples), "start_run": config.init_from}
+    result: dict[str, Any] = {"items": len(examples), "start_run": config.init_from, "measure": PER_TOKEN}
     result |= {name: round(sum(values) / max(1, len(values)), 4) for name, values in wins.items()}
     for against in ("base", "start"):
         if against in wins and examples:
@@ -465,6 +473,59 @@ def _preference_accuracy(loaded: Any, base: Any, items: list[Conversation]) -> d
             )
             result[f"tuned_vs_{against}"] = compared.to_dict()
     return result
+
+
+def compare_reward_model(run_dir: Path, split: str = "test") -> CompareSummary:
+    """A reward model scores answers rather than writing them: its comparison is held-out pair accuracy of the trained
+    scorer against its untrained start (the base, and init_from's run when there is one, each with the fresh head
+    training began with), paired, with a bootstrap CI. No generation, so no prompting baselines."""
+    scorer = load_reward_model(run_dir)
+    config, items = scorer.run.config, split_items(run_dir, split, None)
+    pairs, _ = tokenize_preferences(scorer.run.tokenizer, items, config.data.max_length, "pair")
+    fresh = fresh_head(scorer.run.model.config, config.train.seed)
+    starts = {"base": scorer.run if scorer.run.shares_base else load_run(run_dir, base=True)}
+    if config.init_from:
+        starts["start"] = load_run(config.init_from)
+    scores = {}
+    for name, start in starts.items():
+        with start.base_only() if start is scorer.run else nullcontext():
+            scores[name] = dataclasses.replace(scorer, run=start, head=fresh).pair_scores(pairs)
+    scores["tuned"] = scorer.pair_scores(pairs)
+    wins = {name: [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in pair] for name, pair in scores.items()}
+    result: dict[str, Any] = {"items": len(pairs), "start_run": config.init_from, "measure": REWARD_SCORE}
+    result |= {name: round(sum(values) / max(1, len(values)), 4) for name, values in wins.items()}
+    for against in starts:
+        compared = stats.compare_per_item(
+            "pair_accuracy", wins[against], wins["tuned"], False, config.eval.bootstrap, config.eval.seed
+        )
+        result[f"tuned_vs_{against}"] = compared.to_dict()
+    by_line = {c.line: c for c in items}
+    rows = [
+        {"line": p.line, "prompt": by_line[p.line].prompt_messages[-1].content}
+        | {"chosen": str(by_line[p.line].reference), "rejected": by_line[p.line].rejected}
+        | {name: [round(v, 6) for v in scores[name][i]] for name in scores}
+        for i, p in enumerate(pairs)
+    ]
+    summary = CompareSummary(
+        run_dir=str(run_dir), split=split, items=len(pairs), primary="pair_accuracy", decided_by="pair_accuracy",
+        correction="none (one comparison per start)", baselines={}, verdict=_reward_verdict(result),
+        examples=rows[:3], preference=result,
+    )  # fmt: skip
+    _write_compare(RunDir(run_dir), rows, summary)
+    return summary
+
+
+def _reward_verdict(result: dict[str, Any]) -> str:
+    """What the trained scorer's held-out pair accuracy says against its untrained start on the base."""
+    versus = result["tuned_vs_base"]
+    detail = (
+        f"{result['tuned']:.3f} of {result['items']} held-out pairs ranked right, against {result['base']:.3f} for "
+        f"the base with a fresh head (diff {versus['diff']:+.3f}, 95% CI [{versus['ci_low']:+.3f}, "
+        f"{versus['ci_high']:+.3f}])"
+    )
+    if versus["ci_low"] > 0:
+        return f"The reward model learned the preference: {detail}."
+    return f"No measurable gain: {detail}; more pairs or steps may help."
 
 
 def _losses_of_both(

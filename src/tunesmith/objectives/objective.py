@@ -7,6 +7,7 @@ objective's own module can name the base class and look up a config's objective 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,14 @@ class Objective:
     ) -> tuple[torch.Tensor, dict]:
         """The loss summed over the batch's units, and step statistics summed likewise (none for SFT)."""
         return model_loss_sum(model, batch), {}
+
+    def attach(self, model: Any, seed: int) -> Any:
+        """The model to train: the method's, plus any part the objective trains itself (reward_model: a head)."""
+        return model
+
+    def save_own(self, model: Any, run_dir: Path, trained: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Write the objective's own trained part to the run folder and take it off the model; `trained` without it."""
+        return trained
 
 
 SFT = Objective()
