@@ -237,3 +237,11 @@ def test_loading_a_reward_model_runs_no_code_from_the_run_folder(lora_reward_run
 def test_a_run_of_another_objective_is_not_a_reward_model(lora_run):
     with pytest.raises(TunesmithError, match="not a reward model"):
         load_reward_model(lora_run)
+
+
+def test_a_reward_model_is_not_exported_as_a_language_model(lora_reward_run, tmp_path):
+    from tunesmith.deploy.export import export_run
+
+    with pytest.raises(TunesmithError, match="reward model"):
+        export_run(lora_reward_run, "merged", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
