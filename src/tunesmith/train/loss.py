@@ -140,7 +140,7 @@ def token_logps(
     same selected-positions, chunked, recomputed path as answer_logps, one value per token instead of per row."""
     parts = [stats for _, stats in _answer_chunks(_chunk_token_stats, hidden, labels, head, softcap, chunk_size)]
     both = torch.cat(parts) if parts else hidden.new_zeros((0, 2), dtype=torch.float32)
-    return both[:, 0], both[:, 1]
+    return both[:, 0], both[:, 1].detach()
 
 
 def model_token_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
