@@ -17,7 +17,7 @@ from tunesmith.data.tokenize import use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.methods import METHODS
 from tunesmith.objectives import losses
-from tunesmith.objectives.rl import GRPO, Group, Row, Rollouts, combined_rewards, tokenize_prompts
+from tunesmith.objectives.rl import Group, Rollouts, Row, combined_rewards, tokenize_prompts
 from tunesmith.rewards import Sample, build_rewards, score
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import Session, fit
@@ -161,3 +161,185 @@ def test_token_weights_are_each_loss_types_normaliser():
     assert losses.sequence_token_weights(lengths, "grpo", 8).tolist() == pytest.approx([1 / 4, 1 / 8])
     assert losses.sequence_token_weights(lengths, "dr_grpo", 8).tolist() == pytest.approx([1 / 16, 1 / 16])
     assert losses.sequence_token_weights(lengths, "dapo", 8).tolist() == pytest.approx([1 / 6, 1 / 6])
+
+
+# --- Rollouts: dynamic sampling, truncation, skipped completions ------------------------------------------------
+
+
+def _reward(name, function):
+    from tunesmith.rewards import Reward, _per_sample
+
+    return Reward(name, 1.0, False, _per_sample(function))
+
+
+def test_zero_spread_groups_are_dropped_counted_and_replaced(tmp_path):
+    tokenizer, model, config, prompts = _setup(tmp_path, max_completion_tokens=4, overlong="none", max_draws=3)
+    rollouts = Rollouts(config, tokenizer, prompts, model, uses_peft=False)
+    # Prompts about red or blue get a reward that differs between completions; every other prompt a constant.
+    rollouts.rewards = [_reward("r", lambda s: len(s.completion) % 3 if ("red" in s.prompt or "blue" in s.prompt)
+                                else 1.0)]  # fmt: skip
+    rows, logged, drawn = rollouts.rollout(FakeTrainer(model), step=1, position=0)
+    kept_lines = {row.line for row in rows}
+    spread = {p.line for p in prompts if "red" in p.conversation.prompt_messages[-1].content
+              or "blue" in p.conversation.prompt_messages[-1].content}  # fmt: skip
+    assert kept_lines <= spread
+    assert logged["groups_dropped"] == drawn - len({r.line for r in rows}) and logged["draws"] <= 3
+    assert logged["groups_dropped"] > 0 and logged["zero_spread"] > 0 and logged["prompts_drawn"] == drawn > 2
+    # Without dynamic sampling the zero-spread groups stay (advantage 0) and are still counted.
+    config.rl.dynamic_sampling = False
+    rows, logged, drawn = rollouts.rollout(FakeTrainer(model), step=1, position=0)
+    assert drawn == 2 and logged["draws"] == 1 and logged["groups_dropped"] == 0
+    assert len(rows) == 2 * config.rl.group_size
+
+
+def _fake_generation(lengths, limit):
+    """generate_groups as the engine would answer: completion k of each prompt has lengths[k] tokens, and one of
+    `limit` tokens was cut there (finish_reason length)."""
+    from tunesmith.generation import Request
+
+    def generate(model, tokenizer, prompts, group_size, rl, temperature, seed, logprobs):
+        groups = []
+        for prompt in prompts:
+            requests = []
+            for k in range(group_size):
+                request = Request(prompt.ids, limit, tokens=[5] * lengths[k], token_logprobs=[-1.0] * lengths[k])
+                request.finish_reason = "length" if lengths[k] == limit else "stop"
+                requests.append(request)
+            groups.append(requests)
+        return groups, [["x" * n for n in lengths[:group_size]] for _ in prompts]
+
+    return generate
+
+
+def test_truncated_completions_are_masked_or_penalised_never_scored_zero_silently(tmp_path, monkeypatch):
+    import tunesmith.objectives.rl as rl
+
+    tokenizer, model, config, prompts = _setup(tmp_path, max_completion_tokens=3, overlong="mask", group_size=3,
+                                               dynamic_sampling=False, overlong_buffer=2)  # fmt: skip
+    monkeypatch.setattr(rl, "generate_groups", _fake_generation([1, 2, 3], 3))
+    rollouts = Rollouts(config, tokenizer, prompts, model, uses_peft=False)
+    rollouts.rewards = [_reward("chars", lambda s: float(len(s.completion)))]
+    rows, logged, _ = rollouts.rollout(FakeTrainer(model), step=1, position=0)
+    assert logged["truncated"] == pytest.approx(1 / 3) and logged["completion_len_max"] == 3
+    assert sorted(len(row.tokens) for row in rows) == [1, 1, 2, 2]  # masked: no cut completion is trained on
+    assert logged["reward"] == pytest.approx(1.5)  # and none scored: the mean of 1 and 2
+    config.rl.overlong = "penalty"
+    rows, logged, _ = rollouts.rollout(FakeTrainer(model), step=1, position=0)
+    assert sorted(len(row.tokens) for row in rows) == [1, 1, 2, 2, 3, 3]  # penalised, not dropped
+    samples = [Sample("p", "abc", None, {}, tokens, tokens == 3) for tokens in (1, 2, 3)]
+    group = Group(0, [None] * 3, samples, score(rollouts.rewards, samples))
+    assert combined_rewards(group, config.rl) == [3.0, 3.0 - 0.5, 3.0 - 1.0]  # DAPO's soft penalty, -1 at the limit
+    config.rl.overlong = "mask"
+    assert combined_rewards(group, config.rl) == [3.0, 3.0, None]
+
+
+def test_a_reward_that_raises_returns_none_or_hangs_skips_its_completion(tmp_path):
+    module = tmp_path / "my_rewards.py"
+    module.write_text(
+        "import time\n"
+        "def picky(prompt, completion, example):\n"
+        "    if completion == 'boom':\n        raise ValueError('no')\n"
+        "    if completion == 'none':\n        return None\n"
+        "    if completion == 'slow':\n        time.sleep(5)\n"
+        "    return 1.0\n"
+    )
+    spec = f"{module}:picky"
+    entry = RewardConfig(code=spec, timeout_s=0.2)
+    with pytest.raises(TunesmithError, match="rl.rewards names code"):
+        build_rewards([entry], None, 8)  # not named on this command line
+    trust.grant([spec])
+    rewards = build_rewards([entry, RewardConfig(metric="exact_match")], None, 8)
+    samples = [Sample("p", text, "ok", {}, 1, False) for text in ("ok", "boom", "none", "slow")]
+    scored = score(rewards, samples)
+    assert scored.values["picky"] == [1.0, None, None, None]
+    assert scored.skipped == {"picky": 3, "exact_match": 0}
+    assert scored.combined == [2.0, None, None, None]
+
+
+def test_a_code_reward_from_a_run_folders_config_is_refused(tiny_model_dir, chat_file, tmp_path, capsys):
+    module = tmp_path / "reward.py"
+    marker = tmp_path / "ran.txt"
+    module.write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\ndef fn(prompt, completion, example):\n    return 1.0\n"
+    )
+    folder = tmp_path / "shared-run"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    config = {"model": str(tiny_model_dir), "objective": "grpo", "rl": {"rewards": [{"code": f"{module}:fn"}]},
+              "data": {"path": str(chat_file)}, "out": str(tmp_path / "out")}  # fmt: skip
+    (folder / "config.yaml").write_text(json.dumps(config))
+    assert trust.code_entries(config) == [("rl.rewards", f"{module}:fn")]
+    assert main(["train", str(folder / "config.yaml"), "--allow-warnings", "true"]) == 2
+    message = capsys.readouterr().err
+    assert "rl.rewards names code" in message and "--allow-code" in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# --- Learning and resuming --------------------------------------------------------------------------------------
+
+
+def _fit(run_dir, tokenizer, model, config, prompts, **session):
+    rollouts = Rollouts(config, tokenizer, prompts, model, uses_peft=hasattr(model, "disable_adapter"))
+    run_dir.mkdir(exist_ok=True)
+    return fit(
+        model, prompts, config.train, tokenizer.pad_token_id, run_dir / "metrics.jsonl",
+        session=Session(run_dir=run_dir, checkpoint=CheckpointConfig(every=2), objective=rollouts.objective,
+                        source=rollouts, **session),
+    )  # fmt: skip
+
+
+def test_a_metric_reward_rises_on_a_tiny_task(tmp_path):
+    """A random 2-layer Llama learns to answer in vowels: chrF against the reference 'aeiou aeiou' rises."""
+    tokenizer, model, config, prompts = _setup(tmp_path, n=16)
+    records = [dict(r, messages=[r["messages"][0], {"role": "assistant", "content": "aeiou aeiou"}])
+               for r in chat_records(16)]  # fmt: skip
+    conversations, _ = read_conversations(write_jsonl(tmp_path / "vowels.jsonl", records))
+    config = RunConfig(
+        objective="grpo",
+        rl=RlConfig(rewards=[RewardConfig(metric="chrf")], group_size=8, prompts_per_step=4, max_completion_tokens=6,
+                    overlong="none"),
+        train=TrainConfig(max_steps=30, batch_size=16, lr=2e-2, warmup_ratio=0.0, schedule="constant", seed=0,
+                          max_grad_norm=None),
+    )  # fmt: skip
+    prompts, _ = tokenize_prompts(tokenizer, conversations, 256, config.rl)
+    result = _fit(tmp_path / "run", tokenizer, model, config, prompts)
+    rewards = [row["reward"] for row in result.history]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.05, rewards
+
+
+def test_grpo_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """SIGTERM at step 3 (mid-way through a rollout's 2 iterations), then resume: same weights, same rows."""
+    from tunesmith.config import LoraConfig
+    from tunesmith.methods.lora import apply_lora
+    from tunesmith.models import load_model
+
+    tokenizer, _, config, prompts = _setup(tmp_path, beta=0.1, iterations=2, max_completion_tokens=5,
+                                           overlong="penalty")  # fmt: skip
+    config.train = TrainConfig(max_steps=6, batch_size=4, lr=5e-3, warmup_ratio=0.2, seed=3)
+
+    def policy():
+        torch.manual_seed(1)
+        model = load_model(str(tiny_model_dir), torch.float32)
+        return apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))[0]
+
+    straight = policy()
+    _fit(tmp_path / "straight", tokenizer, straight, config, prompts)
+
+    def stop_at_step_3(record):
+        if record.get("step") == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted):
+        _fit(tmp_path / "broken", tokenizer, policy(), config, prompts, log=stop_at_step_3)
+    resumed = policy()
+    latest = ckpt.latest_checkpoint(tmp_path / "broken")
+    assert json.loads((latest / "state.json").read_text())["rollouts"]["rows"]  # the pending rollout is kept
+    _fit(tmp_path / "broken", tokenizer, resumed, config, prompts, resume_from=latest)
+    expected = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    for name, parameter in resumed.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    keys = ("step", "loss", "reward", "kl", "prompts_drawn", "iteration")
+    straight_rows = [tuple(r.get(k) for k in keys) for r in _rows(tmp_path / "straight", "train")]
+    assert [tuple(r.get(k) for k in keys) for r in _rows(tmp_path / "broken", "train")] == straight_rows

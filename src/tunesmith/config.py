@@ -358,7 +358,11 @@ class RewardConfig(Section):
     timeout_s: float = Field(
         10.0, gt=0.0, description="code: seconds one call may take; a slower call skips its completion (counted)."
     )
-    name: str | None = Field(None, description="The name it is logged under; default: the metric, or its kind.")
+    name: str | None = Field(
+        None,
+        description="The name it is logged under (reward_<name>); default: the metric, the code's function "
+        "name, or the kind (regex, length, model).",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> RewardConfig:
@@ -379,7 +383,11 @@ class RewardConfig(Section):
 
     @property
     def label(self) -> str:
-        return self.name or (self.metric if self.metric is not None else self.kind)
+        if self.name:
+            return self.name
+        if self.code is not None:
+            return self.code.rpartition(":")[2] or "code"
+        return self.metric if self.metric is not None else self.kind
 
 
 class RlConfig(Section):
