@@ -298,14 +298,14 @@ def test_a_metric_reward_rises_on_a_tiny_task(tmp_path):
         objective="grpo",
         rl=RlConfig(rewards=[RewardConfig(metric="chrf")], group_size=8, prompts_per_step=4, max_completion_tokens=6,
                     overlong="none"),
-        train=TrainConfig(max_steps=30, batch_size=16, lr=2e-2, warmup_ratio=0.0, schedule="constant", seed=0,
+        train=TrainConfig(max_steps=15, batch_size=16, lr=2e-2, warmup_ratio=0.0, schedule="constant", seed=0,
                           max_grad_norm=None),
     )  # fmt: skip
     prompts, _ = tokenize_prompts(tokenizer, conversations, 256, config.rl)
     result = _fit(tmp_path / "run", tokenizer, model, config, prompts)
     rewards = [row["reward"] for row in result.history]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.05, rewards
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > 3 * first and last > first + 0.04, rewards  # measured: 0.007 -> 0.09
 
 
 def test_grpo_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
