@@ -480,7 +480,10 @@ class RunConfig(Section):
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="Preference objectives' settings (objective other than sft)."
     )
-    rl: RlConfig = Field(default_factory=RlConfig, description="Online RL settings (objective: grpo).")
+    rl: RlConfig = Field(
+        default_factory=RlConfig,  # type: ignore[arg-type]  # mypy without pydantic's plugin, as the sections here
+        description="Online RL settings (objective: grpo).",
+    )
     init_from: str | None = Field(
         None,
         description="Start from an earlier run's trained weights (e.g. runs/sft) instead of the base model: the "

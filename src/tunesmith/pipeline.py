@@ -240,6 +240,8 @@ def tokenize(config: RunConfig, run: OpenRun, source: str) -> Tokenized:
     template = use_chat_template(tokenizer, config.chat_template)
     train, val, test = run.splits["train"], run.splits["val"], run.splits["test"]
     length, holds = config.data.max_length, objective_of(config).holds
+    examples: list[Any]
+    val_examples: list[Any]
     if config.objective == "grpo":  # prompts only: the model writes the answers
         examples, report = rl.tokenize_prompts(tokenizer, train, length, config.rl)
         val_examples = rl.tokenize_prompts(tokenizer, val, length, config.rl)[0] if val else []

@@ -170,11 +170,14 @@ def score(rewards: list[Reward], samples: list[Sample]) -> Scored:
     skipped: dict[str, int] = {}
     errors: dict[str, str] = {}
     for reward in rewards:
+        found: list[float | None]
         try:
             found = reward.score(samples)
         except Exception as exc:  # a batch scorer that fails skips the whole batch for this reward
             found, errors[reward.name] = [None] * len(samples), f"{type(exc).__name__}: {exc}"
-        column = [_number(value) for value in found] if len(found) == len(samples) else [None] * len(samples)
+        column: list[float | None] = [None] * len(samples)
+        if len(found) == len(samples):
+            column = [_number(value) for value in found]
         values[reward.name], skipped[reward.name] = column, sum(v is None for v in column)
     combined: list[float | None] = []
     for index in range(len(samples)):

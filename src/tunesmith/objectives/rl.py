@@ -226,7 +226,7 @@ def combined_rewards(group: Group, rl: RlConfig) -> list[float | None]:
     """The group's combined rewards with rl.overlong applied: None for a skipped completion and, under mask, for
     one cut at the length limit."""
     assert group.scored is not None
-    rewards = []
+    rewards: list[float | None] = []
     for sample, value in zip(group.samples, group.scored.combined, strict=True):
         if value is None or (sample.truncated and rl.overlong == "mask"):
             rewards.append(None)
