@@ -535,7 +535,13 @@ class RunConfig(Section):
 
 
 # Short command-line flags for the fields people set most; every field also has --section.field.
-FLAG_ALIASES = {"data.path": "--data"}
+# rl.beta, rl.temperature and rl.top_p share their names with fields that had the short flags first: those keep them.
+FLAG_ALIASES = {
+    "data.path": "--data",
+    "preference.beta": "--beta",
+    "eval.temperature": "--temperature",
+    "eval.top_p": "--top-p",
+}
 
 
 def leaf_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any]]:
