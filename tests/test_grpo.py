@@ -343,3 +343,12 @@ def test_grpo_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     keys = ("step", "loss", "reward", "kl", "prompts_drawn", "iteration")
     straight_rows = [tuple(r.get(k) for k in keys) for r in _rows(tmp_path / "straight", "train")]
     assert [tuple(r.get(k) for k in keys) for r in _rows(tmp_path / "broken", "train")] == straight_rows
+
+
+def test_data_check_says_which_rewards_need_a_reference(chat_file, capsys):
+    assert main(["data", "check", str(chat_file), "--rewards", "[{metric: json_fields}, {regex: x}]", "--json"]) in (
+        0,
+        1,
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["rewards"] == {"need_reference": ["json_fields"], "rows_without_reference": 0}

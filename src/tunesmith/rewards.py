@@ -130,6 +130,11 @@ def _model(entry: RewardConfig) -> Scorer:
     return lambda samples: list(scorer([s.prompt for s in samples], [s.completion for s in samples]))
 
 
+def reference_rewards(entries: list[RewardConfig]) -> list[str]:
+    """The names of the rewards that score against the example's reference answer (what the data must hold)."""
+    return [e.label for e in entries if e.kind == "metric" and e.metric not in NO_REFERENCE_METRICS]
+
+
 def build_rewards(entries: list[RewardConfig], schema_path: str | None, max_completion_tokens: int) -> list[Reward]:
     """One Reward per rl.rewards entry; names are made unique (a second exact_match is exact_match_2)."""
     rewards: list[Reward] = []
@@ -148,8 +153,7 @@ def build_rewards(entries: list[RewardConfig], schema_path: str | None, max_comp
         name, taken = entry.label, {r.name for r in rewards}
         if name in taken:
             name = next(f"{entry.label}_{n}" for n in range(2, len(rewards) + 3) if f"{entry.label}_{n}" not in taken)
-        needs = kind == "metric" and entry.metric not in NO_REFERENCE_METRICS
-        rewards.append(Reward(name, entry.weight, needs, scorer))
+        rewards.append(Reward(name, entry.weight, bool(reference_rewards([entry])), scorer))
     return rewards
 
 
