@@ -245,3 +245,16 @@ def test_a_reward_model_is_not_exported_as_a_language_model(lora_reward_run, tmp
     with pytest.raises(TunesmithError, match="reward model"):
         export_run(lora_reward_run, "merged", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reward_model_run_is_a_reward_of_grpo(lora_reward_run):
+    from tunesmith.config import RewardConfig
+    from tunesmith.rewards import Sample, build_rewards, score
+
+    (reward,) = build_rewards([RewardConfig(model=str(lora_reward_run))], None, 16)
+    prompt = "colour red item 1"
+    samples = [Sample(prompt, answer, None, {}, 3, False) for answer in ("the fox ran", "a cat sat")]
+    scored = score([reward], samples)
+    expected = load_reward_model(lora_reward_run).score([prompt, prompt], ["the fox ran", "a cat sat"])
+    assert scored.combined == pytest.approx(expected)
+    assert scored.skipped[reward.name] == 0

@@ -5,7 +5,9 @@ and what it logs per step. `sft` imitates the answers (a batch of token ids with
 tokens; the loss is the mean answer-token cross-entropy). The preference objectives (objectives/preference.py,
 their formulas in objectives/losses.py) train on a chosen and a rejected answer to one prompt, or on
 single answers marked desirable or not (KTO), and log reward accuracy and margins. `reward_model`
-(objectives/reward_model.py) trains a scalar head on the same pairs: a Bradley-Terry scorer for RL.
+(objectives/reward_model.py) trains a scalar head on the same pairs: a Bradley-Terry scorer for RL. `grpo`
+(objectives/rl.py) learns online from rewards of the model's own sampled answers; it makes its own batches
+(rl.Rollouts).
 
 `OBJECTIVES` is the registry and `objective_of` finds a run's objective. Every objective works with every
 method: the method decides which weights train, the objective what they train toward.
@@ -17,6 +19,7 @@ from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.objectives.objective import OBJECTIVES, SFT, Objective, objective_of
 from tunesmith.objectives.preference import Preference
 from tunesmith.objectives.reward_model import REWARD_MODEL
+from tunesmith.objectives.rl import GRPO
 
 
 def _registry() -> dict[str, Objective]:
@@ -28,7 +31,7 @@ def _registry() -> dict[str, Objective]:
         Preference("kto", "kto", True),
     }
     ordered = {objective.name: objective for objective in sorted(preference, key=lambda o: o.name)}
-    return {"sft": SFT} | ordered | {REWARD_MODEL.name: REWARD_MODEL}
+    return {"sft": SFT} | ordered | {REWARD_MODEL.name: REWARD_MODEL, "grpo": GRPO("grpo")}
 
 
 OBJECTIVES.update(_registry())

@@ -6,7 +6,7 @@ objective's own module can name the base class and look up a config's objective 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,19 @@ class Objective:
 
 
 SFT = Objective()
+
+
+@dataclass
+class StepBatch:
+    """What one optimizer step trains on, as the Trainer draws it: for SFT and preference objectives grad_accum
+    micro-batches of the examples, for grpo the step's rollouts (objectives/rl.py)."""
+
+    micro_batches: list[tuple[list[int], dict[str, torch.Tensor], float]]  # (indices, tensors, weight)
+    units: int  # what the step's summed loss is divided by (answer tokens for SFT; grpo weighs its own tokens: 1)
+    tokens: int
+    lines: list[int]  # the data lines trained on, for error messages
+    advance: int  # how far the data position (TrainState.micro_batches) moves: micro-batches, or grpo's prompts
+    logged: dict[str, Any] = field(default_factory=dict)  # step statistics logged as they are (grpo: rewards)
 
 
 OBJECTIVES: dict[str, Objective] = {}  # filled by objectives/__init__.py
