@@ -122,7 +122,11 @@ def _model(entry: RewardConfig) -> Scorer:
     from tunesmith.objectives.reward_model import load_reward_model
 
     scorer = load_reward_model(str(entry.model))
-    return lambda samples: scorer.score([s.prompt for s in samples], [s.completion for s in samples])
+
+    def scores(samples: list[Sample]) -> list[float | None]:
+        return list(scorer.score([s.prompt for s in samples], [s.completion for s in samples]))
+
+    return scores
 
 
 def reference_rewards(entries: list[RewardConfig]) -> list[str]:
