@@ -70,3 +70,11 @@ def test_quickstart_generator_reproduces_the_shipped_data(tmp_path):
     records = regenerated_records("quickstart", "notes.jsonl", tmp_path)
     assert len(records) >= 600
     assert len({r["messages"][0]["content"] for r in records}) == len(records)
+
+
+def test_rl_generator_reproduces_the_shipped_data_with_the_quickstarts_record(tmp_path):
+    records = regenerated_records("rl", "notes.jsonl", tmp_path)
+    quickstart = json.loads(regenerated_records("quickstart", "notes.jsonl", tmp_path)[0]["messages"][1]["content"])
+    answers = [json.loads(r["messages"][1]["content"]) for r in records]
+    assert len(records) >= 600 and all(a.keys() == quickstart.keys() for a in answers)
+    assert all(3 <= len(a["medications"]) <= 5 and a["medications"] == sorted(a["medications"]) for a in answers)
