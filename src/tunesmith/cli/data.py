@@ -75,7 +75,7 @@ def _reference_rewards(text: str) -> list[str]:
     from tunesmith.rewards import reference_rewards
 
     try:
-        rl = RlConfig(rewards=parse_value(text))
+        rl = RlConfig.model_validate({"rewards": parse_value(text)})
     except ValueError as exc:
         raise TunesmithError(f"--rewards {text!r}: not an rl.rewards list ({exc}).") from None
     return reference_rewards(rl.rewards)
