@@ -41,9 +41,12 @@ def print_comparison(summary: CompareSummary) -> None:
     from tunesmith.evaluate.compare import PER_TOKEN
 
     where = f"{summary.items} held-out examples ({summary.run_dir})"
-    for versus in summary.baselines.values():
+    against = [(f"Base model {v.label}", v) for v in summary.baselines.values()]
+    if summary.start is not None:
+        against.append((f"Starting run {summary.start.label.removeprefix('start ')}", summary.start))
+    for title, versus in against:
         label = versus.label
-        out.print(_versus_table(f"Base model {label} vs tuned on {where}", label, versus.metrics))
+        out.print(_versus_table(f"{title} vs tuned on {where}", label, versus.metrics))
         out.print(
             f"Per item by {versus.decided_by}: {versus.wins} wins, {versus.ties} ties, "
             f"{versus.losses} losses; {len(versus.flipped['fixed'])} fixed, "

@@ -100,6 +100,9 @@ class CompareSummary:
     chosen_on: str = ""  # the split (and primary-metric scores) the strongest baseline was chosen on
     seconds: dict[str, float] = field(default_factory=dict)  # generation time per contestant on the compared items
     preference: dict[str, Any] | None = None  # preference runs: how often each model prefers the chosen answer
+    # A run that began from another (init_from: SFT then DPO or RL) against that starting run's answers, zero-shot
+    # like the tuned model's: what this run added. Its answers are the item rows' "start" column.
+    start: Versus | None = None
     version: int = COMPARE_VERSION
 
 
@@ -255,6 +258,7 @@ def compare_run(
     pool = _shot_pool(run_dir, eval_config)
     prompting = _prompting(loaded, base, items, pool)
     outputs, seconds = _answers(loaded, base, prompting, [c.prompt_messages for c in items], console)
+    started = _start_answers(loaded, items, console, outputs, seconds)
     base_losses, tuned_losses = _losses_of_both(loaded, base, items)
     scores = {
         label: m.score(eval_config.metrics, outputs[label], references, eval_config.schema_path) for label in outputs
@@ -267,6 +271,9 @@ def compare_run(
         )
         for b in prompting
     }
+    if started is not None:
+        start_versus = _versus(eval_config, started, [started], scores, outputs, references, rows, {})
+        start_versus.label = f"start ({loaded.config.init_from})"
     start = time.perf_counter()
     strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, pool, split, limit, console)
     seconds["choosing the strongest baseline"] = round(time.perf_counter() - start, 2)
@@ -287,7 +294,10 @@ def compare_run(
         strongest=strongest,
         chosen_on=chosen_on,
         seconds=seconds,
+        start=start_versus if started is not None else None,
     )
+    if summary.start is not None:
+        summary.verdict += f" Against the starting run {loaded.config.init_from}: {summary.start.verdict}"
     if eval_config.lm_eval_tasks:
         summary.general_ability = general_ability(loaded, base, eval_config)
     if items[0].kind == "pair":  # every held-out pair: a forward pass each, no generation, so no eval.limit
@@ -342,6 +352,26 @@ def _answers(
         outputs[name] = _generate(model, prompts, as_base, console, label, stops)
         seconds[name] = round(time.perf_counter() - start, 2)
     return outputs, seconds
+
+
+def _start_answers(
+    loaded: Any, items: list[Conversation], console: Console, outputs: dict[str, list[str]], seconds: dict[str, float]
+) -> baselines.Baseline | None:
+    """For a run that began from another (init_from), that run's answers to the tuned model's prompts, added to
+    `outputs` and `seconds` as "start"; its model is loaded for them and dropped after. None for other runs."""
+    init_from = loaded.config.init_from
+    if not init_from:
+        return None
+    if not Path(init_from).is_dir():
+        console.print(f"[yellow]The starting run {init_from} is not here: compared with the base model only.[/]")
+        return None
+    began = time.perf_counter()
+    started = load_run(init_from)
+    prompts = [c.prompt_messages for c in items]
+    outputs["start"] = _generate(started, prompts, False, console, "start", baselines.turn_stops(loaded.tokenizer))
+    seconds["start"] = round(time.perf_counter() - began, 2)
+    del started
+    return baselines.Baseline("start", 0, prompts)
 
 
 def _label(prompting: list[baselines.Baseline], name: str) -> str:
@@ -666,7 +696,8 @@ def read_comparison(run_dir: str | Path) -> CompareSummary | None:
     try:
         written = _from_version_1(written) if version == 1 else written
         found = {name: Versus(**versus) for name, versus in written.pop("baselines").items()}
-        return CompareSummary(**written, baselines=found)
+        start = written.pop("start", None)
+        return CompareSummary(**written, baselines=found, start=Versus(**start) if start else None)
     except (KeyError, TypeError) as exc:
         raise TunesmithError(
             f"{path} is not a comparison tunesmith wrote ({exc}). Compare again: tunesmith compare {run_dir}"

@@ -160,7 +160,7 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
     sections.append(f"<p class='muted'>Multiple comparisons: {_text(compare['correction'] or '-')}.</p>")
     if compare["preference"]:
         sections.extend(_preference_html(compare["preference"]))
-    for against in versus.values():
+    for against in [*versus.values(), *([compare["start"]] if compare.get("start") else [])]:
         sections.extend(_versus_html(against))
     general = compare["general_ability"]
     if general:
