@@ -550,7 +550,8 @@ def test_a_run_from_another_is_compared_with_its_starting_run(tmp_path, tiny_mod
     flags += ["--set", "eval.max_new_tokens=6", "--set", "eval.shots=0", "--quiet"]
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(train_args(tiny_model_dir, data, first, *flags, "--max-steps", "3")) == 0
-    assert main(train_args(tiny_model_dir, data, second, *flags, "--max-steps", "3", "--set", f"init_from={first}")) == 0
+    continued = [*flags, "--max-steps", "3", "--set", f"init_from={first}"]
+    assert main(train_args(tiny_model_dir, data, second, *continued)) == 0
     summary = compare.compare_run(second)
     assert summary.start is not None and summary.start.label == f"start ({first})"
     assert set(summary.start.metrics) == set(summary.baselines["zero_shot"].metrics) - {"loss", "perplexity"}
