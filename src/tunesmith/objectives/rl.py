@@ -193,9 +193,9 @@ def generate_groups(
     was_training = model.training
     model.eval()
     try:
-        # merge=False, pack=False: the weights change every step, so merging or packing them would be redone each
-        # rollout; the fused norms are all the view gives here.
-        with torch.no_grad(), generation_view(model, merge=False, pack=False):
+        # The view merges the adapter and packs the weights afresh for each rollout (they change every step): well
+        # under a second on Gemma 3 270M, against a rollout of tens of seconds that then runs at the engine's speed.
+        with torch.no_grad(), generation_view(model):
             Engine(model, max_rows=min(len(asked.requests), MAX_ROWS), max_length=length).run(asked.requests)
     finally:
         model.train(was_training)
