@@ -298,17 +298,23 @@ def take(request: Request, token: int) -> str | None:
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """One token from softmax(logits / temperature), restricted to the smallest set whose mass reaches top_p.
 
-    In float64 and shifted so the best logit is 0: any temperature above 0 gives finite scores."""
+    In float64 and shifted so the best logit is 0: any temperature above 0 gives finite scores. The token is drawn
+    by inverting the cumulative distribution at one uniform number of the request's generator: exact, and a
+    262k-token vocabulary costs one draw instead of torch.multinomial's ~35 ms on a CPU generator."""
     scores = logits.double().cpu()  # the request's seeded generator lives on the CPU, whatever the model's device
-    scores = (scores - scores.max()) / max(temperature, 1e-300)
-    probs = torch.softmax(scores, dim=-1)
+    probs = scores.sub_(scores.max()).div_(max(temperature, 1e-300)).exp_()  # unnormalised: the best token has 1
     if top_p < 1.0:
+        probs /= probs.sum()
         ordered, order = probs.sort(descending=True)
         keep = ordered.cumsum(0) - ordered < top_p  # the tokens needed to reach top_p, the first always
         probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
-    if not math.isfinite(float(probs.sum())) or float(probs.sum()) <= 0:
+    cumulative = probs.cumsum(0)
+    total = float(cumulative[-1])
+    if not math.isfinite(total) or total <= 0:
         return int(logits.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    point = torch.rand(1, generator=generator, dtype=torch.float64) * total
+    # the first token whose cumulative mass exceeds the point: never one of probability 0
+    return min(int(torch.searchsorted(cumulative, point, right=True)), probs.numel() - 1)
 
 
 @contextlib.contextmanager
