@@ -8,9 +8,10 @@
 Workloads: `--model gemma` is the embedded Gemma 3 270M (tunesmith's converted checkpoint, loaded by both tools
 from the same directory), rewarded by json_fields against the reference record; `--model llama` a random Llama
 (hidden 512, 8 layers, vocab 32k, tunesmith's test tokenizer) built here and saved to a temporary directory,
-rewarded by sentence chrF against the reference (a random model's text has spread under chrF; json_fields would be
-0 everywhere and every group would tie). Both rewards are tunesmith's own metric functions (evaluate/metrics.py),
-called by TRL as its reward function, so both sides score the same way.
+rewarded by letter_share below, the share of ASCII letters in the completion (a random model's text has spread under
+it; json_fields or chrF against the reference are 0 almost everywhere, so every group would tie). Both sides call the
+same function: TRL as its reward function, tunesmith as evaluate/metrics.py's json_fields metric or as a code reward
+(`code: bench/grpo_speed.py:letter_share`), so both score the same way.
 
 Prompts: the intake notes of examples/rl/notes.jsonl (the first steps x prompts_per_step of them, at least 10),
 as chat messages; both tools render them with tunesmith's chat template (the model's own where it has one).
@@ -52,7 +53,7 @@ sys.path.insert(0, str(ROOT))  # tests.conftest builds the random Llama and its 
 
 NOTES = ROOT / "examples" / "rl" / "notes.jsonl"
 LORA = {"r": 16, "alpha": 32}
-REWARD = {"gemma": "json_fields", "llama": "chrf"}
+REWARD = {"gemma": "json_fields", "llama": "letter_share"}
 EPSILON = 0.2
 SEED = 42
 MAX_LENGTH = 512
@@ -69,6 +70,18 @@ MIN_PROMPTS = 10  # tunesmith's data check wants at least 10 training examples
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
+
+
+def letter_share(prompt: str, completion: str, example: dict) -> float:
+    """The llama workload's reward: the share of the completion's characters that are ASCII letters."""
+    return sum(c.isascii() and c.isalpha() for c in completion) / max(1, len(completion))
+
+
+def reward_entry(model: str) -> dict:
+    """The tunesmith rl.rewards entry of the workload's reward."""
+    if model == "gemma":
+        return {"metric": REWARD[model], "weight": 1.0}
+    return {"code": f"{Path(__file__).resolve()}:letter_share", "name": REWARD[model], "weight": 1.0}
 
 
 def make_llama(path: Path) -> None:
@@ -127,7 +140,7 @@ def tunesmith_config(args: argparse.Namespace, source: str, base: Path) -> dict:
             "group_size": args.group, "prompts_per_step": args.prompts, "max_completion_tokens": args.completion_tokens,
             "temperature": 1.0, "top_p": 1.0, "loss_type": "grpo", "epsilon_low": EPSILON, "iterations": 1,
             "scale_advantages": "group", "beta": 0.0, "dynamic_sampling": False, "overlong": "none",
-            "rewards": [{"metric": REWARD[args.model], "weight": 1.0}],
+            "rewards": [reward_entry(args.model)],
         },
         "train": {"lr": args.lr, "max_steps": args.steps, "batch_size": args.batch, "warmup_ratio": 0.0,
                   "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": SEED, "dtype": "fp32",
@@ -182,10 +195,13 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
     use_chat_template(tokenizer, None)  # the template tunesmith renders with (Gemma's GGUF tokenizer has none)
     examples = [json.loads(line)["messages"] for line in (base / "prompts.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": [m[0]], "reference": m[1]["content"]} for m in examples])
-    metric = per_item_functions([REWARD[args.model]], None)[REWARD[args.model]]
+    metric = per_item_functions([REWARD["gemma"]], None)[REWARD["gemma"]] if args.model == "gemma" else None
 
     def reward(completions: list, reference: list[str], **_) -> list[float]:
-        return [metric(c[0]["content"], r) for c, r in zip(completions, reference, strict=True)]
+        texts = [c[0]["content"] for c in completions]
+        if metric is None:
+            return [letter_share("", text, {}) for text in texts]
+        return [metric(text, answer) for text, answer in zip(texts, reference, strict=True)]
 
     reward.__name__ = REWARD[args.model]
 
