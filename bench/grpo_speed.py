@@ -8,9 +8,10 @@
 Workloads: `--model gemma` is the embedded Gemma 3 270M (tunesmith's converted checkpoint, loaded by both tools
 from the same directory), rewarded by json_fields against the reference record; `--model llama` a random Llama
 (hidden 512, 8 layers, vocab 32k, tunesmith's test tokenizer) built here and saved to a temporary directory,
-rewarded by letter_share below, the share of ASCII letters in the completion (a random model's text has spread under
-it; json_fields or chrF against the reference are 0 almost everywhere, so every group would tie). Both sides call the
-same function: TRL as its reward function, tunesmith as evaluate/metrics.py's json_fields metric or as a code reward
+rewarded by letter_share below, the share of ASCII letters in the completion. The test tokenizer knows 300 of the
+random model's 32k ids, so most sampled ids decode to nothing and that reward is mostly 0 (and every group ties):
+the llama workload measures speed and memory, the gemma one the reward curve too. Both sides call the same
+function: TRL as its reward function, tunesmith as evaluate/metrics.py's json_fields metric or as a code reward
 (`code: bench/grpo_speed.py:letter_share`), so both score the same way.
 
 Prompts: the intake notes of examples/rl/notes.jsonl (the first steps x prompts_per_step of them, at least 10),
