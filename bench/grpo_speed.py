@@ -12,7 +12,9 @@ rewarded by letter_share below, the share of ASCII letters in the completion. Th
 random model's 32k ids, so most sampled ids decode to nothing and that reward is mostly 0 (and every group ties):
 the llama workload measures speed and memory, the gemma one the reward curve too. Both sides call the same
 function: TRL as its reward function, tunesmith as evaluate/metrics.py's json_fields metric or as a code reward
-(`code: bench/grpo_speed.py:letter_share`), so both score the same way.
+(`code: bench/grpo_speed.py:letter_share`), so both score the same way. TRL stops a completion at EOS only,
+tunesmith also at the chat template's turn stops ("### User:"); TRL's answers are cut there before scoring, but
+their sampled lengths may differ: the table shows each side's mean completion length and completion tokens/s.
 
 Prompts: the intake notes of examples/rl/notes.jsonl (the first steps x prompts_per_step of them, at least 10),
 as chat messages; both tools render them with tunesmith's chat template (the model's own where it has one).
@@ -188,6 +190,7 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from tunesmith.data.tokenize import use_chat_template
+    from tunesmith.evaluate.baselines import cut_at_stops, turn_stops
     from tunesmith.evaluate.metrics import per_item_functions
     from tunesmith.models import load_tokenizer
 
@@ -197,9 +200,11 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
     examples = [json.loads(line)["messages"] for line in (base / "prompts.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": [m[0]], "reference": m[1]["content"]} for m in examples])
     metric = per_item_functions([REWARD["gemma"]], None)[REWARD["gemma"]] if args.model == "gemma" else None
+    stops = turn_stops(tokenizer)
 
     def reward(completions: list, reference: list[str], **_) -> list[float]:
-        texts = [c[0]["content"] for c in completions]
+        # TRL stops at EOS only; the answer is scored as tunesmith scores it, cut at the template's turn stops
+        texts = [cut_at_stops(c[0]["content"], stops) for c in completions]
         if metric is None:
             return [letter_share("", text, {}) for text in texts]
         return [metric(text, answer) for text, answer in zip(texts, reference, strict=True)]
@@ -315,8 +320,8 @@ def rate(r: dict) -> float | None:
 
 def table(args: argparse.Namespace, results: dict[str, dict]) -> None:
     header = (
-        f"{'tool':10} {'model':6} {'steps':>5} {'compl.':>6} {'compl/s':>8} {'step s':>7} {'rollout s':>9} "
-        f"{'wall s':>7} {'RSS GiB':>8} {'mean len':>8} {'reward first':>12} {'reward last':>11}"
+        f"{'tool':10} {'model':6} {'steps':>5} {'compl.':>6} {'compl/s':>8} {'tok/s':>6} {'step s':>7} "
+        f"{'rollout s':>9} {'wall s':>7} {'RSS GiB':>8} {'mean len':>8} {'reward first':>12} {'reward last':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -324,6 +329,7 @@ def table(args: argparse.Namespace, results: dict[str, dict]) -> None:
         rewards = r["rewards"] or [None]
         print(
             f"{tool:10} {args.model:6} {r['steps']:5d} {r['completions']:6d} {show(rate(r), '.2f', 8)} "
+            f"{show(rate(r) and rate(r) * r['completion_len'], '.1f', 6)} "
             f"{r['step_seconds']:7.1f} {show(r['rollout_seconds'], '.1f', 9)} {r['wall']:7.1f} "
             f"{r['peak_rss'] / GIB:8.2f} {r['completion_len']:8.1f} {show(rewards[0], '.4f', 12)} "
             f"{show(rewards[-1], '.4f', 11)}"
