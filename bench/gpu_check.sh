@@ -3,7 +3,7 @@
 #     bash bench/gpu_wheels.sh            # wheels the GPU image lacks -> .whl/ (about 50 MiB with bitsandbytes)
 # then run through the device tool:  command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 420.
 # Prints: the GPU-only tests, LoRA on a ~1.1B Llama (bf16, SDPA, packing, compile: tokens/s, MFU, peak memory
-# next to plan's estimate), a few steps in fp16 with loss scaling, and a few requests to a served run.
+# next to plan's estimate), the generation engine's tokens/s (bench/gpu_generate.py), a few steps in fp16 with loss scaling, and a few requests to a served run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check-out}
@@ -26,6 +26,9 @@ timeout 150 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -x
 step "LoRA on a 1.1B Llama: bf16, SDPA, packing, compile"
 timeout 150 python3 bench/gpu_train.py --size 1b --steps 20 --json "$OUT/gpu_train_1b.json" 2>&1 | grep -v "^step " \
   || status=1
+
+step "the generation engine on CUDA: tokens/s at batch 1 and 8 beside transformers' generate"
+timeout 90 python3 bench/gpu_generate.py --size 1b 2>&1 | grep -v Warning || status=1
 
 step "fp16 with loss scaling (a few steps, no compile)"
 timeout 60 python3 - <<'PY' || status=1

@@ -538,3 +538,26 @@ def test_report_html_shows_every_value_from_the_run_as_text_never_as_markup(tmp_
     page = write_report(run).read_text()
     assert "<script" not in page and "alert(1)" in page  # every value is there, as escaped text
     assert page.count("&lt;script&gt;") >= 20
+
+
+def test_a_run_from_another_is_compared_with_its_starting_run(tmp_path, tiny_model_dir):
+    """init_from: compare adds the starting run's answers to the same prompts ("start") and its paired statistics;
+    they are the answers the starting run gives in its own comparison of the same test items."""
+    from tunesmith.evaluate import compare
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(40))
+    flags = ["--method", "lora", "--train.batch_size", "4", "--lr", "1e-2", "--test-fraction", "0.25"]
+    flags += ["--set", "eval.max_new_tokens=6", "--set", "eval.shots=0", "--quiet"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(train_args(tiny_model_dir, data, first, *flags, "--max-steps", "3")) == 0
+    continued = [*flags, "--max-steps", "3", "--set", f"init_from={first}"]
+    assert main(train_args(tiny_model_dir, data, second, *continued)) == 0
+    summary = compare.compare_run(second)
+    assert summary.start is not None and summary.start.label == f"start ({first})"
+    assert set(summary.start.metrics) == set(summary.baselines["zero_shot"].metrics) - {"loss", "perplexity"}
+    assert "Against the starting run" in summary.verdict
+    rows = [json.loads(line) for line in (second / "eval" / "predictions.jsonl").read_text().splitlines()]
+    compare.compare_run(first)
+    own = [json.loads(line) for line in (first / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["start"] for r in rows] == [r["tuned"] for r in own]
+    assert compare.read_comparison(second).start == summary.start  # compare.json keeps it

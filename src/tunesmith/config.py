@@ -210,7 +210,9 @@ class ValidationConfig(Section):
     )
     generate_limit: int = Field(16, gt=0, description="Validation examples generated for the task metrics.")
     best_metric: str = Field(
-        "val_loss", description="What picks the best checkpoint: val_loss (lower is better) or one of metrics."
+        "val_loss",
+        description="What picks the best checkpoint: val_loss (lower is better), one of metrics, or val_reward "
+        "(grpo: the combined reward of greedy answers to the val prompts).",
     )
     patience: int | None = Field(
         None, gt=0, description="Stop early after this many validations without a better best_metric; null: never."
@@ -221,9 +223,10 @@ class ValidationConfig(Section):
 
     @model_validator(mode="after")
     def _best_is_known(self) -> ValidationConfig:
-        if self.best_metric != "val_loss" and self.best_metric not in self.metrics:
+        if self.best_metric not in ("val_loss", "val_reward") and self.best_metric not in self.metrics:
             raise ValueError(
-                f"best_metric {self.best_metric!r} must be val_loss or one of validation.metrics {self.metrics}"
+                f"best_metric {self.best_metric!r} must be val_loss, val_reward (grpo) or one of validation.metrics "
+                f"{self.metrics}"
             )
         return self
 
@@ -324,6 +327,134 @@ class PreferenceConfig(Section):
         return self.beta if self.beta is not None else OBJECTIVE_BETA[objective]
 
 
+class RewardConfig(Section):
+    """One reward of objective grpo: exactly one of metric, regex, length, code or model says what it scores."""
+
+    metric: str | None = Field(
+        None,
+        description="A per-item metric of eval.metrics (exact_match, json_valid, json_schema, json_fields, token_f1, "
+        "chrf, accuracy, rouge_l) scored against the example's reference answer; json_schema uses eval.schema_path.",
+    )
+    regex: str | None = Field(
+        None, description="A format reward: 1 when the completion matches this Python regular expression, else 0."
+    )
+    fullmatch: bool = Field(False, description="regex: the whole completion must match, not just a part of it.")
+    length: int | None = Field(
+        None,
+        gt=0,
+        description="A length penalty: 0 up to this many completion tokens, then falling linearly to -1 at "
+        "rl.max_completion_tokens (against reward hacking by length).",
+    )
+    code: str | None = Field(
+        None,
+        description="Your own reward, file.py:function or module:function, called as function(prompt, completion, "
+        "example) -> float or None (None: skip this completion). Code: run only when named on the command line or "
+        "in a config you pass, else with --allow-code.",
+    )
+    model: str | None = Field(
+        None, description="A reward model run (objective reward_model) that scores each prompt and completion."
+    )
+    weight: float = Field(1.0, description="This reward's weight in the combined reward (a weighted sum).")
+    timeout_s: float = Field(
+        10.0, gt=0.0, description="code: seconds one call may take; a slower call skips its completion (counted)."
+    )
+    name: str | None = Field(
+        None,
+        description="The name it is logged under (reward_<name>); default: the metric, the code's function "
+        "name, or the kind (regex, length, model).",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardConfig:
+        kinds = [k for k in ("metric", "regex", "length", "code", "model") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"a reward names exactly one of metric, regex, length, code or model (got {kinds or 'none'})"
+            )
+        if self.metric is not None and self.metric not in METRIC_NAMES:
+            check_metric_names([self.metric])
+        if self.metric in ("bleu", "chrf_corpus", "macro_f1"):
+            raise ValueError(f"metric {self.metric!r} scores a whole corpus, not one completion: use chrf or accuracy")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("metric", "regex", "length", "code", "model") if getattr(self, k) is not None)
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.code is not None:
+            return self.code.rpartition(":")[2] or "code"
+        return self.metric if self.metric is not None else self.kind
+
+
+class RlConfig(Section):
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (one group, compared with itself).")
+    prompts_per_step: int = Field(
+        4, gt=0, description="Prompts whose groups one rollout trains on (train.batch_size rows run per forward)."
+    )
+    max_completion_tokens: int = Field(128, gt=0, description="Most tokens generated per completion.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling share of the rollouts.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dapo",
+        description="How token losses are averaged: grpo (each completion's token mean, then the mean over "
+        "completions: short ones weigh more), dr_grpo (the sum over tokens / (completions x max_completion_tokens)), "
+        "dapo (the mean over every token of the step: TRL's default).",
+    )
+    epsilon_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip: the ratio may fall to 1 - epsilon_low.")
+    epsilon_high: float | None = Field(
+        None, gt=0.0, description="PPO clip: the ratio may rise to 1 + epsilon_high (DAPO: 0.28); null: epsilon_low."
+    )
+    iterations: int = Field(
+        1,
+        gt=0,
+        description="Optimizer steps per batch of rollouts; after the first, the ratio is against the sampling "
+        "policy's log-probabilities (clipped).",
+    )
+    scale_advantages: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Divide advantages by the std of the rewards in their group (GRPO), of the whole step, or not "
+        "at all (Dr. GRPO).",
+    )
+    rloo: bool = Field(
+        False, description="Baseline each completion by the mean of the OTHER completions of its group (RLOO)."
+    )
+    beta: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the k3 KL penalty against the starting model; 0 needs no reference. Adapter methods "
+        "compute the reference with the adapter switched off (no second copy of the weights).",
+    )
+    dynamic_sampling: bool = Field(
+        True,
+        description="Drop groups whose rewards are all equal (no signal) and sample new prompts in their place, "
+        "up to max_draws rounds per step (DAPO); the dropped groups are counted.",
+    )
+    max_draws: int = Field(3, gt=0, description="dynamic_sampling: rounds of rollouts at most per step.")
+    overlong: Literal["mask", "penalty", "none"] = Field(
+        "mask",
+        description="Completions that hit max_completion_tokens: mask (left out of the advantages and the loss), "
+        "penalty (a penalty over the last overlong_buffer tokens, -1 at the limit, DAPO) or none (scored as cut).",
+    )
+    overlong_buffer: int | None = Field(
+        None, gt=0, description="overlong penalty: the tokens before the limit where it grows; null: a quarter."
+    )
+    rewards: list[RewardConfig] = Field(
+        [], description="The rewards, summed with their weights: [{metric: exact_match}, {regex: '^{.*}$'}, ...]."
+    )
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon_high if self.epsilon_high is not None else self.epsilon_low
+
+    @property
+    def buffer(self) -> int:
+        return self.overlong_buffer or max(1, self.max_completion_tokens // 4)
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name; defaults to the last part of out, else 'run'.")
     model: str = Field(
@@ -338,15 +469,21 @@ class RunConfig(Section):
         description="Fine-tuning technique: lora (recommended start), qlora (4-bit base + LoRA), dora "
         "(weight-decomposed LoRA), adapter (bottleneck layers), full (every weight).",
     )
-    objective: Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo"] = Field(
+    objective: Literal["sft", "dpo", "ipo", "orpo", "kto", "simpo", "reward_model", "grpo"] = Field(
         "sft",
         description="What the method trains toward: sft (imitate the answers: the default), or a preference "
         "objective on pairs of a chosen and a rejected answer: dpo, ipo (DPO's squared variant), orpo (SFT plus an "
         "odds-ratio term, no reference), simpo (length-normalised, no reference), or kto (single answers marked "
-        "desirable or not). dpo, ipo and kto measure against the model the run starts from.",
+        "desirable or not). dpo, ipo and kto measure against the model the run starts from. reward_model trains a "
+        "scalar head on the same pairs (Bradley-Terry): a scorer that compare rates by held-out pair accuracy. "
+        "grpo: online RL, the model's own sampled answers rewarded by rl.rewards.",
     )
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="Preference objectives' settings (objective other than sft)."
+    )
+    rl: RlConfig = Field(
+        default_factory=RlConfig,  # type: ignore[arg-type]  # mypy without pydantic's plugin, as the sections here
+        description="Online RL settings (objective: grpo).",
     )
     init_from: str | None = Field(
         None,
@@ -378,6 +515,14 @@ class RunConfig(Section):
     )
 
     @model_validator(mode="after")
+    def _rl_has_rewards(self) -> RunConfig:
+        if self.objective == "grpo" and not self.rl.rewards:
+            raise ValueError("objective grpo needs rl.rewards, e.g. [{metric: exact_match}] or [{regex: '^{.*}$'}]")
+        if self.validation.best_metric.startswith("val_reward") and self.objective != "grpo":
+            raise ValueError(f"validation.best_metric {self.validation.best_metric} is measured by objective grpo only")
+        return self
+
+    @model_validator(mode="after")
     def _name_from_out(self) -> RunConfig:
         if self.name is None:
             object.__setattr__(self, "name", Path(self.out).name if self.out else "run")
@@ -391,7 +536,13 @@ class RunConfig(Section):
 
 
 # Short command-line flags for the fields people set most; every field also has --section.field.
-FLAG_ALIASES = {"data.path": "--data"}
+# rl.beta, rl.temperature and rl.top_p share their names with fields that had the short flags first: those keep them.
+FLAG_ALIASES = {
+    "data.path": "--data",
+    "preference.beta": "--beta",
+    "eval.temperature": "--temperature",
+    "eval.top_p": "--top-p",
+}
 
 
 def leaf_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any]]:

@@ -9,6 +9,7 @@ Read it top to bottom; each stage is a function below, and each policy it applie
       tokenize          the chat template and tokens, through the cache (data/tokenize.py, data/cache.py)
       build_model       the method on the base or on init_from, the plan's estimate (methods/, plan/report.py)
       measure_reference the starting model's log-probs for dpo/ipo/kto (objectives/preference.py)
+      (grpo)            the rollouts that make each step's batch: prompts, rewards (objectives/rl.py, rewards.py)
       fit               the training loop, validation, checkpoints, trackers (train/loop.py, evaluate/validation.py)
       load_best         the best checkpoint's weights when asked (train/checkpoint.py)
       save, summarise   weights, tokenizer, chat template, loss plot, train_summary.json, manifest completed
@@ -41,9 +42,17 @@ from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.evaluate.report import compare_and_report
 from tunesmith.evaluate.validation import validator
 from tunesmith.files import cache_root, save_atomic, write_json, write_text_atomic
-from tunesmith.methods import apply_method, count_parameters, load_base, save_trained, start_from_run, training_dtype
+from tunesmith.methods import (
+    apply_method,
+    count_parameters,
+    load_base,
+    method_of,
+    save_trained,
+    start_from_run,
+    training_dtype,
+)
 from tunesmith.models import load_tokenizer, resolve_model_path
-from tunesmith.objectives import objective_of
+from tunesmith.objectives import objective_of, rl
 from tunesmith.objectives.preference import kto_batch_warning, measure_reference, tokenize_preferences
 from tunesmith.plan.report import run_estimate
 from tunesmith.rundir import RunDir
@@ -231,7 +240,17 @@ def tokenize(config: RunConfig, run: OpenRun, source: str) -> Tokenized:
     template = use_chat_template(tokenizer, config.chat_template)
     train, val, test = run.splits["train"], run.splits["val"], run.splits["test"]
     length, holds = config.data.max_length, objective_of(config).holds
-    if holds != "sft":
+    examples: list[Any]
+    val_examples: list[Any]
+    if config.objective == "grpo":  # prompts only: the model writes the answers
+        examples, report = rl.tokenize_prompts(tokenizer, train, length, config.rl)
+        val_examples = rl.tokenize_prompts(tokenizer, val, length, config.rl)[0] if val else []
+        said = (
+            f"{len(train)} train / {len(val)} val / {len(test)} test prompts, {report['tokens']} prompt tokens, "
+            f"{report['with_reference']} with a reference answer; {report['dropped']} dropped (no room for "
+            f"rl.max_completion_tokens {config.rl.max_completion_tokens} within {length})"
+        )
+    elif holds != "sft":
         examples, report = tokenize_preferences(tokenizer, train, length, holds, config.train.seed)
         val_examples = tokenize_preferences(tokenizer, val, length, holds, config.train.seed)[0] if val else []
         unit = "pairs" if holds == "pair" else "rows"
@@ -272,10 +291,12 @@ def build_model(
         run.console.print(f"starting from {config.init_from}'s trained weights")
     else:
         model, _ = apply_method(load_base(config, source, dtype), config)
+    model = objective_of(config).attach(model, config.train.seed)
     trainable, total = count_parameters(model)
     run.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if not run.resuming and run.world.main:
-        write_json(RunDir(run.run_dir).plan, run_estimate(config, model.config, examples))
+        planned = rl.planned_rows(examples, config.rl) if config.objective == "grpo" else examples
+        write_json(RunDir(run.run_dir).plan, run_estimate(config, model.config, planned))
     return model, (trainable, total)
 
 
@@ -285,6 +306,12 @@ def train(
 ) -> TrainResult:  # fmt: skip
     """The training loop with the run's checkpoints, validation and trackers; the manifest says how it ended."""
     trackers = Trackers(config, run.run_dir) if run.world.main else None
+    # grpo makes its own batches (rollouts); built before fit, so that it sees the starting weights
+    rollouts = (
+        rl.Rollouts(config, data.tokenizer, data.examples, model, method_of(config).uses_peft)
+        if config.objective == "grpo"
+        else None
+    )
     session = Session(
         run_dir=run.run_dir,
         checkpoint=config.checkpoint,
@@ -295,8 +322,9 @@ def train(
         on_checkpoint=lambda path: plot_losses(run.run_dir),
         live=live,
         strategy=strategy,
-        objective=objective_of(config),
+        objective=rollouts.objective if rollouts else objective_of(config),
         preference=config.preference,
+        source=rollouts,
     )
     metrics, pad = RunDir(run.run_dir).metrics, data.tokenizer.pad_token_id
     try:
@@ -316,7 +344,9 @@ def train(
 
 
 def save(config: RunConfig, run: OpenRun, data: Tokenized, model: Any, trained: dict[str, Any] | None) -> None:
-    """The trained weights with their tokenizer, the tokenizer and chat template alone, and the loss plot."""
+    """The objective's own part (a reward head), the trained weights with their tokenizer, the tokenizer and chat
+    template alone, and the loss plot."""
+    trained = objective_of(config).save_own(model, run.run_dir, trained)
 
     def write_weights(path: Path) -> None:
         save_trained(model, config, path, trained)

@@ -38,6 +38,7 @@ LAYOUT: dict[str, str] = {
     "model/*": "",
     "adapter/": "the trained weights of every other method (adapter/*: a PEFT adapter or the bottleneck adapters)",
     "adapter/*": "",
+    "reward_head.safetensors": "reward_model runs: the trained scalar head (hidden -> 1) beside the method's weights",
     "tokenizer/": "the tokenizer the run trained with",
     "tokenizer/*": "",
     "chat_template.jinja": "the chat template training rendered with; export and serve use the same",
@@ -148,6 +149,11 @@ class RunDir:
     def reference(self) -> Path:
         """The starting model's log-probs of every train and val pair (preference objectives dpo, ipo, kto)."""
         return self.data / "reference_logps.json"
+
+    @property
+    def reward_head(self) -> Path:
+        """objective reward_model: the scalar head on the decoder's last hidden state (safetensors)."""
+        return self.path / "reward_head.safetensors"
 
     @property
     def tokenize_report(self) -> Path:

@@ -20,13 +20,15 @@ from tunesmith.errors import TunesmithError
 LAUNCHED_BY_UI = "TUNESMITH_LAUNCHED_BY_UI"
 
 # The config fields whose values can name code, and how to tell a code entry from a built-in name.
-CODE_FIELDS = ("eval.metrics", "validation.metrics", "eval.lm_eval_include_path")
+CODE_FIELDS = ("eval.metrics", "validation.metrics", "eval.lm_eval_include_path", "rl.rewards")
 
 _granted: set[str] = set()
 _everything = False
 
 
 def is_code(field: str, value: Any) -> bool:
+    if field == "rl.rewards":  # a list of reward entries; {code: file.py:fn} is code
+        return isinstance(value, Mapping) and bool(value.get("code"))
     if field.endswith(".metrics"):
         return isinstance(value, str) and ":" in value  # built-in metric names never hold a colon
     return bool(value)
@@ -42,8 +44,13 @@ def code_entries(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
         if isinstance(node, str) and field.endswith(".metrics"):
             node = node.split(",")  # a list given as one flag value: "exact_match,file.py:fn"
         values = node if isinstance(node, list) else [node]
-        found += [(field, str(value).strip()) for value in values if value is not None and is_code(field, value)]
+        found += [(field, _named(value)) for value in values if value is not None and is_code(field, value)]
     return found
+
+
+def _named(value: Any) -> str:
+    """The code an entry names: the entry itself, or a reward entry's `code`."""
+    return str(value["code"] if isinstance(value, Mapping) else value).strip()
 
 
 def in_run_folder(config_file: str | Path) -> bool:

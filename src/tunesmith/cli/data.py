@@ -43,6 +43,10 @@ def print_check(report: Any) -> None:
             f"  tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
             f"{t['truncated']} over {t['max_length']}"
         )
+    if report.rewards:
+        r = report.rewards
+        needs = ", ".join(r["need_reference"])
+        out.print(f"  rewards: {needs} need a reference answer; {r['rows_without_reference']} rows have none")
     p = report.preference
     if p and report.kind == "pair":
         out.print(
@@ -64,6 +68,19 @@ def print_check(report: Any) -> None:
     )
 
 
+def _reference_rewards(text: str) -> list[str]:
+    """The rewards of a --rewards list that score against the reference (validated as rl.rewards is)."""
+    from tunesmith.config import RlConfig, parse_value
+    from tunesmith.errors import TunesmithError
+    from tunesmith.rewards import reference_rewards
+
+    try:
+        rl = RlConfig.model_validate({"rewards": parse_value(text)})
+    except ValueError as exc:
+        raise TunesmithError(f"--rewards {text!r}: not an rl.rewards list ({exc}).") from None
+    return reference_rewards(rl.rewards)
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from tunesmith.models import load_chat_tokenizer
 
@@ -75,6 +92,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         label_field=args.label_field,
         length_bias_share=args.length_bias_share,
     )
+    if args.rewards:
+        options.reference_rewards = _reference_rewards(args.rewards)
     report = check_data(args.data, args.format, tokenizer, options, args.against)
     if args.json:
         print_json(report.to_dict())
@@ -198,6 +217,11 @@ def _add_check(data_sub: argparse._SubParsersAction) -> None:
         default=CheckOptions.length_bias_share,
         help="Preference pairs: warn when the chosen answer is the longer one in more than this share of pairs "
         f"(DPO learns length when it separates the answers) [default: {CheckOptions.length_bias_share}].",
+    )
+    check.add_argument(
+        "--rewards",
+        help="objective grpo: the rl.rewards list (YAML, e.g. '[{metric: json_fields}, {regex: ...}]'); the check "
+        "says which need a reference answer and whether every row has one.",
     )
     check.add_argument("--json", action="store_true", help="Print the report as JSON on stdout.")
     check.set_defaults(func=cmd_data_check)

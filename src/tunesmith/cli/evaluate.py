@@ -38,10 +38,15 @@ def _versus_table(title: str, label: str, metrics: dict[str, dict[str, Any]]) ->
 
 def print_comparison(summary: CompareSummary) -> None:
     """The tuned model against each prompting baseline, then preference accuracy, timings and the verdict."""
+    from tunesmith.evaluate.compare import PER_TOKEN
+
     where = f"{summary.items} held-out examples ({summary.run_dir})"
-    for versus in summary.baselines.values():
+    against = [(f"Base model {v.label}", v) for v in summary.baselines.values()]
+    if summary.start is not None:
+        against.append((f"Starting run {summary.start.label.removeprefix('start ')}", summary.start))
+    for title, versus in against:
         label = versus.label
-        out.print(_versus_table(f"Base model {label} vs tuned on {where}", label, versus.metrics))
+        out.print(_versus_table(f"{title} vs tuned on {where}", label, versus.metrics))
         out.print(
             f"Per item by {versus.decided_by}: {versus.wins} wins, {versus.ties} ties, "
             f"{versus.losses} losses; {len(versus.flipped['fixed'])} fixed, "
@@ -57,15 +62,18 @@ def print_comparison(summary: CompareSummary) -> None:
         models = [name for name in ("base", "start", "tuned") if name in summary.preference]
         shares = ", ".join(f"{name} {summary.preference[name]:.3f}" for name in models)
         against = summary.preference["tuned_vs_base"]
+        measure = summary.preference.get("measure", PER_TOKEN)
         out.print(
-            f"Preference accuracy on {summary.preference['items']} held-out pairs (chosen answer more likely per "
-            f"token): {shares}; tuned vs base {against['diff']:+.3f}, 95% CI [{against['ci_low']:+.3f}, "
-            f"{against['ci_high']:+.3f}], {against['p_text']}",
+            f"Preference accuracy on {summary.preference['items']} held-out pairs (the chosen answer gets {measure}): "
+            f"{shares}; tuned vs "
+            f"base {against['diff']:+.3f}, 95% CI [{against['ci_low']:+.3f}, {against['ci_high']:+.3f}], "
+            f"{against['p_text']}",
             highlight=False,
         )
-    out.print(f"(* = {summary.primary}'s CI excludes 0; the others: Holm-adjusted p < 0.05)")
-    seconds = ", ".join(f"{name} {value:.1f} s" for name, value in summary.seconds.items())
-    out.print(f"Generation time: {seconds}.", highlight=False)
+    if summary.baselines:  # a reward model's comparison has none: it is scored, never generated from
+        out.print(f"(* = {summary.primary}'s CI excludes 0; the others: Holm-adjusted p < 0.05)")
+        seconds = ", ".join(f"{name} {value:.1f} s" for name, value in summary.seconds.items())
+        out.print(f"Generation time: {seconds}.", highlight=False)
     out.print(f"[bold]Verdict:[/] {summary.verdict}", highlight=False)
 
 

@@ -67,6 +67,8 @@ class CheckOptions:
     length_bias_share: float = 0.7
     # KTO rows: warn when desirable or undesirable answers are fewer than this share of the rows.
     kto_min_share: float = 0.1
+    # objective grpo: the rewards that score against each row's reference answer (rewards.reference_rewards)
+    reference_rewards: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class CheckReport:
     leakage: dict[str, Any] | None = None
     kind: str = "sft"
     preference: dict[str, Any] | None = None
+    rewards: dict[str, Any] | None = None  # objective grpo: what the rewards need and how many rows lack it
 
     @property
     def ok(self) -> bool:
@@ -346,6 +349,21 @@ def labels_of(path: Path, conversations: list[Conversation], options: CheckOptio
     return None
 
 
+def check_references(report: CheckReport, conversations: list[Conversation], rewards: list[str]) -> None:
+    """objective grpo: rewards that score against the reference answer need one on every row."""
+    missing = [c.line for c in conversations if c.reference is None]
+    report.rewards = {"need_reference": rewards, "rows_without_reference": len(missing)}
+    if missing:
+        report.errors.append(
+            {
+                "line": missing[0],
+                "message": f"rl.rewards {', '.join(rewards)} score against the reference answer, but {len(missing)} "
+                f"rows have none (lines {missing[:10]}): add the answers, or use rewards that need none (regex, "
+                "length, json_valid, json_schema, code).",
+            }
+        )
+
+
 def check_balance(report: CheckReport, labels: dict[int, str] | None, options: CheckOptions) -> None:
     if not labels:
         return
@@ -523,6 +541,8 @@ def check_parsed(
         check_conflicts(report, conversations)
     if tokenizer is not None:
         check_token_lengths(report, conversations, tokenizer, options)
+    if options.reference_rewards:
+        check_references(report, conversations, options.reference_rewards)
     labels = labels_of(path, conversations, options)
     check_balance(report, labels, options)
     check_diversity(report, conversations, labelled=bool(labels))

@@ -15,6 +15,7 @@ from tunesmith.data.check import CheckOptions, CheckReport, check_parsed, labels
 from tunesmith.data.formats import Conversation, ParsedFile, parse_file, position_word, read_conversations
 from tunesmith.data.split import split_conversations
 from tunesmith.errors import TunesmithError
+from tunesmith.rewards import reference_rewards
 
 
 @dataclass
@@ -31,6 +32,8 @@ def gate_data(config: RunConfig) -> CheckedData:
     if not config.data.path:
         raise TunesmithError("No training data: set data.path in the config or pass --data FILE.")
     options = CheckOptions(max_length=config.data.max_length, near_threshold=config.data.near_threshold)
+    if config.objective == "grpo":
+        options.reference_rewards = reference_rewards(config.rl.rewards)
     parsed = parse_file(config.data.path, config.data.format)
     report, near_pairs = check_parsed(parsed, None, options, config.data.test_path, config.data.format)
     unit = position_word(config.data.path)

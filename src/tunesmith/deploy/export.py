@@ -159,6 +159,11 @@ def export_run(
         raise TunesmithError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
     layout = RunDir(run_dir)
     config = layout.read_config()
+    if config.objective == "reward_model":
+        raise TunesmithError(
+            f"{run_dir} is a reward model (objective: reward_model): its score head is not part of a language model "
+            f"export. Use it where it is, as a reward of an RL run (rl.rewards: [{{model: {run_dir}}}])."
+        )
     target = Path(out) if out else layout.export(fmt)
     if target.exists():
         if not overwrite:

@@ -10,6 +10,7 @@ flipped on a per-item metric, and a verdict on the primary metric that says when
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from tunesmith.evaluate.general import general_ability
 from tunesmith.evaluate.generate import generate, load_run
 from tunesmith.files import json_line, own_dir, replacing, write_json
 from tunesmith.objectives.preference import prefers_chosen, tokenize_preferences
+from tunesmith.objectives.reward_model import fresh_head, load_reward_model
 from tunesmith.rundir import RunDir
 from tunesmith.train.batching import collate
 from tunesmith.train.loss import model_loss_sum
@@ -39,6 +41,10 @@ if TYPE_CHECKING:
     from tunesmith.config import EvalConfig
 
 SPLITS = ("test", "val", "train")
+# What preference accuracy counts, for a preference run (the default of a compare.json without `measure`) and a
+# reward model.
+PER_TOKEN = "a higher log-probability per token than the rejected one"
+REWARD_SCORE = "a higher reward-model score than the rejected one (a tie counts half)"
 COMPARE_VERSION = 2  # compare.json's shape; a file without `version` is version 1 (see _from_version_1)
 
 
@@ -94,6 +100,9 @@ class CompareSummary:
     chosen_on: str = ""  # the split (and primary-metric scores) the strongest baseline was chosen on
     seconds: dict[str, float] = field(default_factory=dict)  # generation time per contestant on the compared items
     preference: dict[str, Any] | None = None  # preference runs: how often each model prefers the chosen answer
+    # A run that began from another (init_from: SFT then DPO or RL) against that starting run's answers, zero-shot
+    # like the tuned model's: what this run added. Its answers are the item rows' "start" column.
+    start: Versus | None = None
     version: int = COMPARE_VERSION
 
 
@@ -237,6 +246,8 @@ def compare_run(
     baseline, chosen on the validation split (choosing on the compared items would flatter it)."""
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
+    if RunDir(run_dir).read_config_fields().get("objective") == "reward_model":
+        return compare_reward_model(run_dir, split)
     loaded = load_run(run_dir)
     # A PEFT run answers as its base with the adapter off, so it needs no second copy of the weights.
     base = loaded if loaded.shares_base else load_run(run_dir, base=True)
@@ -247,6 +258,7 @@ def compare_run(
     pool = _shot_pool(run_dir, eval_config)
     prompting = _prompting(loaded, base, items, pool)
     outputs, seconds = _answers(loaded, base, prompting, [c.prompt_messages for c in items], console)
+    started = _start_answers(loaded, items, console, outputs, seconds)
     base_losses, tuned_losses = _losses_of_both(loaded, base, items)
     scores = {
         label: m.score(eval_config.metrics, outputs[label], references, eval_config.schema_path) for label in outputs
@@ -259,6 +271,9 @@ def compare_run(
         )
         for b in prompting
     }
+    if started is not None:
+        start_versus = _versus(eval_config, started, [started], scores, outputs, references, rows, {})
+        start_versus.label = f"start ({loaded.config.init_from})"
     start = time.perf_counter()
     strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, pool, split, limit, console)
     seconds["choosing the strongest baseline"] = round(time.perf_counter() - start, 2)
@@ -279,7 +294,10 @@ def compare_run(
         strongest=strongest,
         chosen_on=chosen_on,
         seconds=seconds,
+        start=start_versus if started is not None else None,
     )
+    if summary.start is not None:
+        summary.verdict += f" Against the starting run {loaded.config.init_from}: {summary.start.verdict}"
     if eval_config.lm_eval_tasks:
         summary.general_ability = general_ability(loaded, base, eval_config)
     if items[0].kind == "pair":  # every held-out pair: a forward pass each, no generation, so no eval.limit
@@ -334,6 +352,26 @@ def _answers(
         outputs[name] = _generate(model, prompts, as_base, console, label, stops)
         seconds[name] = round(time.perf_counter() - start, 2)
     return outputs, seconds
+
+
+def _start_answers(
+    loaded: Any, items: list[Conversation], console: Console, outputs: dict[str, list[str]], seconds: dict[str, float]
+) -> baselines.Baseline | None:
+    """For a run that began from another (init_from), that run's answers to the tuned model's prompts, added to
+    `outputs` and `seconds` as "start"; its model is loaded for them and dropped after. None for other runs."""
+    init_from = loaded.config.init_from
+    if not init_from:
+        return None
+    if not Path(init_from).is_dir():
+        console.print(f"[yellow]The starting run {init_from} is not here: compared with the base model only.[/]")
+        return None
+    began = time.perf_counter()
+    started = load_run(init_from)
+    prompts = [c.prompt_messages for c in items]
+    outputs["start"] = _generate(started, prompts, False, console, "start", baselines.turn_stops(loaded.tokenizer))
+    seconds["start"] = round(time.perf_counter() - began, 2)
+    del started
+    return baselines.Baseline("start", 0, prompts)
 
 
 def _label(prompting: list[baselines.Baseline], name: str) -> str:
@@ -456,7 +494,7 @@ def _preference_accuracy(loaded: Any, base: Any, items: list[Conversation]) -> d
     if config.init_from:
         wins["start"] = prefers_chosen(load_run(config.init_from).model, examples, pad, size)
     wins["tuned"] = prefers_chosen(loaded.model, examples, pad, size)
-    result: dict[str, Any] = {"items": len(examples), "start_run": config.init_from}
+    result: dict[str, Any] = {"items": len(examples), "start_run": config.init_from, "measure": PER_TOKEN}
     result |= {name: round(sum(values) / max(1, len(values)), 4) for name, values in wins.items()}
     for against in ("base", "start"):
         if against in wins and examples:
@@ -465,6 +503,59 @@ def _preference_accuracy(loaded: Any, base: Any, items: list[Conversation]) -> d
             )
             result[f"tuned_vs_{against}"] = compared.to_dict()
     return result
+
+
+def compare_reward_model(run_dir: Path, split: str = "test") -> CompareSummary:
+    """A reward model scores answers rather than writing them: its comparison is held-out pair accuracy of the trained
+    scorer against its untrained start (the base, and init_from's run when there is one, each with the fresh head
+    training began with), paired, with a bootstrap CI. No generation, so no prompting baselines."""
+    scorer = load_reward_model(run_dir)
+    config, items = scorer.run.config, split_items(run_dir, split, None)
+    pairs, _ = tokenize_preferences(scorer.run.tokenizer, items, config.data.max_length, "pair")
+    fresh = fresh_head(scorer.run.model.config, config.train.seed)
+    starts = {"base": scorer.run if scorer.run.shares_base else load_run(run_dir, base=True)}
+    if config.init_from:
+        starts["start"] = load_run(config.init_from)
+    scores = {}
+    for name, start in starts.items():
+        with start.base_only() if start is scorer.run else nullcontext():
+            scores[name] = dataclasses.replace(scorer, run=start, head=fresh).pair_scores(pairs)
+    scores["tuned"] = scorer.pair_scores(pairs)
+    wins = {name: [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in pair] for name, pair in scores.items()}
+    result: dict[str, Any] = {"items": len(pairs), "start_run": config.init_from, "measure": REWARD_SCORE}
+    result |= {name: round(sum(values) / max(1, len(values)), 4) for name, values in wins.items()}
+    for against in starts:
+        compared = stats.compare_per_item(
+            "pair_accuracy", wins[against], wins["tuned"], False, config.eval.bootstrap, config.eval.seed
+        )
+        result[f"tuned_vs_{against}"] = compared.to_dict()
+    by_line = {c.line: c for c in items}
+    rows = [
+        {"line": p.line, "prompt": by_line[p.line].prompt_messages[-1].content}
+        | {"chosen": str(by_line[p.line].reference), "rejected": by_line[p.line].rejected}
+        | {name: [round(v, 6) for v in scores[name][i]] for name in scores}
+        for i, p in enumerate(pairs)
+    ]
+    summary = CompareSummary(
+        run_dir=str(run_dir), split=split, items=len(pairs), primary="pair_accuracy", decided_by="pair_accuracy",
+        correction="none (one comparison per start)", baselines={}, verdict=_reward_verdict(result),
+        examples=rows[:3], preference=result,
+    )  # fmt: skip
+    _write_compare(RunDir(run_dir), rows, summary)
+    return summary
+
+
+def _reward_verdict(result: dict[str, Any]) -> str:
+    """What the trained scorer's held-out pair accuracy says against its untrained start on the base."""
+    versus = result["tuned_vs_base"]
+    detail = (
+        f"{result['tuned']:.3f} of {result['items']} held-out pairs ranked right, against {result['base']:.3f} for "
+        f"the base with a fresh head (diff {versus['diff']:+.3f}, 95% CI [{versus['ci_low']:+.3f}, "
+        f"{versus['ci_high']:+.3f}])"
+    )
+    if versus["ci_low"] > 0:
+        return f"The reward model learned the preference: {detail}."
+    return f"No measurable gain: {detail}; more pairs or steps may help."
 
 
 def _losses_of_both(
@@ -605,7 +696,8 @@ def read_comparison(run_dir: str | Path) -> CompareSummary | None:
     try:
         written = _from_version_1(written) if version == 1 else written
         found = {name: Versus(**versus) for name, versus in written.pop("baselines").items()}
-        return CompareSummary(**written, baselines=found)
+        start = written.pop("start", None)
+        return CompareSummary(**written, baselines=found, start=Versus(**start) if start else None)
     except (KeyError, TypeError) as exc:
         raise TunesmithError(
             f"{path} is not a comparison tunesmith wrote ({exc}). Compare again: tunesmith compare {run_dir}"

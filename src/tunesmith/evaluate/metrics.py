@@ -135,12 +135,12 @@ def schema_checker(schema_path: str | None) -> Callable[[str, str], float]:
     return conforms
 
 
-def load_custom(spec: str) -> Callable[[str, str], float]:
-    """`package.module:function` or `path/to/file.py:function`."""
+def load_custom(spec: str, field: str = "eval.metrics / validation.metrics") -> Callable[..., Any]:
+    """`package.module:function` or `path/to/file.py:function`, named in config field `field` (trust rules)."""
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise TunesmithError(f"Custom metric {spec!r}: write it as module:function or file.py:function.")
-    trust.require("eval.metrics / validation.metrics", spec)
+    trust.require(field, spec)
     try:
         if target.endswith(".py"):
             module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)

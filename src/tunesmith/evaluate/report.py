@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tunesmith.evaluate.compare import CompareSummary, compare_run, read_comparison
+from tunesmith.evaluate.compare import PER_TOKEN, CompareSummary, compare_run, read_comparison
 from tunesmith.files import own_dir, write_json, write_text_atomic
 from tunesmith.rundir import RunDir
 from tunesmith.watch import read_metrics
@@ -136,6 +136,9 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
     """The verdict against the strongest prompting baseline, every contestant side by side, then the tuned model
     against each baseline with its statistics and flipped items. `compare` is a CompareSummary as a dict."""
     versus = compare["baselines"]
+    if not versus:  # a reward model: scored on held-out pairs, never generated from
+        verdict = f"<div class='verdict plain'>{_text(compare['verdict'])}</div>"
+        return [verdict, *_preference_html(compare["preference"])]
     strongest = versus[compare["strongest"]]
     primary = strongest["metrics"].get(compare["primary"]) or {}
     good = bool(primary.get("significant")) and (primary.get("diff") or 0) > 0
@@ -157,7 +160,7 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
     sections.append(f"<p class='muted'>Multiple comparisons: {_text(compare['correction'] or '-')}.</p>")
     if compare["preference"]:
         sections.extend(_preference_html(compare["preference"]))
-    for against in versus.values():
+    for against in [*versus.values(), *([compare["start"]] if compare.get("start") else [])]:
         sections.extend(_versus_html(against))
     general = compare["general_ability"]
     if general:
@@ -185,8 +188,8 @@ def _preference_html(preference: dict[str, Any]) -> list[str]:
     headers = ["against", "their accuracy", "tuned", "diff", "95% CI", "p", "test", "significant"]
     return [
         f"<h2>Preference accuracy ({_text(preference['items'])} held-out pairs)</h2>",
-        "<p class='muted'>The share of pairs whose chosen answer gets a higher log-probability per token than the "
-        "rejected one.</p>",
+        f"<p class='muted'>The share of pairs whose chosen answer gets {_text(preference.get('measure', PER_TOKEN))}."
+        "</p>",
         _table(headers, rows),
     ]
 

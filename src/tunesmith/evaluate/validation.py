@@ -1,5 +1,6 @@
 """Validation during training: the loss on held-out examples and the task's own metrics on a generated sample
-(SFT), or the preference scores of held-out pairs (preference objectives)."""
+(SFT), the preference scores of held-out pairs (preference objectives), or the rewards of greedy answers to
+held-out prompts (grpo)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tunesmith.evaluate.generate import generate
 from tunesmith.evaluate.metrics import score, summary
 from tunesmith.objectives import objective_of
 from tunesmith.objectives.preference import preference_scores
+from tunesmith.objectives.rl import reward_validator
 
 
 def validator(config: RunConfig, tokenizer: Any, val: list[Conversation], examples: list[Any]) -> Any:
@@ -19,6 +21,8 @@ def validator(config: RunConfig, tokenizer: Any, val: list[Conversation], exampl
     validation = config.validation
     scored = examples[: validation.limit or len(examples)]
     objective = objective_of(config)
+    if objective.name == "grpo":  # examples: the val prompts
+        return reward_validator(config, tokenizer, examples)
     if objective.holds != "sft":
 
         def validate_pairs(model: Any) -> dict[str, float]:

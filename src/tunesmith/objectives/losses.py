@@ -195,3 +195,87 @@ def reward_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, p
 
 def _mean(values: torch.Tensor) -> float:
     return values.mean().item() if values.numel() else float("nan")
+
+
+# --- Online RL (objective grpo): advantages from a group's rewards, the clipped policy loss, the k3 KL -------------
+
+STD_FLOOR = 1e-4  # added to a std before dividing by it (TRL's value): a tiny spread gives large, finite advantages
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", rloo: bool = False) -> torch.Tensor:
+    """Advantages of completions from their rewards, shape [groups, group_size] with nan for a skipped
+    completion (its advantage stays nan; the caller leaves it out):
+
+        baseline_i = mean of the group's rewards             (GRPO, Shao et al. 2024, Eq. 3)
+                   = mean of the group's OTHER rewards       (rloo: RLOO, Ahmadian et al. 2024)
+        A_i = (r_i - baseline_i) / (std + 1e-4)              std: of the group (scale "group"), of every reward of
+                                                             the step ("batch"), or A_i = r_i - baseline_i ("none",
+                                                             Dr. GRPO, Liu et al. 2025)
+
+    Stds are the unbiased sample std (n - 1), as TRL's; a group of one valid completion has advantage 0.
+    """
+    valid = ~torch.isnan(rewards)
+    values = torch.where(valid, rewards, torch.zeros_like(rewards)).double()
+    count = valid.sum(dim=1, keepdim=True).double()
+    total = values.sum(dim=1, keepdim=True)
+    if rloo:
+        baseline = (total - values) / (count - 1).clamp(min=1)
+    else:
+        baseline = total / count.clamp(min=1)
+    advantages = values - baseline
+    if scale == "group":
+        mean = total / count.clamp(min=1)
+        spread = (((values - mean) ** 2) * valid).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+        advantages = advantages / (spread.sqrt() + STD_FLOOR)
+    elif scale == "batch":
+        kept = values[valid]
+        std = kept.std() if kept.numel() > 1 else kept.new_zeros(())
+        advantages = advantages / (std + STD_FLOOR)
+    advantages = torch.where(count > 1, advantages, torch.zeros_like(advantages))
+    return torch.where(valid, advantages, torch.full_like(advantages, float("nan"))).float()
+
+
+def clipped_token_losses(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon_low: float, epsilon_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token (Schulman et al. 2017, Eq. 7; DAPO's asymmetric clip, Yu et al. 2025):
+
+        ratio = exp(log πθ(o_t) - log π_old(o_t))
+        loss_t = -min(ratio · A, clip(ratio, 1 - ε_low, 1 + ε_high) · A)
+
+    All three tensors have one entry per completion token (A: its completion's advantage). Also returns where
+    the clip bound (the ratio left the range in the direction the advantage pushes it), for the clip ratio."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
+    bound = ((ratio < 1 - epsilon_low) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    return -torch.min(unclipped, clipped), bound
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(πθ || π_ref) per token (unbiased, never negative; GRPO's Eq. 4):
+
+    exp(log π_ref - log πθ) - (log π_ref - log πθ) - 1."""
+    gap = ref_logps - logps
+    return torch.exp(gap) - gap - 1
+
+
+def sequence_token_weights(lengths: torch.Tensor, loss_type: str, max_completion_tokens: int) -> torch.Tensor:
+    """The weight of each token of each completion in the step's loss, one per completion (`lengths`: the tokens
+    of every completion the step trains on, across all its micro-batches), so that loss = Σ weight · loss_t is:
+
+        grpo:    (1/G) Σ_i (1/|o_i|) Σ_t loss_i,t               each completion's token mean, then their mean
+        dr_grpo: (1/(G · max_completion_tokens)) Σ_i Σ_t loss_i,t   a constant normaliser (Liu et al. 2025)
+        dapo:    (1/Σ_i |o_i|) Σ_i Σ_t loss_i,t                 the mean over every token (Yu et al. 2025)
+    """
+    lengths = lengths.double()
+    rows = max(1, lengths.numel())
+    if loss_type == "grpo":
+        weights = 1.0 / (rows * lengths.clamp(min=1))
+    elif loss_type == "dr_grpo":
+        weights = torch.full_like(lengths, 1.0 / (rows * max_completion_tokens))
+    elif loss_type == "dapo":
+        weights = torch.full_like(lengths, 1.0 / max(1.0, float(lengths.sum())))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return weights.float()

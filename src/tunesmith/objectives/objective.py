@@ -6,7 +6,8 @@ objective's own module can name the base class and look up a config's objective 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,8 +38,29 @@ class Objective:
         """The loss summed over the batch's units, and step statistics summed likewise (none for SFT)."""
         return model_loss_sum(model, batch), {}
 
+    def attach(self, model: Any, seed: int) -> Any:
+        """The model to train: the method's, plus any part the objective trains itself (reward_model: a head)."""
+        return model
+
+    def save_own(self, model: Any, run_dir: Path, trained: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Write the objective's own trained part to the run folder and take it off the model; `trained` without it."""
+        return trained
+
 
 SFT = Objective()
+
+
+@dataclass
+class StepBatch:
+    """What one optimizer step trains on, as the Trainer draws it: for SFT and preference objectives grad_accum
+    micro-batches of the examples, for grpo the step's rollouts (objectives/rl.py)."""
+
+    micro_batches: list[tuple[list[int], dict[str, torch.Tensor], float]]  # (indices, tensors, weight)
+    units: int  # what the step's summed loss is divided by (answer tokens for SFT; grpo weighs its own tokens: 1)
+    tokens: int
+    lines: list[int]  # the data lines trained on, for error messages
+    advance: int  # how far the data position (TrainState.micro_batches) moves: micro-batches, or grpo's prompts
+    logged: dict[str, Any] = field(default_factory=dict)  # step statistics logged as they are (grpo: rewards)
 
 
 OBJECTIVES: dict[str, Objective] = {}  # filled by objectives/__init__.py

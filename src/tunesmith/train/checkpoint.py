@@ -57,6 +57,8 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    # objective grpo with rl.iterations > 1: the rollout the next steps still train on (objectives/rl.py)
+    rollouts: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -30,6 +30,7 @@ from tunesmith.data.tokenize import TokenizedExample
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.files import json_line, open_append, write_text_atomic
 from tunesmith.objectives import SFT, Objective
+from tunesmith.objectives.objective import StepBatch
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
 from tunesmith.train.batching import batch_order
@@ -142,7 +143,7 @@ class Session:
     run_dir: Path | None = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # when to validate, what counts as best
-    validate: Callable[[Any], dict[str, float]] | None = None  # the scores of one validation
+    validate: Callable[[Any], dict[str, Any]] | None = None  # the scores of one validation (and grpo's samples)
     resume_from: Path | None = None
     log: Callable[[dict[str, Any]], None] | None = None  # trackers
     on_checkpoint: Callable[[Path], None] | None = None
@@ -151,6 +152,10 @@ class Session:
     strategy: str = "ddp"  # with several processes: ddp (replicated) or fsdp (sharded)
     objective: Objective = SFT  # what the loss trains toward (objectives/)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # its settings, for preference ones
+    # An objective that makes its own data (grpo: objectives/rl.py: Rollouts): `stream(trainer)` yields one StepBatch
+    # per step from the trainer's state; `epoch_size` (data positions per epoch) and `steps_per_epoch`. None: the
+    # examples' micro-batches.
+    source: Any = None
 
 
 def better(metric: str, value: float, best: float | None) -> bool:
@@ -257,6 +262,7 @@ class StepOutcome:
     loss_tokens: int
     tokens: int
     stats: dict[str, float] = field(default_factory=dict)  # the objective's statistics summed over the step
+    logged: dict[str, Any] = field(default_factory=dict)  # statistics logged as they are (grpo: rewards, seconds)
 
 
 class Trainer:
@@ -291,8 +297,12 @@ class Trainer:
                 "process needs at least one example per micro-batch. "
                 f"Set train.batch_size to {self.world.size} or more."
             )
-        self.n_batches = math.ceil(len(examples) / settings.batch_size)
-        self.total_steps = plan_steps(self.n_batches, settings)
+        source = session.source
+        self.n_batches = source.epoch_size if source else math.ceil(len(examples) / settings.batch_size)
+        if source:
+            self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * source.steps_per_epoch))
+        else:
+            self.total_steps = plan_steps(self.n_batches, settings)
         self._setup_model(model)
         self.validate_every = self.session.validation.every or max(1, self.total_steps // 10)
         self.save_every = self.session.checkpoint.every or self.validate_every
@@ -301,9 +311,13 @@ class Trainer:
         if self.releaser:
             self.releaser.attach(self.model)
         skip = self.state.micro_batches
-        self.stream = micro_batches(
-            examples, settings, pad_id, row_tokens, skip=skip, world=self.world, objective=session.objective
-        )
+        if source:
+            self.steps: Any = source.stream(self)
+        else:
+            stream = micro_batches(
+                examples, settings, pad_id, row_tokens, skip=skip, world=self.world, objective=session.objective
+            )
+            self.steps = self.example_steps(stream)
         self.started = time.perf_counter() - self.state.elapsed_s
         self.skipped = 0
         self._setup_output(metrics_path, console)
@@ -395,22 +409,31 @@ class Trainer:
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.name != "fp32")
 
+    def example_steps(self, stream: Any) -> Any:
+        """Endless StepBatches of grad_accum micro-batches each from the examples' micro-batch stream."""
+        while True:
+            drawn = [next(stream) for _ in range(self.settings.grad_accum)]
+            chosen = [self.examples[i] for indices, _, _ in drawn for i in indices]
+            units = sum(self.session.objective.units(e) for e in chosen)
+            lines = [e.line for e in chosen]
+            yield StepBatch(drawn, units, sum(len(e) for e in chosen), lines, self.settings.grad_accum)
+
     def train_step(self, step: int) -> StepOutcome | None:
-        """One optimizer step over grad_accum micro-batches; None when it was skipped for a non-finite loss."""
-        drawn = [next(self.stream) for _ in range(self.settings.grad_accum)]
-        chosen = [self.examples[i] for indices, _, _ in drawn for i in indices]
-        loss_tokens = sum(self.session.objective.units(e) for e in chosen)
-        loss, stats = self._backward(drawn, loss_tokens)
+        """One optimizer step over the step's micro-batches; None when it was skipped for a non-finite loss."""
+        data: StepBatch = next(self.steps)
+        drawn_at = time.perf_counter()
+        loss_tokens = data.units
+        loss, stats = self._backward(data.micro_batches, loss_tokens)
         if self.scaler:  # an inf norm after unscaling means the loss scale was too high, not bad data
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm or math.inf)
         grad_norm = float(distributed.whole(norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.state.micro_batches += self.settings.grad_accum
+        self.state.micro_batches += data.advance
         if self.scaler and math.isfinite(loss) and not math.isfinite(grad_norm):
             self.emit({"type": "event", "step": step, "event": "loss_scale_backoff"})
         elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.skip_nonfinite(step, loss, grad_norm, lr, [e.line for e in chosen])
+            self.skip_nonfinite(step, loss, grad_norm, lr, data.lines)
             return None
         self.state.skipped_in_row = 0
         if self.scaler:
@@ -422,7 +445,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.releaser:
             self.releaser.release()
-        return StepOutcome(loss, grad_norm, lr, loss_tokens, sum(len(e) for e in chosen), stats)
+        logged = data.logged | ({"train_s": round(time.perf_counter() - drawn_at, 3)} if self.session.source else {})
+        return StepOutcome(loss, grad_norm, lr, loss_tokens, data.tokens, stats, logged)
 
     def _backward(
         self, drawn: list[tuple[list[int], dict[str, torch.Tensor], float]], loss_tokens: int
@@ -477,12 +501,14 @@ class Trainer:
         }
         # Preference objectives: reward accuracy, margin, log-probs, as means over the step's pairs.
         record |= {name: round(value / outcome.loss_tokens, 6) for name, value in outcome.stats.items()}
+        record |= outcome.logged
         if spike:
             record["spike"] = True
             self.say(f"[yellow]loss spike at step {step}: {loss:.4f} vs smoothed {state.smoothed_loss:.4f}[/]")
         self.history.append(record)
         self.emit(record, force=spike or step % self.settings.log_every == 0 or step == self.total_steps)
         rewards = f" reward acc {record['reward_accuracy']:.2f}" if "reward_accuracy" in record else ""
+        rewards += f" reward {record['reward']:.3f}" if isinstance(record.get("reward"), float) else ""
         status = (
             f"ep {record['epoch']:.2f} loss {state.smoothed_loss:.4f}{rewards} lr {outcome.lr:.2e} "
             f"gnorm {outcome.grad_norm:.3f} {record['tokens_per_s']:.0f} tok/s mem {memory_text(self.device)}"
@@ -514,9 +540,11 @@ class Trainer:
 
     def validate(self, step: int) -> bool:
         """Validate, track the best, warn on overfitting; True when early stopping should stop the run."""
-        scores = self._scores()
+        found = self._scores()
+        scores = {k: v for k, v in found.items() if isinstance(v, int | float)}
         state = self.state
-        record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}}
+        samples = {k: v for k, v in found.items() if k not in scores}  # grpo: a few sample completions
+        record = {"type": "val", "step": step, **{k: round(v, 6) for k, v in scores.items()}, **samples}
         state.evaluations.append({"step": step, "train_loss": state.smoothed_loss, **scores})
         value = scores.get(state.best_metric)
         if value is not None and better(state.best_metric, value, state.best_value):
@@ -537,7 +565,7 @@ class Trainer:
         patience = self.session.validation.patience
         return bool(patience and since_best > 0 and evals_since >= patience)
 
-    def _scores(self) -> dict[str, float]:
+    def _scores(self) -> dict[str, Any]:
         """The session's validation scores of the model as it is now."""
         self.loss_model.eval()  # the releaser's layer hooks do nothing outside training mode
         if self.sharded:

@@ -117,3 +117,34 @@ def model_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     its token count. Each row must hold one sequence: on a packed row the sum would run across its sequences."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return answer_logps(_decoder_hidden(model, batch), batch["labels"], model.get_output_embeddings(), softcap)
+
+
+def _chunk_token_stats(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None
+) -> torch.Tensor:
+    """Per token: the target's log-probability and (detached) the entropy of the distribution, as [tokens, 2]."""
+    logps = _logits(hidden, head, softcap).log_softmax(-1)
+    entropy = -(logps.exp() * logps).sum(-1).detach()
+    return torch.stack([logps.gather(-1, targets[:, None]).squeeze(-1), entropy], dim=-1)
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 log-probability of every non-IGNORE label given the hidden state before it, and the entropy of
+    that distribution (detached, for logging), flat in the order of `labels[:, 1:] != IGNORE` (row-major); the
+    same selected-positions, chunked, recomputed path as answer_logps, one value per token instead of per row."""
+    parts = [stats for _, stats in _answer_chunks(_chunk_token_stats, hidden, labels, head, softcap, chunk_size)]
+    both = torch.cat(parts) if parts else hidden.new_zeros((0, 2), dtype=torch.float32)
+    return both[:, 0], both[:, 1].detach()
+
+
+def model_token_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decoder as model_loss_sum does, then token_logps: per answer token, its log-probability and the
+    entropy of the model's distribution there."""
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return token_logps(_decoder_hidden(model, batch), batch["labels"], model.get_output_embeddings(), softcap)
