@@ -1,0 +1,126 @@
+"""The decoder's forward pass for generation, written out for the families whose layers we know (Gemma 3, Llama,
+Mistral, Qwen 2/3), so that a decode step runs the model's own modules and nothing else.
+
+transformers' forward builds masks, wraps every layer call in keyword plumbing, decorators and output capture; on
+a CPU decode step that Python costs as much as the weights' read. Here the engine's masks and SlotCache go straight
+to the layers. Every projection, norm, embedding and rotary module is called as a module, so LoRA layers (merged or
+not, switched off by `disable_adapter`), packed weights and fused norms of `generation_view` act as in the model's
+forward, and the arithmetic is the same ops in the same order: the same logits.
+
+It must never change what is computed: a model whose bypassed modules (the model, its layers, attention, MLP) are of
+another class or carry hooks (bottleneck adapters, FSDP) is not taken, and the engine uses the model's forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# Causal LM class -> its decoder layer, attention and MLP classes: the modules this forward replaces, whose forward
+# it restates. Sandwich norms (Gemma 3's pre/post feed-forward norms) and q/k norms are read off the layer.
+FAMILIES = {
+    "Gemma3ForCausalLM": ("Gemma3DecoderLayer", "Gemma3Attention", "Gemma3MLP"),
+    "LlamaForCausalLM": ("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"),
+    "MistralForCausalLM": ("MistralDecoderLayer", "MistralAttention", "MistralMLP"),
+    "Qwen2ForCausalLM": ("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP"),
+    "Qwen3ForCausalLM": ("Qwen3DecoderLayer", "Qwen3Attention", "Qwen3MLP"),
+}
+
+
+class Decoder:
+    """`decoder(ids, positions, masks, cache)`: the logits of each row's last position, as the model's own forward
+    with `logits_to_keep=1` gives them. `masks` maps a layer type to its mask (one mask: every layer)."""
+
+    def __init__(self, causal_lm: Any) -> None:
+        self.lm = causal_lm
+        self.body = causal_lm.model
+        config = self.body.config
+        self.layer_types: list[str] = list(getattr(config, "layer_types", None) or [])
+        self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self.attention: Callable[..., Any] = ALL_ATTENTION_FUNCTIONS.get_interface(
+            config._attn_implementation, _eager_of(causal_lm)
+        )
+        self.rotate = sys.modules[type(causal_lm).__module__].apply_rotary_pos_emb
+        # Gemma 3 keeps one rotary table per layer type (local and global RoPE bases)
+        self.rotary_by_type = "layer_type" in _parameters(self.body.rotary_emb.forward)
+
+    @classmethod
+    def of(cls, model: Any) -> Decoder | None:
+        """The decoder of a model (a PEFT model's base included), or None where this forward cannot stand in."""
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        classes = FAMILIES.get(type(inner).__name__)
+        body = getattr(inner, "model", None)
+        if classes is None or body is None or not hasattr(body, "layers") or not _plain(model):
+            return None
+        for layer in body.layers:
+            kinds = (type(layer).__name__, type(layer.self_attn).__name__, type(layer.mlp).__name__)
+            if kinds != classes or not all(map(_plain, (layer, layer.self_attn, layer.mlp))):
+                return None
+        return cls(inner) if _plain(inner) and _plain(body) else None
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, masks: Any, cache: Any) -> torch.Tensor:
+        hidden = self.body.embed_tokens(ids)
+        rotary = self.body.rotary_emb
+        if self.rotary_by_type:
+            tables = {kind: rotary(hidden, positions, kind) for kind in set(self.layer_types)}
+        else:
+            tables = {None: rotary(hidden, positions)}
+        for index, layer in enumerate(self.body.layers):
+            kind = self.layer_types[index] if self.layer_types else None
+            mask = masks.get(kind, masks.get("full_attention")) if isinstance(masks, dict) else masks
+            hidden = self._layer(layer, hidden, tables[kind if self.rotary_by_type else None], mask, cache)
+        hidden = self.body.norm(hidden[:, -1:])
+        logits = self.lm.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _layer(self, layer: Any, hidden: torch.Tensor, rotary: Any, mask: Any, cache: Any) -> torch.Tensor:
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma: norms before and after each block
+        update = self._attend(layer.self_attn, layer.input_layernorm(hidden), rotary, mask, cache)
+        if sandwich:
+            update = layer.post_attention_layernorm(update)
+        hidden = hidden + update
+        mlp = layer.mlp
+        inner = layer.pre_feedforward_layernorm(hidden) if sandwich else layer.post_attention_layernorm(hidden)
+        update = mlp.down_proj(mlp.act_fn(mlp.gate_proj(inner)) * mlp.up_proj(inner))
+        if sandwich:
+            update = layer.post_feedforward_layernorm(update)
+        return hidden + update
+
+    def _attend(self, attention: Any, hidden: torch.Tensor, rotary: Any, mask: Any, cache: Any) -> torch.Tensor:
+        shape = (*hidden.shape[:-1], -1, attention.head_dim)
+        query = attention.q_proj(hidden).view(shape).transpose(1, 2)
+        key = attention.k_proj(hidden).view(shape).transpose(1, 2)
+        value = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        if hasattr(attention, "q_norm"):
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key = self.rotate(query, key, *rotary)
+        key, value = cache.update(key, value, attention.layer_idx)
+        output, _ = self.attention(
+            attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling,
+            sliding_window=getattr(attention, "sliding_window", None),
+        )  # fmt: skip
+        return attention.o_proj(output.reshape(*hidden.shape[:-1], -1).contiguous())
+
+
+def _plain(module: Any) -> bool:
+    """No hooks that a restated forward would skip."""
+    return not (
+        getattr(module, "_forward_hooks", None)
+        or getattr(module, "_forward_pre_hooks", None)
+        or "forward" in vars(module)  # an instance-level forward (patched): not the class's
+    )
+
+
+def _eager_of(causal_lm: Any) -> Callable[..., Any]:
+    return sys.modules[type(causal_lm).__module__].eager_attention_forward
+
+
+def _parameters(function: Callable[..., Any]) -> set[str]:
+    return set(inspect.signature(function).parameters)
