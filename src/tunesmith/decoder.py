@@ -66,14 +66,15 @@ class Decoder:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, masks: Any, cache: Any) -> torch.Tensor:
         hidden = self.body.embed_tokens(ids)
         rotary = self.body.rotary_emb
+        # one rotary table per layer type ("" where the model keeps one for all layers)
         if self.rotary_by_type:
             tables = {kind: rotary(hidden, positions, kind) for kind in set(self.layer_types)}
         else:
-            tables = {None: rotary(hidden, positions)}
+            tables = {"": rotary(hidden, positions)}
         for index, layer in enumerate(self.body.layers):
-            kind = self.layer_types[index] if self.layer_types else None
+            kind = self.layer_types[index] if self.layer_types else "full_attention"
             mask = masks.get(kind, masks.get("full_attention")) if isinstance(masks, dict) else masks
-            hidden = self._layer(layer, hidden, tables[kind if self.rotary_by_type else None], mask, cache)
+            hidden = self._layer(layer, hidden, tables[kind if self.rotary_by_type else ""], mask, cache)
         hidden = self.body.norm(hidden[:, -1:])
         logits = self.lm.lm_head(hidden)
         if self.softcap is not None:

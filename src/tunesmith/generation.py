@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from tunesmith import kernels
 from tunesmith.decoder import Decoder
 
 BASE = "__base__"  # Request.adapter for the base model's answers (PEFT's own name for a base row of a mixed batch)
@@ -363,9 +364,10 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
     """The model as it generates fastest, for the duration of the block; exactly the trained model afterwards.
 
     - Adapter weights in the model's dtype (adapter_in_model_dtype).
-    - `pack` (default: where packing_pays): every linear layer's weight reordered once into oneDNN's blocked
-      layout, as torch.compile's CPU freezing does; a bf16 matrix-vector product then reads its weights at close
-      to the memory's speed instead of half of it. The product is oneDNN's either way: the same numbers.
+    - `pack` (default: where packing_pays): every linear layer's weight laid out once for the fastest product
+      (PackedWeight: tunesmith's bf16 kernel on CPUs with AVX512-BF16, else oneDNN's blocked layout); a decode
+      step then reads its weights at close to the memory's speed. oneDNN's packed product gives oneDNN's numbers;
+      the kernel's sums run in another order, so its logits can differ from oneDNN's by bf16 rounding.
     - RMSNorm layers of the families below in one fused op (torch.rms_norm, in float32 as theirs) instead of
       eight: the same formula, a tenth of the calls.
     - `merge`: a LoRA layer whose one active adapter is on computes with W + scale * B @ A (in float32, rounded
@@ -447,28 +449,44 @@ def _mergeable_lora(module: torch.nn.Module) -> bool:
     )
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-    return flat.reshape(*x.shape[:-1], flat.shape[-1])
+class PackedWeight:
+    """A linear layer's weight laid out once for the fastest product this machine has for it: tunesmith's bf16
+    kernel (tunesmith.kernels, where it pays) or else oneDNN's blocked layout, as torch.compile's CPU freezing
+    makes. Either reads the weights at close to the memory's speed, where a plain bf16 product reads them at half."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        weight = weight.detach()
+        self.out_features = weight.shape[0]
+        self.native = weight.dtype == torch.bfloat16 and kernels.pays() and kernels.available()
+        if self.native:
+            self.data = kernels.pack(weight)
+        else:
+            self.data = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.native:
+            return kernels.linear(x, self.data, self.out_features, bias)
+        flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.data, bias, "none", [], "")
+        return flat.reshape(*x.shape[:-1], flat.shape[-1])
 
 
 def _packed_forward(module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     own = module.forward
-    held: list[torch.Tensor] = []
+    held: list[PackedWeight] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != module.weight.dtype or torch.is_grad_enabled():
             return own(x)
         if not held:
-            held.append(torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_ROWS))
-        return _linear(x, held[0], module.bias)
+            held.append(PackedWeight(module.weight))
+        return held[0](x, module.bias)
 
     return forward
 
 
 def _merged_forward(module: Any, pack: bool) -> Callable[..., torch.Tensor]:
     own = module.forward
-    merged: dict[str, torch.Tensor] = {}  # adapter name -> its merged (packed) weight
+    merged: dict[str, Any] = {}  # adapter name -> its merged weight (a PackedWeight when packing)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = list(module.active_adapters)
@@ -485,15 +503,15 @@ def _merged_forward(module: Any, pack: bool) -> Callable[..., torch.Tensor]:
         if name not in merged:
             merged[name] = _merge(module, name, pack)
         weight, bias = merged[name], module.base_layer.bias
-        return _linear(x, weight, bias) if pack else torch.nn.functional.linear(x, weight, bias)
+        return weight(x, bias) if pack else torch.nn.functional.linear(x, weight, bias)
 
     return forward
 
 
-def _merge(module: Any, name: str, pack: bool) -> torch.Tensor:
+def _merge(module: Any, name: str, pack: bool) -> torch.Tensor | PackedWeight:
     base = module.base_layer.weight.detach()
     delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
     if getattr(module, "fan_in_fan_out", False):
         delta = delta.T
     weight = (base.float() + module.scaling[name] * delta).to(base.dtype)
-    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if pack else weight
+    return PackedWeight(weight) if pack else weight

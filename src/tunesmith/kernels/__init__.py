@@ -1,0 +1,76 @@
+"""tunesmith's native CPU kernel for generation: a bf16 matrix product over weights packed once (linear_bf16.cpp).
+
+A decode step reads every weight once for a few rows; over this layout the read runs near the memory's speed where
+oneDNN's bf16 product reaches about half of it. The source is compiled on first use with the system's C++ compiler
+(torch's extension builder, ninja) into tunesmith's cache, one build per CPU, since it is built for the CPU it runs
+on. It is used only where it pays (`pays`: a CPU with AVX512-BF16); where it cannot be built, generation goes on with
+oneDNN and says why once. `TUNESMITH_KERNELS=0` switches it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tunesmith.files import cache_root
+
+SOURCE = Path(__file__).with_name("linear_bf16.cpp")
+logger = logging.getLogger("tunesmith.kernels")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is not there."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def pays() -> bool:
+    """Whether this machine should generate through the kernel: AVX512-BF16 and not switched off."""
+    return os.environ.get("TUNESMITH_KERNELS", "1") != "0" and "avx512_bf16" in cpu_flags()
+
+
+@functools.cache
+def available() -> bool:
+    """Build (once per CPU and source) and load the kernel; False, with the reason logged once, where it cannot be."""
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(sorted(cpu_flags())).encode() + torch.__version__.encode()).hexdigest()
+    folder = cache_root() / "kernels" / key[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob("*.so")):
+            print("Compiling tunesmith's bf16 generation kernel for this CPU (once, about 10 s)...", file=sys.stderr)
+        cpp_extension.load(
+            name="tunesmith_linear_bf16",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],  # torch's own libgomp is loaded already: the kernel shares its threads
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a sandbox without /tmp: generate with oneDNN instead
+        logger.warning("tunesmith's bf16 kernel could not be built (%s); generating with oneDNN's product.", exc)
+        return False
+    return True
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] bf16 weight in the kernel's layout ([out/16, in/2, 16, 2], zero-padded)."""
+    return torch.ops.tunesmith_kernels.pack_bf16(weight.detach().contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias over the packed weight, in bf16 (accumulated in float32, rounded once)."""
+    return torch.ops.tunesmith_kernels.linear_bf16(x, packed, out_features, bias)

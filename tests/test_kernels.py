@@ -1,0 +1,77 @@
+"""tunesmith's bf16 generation kernel (tunesmith.kernels): the product over packed weights equals torch's within bf16
+rounding for every shape a model has (odd widths, outputs not a multiple of 16, 1 to 20 rows, with and without bias),
+on every CPU (the plain loop where AVX512-BF16 is missing); generation uses it only where it pays and goes on with
+oneDNN when it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith import kernels
+from tunesmith.generation import PackedWeight
+
+
+@pytest.fixture(scope="module")
+def built():
+    if not kernels.available():
+        pytest.skip("no C++ compiler here: generation runs on oneDNN (the fallback is tested below)")
+
+
+@pytest.mark.parametrize("out_features, in_features", [(40, 64), (100, 33), (17, 7), (256, 640), (48, 130)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 13, 20])
+def test_the_kernel_computes_the_linear_layer_within_bf16_rounding(built, out_features, in_features, rows):
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
+    x = torch.randn(2, rows, in_features, generator=generator).bfloat16()
+    packed = kernels.pack(weight)
+    for b in (bias, None):
+        got = kernels.linear(x, packed, out_features, b)
+        exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+        assert got.shape == (2, rows, out_features) and got.dtype == torch.bfloat16
+        # one rounding to bf16 of a float32 sum: within half a bf16 step (2^-8 relative) plus float32's error
+        tolerance = exact.abs() * 2**-8 + 1e-3 * in_features**0.5
+        assert ((got.double() - exact).abs() <= tolerance).all()
+
+
+def test_packing_keeps_every_weight_once(built):
+    weight = torch.randn(37, 11).bfloat16()
+    packed = kernels.pack(weight)
+    assert packed.shape == (3, 6, 16, 2)
+    values = packed.permute(0, 2, 1, 3).reshape(48, 12)  # back to [out, in], padded
+    assert torch.equal(values[:37, :11], weight)
+    assert not values[37:].any() and not values[:, 11:].any()
+
+
+def test_a_packed_weight_uses_the_kernel_only_where_it_pays(built, monkeypatch):
+    weight = torch.randn(32, 16).bfloat16()
+    monkeypatch.setattr(kernels, "pays", lambda: True)
+    assert PackedWeight(weight).native
+    monkeypatch.setattr(kernels, "pays", lambda: False)
+    packed = PackedWeight(weight)
+    assert not packed.native
+    x = torch.randn(3, 16).bfloat16()
+    torch.testing.assert_close(packed(x, None), torch.nn.functional.linear(x, weight))
+
+
+def test_switching_the_kernel_off_by_environment(monkeypatch):
+    monkeypatch.setenv("TUNESMITH_KERNELS", "0")
+    assert not kernels.pays()
+
+
+def test_a_kernel_that_cannot_be_built_leaves_generation_on_onednn(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("g++: command not found")
+
+    kernels.available.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "pays", lambda: True)
+    try:
+        assert not kernels.available()
+        assert "could not be built (g++: command not found)" in caplog.text
+        assert not PackedWeight(torch.randn(8, 4).bfloat16()).native
+    finally:
+        kernels.available.cache_clear()
