@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tunesmith import kernels
 from tunesmith.config import build_config
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import prompt_ids, use_chat_template
@@ -155,6 +156,13 @@ def main() -> None:
         rate = produced / seconds
         share = f" = {rate / (bound * 1e9 / weights):.0%} of the bound" if rows == 1 else ""
         print(f"engine   batch {rows}: {rate:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s){share}")
+    if kernels.pays() and kernels.available():  # the same engine on oneDNN's product, as before the kernel
+        os.environ["TUNESMITH_KERNELS"] = "0"
+        tokens, seconds = engine_answers(model, tokenizer, encoded, args.max_new_tokens, 1)
+        del os.environ["TUNESMITH_KERNELS"]
+        same = sum(a == b for a, b in zip(tokens, results[batches[0]], strict=True))
+        print(f"engine   batch 1 on oneDNN's product: {sum(map(len, tokens)) / seconds:6.1f} tokens/s "
+              f"({same} of {len(tokens)} answers identical to the kernel's)")  # fmt: skip
     if not args.skip_hf:
         unmerged, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, batches[-1], merge=False)
         stops = ["<end_of_turn>"]

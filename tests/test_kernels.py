@@ -75,3 +75,22 @@ def test_a_kernel_that_cannot_be_built_leaves_generation_on_onednn(monkeypatch, 
         assert not PackedWeight(torch.randn(8, 4).bfloat16()).native
     finally:
         kernels.available.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_the_kernels_rms_norm_is_the_families_formula(built, family):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = (Gemma3RMSNorm(96, eps=1e-6) if family == "gemma" else LlamaRMSNorm(96, eps=1e-6)).bfloat16()
+    torch.nn.init.normal_(norm.weight, 0.5, 0.3)
+    x = (torch.randn(3, 5, 96) * 4).bfloat16()
+    scale = 1.0 + norm.weight.float() if family == "gemma" else norm.weight.float()
+    with torch.inference_mode():
+        own = norm(x)
+        got = kernels.rms_norm(x, scale, 1e-6, weight_after=family == "llama")
+    # the same formula; the sum of squares runs in another order, so a value may land one bf16 step away
+    step = own.float().abs() * 2**-7 + 1e-6
+    assert got.dtype == torch.bfloat16 and ((got.float() - own.float()).abs() <= step).all()
+    assert (got == own).float().mean() > 0.95

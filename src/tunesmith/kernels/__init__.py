@@ -1,4 +1,5 @@
-"""tunesmith's native CPU kernel for generation: a bf16 matrix product over weights packed once (linear_bf16.cpp).
+"""tunesmith's native CPU kernels for generation (linear_bf16.cpp): a bf16 matrix product over weights packed once, and
+the RMSNorm of the model families in one pass.
 
 A decode step reads every weight once for a few rows; over this layout the read runs near the memory's speed where
 oneDNN's bf16 product reaches about half of it. The source is compiled on first use with the system's C++ compiler
@@ -74,3 +75,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias over the packed weight, in bf16 (accumulated in float32, rounded once)."""
     return torch.ops.tunesmith_kernels.linear_bf16(x, packed, out_features, bias)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, weight_after: bool) -> torch.Tensor:
+    """RMSNorm of bf16 rows in float32: Gemma's bf16(x * r * scale) with scale = 1 + weight (float32), or with
+    `weight_after` Llama's bf16(weight * bf16(x * r)); r = 1 / sqrt(mean(x^2) + eps)."""
+    return torch.ops.tunesmith_kernels.rms_norm_bf16(x, scale, eps, weight_after)
