@@ -22,7 +22,7 @@ from tunesmith.rewards import Sample, build_rewards, score
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import Session, fit
 
-from .conftest import build_model, build_tokenizer, chat_records, write_jsonl
+from .conftest import build_model, build_tokenizer, chat_prompt, chat_records, write_jsonl
 from .test_cli import train_args
 
 RL_FLAGS = [
@@ -353,3 +353,74 @@ def test_data_check_says_which_rewards_need_a_reference(chat_file, capsys):
     )
     report = json.loads(capsys.readouterr().out)
     assert report["rewards"] == {"need_reference": ["json_fields"], "rows_without_reference": 0}
+
+
+# --- Prompts without answers ------------------------------------------------------------------------------------
+
+
+def _prompt_only_records(n):
+    """The colour task's prompts in the three SFT layouts, none with an answer."""
+    system = {"role": "system", "content": "Be brief."}
+    layouts = {
+        "chat": lambda i: {"messages": [system, {"role": "user", "content": chat_prompt(i)}]},
+        "prompt": lambda i: {"prompt": chat_prompt(i)},
+        "alpaca": lambda i: {"instruction": chat_prompt(i), "input": "as JSON"},
+    }
+    return {name: [layout(i) for i in range(n)] for name, layout in layouts.items()}
+
+
+@pytest.mark.parametrize("layout", ["chat", "prompt", "alpaca"])
+def test_prompts_without_answers_are_read_for_grpo_and_refused_otherwise(layout, tmp_path):
+    path = write_jsonl(tmp_path / f"{layout}.jsonl", _prompt_only_records(3)[layout])
+    conversations, _ = read_conversations(path, prompt_only=True)
+    assert [c.reference for c in conversations] == [None, None, None]
+    asked = conversations[1].prompt_messages[-1]
+    assert asked.role == "user" and asked.content.startswith(chat_prompt(1))
+    # Read back as a run's split is (write_jsonl of the records, then read): the same prompts.
+    again, _ = read_conversations(write_jsonl(tmp_path / "again.jsonl", [c.to_record() for c in conversations]),
+                                  prompt_only=True)  # fmt: skip
+    assert [c.prompt_messages for c in again] == [c.prompt_messages for c in conversations]
+    expected = {"chat": "must end with an assistant turn", "prompt": "missing field 'completion'",
+                "alpaca": "missing field 'output'"}[layout]  # fmt: skip
+    with pytest.raises(TunesmithError, match=expected) as refused:
+        read_conversations(path)
+    assert f"{path}:1:" in str(refused.value) and f"{path}:3:" in str(refused.value)
+
+
+def test_a_prompt_only_conversation_must_still_end_with_the_users_turn(tmp_path):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]}
+    with pytest.raises(TunesmithError, match="ends with a system turn: end it with the user's prompt"):
+        read_conversations(write_jsonl(tmp_path / "bad.jsonl", [record]), prompt_only=True)
+
+
+def test_data_check_reads_prompts_for_rewards_and_names_the_lines_a_reference_reward_lacks(tmp_path, capsys):
+    records = chat_records(30)
+    for record in records[5:]:
+        record["messages"] = record["messages"][:1]  # 25 prompts without an answer, 5 with
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    assert main(["data", "check", str(path), "--rewards", "[{regex: '[aeiou]'}, {length: 4}]", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rewards"] == {"need_reference": [], "rows_without_reference": 25} and not report["errors"]
+    codes = {w["code"] for w in report["warnings"]}
+    assert not codes & {"short_answers", "repeated_answers"} and not report["conflicts"]  # a missing answer is none
+    assert main(["data", "check", str(path), "--rewards", "[{metric: token_f1}, {regex: x}]"]) == 1
+    printed = capsys.readouterr().out
+    assert "token_f1 need a reference answer; 25 rows have none" in printed
+    assert "25 rows have none (lines [6, 7, 8" in printed.replace("\n", " ")
+    assert main(["data", "check", str(path)]) == 1  # not for grpo: an answer per row, as before
+    assert "must end with an assistant turn" in capsys.readouterr().out
+
+
+def test_grpo_trains_on_prompts_without_answers_and_sft_refuses_them(tiny_model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "prompts.jsonl", _prompt_only_records(40)["prompt"])
+    out = tmp_path / "run"
+    flags = ["--objective", "grpo", "--rl.rewards", "[{regex: '[aeiou]'}]", "--rl.dynamic_sampling", "false"]
+    assert main(train_args(tiny_model_dir, path, out, *RL_FLAGS, *flags)) == 0
+    split = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert split and all(row["messages"][-1]["role"] == "user" for row in split)
+    assert len(_rows(out, "train")) == 2
+    failing = ["--objective", "grpo", "--rl.rewards", "[{metric: exact_match}]"]
+    assert main(train_args(tiny_model_dir, path, tmp_path / "needs", *RL_FLAGS, *failing)) == 2
+    assert "exact_match score against the reference answer, but 40 rows have none" in capsys.readouterr().err
+    assert main(train_args(tiny_model_dir, path, tmp_path / "sft", "--max-steps", "1", "--quiet")) == 2
+    assert "missing field 'completion'" in capsys.readouterr().err
