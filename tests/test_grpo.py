@@ -424,3 +424,60 @@ def test_grpo_trains_on_prompts_without_answers_and_sft_refuses_them(tiny_model_
     assert "exact_match score against the reference answer, but 40 rows have none" in capsys.readouterr().err
     assert main(train_args(tiny_model_dir, path, tmp_path / "sft", "--max-steps", "1", "--quiet")) == 2
     assert "missing field 'completion'" in capsys.readouterr().err
+
+
+# --- compare: the reward on the test split ----------------------------------------------------------------------
+
+
+def test_compare_of_a_grpo_run_scores_its_rewards_and_runs_code_only_when_allowed(tiny_model_dir, chat_file, tmp_path,
+                                                                                 capsys):  # fmt: skip
+    import re
+
+    from tunesmith.evaluate.metrics import per_item_functions
+
+    module, marker = tmp_path / "rw.py", tmp_path / "ran.txt"
+    module.write_text(
+        f"def letters(prompt, completion, example):\n    open({str(marker)!r}, 'a').write('x')\n"
+        "    return float(len(completion) % 3)\n"
+    )
+    out = tmp_path / "run"
+    rewards = f"[{{regex: '[aeiou]'}}, {{metric: token_f1, weight: 2}}, {{code: '{module}:letters'}}]"
+    flags = ["--method", "lora", "--objective", "grpo", "--rl.rewards", rewards, "--rl.dynamic_sampling", "false"]
+    assert main(train_args(tiny_model_dir, chat_file, out, *RL_FLAGS, *flags)) == 0
+    trust.reset()  # a later command line that names no code: compare reads the code reward from the run folder
+    marker.unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["compare", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    scored = summary["rewards"]
+    assert not marker.exists()  # the code reward never ran
+    assert scored["rewards"] == ["regex", "token_f1"] and scored["weights"] == {"regex": 1.0, "token_f1": 2.0}
+    assert [s["reward"] for s in scored["skipped_rewards"]] == ["letters"]
+    assert "--allow-code" in scored["skipped_rewards"][0]["why"]
+    # The same functions as training, by hand, on the answers compare saved.
+    rows = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    f1 = per_item_functions(["token_f1"], None)["token_f1"]
+    for contestant in ("zero_shot", "tuned"):
+        answers = [r[contestant] for r in rows]
+        by_hand = [float(re.search("[aeiou]", a.strip()) is not None) + 2 * f1(a, r["reference"])
+                   for a, r in zip(answers, rows, strict=True)]  # fmt: skip
+        assert scored["contestants"][contestant]["reward"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+    row = summary["baselines"]["zero_shot"]["metrics"]["reward"]
+    assert row["tuned"] == pytest.approx(scored["contestants"]["tuned"]["reward"], abs=1e-5)
+    assert row["base"] == pytest.approx(scored["contestants"]["zero_shot"]["reward"], abs=1e-5)
+    assert row["role"] == "secondary" and "p_holm" in row  # corrected with the other secondary metrics
+    page = (out / "eval" / "report.html").read_text()
+    assert "Reward on the test split" in page and "Reward letters" in page and "skipped" in page
+    assert main(["compare", str(out), "--allow-code"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert marker.exists() and "skipped:" not in printed
+    assert re.search(r"Reward on the test split .* combined .* regex .* token_f1 .* letters", printed)
+
+
+def test_compare_says_a_test_split_of_prompts_only_has_no_answers_to_score(tmp_path):
+    from tunesmith.evaluate.compare import split_items
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "test.jsonl", _prompt_only_records(3)["chat"])
+    with pytest.raises(TunesmithError, match="holds prompts without answers .* Give the test prompts their answers"):
+        split_items(tmp_path, "test", None)
