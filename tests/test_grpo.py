@@ -22,7 +22,7 @@ from tunesmith.rewards import Sample, build_rewards, score
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.loop import Session, fit
 
-from .conftest import build_model, build_tokenizer, chat_records, write_jsonl
+from .conftest import build_model, build_tokenizer, chat_prompt, chat_records, write_jsonl
 from .test_cli import train_args
 
 RL_FLAGS = [
@@ -353,3 +353,131 @@ def test_data_check_says_which_rewards_need_a_reference(chat_file, capsys):
     )
     report = json.loads(capsys.readouterr().out)
     assert report["rewards"] == {"need_reference": ["json_fields"], "rows_without_reference": 0}
+
+
+# --- Prompts without answers ------------------------------------------------------------------------------------
+
+
+def _prompt_only_records(n):
+    """The colour task's prompts in the three SFT layouts, none with an answer."""
+    system = {"role": "system", "content": "Be brief."}
+    layouts = {
+        "chat": lambda i: {"messages": [system, {"role": "user", "content": chat_prompt(i)}]},
+        "prompt": lambda i: {"prompt": chat_prompt(i)},
+        "alpaca": lambda i: {"instruction": chat_prompt(i), "input": "as JSON"},
+    }
+    return {name: [layout(i) for i in range(n)] for name, layout in layouts.items()}
+
+
+@pytest.mark.parametrize("layout", ["chat", "prompt", "alpaca"])
+def test_prompts_without_answers_are_read_for_grpo_and_refused_otherwise(layout, tmp_path):
+    path = write_jsonl(tmp_path / f"{layout}.jsonl", _prompt_only_records(3)[layout])
+    conversations, _ = read_conversations(path, prompt_only=True)
+    assert [c.reference for c in conversations] == [None, None, None]
+    asked = conversations[1].prompt_messages[-1]
+    assert asked.role == "user" and asked.content.startswith(chat_prompt(1))
+    # Read back as a run's split is (write_jsonl of the records, then read): the same prompts.
+    again, _ = read_conversations(write_jsonl(tmp_path / "again.jsonl", [c.to_record() for c in conversations]),
+                                  prompt_only=True)  # fmt: skip
+    assert [c.prompt_messages for c in again] == [c.prompt_messages for c in conversations]
+    expected = {"chat": "must end with an assistant turn", "prompt": "missing field 'completion'",
+                "alpaca": "missing field 'output'"}[layout]  # fmt: skip
+    with pytest.raises(TunesmithError, match=expected) as refused:
+        read_conversations(path)
+    assert f"{path}:1:" in str(refused.value) and f"{path}:3:" in str(refused.value)
+
+
+def test_a_prompt_only_conversation_must_still_end_with_the_users_turn(tmp_path):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]}
+    with pytest.raises(TunesmithError, match="ends with a system turn: end it with the user's prompt"):
+        read_conversations(write_jsonl(tmp_path / "bad.jsonl", [record]), prompt_only=True)
+
+
+def test_data_check_reads_prompts_for_rewards_and_names_the_lines_a_reference_reward_lacks(tmp_path, capsys):
+    records = chat_records(30)
+    for record in records[5:]:
+        record["messages"] = record["messages"][:1]  # 25 prompts without an answer, 5 with
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    assert main(["data", "check", str(path), "--rewards", "[{regex: '[aeiou]'}, {length: 4}]", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rewards"] == {"need_reference": [], "rows_without_reference": 25} and not report["errors"]
+    codes = {w["code"] for w in report["warnings"]}
+    assert not codes & {"short_answers", "repeated_answers"} and not report["conflicts"]  # a missing answer is none
+    assert main(["data", "check", str(path), "--rewards", "[{metric: token_f1}, {regex: x}]"]) == 1
+    printed = capsys.readouterr().out
+    assert "token_f1 need a reference answer; 25 rows have none" in printed
+    assert "25 rows have none (lines [6, 7, 8" in printed.replace("\n", " ")
+    assert main(["data", "check", str(path)]) == 1  # not for grpo: an answer per row, as before
+    assert "must end with an assistant turn" in capsys.readouterr().out
+
+
+def test_grpo_trains_on_prompts_without_answers_and_sft_refuses_them(tiny_model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "prompts.jsonl", _prompt_only_records(40)["prompt"])
+    out = tmp_path / "run"
+    flags = ["--objective", "grpo", "--rl.rewards", "[{regex: '[aeiou]'}]", "--rl.dynamic_sampling", "false"]
+    assert main(train_args(tiny_model_dir, path, out, *RL_FLAGS, *flags)) == 0
+    split = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert split and all(row["messages"][-1]["role"] == "user" for row in split)
+    assert len(_rows(out, "train")) == 2
+    failing = ["--objective", "grpo", "--rl.rewards", "[{metric: exact_match}]"]
+    assert main(train_args(tiny_model_dir, path, tmp_path / "needs", *RL_FLAGS, *failing)) == 2
+    assert "exact_match score against the reference answer, but 40 rows have none" in capsys.readouterr().err
+    assert main(train_args(tiny_model_dir, path, tmp_path / "sft", "--max-steps", "1", "--quiet")) == 2
+    assert "missing field 'completion'" in capsys.readouterr().err
+
+
+# --- compare: the reward on the test split ----------------------------------------------------------------------
+
+
+def test_compare_of_a_grpo_run_scores_its_rewards_and_runs_code_only_when_allowed(tiny_model_dir, chat_file, tmp_path,
+                                                                                 capsys):  # fmt: skip
+    import re
+
+    from tunesmith.evaluate.metrics import per_item_functions
+
+    module, marker = tmp_path / "rw.py", tmp_path / "ran.txt"
+    module.write_text(
+        f"def letters(prompt, completion, example):\n    open({str(marker)!r}, 'a').write('x')\n"
+        "    return float(len(completion) % 3)\n"
+    )
+    out = tmp_path / "run"
+    rewards = f"[{{regex: '[aeiou]'}}, {{metric: token_f1, weight: 2}}, {{code: '{module}:letters'}}]"
+    flags = ["--method", "lora", "--objective", "grpo", "--rl.rewards", rewards, "--rl.dynamic_sampling", "false"]
+    assert main(train_args(tiny_model_dir, chat_file, out, *RL_FLAGS, *flags)) == 0
+    trust.reset()  # a later command line that names no code: compare reads the code reward from the run folder
+    marker.unlink(missing_ok=True)
+    capsys.readouterr()
+    assert main(["compare", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    scored = summary["rewards"]
+    assert not marker.exists()  # the code reward never ran
+    assert scored["rewards"] == ["regex", "token_f1"] and scored["weights"] == {"regex": 1.0, "token_f1": 2.0}
+    assert [s["reward"] for s in scored["skipped_rewards"]] == ["letters"]
+    assert "--allow-code" in scored["skipped_rewards"][0]["why"]
+    # The same functions as training, by hand, on the answers compare saved.
+    rows = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    f1 = per_item_functions(["token_f1"], None)["token_f1"]
+    for contestant in ("zero_shot", "tuned"):
+        answers = [r[contestant] for r in rows]
+        by_hand = [float(re.search("[aeiou]", a.strip()) is not None) + 2 * f1(a, r["reference"])
+                   for a, r in zip(answers, rows, strict=True)]  # fmt: skip
+        assert scored["contestants"][contestant]["reward"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+    row = summary["baselines"]["zero_shot"]["metrics"]["reward"]
+    assert row["tuned"] == pytest.approx(scored["contestants"]["tuned"]["reward"], abs=1e-5)
+    assert row["base"] == pytest.approx(scored["contestants"]["zero_shot"]["reward"], abs=1e-5)
+    assert row["role"] == "secondary" and "p_holm" in row  # corrected with the other secondary metrics
+    page = (out / "eval" / "report.html").read_text()
+    assert "Reward on the test split" in page and "Reward letters" in page and "skipped" in page
+    assert main(["compare", str(out), "--allow-code"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert marker.exists() and "skipped:" not in printed
+    assert re.search(r"Reward on the test split .* combined .* regex .* token_f1 .* letters", printed)
+
+
+def test_compare_says_a_test_split_of_prompts_only_has_no_answers_to_score(tmp_path):
+    from tunesmith.evaluate.compare import split_items
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "test.jsonl", _prompt_only_records(3)["chat"])
+    with pytest.raises(TunesmithError, match="holds prompts without answers .* Give the test prompts their answers"):
+        split_items(tmp_path, "test", None)

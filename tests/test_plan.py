@@ -229,3 +229,57 @@ def test_plan_cli_measures_a_1_5m_parameter_model_within_25_percent(dtype, tmp_p
     assert 1.4e6 < sum(p.numel() for p in model.parameters()) < 1.6e6
     model.save_pretrained(tmp_path / "m")
     _measured_plan(tmp_path / "m", "lora", dtype)
+
+
+# --- objective grpo -------------------------------------------------------------------------------------------
+
+
+def test_grpo_memory_counts_the_engines_kv_cache_and_the_merged_lora_weights():
+    shape = Shape.from_config(LLAMA_70B)  # grouped-query attention: 8 kv heads of 64
+    rollout = {"rollout_rows": 64, "rollout_length": 1024, "step_sequences": 64, "dtype": "bf16", "batch_size": 4}
+    lora = memory_breakdown(shape, Workload(method="lora", **rollout))
+    assert (
+        lora["kv_cache"] == 80 * 64 * 8 * 1024 * 128 * 2 * 2
+    )  # layers x rows x kv heads x length x head dim x 2 x 2 B
+    assert lora["merged_weights"] == shape.linear_params * 2  # every adapted linear merged in bf16 while sampling
+    for method in ("qlora", "dora"):  # sampled unmerged
+        assert memory_breakdown(shape, Workload(method=method, **rollout))["merged_weights"] == 0
+    full = memory_breakdown(shape, Workload(method="full", **rollout))
+    assert full["kv_cache"] == 2 * lora["kv_cache"]  # the engine caches in the parameters' dtype: fp32 masters
+    assert "kv_cache" not in memory_breakdown(shape, Workload(method="lora", dtype="bf16"))  # SFT holds none
+    # A long rollout on a small update: the peak is the sampling phase, not the backward pass.
+    long = estimate(shape, Workload(method="lora", **(rollout | {"rollout_length": 32768, "batch_size": 1})))
+    assert long.peak_phase == "rollout"
+    # Sampling costs a forward pass (2·N) per token on top of the update's 4·N.
+    plain = training_flops(shape, Workload(method="lora", tokens=1e6, seq_len=1))
+    sampled = training_flops(shape, Workload(method="lora", tokens=1e6, seq_len=1, rollout_tokens=1e6))
+    assert sampled - plain == pytest.approx(2 * shape.total_params * 1e6, rel=1e-3)
+
+
+def test_plan_of_a_grpo_run_counts_the_groups_sequences_and_says_so(tiny_model_dir, tmp_path, capsys):
+    from tests.conftest import chat_prompt, write_jsonl
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": chat_prompt(i)} for i in range(20)])  # no answers
+    command = ["plan", "--model", str(tiny_model_dir), "--data", str(data), "--objective", "grpo", "--cpu-tflops", "1"]
+    command += ["--rl.group_size", "4", "--rl.prompts_per_step", "3", "--rl.max_completion_tokens", "32"]
+    command += ["--max-steps", "10", "--train.batch_size", "2", "--rl.rewards", "[{regex: x}]"]
+    assert main([*command, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    work, memory = report["workload"], report["estimate"]["memory_bytes"]
+    assert work["step_sequences"] == 12 and work["rollout_rows"] == 12 and work["batch_size"] == 2
+    from tunesmith.data.formats import read_conversations
+    from tunesmith.data.tokenize import prompt_ids
+    from tunesmith.models import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(str(tiny_model_dir))
+    prompts = [prompt_ids(tokenizer, c.prompt_messages) for c in read_conversations(data, prompt_only=True)[0]]
+    longest = max(len(ids) for ids in prompts) + 32  # the longest prompt and a full-length completion
+    assert work["rollout_length"] == longest
+    # The tiny Llama: 2 layers, 2 kv heads of 8, fp32 here (tests pin the CPU to fp32; GPUs plan in bf16).
+    assert memory["kv_cache"] == 2 * 12 * 2 * longest * 8 * 2 * 2
+    assert work["tokens"] > 10 * 12 * 32 and work["rollout_tokens"] == work["tokens"]  # iterations 1
+    assert "KV cache holds 12 rows" in report["rollout"]
+    assert main(command) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "grpo: each step trains 12 sequences (rl.prompts_per_step x rl.group_size)" in printed
+    assert f"KV cache holds 12 rows x {longest} tokens" in printed

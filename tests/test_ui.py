@@ -200,6 +200,63 @@ def test_a_comparison_written_before_version_2_reaches_the_page_in_the_new_shape
     assert set(comparison["seconds"]) == {"zero_shot", "few_shot", "tuned", "choosing the strongest baseline"}
 
 
+# --- objective grpo on the run page ------------------------------------------------------------------------------
+
+GRPO_RECORDS = [
+    {"type": "train", "step": 1, "loss": 0.1, "reward": 0.2, "reward_std": 0.1},
+    {"type": "train", "step": 2, "loss": 0.1, "reward": 0.4, "reward_std": 0.2},
+    {"type": "val", "step": 2, "val_reward": 0.5,
+     "val_samples": [{"prompt": "colour red", "completion": '{"colour": "red"}', "reward": 1.0},
+                     {"prompt": "colour blue", "completion": "<b>", "reward": None}]},
+    {"type": "train", "step": 3, "loss": 0.1, "reward": 0.9, "reward_std": 0.0},
+    {"type": "train", "step": 3, "loss": 0.1, "reward": 0.6, "reward_std": 0.1},  # a resume wrote step 3 again
+    {"type": "event", "step": 3, "event": "checkpoint"},
+]  # fmt: skip
+
+
+def _run_rl_js(records):
+    """static/rl.js run in node on these records: what the run page would chart and list."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    from tunesmith.ui.app import STATIC
+
+    script = (
+        f"const rl = require({json.dumps(str(STATIC / 'rl.js'))}); const s = rl.empty();"
+        f"for (const r of {json.dumps(records)}) rl.add(s, r);"
+        "console.log(JSON.stringify({seen: rl.seen(s), data: rl.chartData(s), rows: rl.sampleRows(s)}));"
+    )
+    done = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_run_page_charts_the_reward_beside_the_loss_and_lists_the_sample_completions():
+    shown = _run_rl_js(GRPO_RECORDS)
+    steps, mean, low, high, val = shown["data"]
+    assert steps == [1, 2, 3] and mean == [0.2, 0.4, 0.6]  # the resumed step 3 replaces the first one
+    assert low == pytest.approx([0.1, 0.2, 0.5]) and high == pytest.approx([0.3, 0.6, 0.7])
+    assert val == [None, 0.5, None] and shown["seen"]
+    assert shown["rows"] == [["colour red", '{"colour": "red"}', 1.0], ["colour blue", "<b>", "skipped"]]
+    sft = _run_rl_js([{"type": "train", "step": 1, "loss": 1.0}, {"type": "val", "step": 1, "val_loss": 0.9}])
+    assert not sft["seen"] and sft["rows"] == []  # a run without rewards gets no reward chart
+
+
+def test_the_page_loads_the_reward_script_as_a_file_and_the_run_api_passes_rewards_and_samples(client, folders):
+    page = client.get("/", headers=AUTH).text
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", page, re.S)
+    assert all('src="/static/' in attrs and not body.strip() for attrs, body in scripts)  # no inline script (CSP)
+    sources = [re.search(r'src="([^"]+)"', attrs).group(1) for attrs, _ in scripts]
+    assert sources.index("/static/rl.js") < sources.index("/static/app.js")  # app.js uses what rl.js defines
+    served = client.get("/static/rl.js", headers=AUTH)
+    assert served.status_code == 200 and "javascript" in served.headers["content-type"]
+    runs, _ = folders
+    write_jsonl(runs / "old" / "metrics.jsonl", GRPO_RECORDS)
+    records = client.get("/api/runs/old", headers=AUTH).json()["metrics"]
+    assert records[2]["val_samples"][1] == {"prompt": "colour blue", "completion": "<b>", "reward": None}
+    assert [r.get("reward") for r in records if r["type"] == "train"] == [0.2, 0.4, 0.9, 0.6]
+
+
 # --- The real browser ---------------------------------------------------------------------------------------------
 
 

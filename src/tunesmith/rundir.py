@@ -139,7 +139,8 @@ class RunDir:
         path = self.split(name)
         if path.is_file() and not path.read_text(encoding="utf-8").strip():
             return []  # a split turned off (val_fraction 0) is written empty
-        return read_conversations(path)[0]
+        # A grpo run's splits may hold prompts without answers; the data gate checked them when the run began.
+        return read_conversations(path, prompt_only=True)[0]
 
     @property
     def check_report(self) -> Path:

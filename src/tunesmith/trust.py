@@ -96,7 +96,9 @@ def require(field: str, value: str) -> None:
     raise TunesmithError(f"{field} names code to run ({value!r}): {fix}; or remove the entry from the config.")
 
 
-def require_all(tree: Mapping[str, Any]) -> None:
-    """Refuse before any work when a config names code this command line did not allow."""
+def require_all(tree: Mapping[str, Any], skipped: tuple[str, ...] = ()) -> None:
+    """Refuse before any work when a config names code this command line did not allow; the `skipped` fields'
+    code is left to the caller, which skips what it may not run and says so."""
     for field, value in code_entries(tree):
-        require(field, value)
+        if field not in skipped:
+            require(field, value)

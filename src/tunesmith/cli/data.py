@@ -45,8 +45,8 @@ def print_check(report: Any) -> None:
         )
     if report.rewards:
         r = report.rewards
-        needs = ", ".join(r["need_reference"])
-        out.print(f"  rewards: {needs} need a reference answer; {r['rows_without_reference']} rows have none")
+        needs = f"{', '.join(r['need_reference'])} need" if r["need_reference"] else "none needs"
+        out.print(f"  rewards: {needs} a reference answer; {r['rows_without_reference']} rows have none")
     p = report.preference
     if p and report.kind == "pair":
         out.print(

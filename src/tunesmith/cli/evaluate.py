@@ -70,6 +70,8 @@ def print_comparison(summary: CompareSummary) -> None:
             f"{against['p_text']}",
             highlight=False,
         )
+    if summary.rewards:
+        _print_rewards(summary.rewards, summary.items, summary.split)
     if summary.baselines:  # a reward model's comparison has none: it is scored, never generated from
         out.print(f"(* = {summary.primary}'s CI excludes 0; the others: Holm-adjusted p < 0.05)")
         seconds = ", ".join(f"{name} {value:.1f} s" for name, value in summary.seconds.items())
@@ -77,16 +79,32 @@ def print_comparison(summary: CompareSummary) -> None:
     out.print(f"[bold]Verdict:[/] {summary.verdict}", highlight=False)
 
 
-def _allow_code(args: argparse.Namespace) -> None:
-    """A run folder's config runs no code unless this command line says --allow-code."""
+def _print_rewards(rewards: dict[str, Any], items: int, split: str) -> None:
+    """A grpo run: its rewards on every contestant's answers, and the rewards skipped."""
+    names = rewards["rewards"]
+    table = Table(title=f"Reward on the {split} split ({items} items; rl.rewards as in training, then combined)")
+    for column in ("contestant", "combined", *names, "skipped"):
+        table.add_column(column, justify="left" if column == "contestant" else "right")
+    for contestant, values in rewards["contestants"].items():
+        shown = [values.get(key) for key in ("reward", *(f"reward_{name}" for name in names))]
+        table.add_row(contestant, *("-" if v is None else f"{v:.3f}" for v in shown), str(values["skipped"]))
+    out.print(table)
+    for skipped in rewards["skipped_rewards"]:
+        said = f"reward {skipped['reward']} ({skipped['code']}) skipped: {skipped['why']}"
+        out.print(said, markup=False, highlight=False)
+
+
+def _allow_code(args: argparse.Namespace, skipped: tuple[str, ...] = ()) -> None:
+    """A run folder's config runs no code unless this command line says --allow-code (`skipped`: fields whose
+    code the command skips itself when not allowed)."""
     grant_code(args)
-    trust.require_all(RunDir(Path(args.run)).read_config_fields())
+    trust.require_all(RunDir(Path(args.run)).read_config_fields(), skipped)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from tunesmith.evaluate.report import compare_and_report
 
-    _allow_code(args)
+    _allow_code(args, skipped=("rl.rewards",))  # a code reward not allowed is skipped, and the comparison says so
     if args.engine == "llamacpp":
         return _compare_export(args)
     summary, report = compare_and_report(args.run, limit=args.limit, split=args.split, console=err)

@@ -59,6 +59,8 @@ def print_plan(plan: Plan) -> None:
     # Not the sum: the loss buffers, a recomputed layer and the optimizer's temporaries are never alive together.
     memory.add_row(f"[bold]peak ({result.peak_phase})", f"[bold]{result.peak_memory_bytes / GIB:.2f}")
     out.print(memory)
+    if plan.rollout:
+        out.print(plan.rollout, highlight=False)
     devices = Table(title=f"Devices (at {plan.utilization:.0%} utilisation)")
     for column in ("device", "fits", "devices needed", "hours", "cost USD"):
         devices.add_column(column, justify="left" if column == "device" else "right")

@@ -67,8 +67,14 @@ class CheckOptions:
     length_bias_share: float = 0.7
     # KTO rows: warn when desirable or undesirable answers are fewer than this share of the rows.
     kto_min_share: float = 0.1
-    # objective grpo: the rewards that score against each row's reference answer (rewards.reference_rewards)
-    reference_rewards: list[str] = field(default_factory=list)
+    # objective grpo: the rewards that score against each row's reference answer (rewards.reference_rewards);
+    # None when the data is not checked for grpo rewards
+    reference_rewards: list[str] | None = None
+
+    @property
+    def for_rewards(self) -> bool:
+        """Whether the data is checked for objective grpo: prompts without answers are then read."""
+        return self.reference_rewards is not None
 
 
 @dataclass
@@ -105,6 +111,11 @@ def prompt_text(conversation: Conversation) -> str:
     if conversation.text is not None:
         return ""
     return "\n".join(m.content for m in conversation.prompt_messages)
+
+
+def has_answer(conversation: Conversation) -> bool:
+    """Whether an example holds an answer to check (a prompt of objective grpo may have none)."""
+    return conversation.text is None and conversation.reference is not None
 
 
 def answer_text(conversation: Conversation) -> str:
@@ -177,7 +188,7 @@ def check_duplicates(
 def check_conflicts(report: CheckReport, conversations: list[Conversation]) -> None:
     answers: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for c in conversations:
-        if c.text is None:
+        if has_answer(c):
             answers[normalise_text(prompt_text(c))][normalise_text(answer_text(c))].append(c.line)
     for prompt, by_answer in answers.items():
         if len(by_answer) > 1:
@@ -210,7 +221,8 @@ def check_token_lengths(
         lengths.append(max(len(example) for example in examples))
         if lengths[-1] > options.max_length:
             truncated.append(c.line)
-            if any(sum(example.loss_mask[1 : options.max_length]) == 0 for example in examples):
+            learns = c.text is not None or c.reference is not None  # a prompt without an answer loses none
+            if learns and any(sum(example.loss_mask[1 : options.max_length]) == 0 for example in examples):
                 lost.append(c.line)
     if not lengths:
         return
@@ -342,7 +354,7 @@ def labels_of(path: Path, conversations: list[Conversation], options: CheckOptio
             if line in wanted and isinstance(record, dict) and record.get(options.label_field) is not None:
                 found[line] = str(record[options.label_field])
         return found
-    answers = {c.line: normalise_text(answer_text(c)) for c in conversations if c.text is None}
+    answers = {c.line: normalise_text(answer_text(c)) for c in conversations if has_answer(c)}
     distinct = set(answers.values())
     if len(answers) >= 20 and 2 <= len(distinct) <= min(20, len(answers) // 5):
         return answers
@@ -350,10 +362,11 @@ def labels_of(path: Path, conversations: list[Conversation], options: CheckOptio
 
 
 def check_references(report: CheckReport, conversations: list[Conversation], rewards: list[str]) -> None:
-    """objective grpo: rewards that score against the reference answer need one on every row."""
+    """objective grpo: what the rewards need (the names of those that score against the reference answer) and
+    how many rows lack an answer; an error when a reward needs one and some row has none."""
     missing = [c.line for c in conversations if c.reference is None]
     report.rewards = {"need_reference": rewards, "rows_without_reference": len(missing)}
-    if missing:
+    if missing and rewards:
         report.errors.append(
             {
                 "line": missing[0],
@@ -394,7 +407,7 @@ def check_diversity(report: CheckReport, conversations: list[Conversation], labe
     if not labelled:
         by_answer: dict[str, set[str]] = defaultdict(set)
         for c in conversations:
-            if c.text is None:
+            if has_answer(c):
                 by_answer[normalise_text(answer_text(c))].add(normalise_text(prompt_text(c)))
         repeated = sorted(((a, len(p)) for a, p in by_answer.items() if len(p) >= 3), key=lambda x: -x[1])
         report.diversity["repeated_answers"] = [{"answer": a[:80], "prompts": n} for a, n in repeated[:5]]
@@ -422,7 +435,7 @@ def _luhn(digits: str) -> bool:
 
 
 def check_hygiene(report: CheckReport, conversations: list[Conversation]) -> None:
-    short = [c.line for c in conversations if c.text is None and len(answer_text(c).strip()) < SHORT_ANSWER_CHARS]
+    short = [c.line for c in conversations if has_answer(c) and len(answer_text(c).strip()) < SHORT_ANSWER_CHARS]
     markers: dict[str, list[int]] = defaultdict(list)
     pii: dict[str, list[int]] = defaultdict(list)
     for c in conversations:
@@ -497,7 +510,8 @@ def check_data(
     against: str | Path | None = None,
 ) -> CheckReport:
     """Run every check on one data file. Raises TunesmithError only if the file cannot be read."""
-    return check_parsed(parse_file(path, fmt), tokenizer, options, against, fmt)[0]
+    prompt_only = bool(options and options.for_rewards)
+    return check_parsed(parse_file(path, fmt, prompt_only), tokenizer, options, against, fmt)[0]
 
 
 def check_parsed(
@@ -541,13 +555,13 @@ def check_parsed(
         check_conflicts(report, conversations)
     if tokenizer is not None:
         check_token_lengths(report, conversations, tokenizer, options)
-    if options.reference_rewards:
+    if options.reference_rewards is not None:
         check_references(report, conversations, options.reference_rewards)
     labels = labels_of(path, conversations, options)
     check_balance(report, labels, options)
     check_diversity(report, conversations, labelled=bool(labels))
     check_hygiene(report, conversations)
     if against is not None:
-        other = parse_file(against, fmt).conversations
+        other = parse_file(against, fmt, options.for_rewards).conversations
         check_leakage(report, conversations, other, str(against), options)
     return report, pairs

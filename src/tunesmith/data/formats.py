@@ -345,6 +345,12 @@ def detect_format(record: Any) -> str | None:
         return "prompt_completion"
     if "text" in record:
         return "text"
+    # Prompts without answers (objective grpo): read as their format, so that any other objective names the
+    # missing answer field instead of failing to tell the format.
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record and "label" not in record:
+        return "prompt_completion"
     return None
 
 
@@ -470,28 +476,53 @@ def _kto(record: dict[str, Any], line: int) -> Conversation:
     return Conversation(messages=(*prompt, Message("assistant", completion)), line=line, label=label)
 
 
-def _alpaca(record: dict[str, Any]) -> list[Message]:
+def _answer_turn(record: dict[str, Any], key: str, prompt_only: bool) -> list[Message]:
+    """The answer field as an assistant turn; with `prompt_only`, none when the field is missing or null."""
+    if prompt_only and record.get(key) is None:
+        return []
+    return [Message("assistant", _text(record, key))]
+
+
+def _alpaca(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
     instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = [Message("user", prompt), Message("assistant", _text(record, "output"))]
+    messages = [Message("user", prompt), *_answer_turn(record, "output", prompt_only)]
     if record.get("system"):
         messages.insert(0, Message("system", _text(record, "system")))
     return messages
 
 
-# The turns of each SFT format but plain text, from one record.
+def _prompt_completion(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
+    return [Message("user", _text(record, "prompt")), *_answer_turn(record, "completion", prompt_only)]
+
+
+# The turns of each SFT format but plain text, from one record (and whether a record may lack its answer).
 TURNS: dict[str, Any] = {
-    "chat": lambda r: _turns(r.get("messages"), "messages", "role", "content", {role: role for role in ROLES}),
-    "sharegpt": lambda r: _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES),
+    "chat": lambda r, _: _turns(r.get("messages"), "messages", "role", "content", {role: role for role in ROLES}),
+    "sharegpt": lambda r, _: _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES),
     "alpaca": _alpaca,
-    "prompt_completion": lambda r: [
-        Message("user", _text(r, "prompt")), Message("assistant", _text(r, "completion"))
-    ],
+    "prompt_completion": _prompt_completion,
 }  # fmt: skip
 
 
-def normalise(record: Any, fmt: str, line: int) -> Conversation:
-    """Turn one raw record of a known format into a Conversation; ValueError says what is wrong."""
+def _check_ending(messages: list[Message], prompt_only: bool) -> None:
+    """An SFT conversation ends with the answer to learn; a prompt without one (prompt_only) with a user turn."""
+    last = messages[-1].role
+    if last == "assistant" or (prompt_only and last == "user"):
+        return
+    if prompt_only:
+        raise ValueError(
+            f"the conversation ends with a {last} turn: end it with the user's prompt, or with an assistant answer"
+        )
+    raise ValueError(
+        "the conversation must end with an assistant turn (the answer to learn); prompts without answers are read "
+        "only for objective grpo"
+    )
+
+
+def normalise(record: Any, fmt: str, line: int, prompt_only: bool = False) -> Conversation:
+    """Turn one raw record of a known format into a Conversation; ValueError says what is wrong. With
+    `prompt_only` (objective grpo) an SFT record may hold a prompt without its answer."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object with fields, got {_kind(record)}")
     if fmt == "preference":
@@ -505,9 +536,8 @@ def normalise(record: Any, fmt: str, line: int) -> Conversation:
         return Conversation(text=text, line=line)
     if fmt not in TURNS:
         raise ValueError(f"unknown format {fmt!r}")
-    messages = TURNS[fmt](record)
-    if messages[-1].role != "assistant":
-        raise ValueError("the conversation must end with an assistant turn (the answer to learn)")
+    messages = TURNS[fmt](record, prompt_only)
+    _check_ending(messages, prompt_only)
     if any(message.role == "assistant" and not message.content.strip() for message in messages):
         raise ValueError("an assistant answer is empty")
     return Conversation(messages=tuple(messages), line=line)
@@ -522,8 +552,10 @@ class ParsedFile:
     problems: Problems
 
 
-def parse_file(path: str | Path, fmt: str = "auto") -> ParsedFile:
-    """Read a data file without stopping at bad records; raises only when the file cannot be read at all."""
+def parse_file(path: str | Path, fmt: str = "auto", prompt_only: bool = False) -> ParsedFile:
+    """Read a data file without stopping at bad records; raises only when the file cannot be read at all. With
+    `prompt_only` (objective grpo), SFT records without an answer are read as prompts (Conversation.reference
+    None)."""
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"Data file {path} not found. Check data.path (or --data).")
@@ -556,15 +588,17 @@ def parse_file(path: str | Path, fmt: str = "auto") -> ParsedFile:
             )
             continue
         try:
-            conversations.append(normalise(record, chosen or fmt, line))
+            conversations.append(normalise(record, chosen or fmt, line, prompt_only))
         except ValueError as exc:
             problems.add(line, str(exc))
     return ParsedFile(conversations, str(chosen or fmt), problems)
 
 
-def read_conversations(path: str | Path, fmt: str = "auto") -> tuple[list[Conversation], str]:
+def read_conversations(
+    path: str | Path, fmt: str = "auto", prompt_only: bool = False
+) -> tuple[list[Conversation], str]:
     """Read a data file into Conversations and the format used; every bad record is reported at once."""
-    parsed = parse_file(path, fmt)
+    parsed = parse_file(path, fmt, prompt_only)
     parsed.problems.raise_if_any()
     if not parsed.conversations:
         raise TunesmithError(f"{path}: no records found. Add at least one example.")

@@ -32,9 +32,10 @@ def gate_data(config: RunConfig) -> CheckedData:
     if not config.data.path:
         raise TunesmithError("No training data: set data.path in the config or pass --data FILE.")
     options = CheckOptions(max_length=config.data.max_length, near_threshold=config.data.near_threshold)
-    if config.objective == "grpo":
+    grpo = config.objective == "grpo"  # prompts without answers are read; the check says whether rewards need them
+    if grpo:
         options.reference_rewards = reference_rewards(config.rl.rewards)
-    parsed = parse_file(config.data.path, config.data.format)
+    parsed = parse_file(config.data.path, config.data.format, prompt_only=grpo)
     report, near_pairs = check_parsed(parsed, None, options, config.data.test_path, config.data.format)
     unit = position_word(config.data.path)
     problems = [f"{unit} {e['line']}: {e['message']}" for e in report.errors]
@@ -69,7 +70,7 @@ def split_data(config: RunConfig, checked: CheckedData) -> tuple[dict[str, list[
     )
     for name, given in (("test", config.data.test_path), ("val", config.data.val_path)):
         if given:
-            splits[name], _ = read_conversations(given, config.data.format)
+            splits[name], _ = read_conversations(given, config.data.format, prompt_only=config.objective == "grpo")
             files.append(Path(given))
     if not splits["train"]:
         raise TunesmithError(f"{path}: no examples left for training after the val/test split.")

@@ -30,6 +30,7 @@ from tunesmith.evaluate import baselines, stats
 from tunesmith.evaluate import metrics as m
 from tunesmith.evaluate.general import general_ability
 from tunesmith.evaluate.generate import generate, load_run
+from tunesmith.evaluate.reward_scores import RewardScores, paired, score_answers
 from tunesmith.files import json_line, own_dir, replacing, write_json
 from tunesmith.objectives.preference import prefers_chosen, tokenize_preferences
 from tunesmith.objectives.reward_model import fresh_head, load_reward_model
@@ -103,6 +104,10 @@ class CompareSummary:
     # A run that began from another (init_from: SFT then DPO or RL) against that starting run's answers, zero-shot
     # like the tuned model's: what this run added. Its answers are the item rows' "start" column.
     start: Versus | None = None
+    # A grpo run: its rl.rewards on every contestant's answers (evaluate/reward_scores.py): the rewards used and
+    # skipped (code not allowed on this command line), per contestant each reward's mean and the items skipped.
+    # The combined reward is also a compared row ("reward") of every Versus.
+    rewards: dict[str, Any] | None = None
     version: int = COMPARE_VERSION
 
 
@@ -124,6 +129,11 @@ def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversati
             "with eval.lm_eval_tasks (tunesmith eval), or train on chat or prompt/completion data."
         )
     items = [c for c in read if _answer_to_learn(c)][:limit]
+    if read and all(c.text is None and c.reference is None for c in read):
+        raise TunesmithError(
+            f"{path} holds prompts without answers (objective grpo), and compare scores answers against the "
+            "reference answers. Give the test prompts their answers (data.test_path) to compare this run."
+        )
     if not items:
         raise TunesmithError(f"{path} is empty; set data.test_fraction / data.test_path (or val) and train again.")
     return items
@@ -265,14 +275,17 @@ def compare_run(
     }
     rows = _compare_rows(items, references, outputs, scores)
     losses = _compare_losses(eval_config, base_losses, tuned_losses)  # the base's own, so against zero-shot only
+    rewarded = score_answers(loaded.config, loaded.tokenizer, items, outputs)
     versus = {
         b.name: _versus(
-            eval_config, b, prompting, scores, outputs, references, rows, losses if b.name == "zero_shot" else {}
+            eval_config, b, prompting, scores, outputs, references, rows,
+            (losses if b.name == "zero_shot" else {}) | _reward_row(eval_config, rewarded, b.name),
         )
         for b in prompting
-    }
+    }  # fmt: skip
     if started is not None:
-        start_versus = _versus(eval_config, started, [started], scores, outputs, references, rows, {})
+        start_extra = _reward_row(eval_config, rewarded, "start")
+        start_versus = _versus(eval_config, started, [started], scores, outputs, references, rows, start_extra)
         start_versus.label = f"start ({loaded.config.init_from})"
     start = time.perf_counter()
     strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, pool, split, limit, console)
@@ -295,6 +308,7 @@ def compare_run(
         chosen_on=chosen_on,
         seconds=seconds,
         start=start_versus if started is not None else None,
+        rewards=rewarded.summary if rewarded else None,
     )
     if summary.start is not None:
         summary.verdict += f" Against the starting run {loaded.config.init_from}: {summary.start.verdict}"
@@ -304,6 +318,16 @@ def compare_run(
         summary.preference = _preference_accuracy(loaded, base, every)
     _write_compare(RunDir(run_dir), rows, summary)
     return summary
+
+
+def _reward_row(eval_config: EvalConfig, rewarded: RewardScores | None, against: str) -> dict[str, dict[str, Any]]:
+    """A grpo run's combined reward, tuned against one contestant on the items both were scored on, as one more
+    compared row (a secondary: Holm-corrected with the others); nothing for other runs."""
+    base, tuned = paired(rewarded, against)
+    if not tuned:
+        return {}
+    compared = stats.compare_per_item("reward", base, tuned, False, eval_config.bootstrap, eval_config.seed)
+    return {"reward": compared.to_dict() | {"items": len(tuned)}}
 
 
 def _shot_pool(run_dir: Path, eval_config: EvalConfig) -> list[Conversation]:

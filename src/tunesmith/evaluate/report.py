@@ -158,6 +158,8 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
             f"{_text(compare['chosen_on'])}.</p>"
         )
     sections.append(f"<p class='muted'>Multiple comparisons: {_text(compare['correction'] or '-')}.</p>")
+    if compare.get("rewards"):
+        sections.extend(_rewards_html(compare["rewards"], compare["items"], compare["split"]))
     if compare["preference"]:
         sections.extend(_preference_html(compare["preference"]))
     for against in [*versus.values(), *([compare["start"]] if compare.get("start") else [])]:
@@ -171,6 +173,24 @@ def _comparison_html(compare: dict[str, Any]) -> list[str]:
         ]
         sections.append("<h3>General ability (lm-eval): forgetting check</h3>")
         sections.append(_table(["task", "metric", "base", "tuned", "diff"], rows))
+    return sections
+
+
+def _rewards_html(rewards: dict[str, Any], items: int, split: str) -> list[str]:
+    """A grpo run: its rl.rewards on every contestant's answers, and any code reward skipped with the reason."""
+    names = [f"reward_{name}" for name in rewards["rewards"]]
+    rows = [
+        [contestant, *(_fmt(values.get(key)) for key in ("reward", *names)), values["skipped"]]
+        for contestant, values in rewards["contestants"].items()
+    ]
+    sections = [
+        f"<h2>Reward on the {_text(split)} split ({_text(items)} items, rl.rewards as in training)</h2>",
+        _table(["contestant", "reward", *names, "items skipped"], rows),
+    ]
+    sections += [
+        f"<p class='muted'>Reward {_text(s['reward'])} ({_text(s['code'])}) skipped: {_text(s['why'])}.</p>"
+        for s in rewards["skipped_rewards"]
+    ]
     return sections
 
 

@@ -59,6 +59,8 @@ PHASES = {
     "loss": ("autocast_copies", "activations", "logits_loss", "gradients"),
     "backward": ("autocast_copies", "activations", "layer_recompute", "gradients"),
     "optimizer step": ("gradients", "optimizer_step"),
+    # objective grpo: sampling, between updates (no_grad): the engine's KV cache and the LoRA layers' merged weights
+    "rollout": ("kv_cache", "merged_weights"),
 }
 # Terms that shard over devices (FSDP/ZeRO-3); the others stay whole on each device.
 SHARDED = ("weights", "trainable_weights", "gradients", "optimizer", "autocast_copies", "optimizer_step")
@@ -133,6 +135,13 @@ class Workload:
     gradient_checkpointing: bool = False
     dtype: str = "bf16"  # the run's compute dtype (train.dtype resolved): fp32 | bf16 | fp16
     qlora_compute_dtype: str | None = None  # qlora.compute_dtype; None follows dtype
+    # objective grpo: the sequences a step trains on (rl.prompts_per_step x rl.group_size), the rows the engine
+    # samples at once and their length (the longest prompt + rl.max_completion_tokens), which size its KV cache,
+    # and the tokens the rollouts run forward over the run (no backward)
+    step_sequences: int = 0
+    rollout_rows: int = 0
+    rollout_length: int = 0
+    rollout_tokens: float = 0.0
 
     @property
     def terms(self) -> MemoryTerms:
@@ -171,14 +180,16 @@ class Workload:
         # Preference objectives run two sequences per example through the model (chosen and rejected; KTO's
         # answer and its mismatched one): twice the rows of a batch.
         rows = 1 if objective_of(config).holds == "sft" else 2
+        train, rollout = config.train, Rollout.of(config, examples)
         if examples:
             lengths = sorted(len(e) for e in examples)
             seq_len = seq_len or lengths[int(0.95 * (len(lengths) - 1))]
             answer_share = sum(sum(e.loss_mask) for e in examples) / max(1, sum(lengths))
             if not tokens:
-                train = config.train
-                per_step = rows * train.batch_size * train.grad_accum * sum(lengths) / len(lengths)
+                mean = sum(lengths) / len(lengths)
+                per_step = (rollout.step_sequences or rows * train.batch_size * train.grad_accum) * mean
                 tokens = train.max_steps * per_step if train.max_steps else sum(lengths) * train.epochs
+                tokens *= rollout.epoch_factor if not train.max_steps else 1
         if dtype is None:
             from tunesmith.train.precision import resolve
 
@@ -188,14 +199,44 @@ class Workload:
             lora_r=config.lora.r,
             lora_dropout=config.lora.dropout,
             adapter_reduction=config.adapter.reduction_factor,
-            batch_size=rows * config.train.batch_size,
+            batch_size=min(rows * train.batch_size, rollout.step_sequences or rows * train.batch_size),
             seq_len=seq_len or config.data.max_length,
             answer_share=answer_share,
             tokens=tokens or 1e6,
-            gradient_checkpointing=config.train.gradient_checkpointing,
+            gradient_checkpointing=train.gradient_checkpointing,
             dtype=dtype,
             qlora_compute_dtype=config.qlora.compute_dtype,
+            step_sequences=rollout.step_sequences,
+            rollout_rows=rollout.rows,
+            rollout_length=rollout.length or config.data.max_length,
+            rollout_tokens=(tokens or 1e6) / rollout.iterations if rollout.rows else 0.0,
         )
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """What objective grpo adds to a run's workload (all 0 for other objectives): the sequences each step trains on,
+    the engine's rows and their length, how many steps train on one rollout, and per epoch how many sequences
+    stand for each prompt (rl.group_size completions, rl.iterations steps on them)."""
+
+    step_sequences: int = 0
+    rows: int = 0
+    length: int = 0
+    iterations: int = 1
+    epoch_factor: int = 1
+
+    @classmethod
+    def of(cls, config: Any, examples: list[Any] | None) -> Rollout:
+        """`examples` are grpo's planned rows (objectives/rl.py: planned_rows): each prompt with a full-length
+        completion, so the longest is the engine's row length."""
+        if config.objective != "grpo":
+            return cls()
+        from tunesmith.objectives.rl import MAX_ROWS
+
+        rl = config.rl
+        sequences = rl.prompts_per_step * rl.group_size
+        length = max((len(e) for e in examples), default=0) if examples else 0
+        return cls(sequences, min(sequences, MAX_ROWS), length, rl.iterations, rl.group_size * rl.iterations)
 
 
 @dataclass
@@ -298,6 +339,24 @@ def activation_bytes(shape: Shape, work: Workload) -> int:
     return tokens * shape.layers * layer_activation_bytes(shape, work)
 
 
+def kv_cache_bytes(shape: Shape, work: Workload) -> int:
+    """objective grpo: the generation engine's KV cache, allocated once per rollout for every row it samples at
+    once: layers x rows x kv heads x length x head dim x 2 (keys and values), in the dtype of the model's
+    parameters (fp32 master weights when the base trains, else the compute dtype)."""
+    values = shape.layers * work.rollout_rows * shape.kv_heads * work.rollout_length * shape.head_dim * 2
+    return values * DTYPE_BYTES[work.residual_dtype]
+
+
+def merged_weight_bytes(shape: Shape, work: Workload) -> int:
+    """objective grpo, LoRA: a rollout samples with each adapted layer merged (W + scale * B @ A, generation.py:
+    generation_view), a copy of every linear weight in the compute dtype while it samples. DoRA and QLoRA layers
+    sample unmerged."""
+    terms = work.terms
+    if not work.rollout_rows or terms.update != "low_rank" or terms.quantized_base or terms.magnitudes:
+        return 0
+    return shape.linear_params * DTYPE_BYTES[work.compute_dtype]
+
+
 def loss_bytes(shape: Shape, work: Workload) -> int:
     """The chunked output layer (train/loss.py) for one chunk of loss tokens while its backward runs: the saved
     log-softmax, its incoming gradient and the gradient it passes back, fp32 vocab-wide rows in every dtype
@@ -341,6 +400,9 @@ def memory_breakdown(shape: Shape, work: Workload, gpu: bool = True) -> dict[str
         "logits_loss": loss_bytes(shape, work),
         "optimizer_step": optimizer_step_bytes(shape, work, trainable, gpu),
     }
+    if work.rollout_rows:
+        memory["kv_cache"] = kv_cache_bytes(shape, work)
+        memory["merged_weights"] = merged_weight_bytes(shape, work)
     if gpu:
         memory["cuda_context"] = CUDA_CONTEXT_BYTES
     return memory
@@ -358,10 +420,12 @@ def peak_bytes(memory: dict[str, int], shards: int = 1) -> tuple[int, str]:
 
 
 def training_flops(shape: Shape, work: Workload) -> float:
-    """6·N·T for full fine-tuning, 4·N·T when the base is frozen (no weight gradients), plus attention."""
+    """6·N·T for full fine-tuning, 4·N·T when the base is frozen (no weight gradients), plus attention; grpo's
+    rollouts add a forward pass, 2·N per token, over the tokens they sample."""
     per_param = 6 if work.terms.trains_base else 4
-    attention = 3 * 2 * shape.layers * work.seq_len * shape.heads * shape.head_dim  # causal: half of 4·s·d·h, ×3
-    return work.tokens * (per_param * shape.total_params + attention)
+    attention = 2 * shape.layers * work.seq_len * shape.heads * shape.head_dim  # causal: half of 4·s·d·h
+    sampling = work.rollout_tokens * (2 * shape.total_params + attention)
+    return work.tokens * (per_param * shape.total_params + 3 * attention) + sampling
 
 
 def estimate(

@@ -62,6 +62,23 @@ class Plan:
     measured: dict[str, Any] | None = None
 
     @property
+    def rollout(self) -> str | None:
+        """objective grpo: what the estimate counts for RL, in a sentence (None for other objectives)."""
+        work, memory = self.workload, self.estimate.memory_bytes
+        if not work.rollout_rows:
+            return None
+        merged = memory.get("merged_weights", 0)
+        return (
+            f"grpo: each step trains {work.step_sequences} sequences (rl.prompts_per_step x rl.group_size) of up to "
+            f"{work.rollout_length} tokens (prompt + rl.max_completion_tokens), {work.batch_size} at a time "
+            f"(train.batch_size); the rollout's KV cache holds {work.rollout_rows} rows x {work.rollout_length} "
+            f"tokens: {memory.get('kv_cache', 0) / GIB:.2f} GiB (layers x rows x kv heads x length x head dim x 2 "
+            f"x {work.residual_dtype})"
+            + (f", beside the merged LoRA weights it samples with ({merged / GIB:.2f} GiB)" if merged else "")
+            + f"; sampling adds {work.rollout_tokens:,.0f} forward-only tokens (more when dynamic sampling redraws)"
+        )
+
+    @property
     def speed(self) -> str | None:
         """What this machine's time is estimated from: its measured (or given) matmul speed."""
         return self.estimate.devices.get(CPU_ROW, {}).get("speed")
@@ -90,6 +107,8 @@ class Plan:
             else {"error": self.no_cpu_row},
             "recommendation": self.recommendation,
         }
+        if self.rollout:
+            report["rollout"] = self.rollout
         if self.measured is not None:
             report["measured"] = self.measured
         return report
@@ -199,7 +218,13 @@ def _tokenized(config: RunConfig, source: str) -> list[Any]:
     from tunesmith.objectives import objective_of
 
     tokenizer = load_chat_tokenizer(source, config.chat_template)
-    conversations = read_conversations(config.data.path, config.data.format)[0]
+    grpo = config.objective == "grpo"
+    conversations = read_conversations(config.data.path, config.data.format, prompt_only=grpo)[0]
+    if grpo:  # each prompt with a full-length completion: the longest sequence the update and the engine hold
+        from tunesmith.objectives import rl
+
+        return rl.planned_rows(rl.tokenize_prompts(tokenizer, conversations, config.data.max_length, config.rl)[0],
+                               config.rl)  # fmt: skip
     holds = objective_of(config).holds
     if holds != "sft":  # preference objectives: both sides of every pair run through the model
         from tunesmith.objectives.preference import sequences, tokenize_preferences

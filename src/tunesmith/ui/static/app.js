@@ -90,11 +90,11 @@ async function runsPage() {
 // --- One run ------------------------------------------------------------------------------------------------
 
 async function runPage(name) {
-  const head = h("div"), charts = h("div", { class: "row" }), info = h("div");
-  view.append(head, charts, info);
+  const head = h("div"), charts = h("div", { class: "row" }), samples = h("div", { id: "samples" }), info = h("div");
+  view.append(head, charts, samples, info);
   let d;
   try { d = await api(`/api/runs/${enc(name)}`); } catch (e) { view.append(errorBox(e)); return; }
-  const train = { step: [], loss: [], smooth: [], lr: [], gnorm: [] }, val = new Map();
+  const train = { step: [], loss: [], smooth: [], lr: [], gnorm: [] }, val = new Map(), rl = rewards.empty();  // rl.js
   const points = h("span", { id: "points" }, "0");
   const say = h("span", { class: "muted" });
   const stopBtn = h("button", { id: "stop", onclick: () => act("stop") }, "Stop");
@@ -114,10 +114,11 @@ async function runPage(name) {
       d.compared ? [" · ", h("a", { href: `#/compare/${enc(name)}` }, "comparison report")] : ""));
   showStatus(d.status);
 
-  const lossEl = h("div", { id: "loss-chart" }), lrEl = h("div"), gnEl = h("div");
-  charts.append(lossEl, lrEl, gnEl);
-  let lossPlot, lrPlot, gnPlot;
+  const lossEl = h("div", { id: "loss-chart" }), rewardEl = h("div", { id: "reward-chart" }), lrEl = h("div"), gnEl = h("div");
+  charts.append(lossEl, rewardEl, lrEl, gnEl);  // objective grpo: the reward next to the loss
+  let lossPlot, rewardPlot, lrPlot, gnPlot, samplesAt = null;
   function add(r) {
+    rewards.add(rl, r);
     if (r.type === "val") { val.set(r.step, r.val_loss ?? null); return; }
     if ((r.type || "train") !== "train") return;
     while (train.step.length && train.step[train.step.length - 1] >= r.step) for (const k in train) train[k].pop();  // a resume rewrote the tail
@@ -135,6 +136,19 @@ async function runPage(name) {
     if (!lrPlot) lrPlot = chart(lrEl, "learning rate", [{ label: "lr", stroke: "#7a5af8" }], lr, sci); else lrPlot.setData(lr);
     if (!gnPlot) gnPlot = chart(gnEl, "grad norm", [{ label: "grad norm", stroke: "#f79009" }], gn); else gnPlot.setData(gn);
     points.textContent = String(train.step.length);
+    drawRewards();
+  }
+  function drawRewards() {
+    if (!rewards.seen(rl)) return;
+    const data = rewards.chartData(rl), band = { stroke: "#a6d8c0", dash: [4, 4] };
+    if (!rewardPlot) rewardPlot = chart(rewardEl, "reward", [{ label: "train (mean)", stroke: "#067647" }, { label: "mean - std", ...band },
+      { label: "mean + std", ...band }, { label: "val", stroke: "#d92d20", points: true }], data);
+    else rewardPlot.setData(data);
+    if (rl.samples && rl.samples.step !== samplesAt) {
+      samplesAt = rl.samples.step;
+      samples.replaceChildren(h("h2", {}, `Sample completions (validation at step ${samplesAt})`),
+        table(["prompt", "completion", "reward"], rewards.sampleRows(rl).map(([p, c, v]) => [p, h("pre", {}, c), fmt(v)])));
+    }
   }
   (d.metrics || []).forEach(add);
   draw();
@@ -142,7 +156,7 @@ async function runPage(name) {
   let source = null;
   function follow(fresh) {
     if (source) source.close();
-    if (fresh) { for (const k in train) train[k].length = 0; val.clear(); }
+    if (fresh) { for (const k in train) train[k].length = 0; val.clear(); Object.assign(rl, rewards.empty()); samplesAt = null; }
     source = new EventSource(`/api/runs/${enc(name)}/stream`);
     source.addEventListener("metric", (e) => { add(JSON.parse(e.data)); draw(); showStatus("running"); });
     source.addEventListener("end", async (e) => {
