@@ -168,3 +168,50 @@ def test_sampled_tokens_come_with_their_log_probabilities(model):
     expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(request.tokens)[:, None])[:, 0]
     assert len(request.token_logprobs) == 6
     assert torch.allclose(torch.tensor(request.token_logprobs), expected, atol=1e-4)
+
+
+def test_rows_sharing_a_prompt_prefix_copy_it_and_answer_as_computed_alone(monkeypatch):
+    from tunesmith import generation
+
+    model = build_model(100, seed=4, num_hidden_layers=3).eval()
+    for parameter in model.parameters():  # weights large enough that attention depends on every key
+        parameter.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(parameter.numel()))
+
+    generator = torch.Generator().manual_seed(5)
+    shots = torch.randint(3, 100, (40,), generator=generator).tolist()  # a few-shot prefix every prompt shares
+    prompts = [shots + torch.randint(3, 100, (n,), generator=generator).tolist() for n in (3, 7, 1, 5, 9)]
+    prompts.append(shots[:20] + [7, 8, 9])  # shares only part of it
+    computed: list[int] = []
+    forward = Engine._forward
+
+    def counting(self, ids, *args):
+        if self.cache.slot is not None:
+            computed.append(ids.shape[1])
+        return forward(self, ids, *args)
+
+    monkeypatch.setattr(Engine, "_forward", counting)
+    engine = Engine(model, max_rows=3, max_length=96, prefill_chunk=16)
+    shared_requests = engine.run([Request(p, 8, logprobs=True) for p in prompts])
+    shared = [r.tokens for r in shared_requests]
+    assert sum(computed) < sum(map(len, prompts)) - 3 * 30  # most rows skipped the shots
+    assert shared == [_reference(model, p, 8) for p in prompts]
+    computed.clear()
+    monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10**6)
+    alone = [
+        r.tokens
+        for r in Engine(model, max_rows=3, max_length=96, prefill_chunk=16).run([Request(p, 8) for p in prompts])
+    ]
+    assert sum(computed) == sum(map(len, prompts)) and alone == shared
+
+
+def test_a_prefix_is_shared_only_between_rows_of_one_adapter(lora_model):
+    prompts = [list(range(3, 43)) + [50 + n] for n in range(4)]
+    with torch.inference_mode(), generation_view(lora_model):
+        engine = Engine(lora_model, max_rows=4, max_length=80, prefill_chunk=64)
+        mixed = [Request(p, 6, adapter=name) for p, name in zip(prompts, ["first", "second", "first", BASE])]
+        engine.run(mixed)
+        for request in mixed:
+            alone = Engine(lora_model, max_rows=1, max_length=80).run(
+                [Request(request.prompt_ids, 6, adapter=request.adapter)]
+            )
+            assert request.tokens == alone[0].tokens

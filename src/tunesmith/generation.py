@@ -89,6 +89,12 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.span
 
+    def copy(self, source: int, target: int, start: int, end: int) -> None:
+        """Copy positions start..end-1 of one slot's keys and values into another's (a shared prompt prefix)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target, :, start:end] = keys[source, :, start:end]
+            values[target, :, start:end] = values[source, :, start:end]
+
     def move(self, source: int, target: int) -> None:
         """Copy one slot's keys and values into another (a finished row's slot takes the last row)."""
         for keys, values in zip(self.keys, self.values, strict=True):
@@ -173,6 +179,7 @@ class Engine:
 
     def _prefill(self, index: int) -> list[Request]:
         row = self.rows[index]
+        self._reuse_prefix(index)
         chunk, row.pending = row.pending[: self.prefill_chunk], row.pending[self.prefill_chunk :]
         cache = self.cache
         cache.slot, cache.start, cache.span = index, torch.tensor([row.position]), row.position + len(chunk)
@@ -184,6 +191,25 @@ class Engine:
         if row.pending:
             return []
         return self._advance([index], logits[:, -1])
+
+    def _reuse_prefix(self, index: int) -> None:
+        """Prefix caching: where another live row of the same adapter already holds more of this row's prompt in
+        its cache (few-shot prompts that share their shots, a group of RL samples, one system prompt), copy those
+        keys and values instead of computing them again. A position's keys and values depend only on the tokens
+        up to it, so the row answers as it would have. The prompt's last token is always computed (its logits
+        pick the first answer token)."""
+        row = self.rows[index]
+        prompt, best, source = row.request.prompt_ids, row.position, None
+        for other_index, other in enumerate(self.rows):
+            if other_index == index or other.request.adapter != row.request.adapter or other.position <= best:
+                continue
+            shared = _common_prefix(prompt, other.request.prompt_ids, min(other.position, len(prompt) - 1))
+            if shared > best:
+                best, source = shared, other_index
+        if source is not None and best - row.position >= MIN_SHARED_PREFIX:
+            self.cache.copy(source, index, row.position, best)
+            row.pending = prompt[best:]
+            row.position = best
 
     def _decode(self) -> list[Request]:
         # A row still prefilling rides along on a dummy token at the position its next chunk overwrites.
@@ -288,6 +314,20 @@ class Engine:
                 self.rows[index] = self.rows[last]
             self.rows.pop()
         return left
+
+
+# Shorter shared prefixes are computed again: copying a handful of positions saves less than finding them costs.
+MIN_SHARED_PREFIX = 16
+
+
+def _common_prefix(first: list[int], second: list[int], limit: int) -> int:
+    """How many leading tokens the two lists share, up to `limit`."""
+    count = 0
+    for a, b in zip(first[:limit], second[:limit], strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
 
 
 def take(request: Request, token: int) -> str | None:
