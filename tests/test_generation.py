@@ -208,7 +208,9 @@ def test_a_prefix_is_shared_only_between_rows_of_one_adapter(lora_model):
     prompts = [list(range(3, 43)) + [50 + n] for n in range(4)]
     with torch.inference_mode(), generation_view(lora_model):
         engine = Engine(lora_model, max_rows=4, max_length=80, prefill_chunk=64)
-        mixed = [Request(p, 6, adapter=name) for p, name in zip(prompts, ["first", "second", "first", BASE])]
+        mixed = [
+            Request(p, 6, adapter=name) for p, name in zip(prompts, ["first", "second", "first", BASE], strict=True)
+        ]
         engine.run(mixed)
         for request in mixed:
             alone = Engine(lora_model, max_rows=1, max_length=80).run(
