@@ -1,8 +1,9 @@
 """Generation speed: the engine (tunesmith.generation) beside today's HF `generate` path and the hardware's bounds.
 
-    python bench/generation_speed.py [--prompts 16] [--max-new-tokens 96] [--run RUN] [--gguf FILE]
+    python bench/generation_speed.py [--prompts 16] [--max-new-tokens 96] [--run RUN | --model NAME] [--gguf FILE]
 
-The model is Gemma 3 270M (the embedded default) in bf16 with a rank-16 all-linear LoRA, as the quickstart trains
+The model is Gemma 3 270M (the embedded default; --model smollm2-135m for the Llama family) in bf16 with a rank-16
+all-linear LoRA, as the quickstart trains
 it (a random adapter unless --run names a finished LoRA run); prompts are quickstart notes in the model's chat
 template; greedy; each answer ends at the end of its turn or the token limit. Printed: the memory-bandwidth bound
 (a read of a 1 GiB float32 tensor) and bf16 matmul peak measured here, tokens/s of each path at batch 1 and 8, how
@@ -71,6 +72,10 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[tuple[Message, ...]], 
     return answers
 
 
+def turn_stop_known(tokenizer) -> bool:
+    return "<end_of_turn>" in tokenizer.get_vocab()
+
+
 def bandwidth_gbs() -> float:
     """The fastest plain read of 1 GiB measured here (a float32 sum; a bf16 sum converts as it reads, slower)."""
     data = torch.ones(256 * 2**20, dtype=torch.float32)
@@ -92,13 +97,13 @@ def _timed(work) -> float:
     return time.perf_counter() - start
 
 
-def model_and_tokenizer(run: str | None):
+def model_and_tokenizer(run: str | None, name: str = "gemma-3-270m"):
     if run:
         from tunesmith.evaluate.generate import load_run
 
         loaded = load_run(run)
         return loaded.model, loaded.tokenizer
-    config = build_config({"model": "gemma-3-270m", "method": "lora", "lora": {"r": 16, "alpha": 32}})
+    config = build_config({"model": name, "method": "lora", "lora": {"r": 16, "alpha": 32}})
     source = resolve_model_path(config.model)
     tokenizer = load_tokenizer(source)
     use_chat_template(tokenizer, None)
@@ -119,7 +124,8 @@ def prompts(count: int, run: str | None = None) -> list[tuple[Message, ...]]:
 
 
 def engine_answers(model, tokenizer, encoded, max_new_tokens, rows, merge=True) -> tuple[list[list[int]], float]:
-    stops = frozenset(t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")) if t)
+    turn_end = tokenizer.convert_tokens_to_ids("<end_of_turn>") if "<end_of_turn>" in tokenizer.get_vocab() else None
+    stops = frozenset(t for t in (tokenizer.eos_token_id, turn_end) if t is not None)
     start = time.perf_counter()  # the view's packing and merging included
     with generation_view(model, merge=merge):
         engine = Engine(model, max_rows=rows, max_length=max(map(len, encoded)) + max_new_tokens + 1)
@@ -133,6 +139,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--run", help="A finished LoRA run to generate with instead of a random adapter.")
+    parser.add_argument("--model", default="gemma-3-270m", help="Embedded model with a random adapter (no --run).")
     parser.add_argument("--gguf", help="A GGUF export of the same weights, for llama.cpp's tokens/s.")
     parser.add_argument("--skip-hf", action="store_true", help="Leave out today's HF generate path (slow).")
     parser.add_argument("--batches", default="1,8", help="Batch sizes to time, comma-separated [default: 1,8].")
@@ -142,7 +149,7 @@ def main() -> None:
           f"flags {' '.join(flags)}, torch {torch.__version__}")  # fmt: skip
     bound = bandwidth_gbs()
     print(f"memory bandwidth {bound:.1f} GB/s, bf16 matmul {matmul_gflops():.0f} GFLOP/s")
-    model, tokenizer = model_and_tokenizer(args.run)
+    model, tokenizer = model_and_tokenizer(args.run, args.model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"weights {weights / 1e9:.3f} GB -> batch-1 bound {bound * 1e9 / weights:.0f} tokens/s")
     conversations = prompts(args.prompts, args.run)
@@ -165,7 +172,7 @@ def main() -> None:
               f"({same} of {len(tokens)} answers identical to the kernel's)")  # fmt: skip
     if not args.skip_hf:
         unmerged, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, batches[-1], merge=False)
-        stops = ["<end_of_turn>"]
+        stops = ["<end_of_turn>"] if turn_stop_known(tokenizer) else []
         for rows in batches:
             start = time.perf_counter()
             texts = hf_generate(model, tokenizer, conversations, args.max_new_tokens, rows, stops=stops)
