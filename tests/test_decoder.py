@@ -115,3 +115,18 @@ def test_an_unknown_family_keeps_its_own_forward():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     assert Decoder.of(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))) is None
+
+
+def test_a_model_wrapped_in_another_module_keeps_its_own_forward():
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_base_model(self):
+            return self.inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    assert Decoder.of(Wrapper(_random(FAMILIES["llama"](), 5))) is None

@@ -52,7 +52,9 @@ class Decoder:
     @classmethod
     def of(cls, model: Any) -> Decoder | None:
         """The decoder of a model (a PEFT model's base included), or None where this forward cannot stand in."""
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = model.get_base_model() if _peft(model) else model
+        if inner is not model and not (_plain(model) and _plain(model.base_model)):
+            return None
         classes = FAMILIES.get(type(inner).__name__)
         body = getattr(inner, "model", None)
         if classes is None or body is None or not hasattr(body, "layers") or not _plain(model):
@@ -108,6 +110,11 @@ class Decoder:
             sliding_window=getattr(attention, "sliding_window", None),
         )  # fmt: skip
         return attention.o_proj(output.reshape(*hidden.shape[:-1], -1).contiguous())
+
+
+def _peft(model: Any) -> bool:
+    """A PEFT model (its forward only hands the call to the base model's), not some other wrapper."""
+    return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
 def _plain(module: Any) -> bool:
