@@ -70,6 +70,11 @@ class DataConfig(Section):
         "assistant",
         description="Which tokens carry loss: only assistant/completion tokens, or every token.",
     )
+    reasoning: Literal["learn", "context"] = Field(
+        "learn",
+        description="Assistant turns' reasoning (reasoning_content): learned with the answer, or kept in the "
+        "context without loss.",
+    )
 
 
 class LoraConfig(Section):

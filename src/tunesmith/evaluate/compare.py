@@ -143,7 +143,7 @@ def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversati
 @torch.no_grad()
 def item_losses(model: Any, tokenizer: Any, items: list[Conversation], config: Any) -> list[tuple[float, int]]:
     """(summed answer-token loss, answer tokens) per item, teacher-forced, as in training."""
-    examples, _ = tokenize_all(tokenizer, items, config.data.max_length, config.data.train_on)
+    examples, _ = tokenize_all(tokenizer, items, config.data.max_length, config.data.train_on, config.data.reasoning)
     by_line = {e.line: e for e in examples}
     device = next(model.parameters()).device
     results: list[tuple[float, int]] = []
