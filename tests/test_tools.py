@@ -299,8 +299,8 @@ def test_each_parser_reads_its_template_family_and_botched_calls_are_kept():
 # --- data check ------------------------------------------------------------------------------------------------
 
 
-def row(*turns, tools=(BOOK, CANCEL)):
-    messages = [{"role": "user", "content": "Please book P-17 for Monday morning."}, *turns]
+def row(*turns, tools=(BOOK, CANCEL), ask="Please book P-17 for Monday morning."):
+    messages = [{"role": "user", "content": ask}, *turns]
     return {"messages": messages, **({"tools": list(tools)} if tools else {})}
 
 
@@ -475,3 +475,39 @@ def test_segments_of_a_plain_conversation_are_unchanged():
     use_chat_template(tokenizer, None)
     plain = (Message("user", "hi"), Message("assistant", "hello"))
     assert segments(tokenizer, plain) == [("<s>### User:\nhi\n\n### Assistant:\n", False), ("hello</s>", True)]
+
+
+def clinic_rows(n: int) -> list[dict]:
+    """Booking requests answered by a call (half of them with the result and a final answer), every fourth a
+    thank-you that needs no call."""
+    rows = []
+    for i in range(n):
+        day = ("monday", "tuesday")[i % 2]
+        if i % 4 == 3:
+            thanks = f"Thanks a lot for booking visit {i}."
+            rows.append(row({"role": "assistant", "content": f"You are welcome, see you on {day}."}, ask=thanks))
+            continue
+        turns = [call("book", {"patient": f"P-{i}", "day": day})]
+        if i % 2 == 0:
+            turns += [RESULT, {"role": "assistant", "content": f"Booked P-{i} for {day}."}]
+        rows.append(row(*turns, ask=f"Book patient P-{i} on {day}."))
+    return rows
+
+
+def test_a_run_on_tool_data_trains_with_the_tools_template_and_scores_the_calls(tmp_path, tiny_model_dir):
+    from tunesmith.evaluate.compare import eval_run
+
+    from .test_cli import train_args
+
+    data, out = write_records(tmp_path / "clinic.jsonl", clinic_rows(40)), tmp_path / "runs" / "clinic"
+    extra = ["--method", "lora", "--max-steps", "2", "--train.batch_size", "4", "--test-fraction", "0.25"]
+    extra += ["--set", "eval.max_new_tokens=8", "--set", "eval.metrics=tool_args_match,no_call_accuracy"]
+    assert main(train_args(tiny_model_dir, data, out, *extra)) == 0
+    assert (out / "chat_template.jinja").read_text().startswith(TOOLS_PREAMBLE)
+    written = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert all(r["tools"] == [BOOK, CANCEL] for r in written)
+    calls = [m["tool_calls"][0]["function"] for r in written for m in r["messages"] if "tool_calls" in m]
+    assert calls and all(isinstance(c["arguments"], dict) for c in calls)  # never encoded on the way
+    summary = eval_run(out)
+    assert set(summary.metrics) == {"tool_args_match", "no_call_accuracy"}
+    assert all(0.0 <= value <= 1.0 for value in summary.metrics.values()) and summary.loss is not None
