@@ -511,3 +511,19 @@ def test_a_run_on_tool_data_trains_with_the_tools_template_and_scores_the_calls(
     summary = eval_run(out)
     assert set(summary.metrics) == {"tool_args_match", "no_call_accuracy"}
     assert all(0.0 <= value <= 1.0 for value in summary.metrics.values()) and summary.loss is not None
+
+
+def test_eval_and_rl_prompts_are_rendered_with_their_rows_tools():
+    from tunesmith.config import RlConfig
+    from tunesmith.evaluate.generate import Asked
+    from tunesmith.objectives.rl import tokenize_prompts
+
+    tokenizer = default_tokenizer()
+    asked_prompt = BOOKING.messages[:2]
+    with_tools = prompt_ids(tokenizer, asked_prompt, BOOKING.tools)
+    asked = Asked(tokenizer, [asked_prompt, asked_prompt], 8, tools=[BOOKING.tools, ()])
+    assert asked.requests[0].prompt_ids == with_tools
+    assert asked.requests[1].prompt_ids == prompt_ids(tokenizer, asked_prompt) != with_tools
+    row_prompt = Conversation(messages=asked_prompt, tools=BOOKING.tools)
+    (rl_prompt,), _ = tokenize_prompts(tokenizer, [row_prompt], 1024, RlConfig())
+    assert rl_prompt.ids == with_tools
