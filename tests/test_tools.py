@@ -527,3 +527,13 @@ def test_eval_and_rl_prompts_are_rendered_with_their_rows_tools():
     row_prompt = Conversation(messages=asked_prompt, tools=BOOKING.tools)
     (rl_prompt,), _ = tokenize_prompts(tokenizer, [row_prompt], 1024, RlConfig())
     assert rl_prompt.ids == with_tools
+
+
+def test_a_few_shot_example_keeps_its_calls():
+    from tunesmith.evaluate.baselines import few_shot_prompt
+
+    shot = Conversation(messages=BOOKING.messages[1:3], tools=BOOKING.tools)
+    question = Conversation(messages=(Message("user", "Book P-18 on Tuesday."),), tools=BOOKING.tools)
+    prompt = few_shot_prompt(question, [shot])
+    assert prompt == (BOOKING.messages[1], BOOKING.messages[2], question.messages[0])
+    assert prompt[1].tool_calls == (BOOK_CALL,)

@@ -37,11 +37,12 @@ class Baseline:
 
 
 def few_shot_prompt(question: Conversation, shots: list[Conversation]) -> tuple[Message, ...]:
-    """The question's prompt preceded by solved examples as earlier turns of the same conversation."""
+    """The question's prompt preceded by solved examples as earlier turns of the same conversation, each shot's
+    answer its last assistant turn as it is (tool calls as calls, rendered the way the template renders them)."""
     turns: list[Message] = []
     for shot in shots:
         turns.extend(shot.prompt_messages)
-        turns.append(Message("assistant", str(shot.reference)))
+        turns.append(shot.messages[len(shot.prompt_messages)])
     return (*turns, *question.prompt_messages)
 
 
