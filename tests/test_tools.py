@@ -547,3 +547,77 @@ def test_a_few_shot_example_keeps_its_calls():
     prompt = few_shot_prompt(question, [shot])
     assert prompt == (BOOKING.messages[1], BOOKING.messages[2], question.messages[0])
     assert prompt[1].tool_calls == (BOOK_CALL,)
+
+
+# A ChatML template in Qwen 2.5's shape: the tools block in the system turn, calls as <tool_call> JSON, results as
+# user turns of <tool_response> blocks.
+QWEN_SHAPED = (
+    (
+        "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are helpful.' }}"
+        "{%- endif %}"
+        "{{- '\\n\\n' + TOOLS_INTRO }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+        "{{- TOOLS_OUTRO + '<|im_end|>\\n' }}"
+        "{%- elif messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- for message in messages %}"
+        "{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}"
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+        "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+        "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+        "{%- for tool_call in message.tool_calls %}{%- set tool_call = tool_call.function %}"
+        '{{- \'\\n<tool_call>\\n{"name": "\' }}{{- tool_call.name }}{{- \'", "arguments": \' }}'
+        "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+        "{%- elif message.role == 'tool' %}"
+        "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+        "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+        "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+        "{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    .replace("TOOLS_INTRO", json.dumps(TOOLS_INTRO))
+    .replace("TOOLS_OUTRO", json.dumps(TOOLS_OUTRO))
+)
+
+
+def test_a_model_template_that_renders_tools_is_used_as_is_and_its_calls_are_learned():
+    tokenizer = build_tokenizer()
+    assert use_chat_template(tokenizer, QWEN_SHAPED, tools=True) == QWEN_SHAPED
+    assert tool_parser(tokenizer) == "hermes"
+    example = tokenize_conversation(tokenizer, BOOKING)
+    runs = learned_runs(tokenizer, example)
+    learned = "".join(text for text, is_learned in runs if is_learned)
+    assert learned == f"{CALL_TEXT}<|im_end|>\n" + "Done.<|im_end|>\n</s>"  # its template drops the reasoning
+    shown = "".join(text for text, _ in runs)
+    assert "<tool_response>\nbooked\n</tool_response>" in shown and "Book an appointment." in shown
+
+
+# A template in Gemma 3's shape: no tools, the system text opening the first user turn, roles that must alternate.
+GEMMA_SHAPED = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\\n\\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def test_a_model_template_without_tools_is_given_them():
+    tokenizer = build_tokenizer()
+    assert use_chat_template(tokenizer, GEMMA_SHAPED, tools=True) == TOOLS_PREAMBLE + GEMMA_SHAPED
+    tools_block = f"{TOOLS_INTRO}\n{json.dumps(BOOK)}{TOOLS_OUTRO}"
+    assert render(tokenizer, BOOKING.messages, False, BOOKING.tools) == (
+        f"<s><start_of_turn>user\nBe brief.\n\n{tools_block}\n\nBook P-17 on Monday.<end_of_turn>\n"
+        f"<start_of_turn>model\n{CALL_TEXT}<end_of_turn>\n"
+        "<start_of_turn>user\n<tool_response>\nbooked\n</tool_response><end_of_turn>\n"
+        "<start_of_turn>model\n<think>\nThe slot is free.\n</think>\n\nDone.<end_of_turn>\n"
+    )
+    example = tokenize_conversation(tokenizer, BOOKING, reasoning="context")
+    learned = "".join(text for text, is_learned in learned_runs(tokenizer, example) if is_learned)
+    assert learned == f"{CALL_TEXT}<end_of_turn>\nDone.<end_of_turn>\n</s>"
