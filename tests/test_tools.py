@@ -25,6 +25,7 @@ from tunesmith.data.tools import (
     TOOLS_INTRO,
     TOOLS_OUTRO,
     TOOLS_PREAMBLE,
+    ParsedTurn,
     ToolCall,
     parse_any,
     parse_hermes,
@@ -304,6 +305,9 @@ def test_each_parser_reads_its_template_family_and_botched_calls_are_kept():
     botched = parse_any('Sure.\n<tool_call>\n{"name": "cancel", "arguments": {"id": }\n</tool_call>')
     assert botched.content == "Sure." and botched.tool_calls == () and len(botched.malformed) == 1
     assert parse_any("Plain answer.") == parse_hermes("Plain answer.")
+    # The JSON answer of a JSON task is no call, botched or not; after Llama's <|python_tag|> anything is one.
+    assert parse_any('{"colour": "red", "name": "x"}') == ParsedTurn('{"colour": "red", "name": "x"}')
+    assert parse_any('<|python_tag|>{"name": "cancel", "parameters": {"id": ').malformed
 
 
 # --- data check ------------------------------------------------------------------------------------------------

@@ -111,11 +111,15 @@ def parse_mistral(text: str) -> ParsedTurn:
 
 
 def parse_json_call(text: str) -> ParsedTurn:
-    """Llama 3.1/3.2's templates: the whole answer is one call, {"name", "parameters"}, maybe after <|python_tag|>."""
+    """Llama 3.1/3.2's templates: the whole answer is one call, {"name", "parameters"}, maybe after <|python_tag|>.
+    Other JSON (the answer of a JSON task) is an answer, not a call; after <|python_tag|> anything is a call."""
+    tagged = text.strip().startswith("<|python_tag|>")
     body = text.strip().removeprefix("<|python_tag|>").strip()
-    if not body.startswith("{"):
+    value = _json(body)
+    looks_like_call = isinstance(value, dict) and "name" in value and ("arguments" in value or "parameters" in value)
+    if not (tagged or looks_like_call):
         return ParsedTurn(text.strip())
-    call = decode_call(_json(body))
+    call = decode_call(value)
     return ParsedTurn("", (call,)) if call else ParsedTurn("", malformed=(body,))
 
 
