@@ -94,7 +94,7 @@ BAD_FILES: dict[str, tuple[str, bytes, str]] = {
     "role that is a list": (
         "d.jsonl",
         _jsonl([{"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]}]),
-        r"d\.jsonl:1: messages\[0\]: 'role' must be one of assistant, system, user, got an array",
+        r"d\.jsonl:1: messages\[0\]: 'role' must be one of assistant, function, system, tool, user, got an array",
     ),
     "unpaired surrogate": ("d.jsonl", b'{"text": "bad \\ud800 escape"}\n', r"d\.jsonl:1: .*unpaired surrogate"),
     "csv extra and missing cells": (

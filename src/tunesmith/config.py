@@ -70,6 +70,11 @@ class DataConfig(Section):
         "assistant",
         description="Which tokens carry loss: only assistant/completion tokens, or every token.",
     )
+    reasoning: Literal["learn", "context"] = Field(
+        "learn",
+        description="Assistant turns' reasoning (reasoning_content): learned with the answer, or kept in the "
+        "context without loss.",
+    )
 
 
 class LoraConfig(Section):
@@ -175,7 +180,8 @@ class TrainConfig(Section):
 # exactly these (it checks so when imported), so a config is validated without importing the metrics.
 METRIC_NAMES = (
     "accuracy", "bleu", "chrf", "chrf_corpus", "exact_match", "json_fields", "json_schema", "json_valid", "macro_f1",
-    "rouge_l", "token_f1",
+    "no_call_accuracy", "rouge_l", "token_f1", "tool_args_match", "tool_call_exact", "tool_call_parse_rate",
+    "tool_name_accuracy",
 )  # fmt: skip
 
 
@@ -333,7 +339,8 @@ class RewardConfig(Section):
     metric: str | None = Field(
         None,
         description="A per-item metric of eval.metrics (exact_match, json_valid, json_schema, json_fields, token_f1, "
-        "chrf, accuracy, rouge_l) scored against the example's reference answer; json_schema uses eval.schema_path.",
+        "chrf, accuracy, rouge_l, tool_args_match and the other tool metrics) scored against the example's reference "
+        "answer; json_schema uses eval.schema_path.",
     )
     regex: str | None = Field(
         None, description="A format reward: 1 when the completion matches this Python regular expression, else 0."

@@ -237,8 +237,9 @@ def tokenize(config: RunConfig, run: OpenRun, source: str) -> Tokenized:
     """The model's tokenizer and chat template, and the train and val examples tokenized (SFT: through the cache;
     preference objectives: both sides of every pair)."""
     tokenizer = load_tokenizer(source)
-    template = use_chat_template(tokenizer, config.chat_template)
     train, val, test = run.splits["train"], run.splits["val"], run.splits["test"]
+    tools = any(c.uses_tools for c in (*train, *val, *test))
+    template = use_chat_template(tokenizer, config.chat_template, tools)
     length, holds = config.data.max_length, objective_of(config).holds
     examples: list[Any]
     val_examples: list[Any]
@@ -263,7 +264,7 @@ def tokenize(config: RunConfig, run: OpenRun, source: str) -> Tokenized:
 
         def cached(conversations: list[Conversation]) -> tuple[list[Any], Any, bool]:
             root = cache_root() / "tokenized"
-            return cached_tokenize(tokenizer, conversations, length, config.data.train_on, root)
+            return cached_tokenize(tokenizer, conversations, length, config.data.train_on, root, config.data.reasoning)
 
         with distributed.main_first(run.world):  # the main process fills the tokenized cache, the others read it
             examples, stats, hit = cached(train)

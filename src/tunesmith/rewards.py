@@ -20,7 +20,8 @@ from tunesmith.config import RewardConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.metrics import load_custom, per_item_functions
 
-NO_REFERENCE_METRICS = {"json_valid", "json_schema"}  # the metrics that score a completion on its own
+# the metrics that score a completion on its own
+NO_REFERENCE_METRICS = {"json_valid", "json_schema", "tool_call_parse_rate"}
 
 
 @dataclass(frozen=True)

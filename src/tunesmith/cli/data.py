@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
+from rich.text import Text
 
 from tunesmith.cli.common import config_default, out, print_json
-from tunesmith.data.check import CheckOptions, check_data
+from tunesmith.data.check import CheckOptions, check_data, shown_masks
 from tunesmith.data.formats import position_word
 from tunesmith.data.review import KEYS_HELP
+from tunesmith.errors import TunesmithError
 
 FORMAT = config_default("data.format")
 FORMAT_HELP = f"Record format; auto detects it [default: {FORMAT}]."
@@ -43,6 +45,13 @@ def print_check(report: Any) -> None:
             f"  tokens: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']}; "
             f"{t['truncated']} over {t['max_length']}"
         )
+    if report.tools:
+        t = report.tools
+        out.print(
+            f"  tools: {t['rows_with_tools']} rows with tools ({t['rows_without_tools']} without), {t['tool_calls']} "
+            f"calls in {t['tool_turns']} turns ({t['parallel_turns']} parallel), {t['tool_results']} results, "
+            f"{t['no_call_answers']} last answers without a call, {t['reasoning_turns']} turns with reasoning"
+        )
     if report.rewards:
         r = report.rewards
         needs = f"{', '.join(r['need_reference'])} need" if r["need_reference"] else "none needs"
@@ -68,10 +77,19 @@ def print_check(report: Any) -> None:
     )
 
 
+def print_masks(examples: list[dict[str, Any]], unit: str) -> None:
+    """Rendered examples with the learned tokens in green and between « »."""
+    out.print("[bold]What is learned[/] (tokens that carry loss in [green]green «between guillemets»[/]):")
+    for example in examples:
+        text = Text(f"{unit} {example['line']}:\n", style="bold")
+        for piece, learned in example["pieces"]:
+            text.append(f"«{piece}»" if learned else piece, style="green" if learned else "dim")
+        out.print(text)
+
+
 def _reference_rewards(text: str) -> list[str]:
     """The rewards of a --rewards list that score against the reference (validated as rl.rewards is)."""
     from tunesmith.config import RlConfig, parse_value
-    from tunesmith.errors import TunesmithError
     from tunesmith.rewards import reference_rewards
 
     try:
@@ -84,6 +102,8 @@ def _reference_rewards(text: str) -> list[str]:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from tunesmith.models import load_chat_tokenizer
 
+    if args.show_masks and not args.model:
+        raise TunesmithError("--show-masks needs --model: the masks come from that model's tokenizer and template.")
     tokenizer = load_chat_tokenizer(args.model) if args.model else None
     options = CheckOptions(
         max_length=args.max_length,
@@ -91,14 +111,18 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         imbalance_ratio=args.imbalance_ratio,
         label_field=args.label_field,
         length_bias_share=args.length_bias_share,
+        reasoning=args.reasoning,
     )
     if args.rewards:
         options.reference_rewards = _reference_rewards(args.rewards)
     report = check_data(args.data, args.format, tokenizer, options, args.against)
+    masks = shown_masks(args.data, args.format, tokenizer, args.show_masks, options) if args.show_masks else []
     if args.json:
-        print_json(report.to_dict())
+        print_json(report.to_dict() | ({"masks": masks} if args.show_masks else {}))
     else:
         print_check(report)
+        if masks:
+            print_masks(masks, position_word(report.path))
     return 0 if report.ok else 1
 
 
@@ -222,6 +246,20 @@ def _add_check(data_sub: argparse._SubParsersAction) -> None:
         "--rewards",
         help="objective grpo: the rl.rewards list (YAML, e.g. '[{metric: json_fields}, {regex: ...}]'); the check "
         "says which need a reference answer and whether every row has one.",
+    )
+    check.add_argument(
+        "--show-masks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Print the first N examples as --model's template renders them, the tokens that carry loss marked.",
+    )
+    reasoning = config_default("data.reasoning")
+    check.add_argument(
+        "--reasoning",
+        choices=["learn", "context"],
+        default=reasoning,
+        help=f"Assistant turns' reasoning: learned, or context without loss [default: {reasoning}].",
     )
     check.add_argument("--json", action="store_true", help="Print the report as JSON on stdout.")
     check.set_defaults(func=cmd_data_check)

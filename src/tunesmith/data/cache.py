@@ -1,8 +1,9 @@
 """Tokenize once and keep the result on disk (flat numpy arrays) for every later run on the same data.
 
 The key covers everything that changes the tokens: the conversations, the tokenizer's full
-definition, the chat template, max_length and train_on. A changed tokenizer or template therefore
-never reuses a stale cache. Entries are written atomically (temporary name, then rename).
+definition, the chat template, max_length, train_on and whether reasoning is learned. A changed
+tokenizer or template therefore never reuses a stale cache. Entries are written atomically
+(temporary name, then rename).
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((definition + specials).encode()).hexdigest()
 
 
-def cache_key(conversations: list[Conversation], tokenizer: Any, max_length: int, train_on: str) -> str:
+def cache_key(
+    conversations: list[Conversation], tokenizer: Any, max_length: int, train_on: str, reasoning: str = "learn"
+) -> str:
     digest = hashlib.sha256()
+    # reasoning "learn", the only behaviour before it was a choice, adds nothing: earlier entries stay valid
+    choice = "" if reasoning == "learn" else f"reasoning={reasoning}"
     for part in (VERSION, tokenizer_fingerprint(tokenizer), tokenizer.chat_template or "", str(max_length), train_on):
         digest.update(part.encode())
         digest.update(b"\0")
+    digest.update(choice.encode())
     for conversation in conversations:
         digest.update(json.dumps(conversation.to_record(), sort_keys=True).encode())
         digest.update(b"\n")
@@ -45,10 +51,15 @@ def cache_key(conversations: list[Conversation], tokenizer: Any, max_length: int
 
 
 def cached_tokenize(
-    tokenizer: Any, conversations: list[Conversation], max_length: int, train_on: str, root: Path
+    tokenizer: Any,
+    conversations: list[Conversation],
+    max_length: int,
+    train_on: str,
+    root: Path,
+    reasoning: str = "learn",
 ) -> tuple[list[TokenizedExample], TokenizeStats, bool]:
     """tokenize_all, served from `root/<key>/` when present; returns (examples, stats, hit)."""
-    entry = root / cache_key(conversations, tokenizer, max_length, train_on)
+    entry = root / cache_key(conversations, tokenizer, max_length, train_on, reasoning)
     if (entry / "stats.json").is_file():
         # Read whole, not memory-mapped: batching takes examples as lists, so a map would be copied anyway.
         ids = np.load(entry / "ids.npy")
@@ -61,7 +72,7 @@ def cached_tokenize(
         ]
         stats = TokenizeStats(**json.loads((entry / "stats.json").read_text()))
         return examples, stats, True
-    examples, stats = tokenize_all(tokenizer, conversations, max_length, train_on)
+    examples, stats = tokenize_all(tokenizer, conversations, max_length, train_on, reasoning)
     offsets = np.cumsum([0] + [len(e) for e in examples], dtype=np.int64)
 
     def write(folder: Path) -> None:

@@ -1,10 +1,10 @@
 """The data quality gate: find what would waste a fine-tune before any compute is spent.
 
 Reports format errors, size, exact and near duplicates, conflicting answers, token lengths, class
-balance, diversity, hygiene (short answers, template leftovers, PII) and leakage against another
-file, each with line numbers and a suggested fix. Preference pairs also get identical and contradicting
-pairs and DPO's length bias; KTO rows the balance of desirable and undesirable answers. It reads data
-and never changes it.
+balance, diversity, hygiene (short answers, template leftovers, PII), tool calls checked against each row's
+tools, and leakage against another file, each with line numbers and a suggested fix. Preference pairs also
+get identical and contradicting pairs and DPO's length bias; KTO rows the balance of desirable and
+undesirable answers. It reads data and never changes it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.formats import Conversation, ParsedFile, Problems, iter_raw_records, parse_file
+from tunesmith.data.formats import Conversation, Message, ParsedFile, Problems, iter_raw_records, parse_file
 from tunesmith.data.similarity import (
     answers_agree,
     clusters_from_pairs,
@@ -27,6 +27,8 @@ from tunesmith.data.similarity import (
     normalise_text,
     words,
 )
+from tunesmith.data.tokenize import learned_runs, tokenize_conversation, use_chat_template
+from tunesmith.data.tools import ToolCall, argument_problems
 
 MIN_EXAMPLES = 10
 RECOMMENDED_EXAMPLES = 500
@@ -62,6 +64,7 @@ class CheckOptions:
     imbalance_ratio: float = 3.0
     label_field: str | None = None
     train_on: str = "assistant"
+    reasoning: str = "learn"  # data.reasoning: whether assistant turns' reasoning is learned or context only
     # Pairs: warn when more than this share has the chosen answer longer than the rejected one. DPO learns
     # length where length separates the answers (Park et al. 2024, "Disentangling length from quality in DPO").
     length_bias_share: float = 0.7
@@ -95,6 +98,7 @@ class CheckReport:
     kind: str = "sft"
     preference: dict[str, Any] | None = None
     rewards: dict[str, Any] | None = None  # objective grpo: what the rewards need and how many rows lack it
+    tools: dict[str, Any] | None = None  # tool data: counts of rows with tools, calls, parallel calls, results
 
     @property
     def ok(self) -> bool:
@@ -110,7 +114,7 @@ class CheckReport:
 def prompt_text(conversation: Conversation) -> str:
     if conversation.text is not None:
         return ""
-    return "\n".join(m.content for m in conversation.prompt_messages)
+    return "\n".join(m.written for m in conversation.prompt_messages)
 
 
 def has_answer(conversation: Conversation) -> bool:
@@ -123,10 +127,11 @@ def answer_text(conversation: Conversation) -> str:
 
 
 def full_text(conversation: Conversation) -> str:
-    """All the text of an example; a pair's rejected answer included, so pairs differing only there differ."""
+    """All the text of an example, tool calls included; a pair's rejected answer too, so pairs differing only
+    there differ."""
     if conversation.text is not None:
         return conversation.text
-    text = "\n".join(m.content for m in conversation.messages)
+    text = "\n".join(m.written for m in conversation.messages)
     return text if conversation.rejected is None else f"{text}\n{conversation.rejected}"
 
 
@@ -211,13 +216,11 @@ def check_conflicts(report: CheckReport, conversations: list[Conversation]) -> N
 def check_token_lengths(
     report: CheckReport, conversations: list[Conversation], tokenizer: Any, options: CheckOptions
 ) -> None:
-    from tunesmith.data.tokenize import tokenize_conversation
-
     lengths, truncated, lost = [], [], []
     for c in conversations:
         # A pair is as long as its longer side, and is cut when either side is.
         sides = [c] if c.rejected is None else [c, replace(c, messages=c.rejected_messages, rejected=None)]
-        examples = [tokenize_conversation(tokenizer, side, options.train_on) for side in sides]
+        examples = [tokenize_conversation(tokenizer, side, options.train_on, options.reasoning) for side in sides]
         lengths.append(max(len(example) for example in examples))
         if lengths[-1] > options.max_length:
             truncated.append(c.line)
@@ -249,6 +252,143 @@ def check_token_lengths(
             f"{len(lost)} example(s) would lose a whole answer to truncation{sides} (lines {_shown(lost)}); "
             "they will be dropped. Shorten their prompts or raise data.max_length.",
         )
+
+
+# What the report counts of tool data (CheckReport.tools), besides the rows without tools.
+TOOL_COUNTS = (
+    "rows_with_tools", "tool_turns", "tool_calls", "parallel_turns", "tool_results", "no_call_answers",
+    "unanswered_calls", "reasoning_turns",
+)  # fmt: skip
+
+
+def _tool_error(report: CheckReport, line: int, code: str, message: str) -> None:
+    report.errors.append({"line": line, "code": code, "message": message})
+
+
+def _call_problems(call: ToolCall, tools: dict[str, dict[str, Any]], where: str) -> list[tuple[str, str]]:
+    """(code, message) for a call that names no tool of its row or whose arguments break the tool's schema."""
+    if call.name not in tools:
+        known = ", ".join(sorted(tools)) or "none"
+        return [
+            (
+                "unknown_tool",
+                f"{where}: calls '{call.name}', which is not in the row's tools ({known}); fix the name or add the "
+                "tool's schema to 'tools'",
+            )
+        ]
+    parameters = tools[call.name].get("parameters") or {}
+    return [
+        (code, f"{where}: {call.name}: {problem}; fix the call or the tool's parameters schema")
+        for code, problem in argument_problems(call.arguments, parameters)
+    ]
+
+
+def _unanswered(messages: tuple[Message, ...], index: int) -> tuple[list[ToolCall], list[int]]:
+    """The calls of the assistant turn at `index` that no tool turn right after it answers (by tool_call_id, else
+    in order), and the positions of the tool turns that answer none of them."""
+    waiting = list(messages[index].tool_calls)
+    strays = []
+    position = index + 1
+    while position < len(messages) and messages[position].role == "tool":
+        result = messages[position]
+        answered = next((c for c in waiting if result.tool_call_id and c.id == result.tool_call_id), None)
+        if answered is None and not result.tool_call_id and waiting:
+            answered = waiting[0]
+        if answered is None:
+            strays.append(position)
+        else:
+            waiting.remove(answered)
+        position += 1
+    return waiting, strays
+
+
+def check_tool_turns(report: CheckReport, conversation: Conversation) -> dict[str, int]:
+    """Every call against the row's tools, every result against the calls it answers; the row's counts."""
+    tools = {t["function"]["name"]: t["function"] for t in conversation.tools}
+    counts: Counter[str] = Counter()
+    messages = conversation.messages
+    for index, message in enumerate(messages):
+        is_result = message.role == "tool"
+        before = messages[index - 1] if index else None
+        if is_result and (before is None or (before.role != "tool" and not before.tool_calls)):
+            _tool_error(
+                report,
+                conversation.line,
+                "result_without_call",
+                f"messages[{index}]: a tool result that follows no assistant tool call; put it right after the call "
+                "it answers, or remove it",
+            )
+        counts["tool_results"] += is_result
+        if not message.tool_calls:
+            continue
+        counts["tool_turns"] += 1
+        counts["tool_calls"] += len(message.tool_calls)
+        counts["parallel_turns"] += len(message.tool_calls) > 1
+        if tools:
+            for number, call in enumerate(message.tool_calls):
+                for code, problem in _call_problems(call, tools, f"messages[{index}].tool_calls[{number}]"):
+                    _tool_error(report, conversation.line, code, problem)
+        waiting, strays = _unanswered(messages, index)
+        for position in strays:
+            answers = messages[position].tool_call_id
+            _tool_error(
+                report,
+                conversation.line,
+                "result_without_call",
+                f"messages[{position}]: a tool result for call id '{answers}', which no call of messages[{index}] "
+                "has; fix its tool_call_id or remove it",
+            )
+        if index < len(messages) - 1:  # a call that ends the conversation is the answer to learn
+            counts["unanswered_calls"] += len(waiting)
+    return dict(counts)
+
+
+def check_tools(report: CheckReport, conversations: list[Conversation]) -> None:
+    """Tool calls, results and rows without tools: errors for calls that break their row's tools, counts."""
+    counts: Counter[str] = Counter()
+    without_tools: list[int] = []
+    unanswered: list[int] = []
+    for conversation in conversations:
+        found = check_tool_turns(report, conversation)
+        counts.update(found)
+        if found.get("unanswered_calls"):
+            unanswered.append(conversation.line)
+        if conversation.tools:
+            counts["rows_with_tools"] += 1
+            last = next((m for m in reversed(conversation.messages) if m.role == "assistant"), None)
+            counts["no_call_answers"] += bool(last and not last.tool_calls)
+        else:
+            without_tools.append(conversation.line)
+        counts["reasoning_turns"] += sum(m.reasoning is not None for m in conversation.messages)
+    called_blind = [c.line for c in conversations if not c.tools and any(m.tool_calls for m in c.messages)]
+    report.tools = {key: counts[key] for key in TOOL_COUNTS} | {
+        "rows_without_tools": len(without_tools),
+        "calls_without_tools": len(called_blind),
+    }
+    if unanswered:
+        report.warn(
+            "unanswered_calls",
+            f"{counts['unanswered_calls']} tool call(s) in {len(unanswered)} row(s) get no tool result before the "
+            f"conversation goes on (lines {_shown(unanswered)}): the model learns to answer without the result. Add "
+            "a tool turn with each result (tool_call_id: the call's id), or end the conversation at the call.",
+        )
+    if called_blind:
+        report.warn(
+            "calls_without_tools",
+            f"{len(called_blind)} row(s) make tool calls but list no 'tools' (lines {_shown(called_blind)}): their "
+            "calls cannot be checked, and the model learns to call tools it was never shown. Add each row's tools.",
+        )
+
+
+def shown_masks(path: str | Path, fmt: str, tokenizer: Any, count: int, options: CheckOptions) -> list[dict[str, Any]]:
+    """The first `count` examples as the tokenizer's template renders them: {"line", "pieces": [[text, learned]]}."""
+    examples = []
+    learned = [c for c in parse_file(path, fmt).conversations if c.text is not None or c.reference is not None]
+    for conversation in learned[:count]:
+        tokenized = tokenize_conversation(tokenizer, conversation, options.train_on, options.reasoning)
+        pieces = [[text, learned] for text, learned in learned_runs(tokenizer, tokenized)]
+        examples.append({"line": conversation.line, "pieces": pieces})
+    return examples
 
 
 def check_pairs(report: CheckReport, conversations: list[Conversation], options: CheckOptions) -> None:
@@ -553,7 +693,10 @@ def check_parsed(
     else:
         # Several answers to one prompt is what pairs and KTO rows are made of; for SFT it is a conflict.
         check_conflicts(report, conversations)
+    if any(c.uses_tools for c in conversations):
+        check_tools(report, conversations)
     if tokenizer is not None:
+        use_chat_template(tokenizer, tokenizer.chat_template, any(c.uses_tools for c in conversations))
         check_token_lengths(report, conversations, tokenizer, options)
     if options.reference_rewards is not None:
         check_references(report, conversations, options.reference_rewards)

@@ -1,7 +1,8 @@
 """Read data files in any supported layout and normalise every record to a `Conversation`.
 
-Files: JSONL, JSON (a list of records), CSV, Parquet. Record formats: chat `messages` (OpenAI roles),
-ShareGPT `conversations` (from/value), Alpaca (instruction/input/output), prompt/completion, plain
+Files: JSONL, JSON (a list of records), CSV, Parquet. Record formats: chat `messages` (OpenAI roles, with
+tool calls, tool results, reasoning and a per-row `tools` list), ShareGPT `conversations` (from/value, with
+LLaMA-Factory's function_call/observation turns), Alpaca (instruction/input/output), prompt/completion, plain
 text, and for preference tuning: pairs of a chosen and a rejected answer, and KTO's single answers
 labelled desirable or not. A file holds one format, detected from its first record. Every bad record
 is reported with its line (or row) number; reading never stops at the first.
@@ -18,15 +19,19 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.tools import ToolCall, written_turn
 from tunesmith.errors import TunesmithError
 
 ROLES = ("system", "user", "assistant")
+CHAT_ROLES = (*ROLES, "tool", "function")  # "function": the results of OpenAI's older function calling
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_TOOL_ROLES = {"function_call": "assistant", "observation": "tool", "tool": "tool"}
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto")
 MAX_REPORTED = 50
 CSV_FIELD_LIMIT = 2**31 - 1
@@ -39,8 +44,33 @@ UNPAIRED_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class Message:
+    """One turn. An assistant turn may carry tool calls and its reasoning; a tool turn (role "tool") holds a
+    result in `content`, the id of the call it answers and optionally the tool's name."""
+
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @property
+    def written(self) -> str:
+        """The turn as text: its content and, for an assistant turn, its calls (see tools.written_turn)."""
+        return written_turn(self.content, self.tool_calls)
+
+    def to_record(self) -> dict[str, Any]:
+        """The OpenAI message, arguments kept as objects; what chat templates are given and splits are written as."""
+        record: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning is not None:
+            record["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            record["tool_calls"] = [call.to_record() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            record["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            record["name"] = self.name
+        return record
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,9 @@ class Conversation:
     line: int = 0
     rejected: str | None = None
     label: bool | None = None
+    # The functions this conversation's model may call, as OpenAI function tools ({"type": "function",
+    # "function": {name, description, parameters}}); rendered in the prompt by the chat template.
+    tools: tuple[dict[str, Any], ...] = field(default=(), hash=False)
 
     @property
     def kind(self) -> str:
@@ -69,7 +102,8 @@ class Conversation:
         if self.text is not None:
             return {"text": self.text}
         if self.kind == "sft":
-            return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+            tools = {"tools": list(self.tools)} if self.tools else {}
+            return {"messages": [m.to_record() for m in self.messages]} | tools
         prompt = [{"role": m.role, "content": m.content} for m in self.prompt_messages]
         if self.kind == "pair":
             return {"prompt": prompt, "chosen": self.reference, "rejected": self.rejected}
@@ -90,9 +124,14 @@ class Conversation:
 
     @property
     def reference(self) -> str | None:
-        """The last assistant answer: the expected output when evaluating."""
-        answers = [m.content for m in self.messages if m.role == "assistant"]
+        """The last assistant answer, its tool calls written after its text: the expected output when evaluating."""
+        answers = [m.written for m in self.messages if m.role == "assistant"]
         return answers[-1] if answers else None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the conversation has tools, tool calls or tool results (and so needs a template for them)."""
+        return bool(self.tools) or any(m.tool_calls or m.role == "tool" for m in self.messages)
 
 
 def position_word(path: str | Path) -> str:
@@ -372,21 +411,167 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
-def _turns(items: Any, field_name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
+def _turn_objects(
+    items: Any, field_name: str, role_key: str, content_key: str, roles: Iterable[str]
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(where, role, turn) for each turn of a list of turns, its role one of `roles`; ValueError says what is wrong."""
     if not isinstance(items, list) or not items:
         got = "an empty array" if items == [] else _kind(items)
         raise ValueError(f"'{field_name}' must be a non-empty list of turns, got {got}")
-    messages = []
+    shown = ", ".join(sorted(roles))
     for index, turn in enumerate(items):
         where = f"{field_name}[{index}]"
         if not isinstance(turn, dict):
             raise ValueError(f"{where} must be an object with '{role_key}' and '{content_key}', got {_kind(turn)}")
         role = turn.get(role_key)
         if not isinstance(role, str):
-            raise ValueError(f"{where}: '{role_key}' must be one of {', '.join(sorted(roles))}, got {_kind(role)}")
+            raise ValueError(f"{where}: '{role_key}' must be one of {shown}, got {_kind(role)}")
         if role not in roles:
-            raise ValueError(f"{where}: unknown role {role[:40]!r}; use one of {', '.join(sorted(roles))}")
-        messages.append(Message(roles[role], _string(turn.get(content_key), f"{where}: '{content_key}'")))
+            raise ValueError(f"{where}: unknown role {role[:40]!r}; use one of {shown}")
+        yield where, role, turn
+
+
+def _turns(items: Any, field_name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[Message]:
+    return [
+        Message(roles[role], _string(turn.get(content_key), f"{where}: '{content_key}'"))
+        for where, role, turn in _turn_objects(items, field_name, role_key, content_key, roles)
+    ]
+
+
+def _tools(record: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """A row's `tools` as OpenAI function tools; LLaMA-Factory's JSON string of the list and bare
+    {name, description, parameters} schemas are read too."""
+    value = record.get("tools")
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except JSON_ERRORS as exc:
+            raise ValueError(f"'tools' is a string but not a JSON list of tools ({_json_error(exc)})") from None
+    if not isinstance(value, list):
+        raise ValueError(f"'tools' must be a list of function schemas, got {_kind(value)}")
+    return tuple(_tool(item, f"tools[{index}]") for index, item in enumerate(value))
+
+
+def _tool(item: Any, where: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} must be an object {{type, function: {{name, parameters}}}}, got {_kind(item)}")
+    if item.get("type", "function") != "function":
+        raise ValueError(f"{where}: tool type {str(item['type'])[:40]!r} is not supported; give function tools")
+    flat = {key: value for key, value in item.items() if key != "type"}  # {name, description, parameters}
+    function = item["function"] if isinstance(item.get("function"), dict) else flat
+    if not isinstance(function.get("name"), str) or not function["name"].strip():
+        raise ValueError(f"{where}: a tool needs a 'name' (a non-empty string)")
+    if not isinstance(function.get("parameters", {}), dict):
+        raise ValueError(f"{where}: 'parameters' of tool '{function['name']}' must be a JSON schema object")
+    _string(json.dumps(function, ensure_ascii=False), where)  # no unpaired surrogate anywhere in the schema
+    return {"type": "function", "function": function}
+
+
+def _arguments(value: Any, where: str) -> dict[str, Any]:
+    """A call's arguments as an object: a JSON string is decoded once; one that holds JSON again is refused."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except JSON_ERRORS as exc:
+            raise ValueError(
+                f"{where}: 'arguments' is not JSON ({_json_error(exc)}); write them as a JSON object, "
+                'e.g. {"city": "Paris"}'
+            ) from None
+        if isinstance(value, str):
+            raise ValueError(f"{where}: 'arguments' is JSON encoded twice (a string of a string); encode it once")
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: 'arguments' must be a JSON object of named arguments, got {_kind(value)}")
+    _string(json.dumps(value, ensure_ascii=False), f"{where}: 'arguments'")  # no unpaired surrogate in a value
+    return value
+
+
+def _tool_call(item: Any, where: str) -> ToolCall:
+    """An OpenAI call {id, type, function: {name, arguments}}, or the flat {name, arguments} of LLaMA-Factory,
+    Hermes and Glaive data ({name, parameters} of Llama's)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} must be an object {{id, type, function: {{name, arguments}}}}, got {_kind(item)}")
+    if item.get("type", "function") != "function":
+        raise ValueError(f"{where}: call type {str(item['type'])[:40]!r} is not supported; give function calls")
+    function = item["function"] if isinstance(item.get("function"), dict) else item
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}: the call needs the function's 'name' (a non-empty string)")
+    arguments = function["arguments"] if "arguments" in function else function.get("parameters")
+    call_id = item.get("id")
+    if call_id is not None and not isinstance(call_id, str | int):
+        raise ValueError(f"{where}: 'id' must be a string, got {_kind(call_id)}")
+    return ToolCall(_string(name, f"{where}: 'name'"), _arguments(arguments, where), str(call_id or ""))
+
+
+def _tool_calls(turn: dict[str, Any], where: str) -> tuple[ToolCall, ...]:
+    """An assistant turn's `tool_calls` (or the single `function_call` of OpenAI's older function calling)."""
+    calls = turn.get("tool_calls")
+    if calls is None and turn.get("function_call") is not None:
+        return (_tool_call(turn["function_call"], f"{where}.function_call"),)
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}: 'tool_calls' must be a list of calls, got {_kind(calls)}")
+    return tuple(_tool_call(call, f"{where}.tool_calls[{index}]") for index, call in enumerate(calls))
+
+
+def _tool_result(value: Any, where: str) -> str:
+    # A result given as a JSON object is what the tool returned: the model reads it as its JSON text.
+    return _string(json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else value, where)
+
+
+def _optional_string(turn: dict[str, Any], key: str, where: str) -> str | None:
+    value = turn.get(key)
+    return None if value is None else _string(str(value) if isinstance(value, int) else value, f"{where}: '{key}'")
+
+
+def _chat_message(where: str, role: str, turn: dict[str, Any]) -> Message:
+    """One OpenAI message: tool calls and reasoning on assistant turns, results on tool turns."""
+    reasoning_field = next((key for key in REASONING_FIELDS if turn.get(key) is not None), None)
+    if role != "assistant" and (reasoning_field or turn.get("tool_calls") or turn.get("function_call")):
+        what = f"'{reasoning_field}'" if reasoning_field else "tool calls"
+        raise ValueError(f"{where}: a {role} turn holds {what}; only assistant turns do")
+    if role in ("tool", "function"):
+        content = _tool_result(turn.get("content"), f"{where}: 'content'")
+        call_id, name = _optional_string(turn, "tool_call_id", where), _optional_string(turn, "name", where)
+        return Message("tool", content, tool_call_id=call_id, name=name)
+    calls = _tool_calls(turn, where) if role == "assistant" else ()
+    content = "" if turn.get("content") is None and calls else _string(turn.get("content"), f"{where}: 'content'")
+    reasoning = _string(turn[reasoning_field], f"{where}: '{reasoning_field}'") if reasoning_field else None
+    return Message(role, content, calls, reasoning)
+
+
+def _chat(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
+    turns = _turn_objects(record.get("messages"), "messages", "role", "content", CHAT_ROLES)
+    return [_chat_message(where, role, turn) for where, role, turn in turns]
+
+
+def _sharegpt_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
+    """A function_call turn's value: one call {name, arguments} or a list of them, as an object or its JSON."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except JSON_ERRORS as exc:
+            raise ValueError(f"{where}: a function_call must be JSON {{name, arguments}}: {_json_error(exc)}") from None
+    items = value if isinstance(value, list) else [value]
+    return tuple(_tool_call(item, where if len(items) == 1 else f"{where}[{i}]") for i, item in enumerate(items))
+
+
+def _sharegpt(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
+    messages = []
+    roles = SHAREGPT_ROLES | SHAREGPT_TOOL_ROLES
+    for where, role, turn in _turn_objects(record.get("conversations"), "conversations", "from", "value", roles):
+        value = turn.get("value")
+        if role == "function_call":
+            messages.append(Message("assistant", "", _sharegpt_calls(value, f"{where}: 'value'")))
+        elif roles[role] == "tool":
+            messages.append(Message("tool", _tool_result(value, f"{where}: 'value'")))
+        else:
+            messages.append(Message(roles[role], _string(value, f"{where}: 'value'")))
     return messages
 
 
@@ -496,10 +681,11 @@ def _prompt_completion(record: dict[str, Any], prompt_only: bool = False) -> lis
     return [Message("user", _text(record, "prompt")), *_answer_turn(record, "completion", prompt_only)]
 
 
+TOOL_FORMATS = ("chat", "sharegpt")  # the formats whose rows may carry a `tools` list
 # The turns of each SFT format but plain text, from one record (and whether a record may lack its answer).
 TURNS: dict[str, Any] = {
-    "chat": lambda r, _: _turns(r.get("messages"), "messages", "role", "content", {role: role for role in ROLES}),
-    "sharegpt": lambda r, _: _turns(r.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES),
+    "chat": _chat,
+    "sharegpt": _sharegpt,
     "alpaca": _alpaca,
     "prompt_completion": _prompt_completion,
 }  # fmt: skip
@@ -538,9 +724,9 @@ def normalise(record: Any, fmt: str, line: int, prompt_only: bool = False) -> Co
         raise ValueError(f"unknown format {fmt!r}")
     messages = TURNS[fmt](record, prompt_only)
     _check_ending(messages, prompt_only)
-    if any(message.role == "assistant" and not message.content.strip() for message in messages):
-        raise ValueError("an assistant answer is empty")
-    return Conversation(messages=tuple(messages), line=line)
+    if any(m.role == "assistant" and not m.content.strip() and not m.tool_calls for m in messages):
+        raise ValueError("an assistant answer is empty (no text and no tool call)")
+    return Conversation(messages=tuple(messages), line=line, tools=_tools(record) if fmt in TOOL_FORMATS else ())
 
 
 @dataclass

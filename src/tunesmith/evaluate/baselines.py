@@ -37,11 +37,12 @@ class Baseline:
 
 
 def few_shot_prompt(question: Conversation, shots: list[Conversation]) -> tuple[Message, ...]:
-    """The question's prompt preceded by solved examples as earlier turns of the same conversation."""
+    """The question's prompt preceded by solved examples as earlier turns of the same conversation, each shot's
+    answer its last assistant turn as it is (tool calls as calls, rendered the way the template renders them)."""
     turns: list[Message] = []
     for shot in shots:
         turns.extend(shot.prompt_messages)
-        turns.append(Message("assistant", str(shot.reference)))
+        turns.append(shot.messages[len(shot.prompt_messages)])
     return (*turns, *question.prompt_messages)
 
 
@@ -100,7 +101,8 @@ def few_shot(
     most = min([most, *(len(shots) for shots in picked)])  # a small pool gives fewer shots than asked
     for k in range(most, 0, -1):
         prompts = [few_shot_prompt(q, s[:k]) for q, s in zip(questions, picked, strict=True)]
-        if max(len(prompt_ids(tokenizer, p)) for p in prompts) + max_new_tokens <= limit:
+        longest = max(len(prompt_ids(tokenizer, p, q.tools)) for p, q in zip(prompts, questions, strict=True))
+        if longest + max_new_tokens <= limit:
             return Baseline("few_shot", k, prompts)
     return Baseline("few_shot", 0, [q.prompt_messages for q in questions])
 

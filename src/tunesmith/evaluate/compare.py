@@ -143,7 +143,7 @@ def split_items(run_dir: Path, split: str, limit: int | None) -> list[Conversati
 @torch.no_grad()
 def item_losses(model: Any, tokenizer: Any, items: list[Conversation], config: Any) -> list[tuple[float, int]]:
     """(summed answer-token loss, answer tokens) per item, teacher-forced, as in training."""
-    examples, _ = tokenize_all(tokenizer, items, config.data.max_length, config.data.train_on)
+    examples, _ = tokenize_all(tokenizer, items, config.data.max_length, config.data.train_on, config.data.reasoning)
     by_line = {e.line: e for e in examples}
     device = next(model.parameters()).device
     results: list[tuple[float, int]] = []
@@ -172,8 +172,15 @@ def mean_answer_loss(model: Any, examples: list[Any], pad_id: int, batch_size: i
 
 
 def _generate(
-    loaded: Any, prompts: list[tuple[Any, ...]], base: bool, console: Console, label: str, stops: list[str]
+    loaded: Any,
+    prompts: list[tuple[Any, ...]],
+    base: bool,
+    console: Console,
+    label: str,
+    stops: list[str],
+    tools: list[tuple[dict[str, Any], ...]],
 ) -> list[str]:
+    """Each prompt's answer, rendered with the tools of its item (`tools`, in the same order)."""
     eval_config = loaded.config.eval
     if eval_config.temperature > 0:
         torch.manual_seed(eval_config.seed)  # sampled answers repeat for the same eval.seed
@@ -190,6 +197,7 @@ def _generate(
                 temperature=eval_config.temperature,
                 top_p=eval_config.top_p,
                 stops=stops,
+                tools=tools,
             )
 
 
@@ -220,7 +228,8 @@ def eval_run(
     label = "base" if base else "tuned"
     references = [str(c.reference) for c in items]
     stops = baselines.turn_stops(loaded.tokenizer)
-    predictions = _generate(loaded, [c.prompt_messages for c in items], False, console, label, stops)
+    tools = [c.tools for c in items]
+    predictions = _generate(loaded, [c.prompt_messages for c in items], False, console, label, stops, tools)
     per_item = m.score(eval_config.metrics, predictions, references, eval_config.schema_path)
     values = {k: round(v, 6) for k, v in m.summary(per_item, eval_config.metrics, predictions, references).items()}
     loss, perplexity = _loss_of(item_losses(loaded.model, loaded.tokenizer, items, loaded.config))
@@ -267,7 +276,7 @@ def compare_run(
     references = [str(c.reference) for c in items]
     pool = _shot_pool(run_dir, eval_config)
     prompting = _prompting(loaded, base, items, pool)
-    outputs, seconds = _answers(loaded, base, prompting, [c.prompt_messages for c in items], console)
+    outputs, seconds = _answers(loaded, base, prompting, items, [c.prompt_messages for c in items], console)
     started = _start_answers(loaded, items, console, outputs, seconds)
     base_losses, tuned_losses = _losses_of_both(loaded, base, items)
     scores = {
@@ -361,11 +370,12 @@ def _answers(
     loaded: Any,
     base: Any,
     prompting: list[baselines.Baseline],
+    items: list[Conversation],
     tuned: list[tuple[Any, ...]] | None,
     console: Console,
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """Every contestant's answers (the tuned model's to `tuned` unless None), each stopped at the template's
-    turn boundary, and its generation seconds."""
+    """Every contestant's answers to `items` (the tuned model's to `tuned` unless None), each stopped at the
+    template's turn boundary and rendered with its item's tools, and its generation seconds."""
     stops = baselines.turn_stops(loaded.tokenizer)
     contestants = [(b.name, base, b.prompts, base is loaded, _label(prompting, b.name)) for b in prompting]
     if tuned is not None:
@@ -373,7 +383,7 @@ def _answers(
     outputs, seconds = {}, {}
     for name, model, prompts, as_base, label in contestants:
         start = time.perf_counter()
-        outputs[name] = _generate(model, prompts, as_base, console, label, stops)
+        outputs[name] = _generate(model, prompts, as_base, console, label, stops, [c.tools for c in items])
         seconds[name] = round(time.perf_counter() - start, 2)
     return outputs, seconds
 
@@ -392,7 +402,8 @@ def _start_answers(
     began = time.perf_counter()
     started = load_run(init_from)
     prompts = [c.prompt_messages for c in items]
-    outputs["start"] = _generate(started, prompts, False, console, "start", baselines.turn_stops(loaded.tokenizer))
+    stops, tools = baselines.turn_stops(loaded.tokenizer), [c.tools for c in items]
+    outputs["start"] = _generate(started, prompts, False, console, "start", stops, tools)
     seconds["start"] = round(time.perf_counter() - began, 2)
     del started
     return baselines.Baseline("start", 0, prompts)
@@ -427,7 +438,7 @@ def _strongest(
     chosen = _prompting(loaded, base, items, pool)
     if len(chosen) == 1:
         return "zero_shot", "the few-shot prompts of the validation split do not fit the context"
-    outputs, _ = _answers(loaded, base, chosen, None, console)
+    outputs, _ = _answers(loaded, base, chosen, items, None, console)
     references = [str(c.reference) for c in items]
     primary = eval_config.metrics[0]
     value = {

@@ -2,8 +2,9 @@
 
 Per-item metrics return one number per example, so base and tuned can be compared item by item
 (bootstrap, McNemar). Corpus metrics (BLEU, corpus chrF, macro-F1) are computed on whole lists and
-compared by resampling items. A custom metric is any `module:function` or `file.py:function` taking
-(prediction, reference) and returning a number.
+compared by resampling items. Tool metrics read the calls out of both texts (data/tools.py) and compare
+them by the Berkeley Function Calling Leaderboard's rules. A custom metric is any `module:function` or
+`file.py:function` taking (prediction, reference) and returning a number.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 
 from tunesmith import trust
 from tunesmith.config import METRIC_NAMES
+from tunesmith.data.tools import ParsedTurn, ToolCall, call_matches, calls_match, parse_any, same_json
 from tunesmith.errors import TunesmithError
 
-BINARY = {"exact_match", "json_valid", "json_schema", "accuracy"}
+TOOL_METRICS = {"tool_call_parse_rate", "tool_name_accuracy", "tool_args_match", "no_call_accuracy", "tool_call_exact"}
+BINARY = {"exact_match", "json_valid", "json_schema", "accuracy"} | TOOL_METRICS
 CORPUS = {"bleu", "chrf_corpus", "macro_f1"}
 
 
@@ -116,6 +119,47 @@ def field_accuracy(predictions: list[str], references: list[str]) -> dict[str, f
     return {key: round(hits[key] / totals[key], 4) for key in sorted(totals)}
 
 
+def _calls_made(parsed: ParsedTurn) -> bool:
+    return bool(parsed.tool_calls or parsed.malformed)
+
+
+def tool_call_parse_rate(prediction: str, reference: str) -> float:
+    """1 when every call the prediction writes decodes into a function name and a JSON object of arguments."""
+    return float(not parse_any(prediction).malformed)
+
+
+def no_call_accuracy(prediction: str, reference: str) -> float:
+    """1 when the prediction calls a tool exactly when the reference does: no call when none is needed."""
+    return float(_calls_made(parse_any(prediction)) == _calls_made(parse_any(reference)))
+
+
+def _calls_agree(prediction: str, reference: str, same: Callable[[ToolCall, ToolCall], bool]) -> float:
+    """1 when the predicted calls pair off with the reference's under `same`, in any order; no calls on either
+    side agree, a botched call block never does."""
+    got, want = parse_any(prediction), parse_any(reference)
+    return float(not got.malformed and calls_match(got.tool_calls, want.tool_calls, same))
+
+
+def tool_name_accuracy(prediction: str, reference: str) -> float:
+    """1 when the prediction calls the reference's functions (as many of each), whatever the arguments."""
+    return _calls_agree(prediction, reference, lambda got, want: got.name == want.name)
+
+
+def tool_args_match(prediction: str, reference: str) -> float:
+    """BFCL's AST match: the same functions, every required argument and no other, values of the right type and
+    equal after normalising strings (case, spaces, punctuation), parallel calls in any order."""
+    return _calls_agree(prediction, reference, call_matches)
+
+
+def _exactly(got: ToolCall, want: ToolCall) -> bool:
+    return got.name == want.name and same_json(got.arguments, want.arguments)
+
+
+def tool_call_exact(prediction: str, reference: str) -> float:
+    """1 when the calls are the reference's exactly (names, argument names, values and types), in any order."""
+    return _calls_agree(prediction, reference, _exactly)
+
+
 def schema_checker(schema_path: str | None) -> Callable[[str, str], float]:
     if not schema_path:
         raise TunesmithError("Metric json_schema needs eval.schema_path: the path of a JSON Schema file.")
@@ -164,6 +208,11 @@ PER_ITEM: dict[str, Callable[[str, str], float]] = {
     "chrf": chrf,
     "json_valid": json_valid,
     "json_fields": json_fields,
+    "tool_call_parse_rate": tool_call_parse_rate,
+    "tool_name_accuracy": tool_name_accuracy,
+    "tool_args_match": tool_args_match,
+    "no_call_accuracy": no_call_accuracy,
+    "tool_call_exact": tool_call_exact,
 }
 
 

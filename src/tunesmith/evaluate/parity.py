@@ -59,15 +59,21 @@ def parity_run(
     loaded = load_run(run_dir)
     eval_config = loaded.config.eval
     items = split_items(run_dir, split, limit or eval_config.limit)
-    prompts = [c.prompt_messages for c in items]
+    prompts, tools = [c.prompt_messages for c in items], [c.tools for c in items]
     references = [str(c.reference) for c in items]
     stops = baselines.turn_stops(loaded.tokenizer)
     start = time.perf_counter()
     torch_answers = generate(
-        loaded.model, loaded.tokenizer, prompts, eval_config.max_new_tokens, eval_config.batch_size, stops=stops
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        eval_config.max_new_tokens,
+        eval_config.batch_size,
+        stops=stops,
+        tools=tools,
     )
     seconds = {"torch": round(time.perf_counter() - start, 2)}
-    asked = Asked(loaded.tokenizer, prompts, eval_config.max_new_tokens, stops=stops)
+    asked = Asked(loaded.tokenizer, prompts, eval_config.max_new_tokens, stops=stops, tools=tools)
     longest = max(len(r.prompt_ids) for r in asked.requests) + eval_config.max_new_tokens
     model = GgufModel(path, context=longest + 8)
     start = time.perf_counter()

@@ -41,6 +41,7 @@ def validator(config: RunConfig, tokenizer: Any, val: list[Conversation], exampl
                 [c.prompt_messages for c in sample],
                 config.eval.max_new_tokens,
                 config.eval.batch_size,
+                tools=[c.tools for c in sample],
             )
             references = [str(c.reference) for c in sample]
             per_item = score(validation.metrics, outputs, references, config.eval.schema_path)

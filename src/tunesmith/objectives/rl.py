@@ -64,7 +64,7 @@ def tokenize_prompts(
     room = max_length - rl.max_completion_tokens
     prompts, dropped = [], 0
     for conversation in conversations:
-        ids = prompt_ids(tokenizer, conversation.prompt_messages)
+        ids = prompt_ids(tokenizer, conversation.prompt_messages, conversation.tools)
         if len(ids) > room:
             dropped += 1
             continue
@@ -186,7 +186,9 @@ def generate_groups(
     """group_size completions of each prompt through the engine, cut at the template's turn stops as eval answers
     are (evaluate/generate.py: Asked); per prompt its requests (tokens, log-probs, finish reason) and texts."""
     messages = [p.conversation.prompt_messages for p in prompts for _ in range(group_size)]
-    asked = Asked(tokenizer, messages, rl.max_completion_tokens, temperature, rl.top_p, turn_stops(tokenizer), seed)
+    tools = [p.conversation.tools for p in prompts for _ in range(group_size)]
+    stops = turn_stops(tokenizer)
+    asked = Asked(tokenizer, messages, rl.max_completion_tokens, temperature, rl.top_p, stops, seed, tools)
     for request in asked.requests:
         request.logprobs = logprobs
     length = max(len(r.prompt_ids) for r in asked.requests) + rl.max_completion_tokens

@@ -213,13 +213,14 @@ def plan_run(config: RunConfig, options: PlanOptions) -> Plan:
 def _tokenized(config: RunConfig, source: str) -> list[Any]:
     """The run's training data tokenized as training would, for its real lengths and answer share."""
     from tunesmith.data.formats import read_conversations
-    from tunesmith.data.tokenize import tokenize_all
+    from tunesmith.data.tokenize import tokenize_all, use_chat_template
     from tunesmith.models import load_chat_tokenizer
     from tunesmith.objectives import objective_of
 
     tokenizer = load_chat_tokenizer(source, config.chat_template)
     grpo = config.objective == "grpo"
     conversations = read_conversations(config.data.path, config.data.format, prompt_only=grpo)[0]
+    use_chat_template(tokenizer, tokenizer.chat_template, any(c.uses_tools for c in conversations))
     if grpo:  # each prompt with a full-length completion: the longest sequence the update and the engine hold
         from tunesmith.objectives import rl
 
@@ -231,7 +232,8 @@ def _tokenized(config: RunConfig, source: str) -> list[Any]:
 
         pairs, _ = tokenize_preferences(tokenizer, conversations, config.data.max_length, holds, config.train.seed)
         return sequences(pairs)
-    examples, _ = tokenize_all(tokenizer, conversations, config.data.max_length, config.data.train_on)
+    data = config.data
+    examples, _ = tokenize_all(tokenizer, conversations, data.max_length, data.train_on, data.reasoning)
     return examples
 
 
