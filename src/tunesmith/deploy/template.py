@@ -132,7 +132,9 @@ def check_equal(tokenizer: Any, render_other: Any, what: str, strip_bos: bool = 
     bos = getattr(tokenizer, "bos_token", None) or ""
     for conversation in SAMPLE_CONVERSATIONS:
         generation = conversation[-1]["role"] != "assistant"
-        expected = render(tokenizer, tuple(Message(**m) for m in conversation), generation_prompt=generation)
+        expected = render(
+            tokenizer, tuple(Message(m["role"], m["content"]) for m in conversation), generation_prompt=generation
+        )
         if strip_bos and bos and expected.startswith(bos):
             expected = expected[len(bos) :]
         got = render_other(conversation, generation)
