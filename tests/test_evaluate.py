@@ -221,7 +221,9 @@ def test_wins_come_from_a_per_item_metric_when_a_corpus_metric_comes_first(tmp_p
     loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None)
     monkeypatch.setattr(compare, "load_run", lambda run_dir, base=False: loaded)
     monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
-    monkeypatch.setattr(compare, "_generate", lambda model, items, base, console, label, stops: outputs[label])
+    monkeypatch.setattr(
+        compare, "_generate", lambda model, items, base, console, label, stops, tools=None: outputs[label]
+    )
     losses = [(2.0, 4)] * 12, [(1.0, 4)] * 12
     monkeypatch.setattr(compare, "_losses_of_both", lambda loaded, base, items: losses)
     summary = compare.compare_run(tmp_path)
@@ -253,7 +255,7 @@ def _compare_on(tmp_path, monkeypatch, outputs, shots=0):
     monkeypatch.setattr(compare, "load_run", lambda run_dir, base=False: loaded)
     monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
     monkeypatch.setattr(
-        compare, "_generate", lambda model, items, base, console, label, stops: outputs(references)[label]
+        compare, "_generate", lambda model, items, base, console, label, stops, tools=None: outputs(references)[label]
     )
     monkeypatch.setattr(compare, "_losses_of_both", lambda loaded, base, items: ([(2.0, 4)] * 12, [(2.0, 4)] * 12))
     if shots:
