@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.formats import ROLES, Conversation, Message, read_conversations, write_jsonl
+from tunesmith.data.formats import ROLES, Conversation, Message, chat_messages, read_conversations, write_jsonl
 from tunesmith.data.tokenize import prompt_ids
+from tunesmith.data.tools import parse_any
 from tunesmith.deploy.requestlog import CLIENT_GONE, read_feedback, read_requests
 from tunesmith.errors import TunesmithError
 from tunesmith.files import check_file_target, write_file_atomic
@@ -59,8 +60,9 @@ def js_divergence(p: Counter, q: Counter) -> float:
     return float(distance**2)
 
 
-def _prompt_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+def _prompt_text(messages: list[dict[str, Any]]) -> str:
+    """What the users and the tools said (an assistant turn that only calls has no content)."""
+    return "\n".join(m.get("content") or "" for m in messages if m.get("role") != "assistant")
 
 
 def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -254,12 +256,22 @@ def export_feedback(
             answer = item["output"]
         else:
             continue
-        messages = tuple(Message(m["role"], m["content"]) for m in json.loads(item["messages"]))
-        conversations.append(Conversation(messages=(*messages, Message("assistant", answer))))
+        messages = tuple(chat_messages(json.loads(item["messages"])))
+        tools = tuple(json.loads(item["tools"])) if item.get("tools") else ()
+        conversations.append(Conversation(messages=(*messages, _answer_turn(answer)), tools=tools))
     if not conversations:
         raise TunesmithError("No feedback with a correction (or a rating at or above --min-rating) to export yet.")
     write_file_atomic(target, lambda tmp: write_jsonl(tmp, conversations), overwrite, "a feedback export")
     return len(conversations)
+
+
+def _answer_turn(text: str) -> Message:
+    """A logged answer or a correction as an assistant turn: calls written in it (as the server logs an answer's
+    output, call markup and all) become its tool calls, so a corrected call is learned as a call."""
+    parsed = parse_any(text)
+    if parsed.tool_calls and not parsed.malformed:
+        return Message("assistant", parsed.content, parsed.tool_calls, parsed.reasoning)
+    return Message("assistant", text)
 
 
 def _latest_feedback(run_dir: str | Path, db: str | Path | None) -> list[dict[str, Any]]:
