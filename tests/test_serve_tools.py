@@ -8,19 +8,20 @@ reading of the answer, not what a random model writes."""
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 
 import pytest
 
-from tests.serve_helpers import KEY, client, openai_error, running
-from tests.test_tools import BOOK, CANCEL
+from tests.conftest import build_tokenizer
+from tests.serve_helpers import KEY, client, openai_error, run_with_template, running
+from tests.test_tools import BOOK, CANCEL, MISTRAL_CALLS, NATIVE
+from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from tunesmith.data.tools import with_tools_block
 from tunesmith.deploy.engine import Engine, Result
 from tunesmith.deploy.monitor import export_feedback, monitor_report
 from tunesmith.deploy.requestlog import RequestLog
 from tunesmith.deploy.serve import create_app
-from tunesmith.rundir import RunDir
+from tunesmith.deploy.toolcalls import AnswerSplitter, call_opening
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -36,10 +37,7 @@ def tool_server(runs, tmp_path_factory):
     """The colour run as a run trained on tool data saves it (its template with the tools block), served alone with
     room for the tools block in this tiny tokenizer:
     (url, request log path, engine)."""
-    run = tmp_path_factory.mktemp("tooled") / "clinic"
-    shutil.copytree(runs[0], run)
-    template = RunDir(run).chat_template
-    template.write_text(with_tools_block(template.read_text()))
+    run = run_with_template(runs[0], tmp_path_factory.mktemp("tooled"), "clinic", with_tools_block)
     engine = Engine([run], queue_size=16, context_limit=2048, max_prompt_tokens=1900)  # the tools block is long
     log = RequestLog(tmp_path_factory.mktemp("log") / "requests.sqlite")
     app = create_app(engine, log, api_key=KEY, max_tokens_limit=64, default_max_tokens=8)
@@ -241,3 +239,28 @@ def test_the_request_log_keeps_the_tools_the_calls_and_the_results_and_feedback_
         "name": "book", "arguments": {"patient": "P-17", "day": "monday"}
     }  # fmt: skip
     assert monitor_report(run, db)["traffic"]["requests"] >= 1  # drift and feedback read tool turns too
+
+
+def test_the_forced_call_opening_is_read_off_each_template_form():
+    hermes = build_tokenizer(with_tools_block(DEFAULT_CHAT_TEMPLATE))
+    assert call_opening(hermes, None) == '<tool_call>\n{"name": '
+    assert call_opening(hermes, "book") == '<tool_call>\n{"name": "book", "arguments": '
+    mistral = build_tokenizer(NATIVE.replace("CALL_", MISTRAL_CALLS))
+    assert call_opening(mistral, None) == '[TOOL_CALLS][{"name": '
+    assert call_opening(mistral, "book") == '[TOOL_CALLS][{"name": "book", "arguments": '
+
+
+@pytest.mark.parametrize(
+    ("parser", "text"),
+    [
+        ("hermes", 'Sure.\n<tool_call>\n{"name": "cancel", "arguments": {"id": "A-3"}}\n</tool_call>'),
+        ("mistral", 'Sure.[TOOL_CALLS][{"name": "cancel", "arguments": {"id": "A-3"}}]'),
+        ("json", '{"name": "cancel", "parameters": {"id": "A-3"}}'),
+    ],
+)
+def test_streamed_text_stops_before_the_call_markup_of_each_form(parser, text):
+    splitter = AnswerSplitter(parser)
+    sent = "".join(splitter.feed(text[i : i + 2]) for i in range(0, len(text), 2))
+    answered, rest = splitter.finish()
+    assert sent + rest == answered.content == ("" if parser == "json" else "Sure.")
+    assert [(c.name, c.arguments) for c in answered.calls] == [("cancel", {"id": "A-3"})]
