@@ -50,14 +50,17 @@ def tool_server(runs, tmp_path_factory):
 
 @pytest.fixture
 def scripted(tool_server, monkeypatch):
-    """Make the engine answer every job with the text given (in pieces of 3 characters, as a stream would); the
-    jobs submitted are collected."""
+    """Make the engine answer jobs with the texts given (in pieces of 3 characters, as a stream would); the jobs
+    submitted are collected."""
     engine = tool_server[2]
     jobs = []
 
-    def script(text: str) -> list:
+    def script(*texts: str) -> list:
+        """Answer the jobs with `texts` in turn, the last one ever after."""
+
         def submit(job) -> None:
             jobs.append(job)
+            text = texts[min(len(jobs), len(texts)) - 1]
             if job.stream:
                 for start in range(0, len(text), 3):
                     job.emit("delta", text[start : start + 3])
@@ -130,7 +133,7 @@ def test_the_prompt_shows_the_tools_and_renders_calls_and_results_of_the_history
     jobs = scripted("Booked for Monday 9:00.")
     history = [
         *ASK,
-        {"role": "assistant", "content": None, "tool_calls": [
+        {"role": "assistant", "content": None, "reasoning_content": "P-17 is known.", "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "book", "arguments": '{"patient": "P-17"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "booked at 9:00"},
     ]  # fmt: skip
@@ -139,6 +142,7 @@ def test_the_prompt_shows_the_tools_and_renders_calls_and_results_of_the_history
     assert "<tools>" in prompt and '"name": "book"' in prompt
     assert '<tool_call>\n{"name": "book", "arguments": {"patient": "P-17"}}\n</tool_call>' in prompt
     assert "<tool_response>\nbooked at 9:00\n</tool_response>" in prompt
+    assert "<think>\nP-17 is known.\n</think>" in prompt  # earlier reasoning, rendered as training rendered it
     client(url).chat.completions.create(model="clinic", messages=ASK, tools=TOOLS, tool_choice="none")
     assert "<tools>" not in engine.models["clinic"].tokenizer.decode(jobs[-1].prompt_ids)
 
@@ -264,3 +268,22 @@ def test_streamed_text_stops_before_the_call_markup_of_each_form(parser, text):
     answered, rest = splitter.finish()
     assert sent + rest == answered.content == ("" if parser == "json" else "Sure.")
     assert [(c.name, c.arguments) for c in answered.calls] == [("cancel", {"id": "A-3"})]
+
+
+def test_a_two_step_tool_loop_completes_with_the_openai_client(tool_server, scripted):
+    """The loop of docs/deploy.md: call, result, answer."""
+    url, _, _ = tool_server
+    jobs = scripted(CALL_TEXT, "Booked for Monday 9:00.")
+    api, messages = client(url), list(ASK)
+    reply = api.chat.completions.create(model="clinic", messages=messages, tools=TOOLS)
+    message = reply.choices[0].message
+    while reply.choices[0].finish_reason == "tool_calls":
+        messages.append(message.model_dump(exclude_none=True))
+        for call in message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": f"booked {arguments['patient']}"})
+        reply = api.chat.completions.create(model="clinic", messages=messages, tools=TOOLS)
+        message = reply.choices[0].message
+    assert message.content == "Booked for Monday 9:00." and len(jobs) == 2
+    prompt = tool_server[2].models["clinic"].tokenizer.decode(jobs[1].prompt_ids)
+    assert "<tool_response>\nbooked P-17\n</tool_response>" in prompt

@@ -7,7 +7,8 @@ needs "Authorization: Bearer KEY" and gets 401 otherwise. Like the UI, it answer
 was started for (421 otherwise) and refuses a web page's Origin unless named (403): a page elsewhere, or
 one that rebound its name to 127.0.0.1, can neither chat nor post feedback. Errors use OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}, with a message that says what to change.
-Chat prompts are rendered with the run's own chat template, exactly as in training.
+Chat prompts are rendered with the run's own chat template, exactly as in training, tools block included; an
+answer's calls are read by that template's parser and never passed off when a required call was not made.
 Whatever one client sends, the server keeps answering the others: a bad request gets a 4xx naming
 the field, a failure in one request's generation fails that request only, and waiting is bounded.
 """
@@ -84,6 +85,7 @@ class ChatMessage(BaseModel):
     tool_calls: list[Any] | None = Field(default=None, description="An assistant message's calls, OpenAI's shape.")
     tool_call_id: Text | None = Field(default=None, description="A tool message: the id of the call it answers.")
     name: Text | None = None
+    reasoning_content: Text | None = Field(default=None, description="An assistant message's reasoning.")
 
 
 def _nothing(*harmless: Any) -> Callable[[Any], bool]:
@@ -91,9 +93,10 @@ def _nothing(*harmless: Any) -> Callable[[Any], bool]:
     return lambda value: any(value is h if isinstance(h, bool) or h is None else value == h for h in harmless)
 
 
-# OpenAI fields this server does not implement: the values that ask for nothing are accepted (clients send some
-# by default); any other is refused with a 400 naming the field, never dropped, so a client asking for JSON mode
-# or tools learns it gets neither. Each with what to send instead.
+# OpenAI fields this server does not implement (tools and tool_choice: on /v1/completions; chat declares them):
+# the values that ask for nothing are accepted (clients send some by default); any other is refused with a 400
+# naming the field, never dropped, so a client asking for JSON mode learns it does not get it. Each with what to
+# send instead.
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logprobs": (_nothing(None, False), "false"),
     "top_logprobs": (_nothing(None, 0), "0"),
