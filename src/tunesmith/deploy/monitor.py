@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,8 @@ def _format_checks(config: Any) -> dict[str, Any]:
     return checks
 
 
-def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
+def _training_prompts(run_dir: Path) -> list[Conversation]:
+    """Each training conversation up to its last answer, with its tools (its prompt is rendered with them)."""
     path = RunDir(run_dir).split("train")
     if not path.is_file():
         raise TunesmithError(
@@ -90,7 +91,7 @@ def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
     prompts = []
     for conversation in conversations:
         last = max((i for i, m in enumerate(conversation.messages) if m.role == "assistant"), default=None)
-        prompts.append(conversation.messages[:last] if last else conversation.messages)
+        prompts.append(replace(conversation, messages=conversation.messages[:last] if last else conversation.messages))
     return prompts
 
 
@@ -140,14 +141,14 @@ def _traffic(rows: list[dict[str, Any]], ok: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-def _drift(train_prompts: list[tuple[Message, ...]], tokenizer: Any, chat: list[dict[str, Any]]) -> dict[str, Any]:
+def _drift(train_prompts: list[Conversation], tokenizer: Any, chat: list[dict[str, Any]]) -> dict[str, Any]:
     """Prompt length and vocabulary of answered chat requests against the training prompts."""
     from scipy.stats import ks_2samp
 
-    train_lengths = [len(prompt_ids(tokenizer, p)) for p in train_prompts]
+    train_lengths = [len(prompt_ids(tokenizer, p.messages, p.tools)) for p in train_prompts]
     live_lengths = [r["prompt_tokens"] for r in chat if r["prompt_tokens"] is not None]
     train_words = Counter(
-        w.lower() for p in train_prompts for m in p if m.role != "assistant" for w in WORD.findall(m.content)
+        w.lower() for p in train_prompts for m in p.messages if m.role != "assistant" for w in WORD.findall(m.content)
     )
     live_words = Counter(w.lower() for r in chat for w in WORD.findall(_prompt_text(_messages(r))))
     drift: dict[str, Any] = {"requests_compared": len(chat), "training_prompts": len(train_prompts)}
