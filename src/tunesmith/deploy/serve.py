@@ -938,9 +938,10 @@ def chat_message(generation: Generation, result: Result) -> tuple[dict[str, Any]
     problem = enforcement_error(answered, generation.calls.asked)
     if problem is not None:
         raise ApiError(500, problem, "tool_choice", "server_error")
-    calls = wire_calls(answered.calls)
-    message: dict[str, Any] = {"role": "assistant", "content": answered.content or None}
-    return (message | {"tool_calls": calls}, calls) if calls else ({**message, "content": answered.content}, [])
+    if not answered.calls:
+        return {"role": "assistant", "content": answered.content}, []
+    calls = wire_calls(answered.calls)  # OpenAI's content is null beside calls when there is no text
+    return {"role": "assistant", "content": answered.content or None, "tool_calls": calls}, calls
 
 
 async def whole_answer(request: Request, generation: Generation) -> Any:
