@@ -287,3 +287,19 @@ def test_a_two_step_tool_loop_completes_with_the_openai_client(tool_server, scri
     assert message.content == "Booked for Monday 9:00." and len(jobs) == 2
     prompt = tool_server[2].models["clinic"].tokenizer.decode(jobs[1].prompt_ids)
     assert "<tool_response>\nbooked P-17\n</tool_response>" in prompt
+
+
+def test_a_request_log_from_before_tool_calls_gets_their_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as con:  # the requests table as it was before tools and tool_calls
+        con.execute(
+            "CREATE TABLE requests (id TEXT PRIMARY KEY, created REAL NOT NULL, endpoint TEXT NOT NULL, model TEXT, "
+            "status INTEGER NOT NULL, latency_ms REAL, first_token_ms REAL, prompt_tokens INTEGER, "
+            "completion_tokens INTEGER, messages TEXT, output TEXT, finish_reason TEXT, error TEXT)"
+        )
+    log = RequestLog(path)
+    log.record(id="chatcmpl-1", endpoint="chat", status=200, tools=TOOLS, tool_calls=[{"id": "c1"}])
+    log.close()
+    with sqlite3.connect(path) as con:
+        tools, calls = con.execute("SELECT tools, tool_calls FROM requests").fetchone()
+    assert json.loads(tools) == TOOLS and json.loads(calls) == [{"id": "c1"}]
