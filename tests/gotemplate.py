@@ -1,13 +1,14 @@
 """A reader of the subset of Go's text/template that Ollama Modelfiles use, to test exported templates.
 
-Supports: literal text, {{ $v := x }}, {{ $v = x }}, {{ range $i, $m := .Messages }}, {{ if C }},
-{{ else if C }}, {{ else }}, {{ end }}, {{ "literal" }}, {{ $m.Field }}, with conditions `eq A B`,
-`ne A B`, `not X` and a bare value. It raises on anything else, so an exported template that leaves
+Supports: literal text, {{ $v := x }}, {{ $v = x }}, {{ range $i, $m := .Messages }} (or over $m.Field or
+$.Field), {{ if C }}, {{ else if C }}, {{ else }}, {{ end }}, {{ "literal" }}, {{ $m.Field }}, with conditions
+`eq A B`, `ne A B`, `not X` and a bare value. It raises on anything else, so an exported template that leaves
 this subset fails the test instead of being rendered wrongly.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -34,7 +35,7 @@ def _parse(tokens: list[tuple[str, str]], pos: int, stop: tuple[str, ...]) -> tu
         if kind == "text":
             nodes.append(("text", value))
         elif value.startswith("range "):
-            match = re.fullmatch(r"range \$(\w+), \$(\w+) := \.(\w+)", value)
+            match = re.fullmatch(r"range \$(\w+), \$(\w+) := (\.\w+|\$[\w.]*)", value)
             if not match:
                 raise ValueError(f"unsupported range: {value}")
             body, pos = _parse(tokens, pos, ("end",))
@@ -93,8 +94,9 @@ def _run(nodes: list, scope: dict, out: list[str]) -> None:
         if node[0] == "text":
             out.append(node[1])
         elif node[0] == "range":
-            (index, item, field), body = node[1], node[2]
-            for i, element in enumerate(scope[""][field]):
+            (index, item, expr), body = node[1], node[2]
+            items = scope[""][expr[1:]] if expr.startswith(".") else _value(expr, scope)
+            for i, element in enumerate(items or []):
                 scope[index], scope[item] = i, element
                 _run(body, scope, out)
         elif node[0] == "if":
@@ -111,9 +113,27 @@ def _run(nodes: list, scope: dict, out: list[str]) -> None:
                 out.append(str(_value(action, scope)))
 
 
-def render(template: str, messages: list[dict]) -> str:
-    """Render like Ollama does for a chat request: `.Messages` with Role and Content."""
+class GoJSON(dict):
+    """A value Ollama prints as its JSON (api.ToolFunction, ToolCallFunctionArguments: json.Marshal, compact; Go
+    sorts a map's keys, and tunesmith's schemas are maps here too)."""
+
+    def __str__(self) -> str:
+        return json.dumps(self, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def _message(m: dict) -> dict:
+    calls = [
+        {"Function": {"Name": c["function"]["name"], "Arguments": GoJSON(c["function"]["arguments"])}}
+        for c in m.get("tool_calls") or []
+    ]
+    return {"Role": m["role"], "Content": m.get("content") or "", "ToolCalls": calls}
+
+
+def render(template: str, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """Render like Ollama does for a chat request: `.Messages` with Role, Content and ToolCalls (each a Function
+    with Name and Arguments), `.Tools` each with its Function."""
     nodes, _ = _parse(_tokens(template), 0, ())
     out: list[str] = []
-    _run(nodes, {"": {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}}, out)
+    offered = [{"Function": GoJSON(tool["function"])} for tool in tools or []]
+    _run(nodes, {"": {"Messages": [_message(m) for m in messages], "Tools": offered}}, out)
     return "".join(out)

@@ -3,16 +3,18 @@ and hooks into the engine. Fixtures (`runs`, `server`) live in conftest.py; noth
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.data.formats import Message
 from tunesmith.deploy.engine import Engine
+from tunesmith.rundir import RunDir
 
 KEY = "test-key"
 PROMPTS = ["colour red item 1", "colour blue item 7", "colour pink item 30"]
@@ -49,6 +51,16 @@ def running(app) -> Iterator[str]:
             server.force_exit = True
             thread.join(10)
     assert not thread.is_alive(), "server did not stop"
+
+
+def run_with_template(run: Path, root: Path, name: str, template: Callable[[str], str]) -> Path:
+    """A copy of `run` named `name` under `root` whose saved chat template is template(its template): a run as
+    training would have saved it with another template (one with a tools block, say)."""
+    copy = root / name
+    shutil.copytree(run, copy)
+    saved = RunDir(copy).chat_template
+    saved.write_text(template(saved.read_text()))
+    return copy
 
 
 def client(url: str, key: str = KEY):

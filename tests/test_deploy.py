@@ -12,10 +12,13 @@ import torch
 
 from tests import gotemplate
 from tests.conftest import build_tokenizer
+from tests.serve_helpers import run_with_template
+from tests.test_tools import BOOK, CANCEL
 from tunesmith.cli import main
 from tunesmith.config import RunConfig
-from tunesmith.data.formats import Message
+from tunesmith.data.formats import Message, chat_messages
 from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE, render
+from tunesmith.data.tools import TOOLS_PREAMBLE, with_tools_block
 from tunesmith.deploy.export import export_run, modelfile, modelfile_string
 from tunesmith.deploy.template import SAMPLE_CONVERSATIONS, TurnFormat, go_template, turn_format
 from tunesmith.errors import TunesmithError
@@ -195,6 +198,70 @@ def test_go_template_matches_jinja_with_and_without_system_and_bos(template):
         # With the runtime adding BOS itself, the template leaves it out.
         assert gotemplate.render(go_template(turns, strip_bos="<s>"), conversation) == expected.removeprefix("<s>")
     assert turns.stop == ("<end_of_turn>" if template == GEMMA_STYLE else "</s>")
+
+
+BOOK_CALL = {
+    "id": "c1",
+    "type": "function",
+    "function": {"name": "book", "arguments": {"patient": "P-17", "day": "monday"}},
+}
+CANCEL_CALL = {"id": "c2", "type": "function", "function": {"name": "cancel", "arguments": {"id": "A-3"}}}
+TOOL_CONVERSATIONS = (
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Book P-17 on Monday."},
+        {"role": "assistant", "content": None, "tool_calls": [BOOK_CALL]},
+        {"role": "tool", "tool_call_id": "c1", "content": "booked at 9:00"},
+        {"role": "assistant", "content": "Booked for Monday 9:00."},
+        {"role": "user", "content": "Thanks."},
+    ],
+    [
+        {"role": "user", "content": "Book P-17, cancel A-3."},
+        {"role": "assistant", "content": "Both now.", "tool_calls": [BOOK_CALL, CANCEL_CALL]},
+        {"role": "tool", "tool_call_id": "c1", "content": "booked"},
+        {"role": "tool", "tool_call_id": "c2", "content": "cancelled"},
+    ],
+    [{"role": "user", "content": "Hello there."}],
+)
+
+
+def _as_ollama_writes_json(text: str, tools: list[dict], conversation: list[dict]) -> str:
+    """Training's rendering with each schema's and each call's arguments' JSON as Ollama writes it (compact)."""
+    for tool in tools:
+        text = text.replace(json.dumps(tool["function"]), str(gotemplate.GoJSON(tool["function"])))
+    for message in conversation:
+        for call in message.get("tool_calls") or []:
+            arguments = call["function"]["arguments"]
+            text = text.replace(json.dumps(arguments), str(gotemplate.GoJSON(arguments)))
+    return text
+
+
+@pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, GEMMA_STYLE], ids=["default", "gemma-style"])
+def test_the_ollama_template_renders_tools_calls_and_results_like_training(template):
+    tokenizer = build_tokenizer(chat_template=with_tools_block(template))
+    ollama = go_template(turn_format(tokenizer), tools=True)
+    for conversation in TOOL_CONVERSATIONS:
+        messages = tuple(chat_messages(conversation))
+        generation = conversation[-1]["role"] != "assistant"
+        trained = render(tokenizer, messages, generation_prompt=generation, tools=(BOOK, CANCEL))
+        expected = _as_ollama_writes_json(trained, [BOOK, CANCEL], conversation)
+        assert "<tools>" in expected and gotemplate.render(ollama, conversation, [BOOK, CANCEL]) == expected
+        without_tools = render(tokenizer, messages, generation_prompt=generation)
+        assert gotemplate.render(ollama, conversation) == _as_ollama_writes_json(without_tools, [], conversation)
+    read = _read_modelfile(modelfile("m.gguf", turn_format(tokenizer), ollama, RunConfig()))
+    assert read["template"] == ollama  # Ollama's Modelfile parser reads the tools block back whole
+
+
+def test_exports_of_a_run_trained_with_tools_carry_its_tools_block(lora_run, tmp_path):
+    import gguf
+
+    run = run_with_template(lora_run, tmp_path, "clinic", with_tools_block)
+    target = export_run(run, "ollama", tmp_path / "ollama")
+    template = _read_modelfile((target / "Modelfile").read_text())["template"]
+    assert "{{ range $j, $t := $.Tools }}" in template and "{{ range $j, $c := $m.ToolCalls }}" in template
+    path = next(target.glob("*.gguf"))
+    carried = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()  # what llama.cpp --jinja renders
+    assert carried == RunDir(run).chat_template.read_text() and carried.startswith(TOOLS_PREAMBLE)
 
 
 def test_templates_that_cannot_be_split_per_role_are_refused():

@@ -173,13 +173,13 @@ def test_drift_statistics_are_scipys_ks_and_jensen_shannon(monkeypatch):
     import numpy as np
     from scipy.stats import ks_2samp
 
-    from tunesmith.data.formats import Message
+    from tunesmith.data.formats import Conversation, Message
     from tunesmith.deploy import monitor
 
     train = [3, 3, 4, 4, 4, 5, 5, 6, 7, 7, 8, 8, 8, 9]
     live = [5, 6, 6, 8, 8, 9, 9, 9, 10, 12, 12]
-    monkeypatch.setattr(monitor, "prompt_ids", lambda tokenizer, prompt: [0] * len(prompt[0].content.split()))
-    prompts = [(Message("user", " ".join(["red"] * n)),) for n in train]
+    monkeypatch.setattr(monitor, "prompt_ids", lambda tokenizer, prompt, tools: [0] * len(prompt[0].content.split()))
+    prompts = [Conversation(messages=(Message("user", " ".join(["red"] * n)),)) for n in train]
     chat = [{"prompt_tokens": n, "messages": json.dumps([{"role": "user", "content": "blue red"}])} for n in live]
     drift = monitor._drift(prompts, None, chat)
     grid = np.array(sorted(set(train) | set(live)))

@@ -154,8 +154,8 @@ def test_broken_text_and_oversized_lists_get_a_400_in_openai_shape(server):
 ASKING = {
     "logprobs": True,
     "top_logprobs": 3,
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "required",
+    "functions": [{"name": "f", "parameters": {"type": "object"}}],  # tools are served (test_serve_tools.py)
+    "function_call": {"name": "f"},
     "response_format": {"type": "json_object"},
     "logit_bias": {"5": 10},
     "presence_penalty": 0.5,

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve_helpers import KEY, PROMPTS, client, free_port, reference
+from tests.serve_helpers import KEY, PROMPTS, client, free_port, reference, run_with_template
+from tests.test_tools import MISTRAL_CALLS, NATIVE
 from tunesmith.cli import main
+from tunesmith.data.tools import with_tools_block
 
 pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -43,6 +45,21 @@ def test_vllm_engine_builds_the_command_and_says_how_to_install(runs, capsys, mo
     monkeypatch.setattr("tunesmith.deploy.vllm.vllm_available", lambda: False)
     assert main(["serve", str(runs[0]), "--engine", "vllm"]) == 2
     assert "pip install vllm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "template", "parser"),
+    [("hermes", with_tools_block, "hermes"), ("mistral", lambda _: NATIVE.replace("CALL_", MISTRAL_CALLS), "mistral")],
+)
+def test_vllm_is_given_the_tool_call_parser_of_the_runs_template(runs, tmp_path, capsys, name, template, parser):
+    run = run_with_template(runs[0], tmp_path, name, template)
+    assert main(["serve", str(run), "--engine", "vllm", "--dry-run"]) == 0
+    command = capsys.readouterr().out.replace("\n", "")
+    assert f"--chat-template {run / 'chat_template.jinja'} --enable-auto-tool-choice --tool-call-parser {parser} " in (
+        command
+    )
+    assert main(["serve", str(runs[0]), "--engine", "vllm", "--dry-run"]) == 0  # no tools block, no tool options
+    assert "--tool-call-parser" not in capsys.readouterr().out
 
 
 def test_the_vllm_hand_off_passes_the_api_key_in_the_environment_not_the_command_line(runs, monkeypatch, capsys):

@@ -550,6 +550,17 @@ def _chat(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
     return [_chat_message(where, role, turn) for where, role, turn in turns]
 
 
+def chat_messages(items: Any) -> list[Message]:
+    """OpenAI `messages` (calls' arguments as objects or JSON strings, tool results) as Messages, read as training
+    reads them; ValueError names the turn and what is wrong (the serve API's history and request logs use it)."""
+    return _chat({"messages": items})
+
+
+def function_tools(value: Any) -> tuple[dict[str, Any], ...]:
+    """A `tools` value as OpenAI function tools, read as training reads a row's tools; ValueError names the tool."""
+    return _tools({"tools": value})
+
+
 def _sharegpt_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
     """A function_call turn's value: one call {name, arguments} or a list of them, as an object or its JSON."""
     if isinstance(value, str):

@@ -31,6 +31,7 @@ from typing import Any
 from peft import PeftModel
 
 from tunesmith import generation
+from tunesmith.data.tokenize import tool_parser
 from tunesmith.deploy import limits
 from tunesmith.deploy.export import run_tokenizer
 from tunesmith.deploy.template import stop_tokens
@@ -55,6 +56,7 @@ class Served:
     adapter: str | None  # PEFT adapter name, None for the base (adapters off) or a non-PEFT model
     stop_ids: list[int]
     stop_texts: list[str]
+    tool_format: str | None = None  # the parser (data/tools.PARSERS) of the template's calls; None: no tools
 
 
 @dataclass
@@ -173,7 +175,7 @@ class Engine:
 
     def _register(self, name: str, run_dir: Path | None, tokenizer: Any, adapter: str | None) -> None:
         ids, texts = stop_tokens(tokenizer)
-        self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts)
+        self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts, tool_parser(tokenizer))
 
     def submit(self, job: Job) -> None:
         """Put a job on the waiting list, or raise Busy (list full) or Stopped (no worker to answer it)."""

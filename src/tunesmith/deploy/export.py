@@ -3,7 +3,8 @@
 - merged: the base with the update folded in, Hugging Face safetensors + tokenizer + chat template.
 - adapter: the PEFT adapter (adapter_config.json + adapter_model.safetensors) for PEFT and vLLM.
 - gguf: one GGUF file (f16, q8_0 or f32) for llama.cpp and friends.
-- ollama: the GGUF plus a Modelfile whose TEMPLATE, stop tokens and parameters match training.
+- ollama: the GGUF plus a Modelfile whose TEMPLATE, stop tokens and parameters match training (with the tools
+  block in Ollama's terms when the run's template has tunesmith's).
 
 Every export carries the run's chat template and end-of-turn token and is refused if the template it
 carries would render a conversation differently from training. Nothing is overwritten without
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.tools import TOOLS_PREAMBLE
 from tunesmith.deploy.template import TurnFormat, check_equal, go_template, stop_tokens, turn_format
 from tunesmith.errors import TunesmithError
 from tunesmith.files import check_replaceable, is_marked, mark, save_atomic
@@ -39,6 +41,12 @@ def run_tokenizer(run_dir: Path) -> Any:
             f"{run_dir} has no chat template ({layout.chat_template.name}); was it trained by tunesmith?"
         )
     return tokenizer
+
+
+def has_tools_block(tokenizer: Any) -> bool:
+    """Whether the run's template is tunesmith's tools block in front of a plain one (trained on tool data): its
+    Ollama template then renders tools, calls and results the same way (template.ToolTurns)."""
+    return tokenizer.chat_template.startswith(TOOLS_PREAMBLE)
 
 
 def _merged(run_dir: Path) -> Any:
@@ -175,7 +183,7 @@ def export_run(
     turns = turn_format(tokenizer) if fmt == "ollama" else None
     if turns is not None:
         check_equal(tokenizer, turns.render, "Ollama template")
-        modelfile("check.gguf", turns, go_template(turns), config)  # refuses what Ollama would misread, before merging
+        modelfile("check.gguf", turns, go_template(turns, tools=has_tools_block(tokenizer)), config)  # before merging
     base_gguf = source_gguf(config.model) if fmt in ("gguf", "ollama") else None
     if fmt in ("gguf", "ollama") and base_gguf is None:
         pre_tokenizer_name(tokenizer)  # refuses a tokenizer llama.cpp would split differently, before the merge
@@ -203,7 +211,8 @@ def export_run(
             progress=progress,
         )
         if fmt == "ollama":
-            template = go_template(turns, strip_bos=(tokenizer.bos_token or "") if adds_bos else "")
+            bos = (tokenizer.bos_token or "") if adds_bos else ""
+            template = go_template(turns, strip_bos=bos, tools=has_tools_block(tokenizer))
             (path / "Modelfile").write_text(modelfile(name, turns, template, config))
 
     def write_marked(path: Path) -> None:

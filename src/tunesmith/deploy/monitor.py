@@ -18,12 +18,13 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.formats import ROLES, Conversation, Message, read_conversations, write_jsonl
+from tunesmith.data.formats import ROLES, Conversation, Message, chat_messages, read_conversations, write_jsonl
 from tunesmith.data.tokenize import prompt_ids
+from tunesmith.data.tools import parse_any
 from tunesmith.deploy.requestlog import CLIENT_GONE, read_feedback, read_requests
 from tunesmith.errors import TunesmithError
 from tunesmith.files import check_file_target, write_file_atomic
@@ -59,8 +60,9 @@ def js_divergence(p: Counter, q: Counter) -> float:
     return float(distance**2)
 
 
-def _prompt_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+def _prompt_text(messages: list[dict[str, Any]]) -> str:
+    """What the users and the tools said (an assistant turn that only calls has no content)."""
+    return "\n".join(m.get("content") or "" for m in messages if m.get("role") != "assistant")
 
 
 def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -78,7 +80,8 @@ def _format_checks(config: Any) -> dict[str, Any]:
     return checks
 
 
-def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
+def _training_prompts(run_dir: Path) -> list[Conversation]:
+    """Each training conversation up to its last answer, with its tools (its prompt is rendered with them)."""
     path = RunDir(run_dir).split("train")
     if not path.is_file():
         raise TunesmithError(
@@ -88,7 +91,7 @@ def _training_prompts(run_dir: Path) -> list[tuple[Message, ...]]:
     prompts = []
     for conversation in conversations:
         last = max((i for i, m in enumerate(conversation.messages) if m.role == "assistant"), default=None)
-        prompts.append(conversation.messages[:last] if last else conversation.messages)
+        prompts.append(replace(conversation, messages=conversation.messages[:last] if last else conversation.messages))
     return prompts
 
 
@@ -138,14 +141,14 @@ def _traffic(rows: list[dict[str, Any]], ok: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-def _drift(train_prompts: list[tuple[Message, ...]], tokenizer: Any, chat: list[dict[str, Any]]) -> dict[str, Any]:
+def _drift(train_prompts: list[Conversation], tokenizer: Any, chat: list[dict[str, Any]]) -> dict[str, Any]:
     """Prompt length and vocabulary of answered chat requests against the training prompts."""
     from scipy.stats import ks_2samp
 
-    train_lengths = [len(prompt_ids(tokenizer, p)) for p in train_prompts]
+    train_lengths = [len(prompt_ids(tokenizer, p.messages, p.tools)) for p in train_prompts]
     live_lengths = [r["prompt_tokens"] for r in chat if r["prompt_tokens"] is not None]
     train_words = Counter(
-        w.lower() for p in train_prompts for m in p if m.role != "assistant" for w in WORD.findall(m.content)
+        w.lower() for p in train_prompts for m in p.messages if m.role != "assistant" for w in WORD.findall(m.content)
     )
     live_words = Counter(w.lower() for r in chat for w in WORD.findall(_prompt_text(_messages(r))))
     drift: dict[str, Any] = {"requests_compared": len(chat), "training_prompts": len(train_prompts)}
@@ -254,12 +257,22 @@ def export_feedback(
             answer = item["output"]
         else:
             continue
-        messages = tuple(Message(m["role"], m["content"]) for m in json.loads(item["messages"]))
-        conversations.append(Conversation(messages=(*messages, Message("assistant", answer))))
+        messages = tuple(chat_messages(json.loads(item["messages"])))
+        tools = tuple(json.loads(item["tools"])) if item.get("tools") else ()
+        conversations.append(Conversation(messages=(*messages, _answer_turn(answer)), tools=tools))
     if not conversations:
         raise TunesmithError("No feedback with a correction (or a rating at or above --min-rating) to export yet.")
     write_file_atomic(target, lambda tmp: write_jsonl(tmp, conversations), overwrite, "a feedback export")
     return len(conversations)
+
+
+def _answer_turn(text: str) -> Message:
+    """A logged answer or a correction as an assistant turn: calls written in it (as the server logs an answer's
+    output, call markup and all) become its tool calls, so a corrected call is learned as a call."""
+    parsed = parse_any(text)
+    if parsed.tool_calls and not parsed.malformed:
+        return Message("assistant", parsed.content, parsed.tool_calls, parsed.reasoning)
+    return Message("assistant", text)
 
 
 def _latest_feedback(run_dir: str | Path, db: str | Path | None) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+JSON_COLUMNS = ("tools", "tool_calls")  # the tools a chat request offered; the calls of its answer (OpenAI's shape)
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection before the answer
 
 SCHEMA = """
@@ -30,7 +31,9 @@ CREATE TABLE IF NOT EXISTS requests (
     messages TEXT,
     output TEXT,
     finish_reason TEXT,
-    error TEXT
+    error TEXT,
+    tools TEXT,
+    tool_calls TEXT
 );
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -55,10 +58,20 @@ class RequestLog:
         self.db = sqlite3.connect(self.path, timeout=busy_timeout_s, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """A log written before tool calling gets their columns (JSON, like messages), so its server keeps going."""
+        with self.lock, self.db:
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}
+            for column in JSON_COLUMNS:
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE requests ADD COLUMN {column} TEXT")
 
     def record(self, **row: Any) -> None:
-        if isinstance(row.get("messages"), (list, dict)):
-            row["messages"] = json.dumps(row["messages"])
+        for column in ("messages", *JSON_COLUMNS):
+            if isinstance(row.get(column), (list, dict)):
+                row[column] = json.dumps(row[column], ensure_ascii=False)
         row.setdefault("created", time.time())
         columns = ", ".join(row)
         with self.lock, self.db:
@@ -100,7 +113,7 @@ def read_feedback(path: Path) -> list[dict[str, Any]]:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         db.row_factory = sqlite3.Row
         rows = db.execute(
-            "SELECT f.*, r.model, r.messages, r.output, r.endpoint FROM feedback f "
+            "SELECT f.*, r.model, r.messages, r.output, r.endpoint, r.tools, r.tool_calls FROM feedback f "
             "JOIN requests r ON r.id = f.request_id ORDER BY f.created"
         ).fetchall()
     return [dict(row) for row in rows]

@@ -7,7 +7,8 @@ needs "Authorization: Bearer KEY" and gets 401 otherwise. Like the UI, it answer
 was started for (421 otherwise) and refuses a web page's Origin unless named (403): a page elsewhere, or
 one that rebound its name to 127.0.0.1, can neither chat nor post feedback. Errors use OpenAI's shape,
 {"error": {"message", "type", "param", "code"}}, with a message that says what to change.
-Chat prompts are rendered with the run's own chat template, exactly as in training.
+Chat prompts are rendered with the run's own chat template, exactly as in training, tools block included; an
+answer's calls are read by that template's parser and never passed off when a required call was not made.
 Whatever one client sends, the server keeps answering the others: a bad request gets a 4xx naming
 the field, a failure in one request's generation fails that request only, and waiting is bounded.
 """
@@ -33,11 +34,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request  # at module level, where FastAPI resolves the endpoints' annotations
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from tunesmith.data.formats import Message
+from tunesmith.data.formats import Message, chat_messages
 from tunesmith.data.tokenize import prompt_ids
 from tunesmith.deploy import guard, limits
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
+from tunesmith.deploy.toolcalls import (
+    AnswerSplitter,
+    FieldError,
+    ToolRequest,
+    call_deltas,
+    call_opening,
+    enforcement_error,
+    tool_request,
+    wire_calls,
+)
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
 
@@ -67,8 +78,14 @@ Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    """One message of the history; calls and results are read as training reads them (formats.chat_messages)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | None = Field(default=None, description="Null only on an assistant message with tool_calls.")
+    tool_calls: list[Any] | None = Field(default=None, description="An assistant message's calls, OpenAI's shape.")
+    tool_call_id: Text | None = Field(default=None, description="A tool message: the id of the call it answers.")
+    name: Text | None = None
+    reasoning_content: Text | None = Field(default=None, description="An assistant message's reasoning.")
 
 
 def _nothing(*harmless: Any) -> Callable[[Any], bool]:
@@ -76,9 +93,10 @@ def _nothing(*harmless: Any) -> Callable[[Any], bool]:
     return lambda value: any(value is h if isinstance(h, bool) or h is None else value == h for h in harmless)
 
 
-# OpenAI fields this server does not implement: the values that ask for nothing are accepted (clients send some
-# by default); any other is refused with a 400 naming the field, never dropped, so a client asking for JSON mode
-# or tools learns it gets neither. Each with what to send instead.
+# OpenAI fields this server does not implement (tools and tool_choice: on /v1/completions; chat declares them):
+# the values that ask for nothing are accepted (clients send some by default); any other is refused with a 400
+# naming the field, never dropped, so a client asking for JSON mode learns it does not get it. Each with what to
+# send instead.
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logprobs": (_nothing(None, False), "false"),
     "top_logprobs": (_nothing(None, 0), "0"),
@@ -149,6 +167,9 @@ class Sampling(BaseModel):
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Checked into a toolcalls.ToolRequest by chat(), whose errors name the tool and the fix.
+    tools: Any = Field(default=None, description="OpenAI function tools the model may call.")
+    tool_choice: Any = Field(default=None, description='"none", "auto", "required" or a named function.')
 
 
 class CompletionRequest(Sampling):
@@ -561,16 +582,65 @@ async def tokenize(encode: Callable[[], list[int]], param: str) -> list[int]:
         raise ApiError(400, f"The chat template cannot render these messages: {error}", param) from None
 
 
+def history(body: ChatRequest) -> tuple[Message, ...]:
+    """The request's messages as training reads a conversation: calls' arguments decoded once, results kept."""
+    try:
+        return tuple(chat_messages([m.model_dump(exclude_none=True) for m in body.messages]))
+    except ValueError as error:
+        raise ApiError(400, f"{error}.", "messages") from None
+
+
+def tools_asked(body: ChatRequest, model: Served) -> ToolRequest:
+    """The request's tools and tool_choice, checked against what the served template can render."""
+    try:
+        asked = tool_request(body.tools, body.tool_choice)
+    except FieldError as error:
+        raise ApiError(400, str(error), error.param) from None
+    if asked.rendered_tools and model.tool_format is None:
+        raise ApiError(
+            400,
+            f"Model '{model.name}' cannot take tools: its run's chat template renders no tools block (the run was "
+            "trained without tool data). Serve a run trained on data with tools (tunesmith gives its template a tools "
+            'block), or leave out tools (or send tool_choice "none").',
+            "tools",
+        )
+    return asked
+
+
+def forced_opening(model: Served, asked: ToolRequest) -> str:
+    """The start every answer to a required or named tool_choice is given: the template's call opening, so the
+    model can only go on with a call."""
+    if not asked.enforced:
+        return ""
+    opening = call_opening(model.tokenizer, asked.named)
+    if opening is None:
+        raise ApiError(
+            400,
+            f"Model '{model.name}''s template does not write calls as JSON with a name, so tool_choice "
+            f'{asked.choice!r} cannot be enforced; send tool_choice "auto".',
+            "tool_choice",
+        )
+    return opening
+
+
 async def chat(body: ChatRequest, request: Request) -> Any:
     state = server_state(request)
     model = state.served(body.model)
     body.check_implemented()
     check_chat(body)
     max_tokens = state.limit_tokens(body.max_completion_tokens or body.max_tokens)
-    messages = tuple(Message(m.role, m.content) for m in body.messages)
-    ids = await tokenize(lambda: prompt_ids(model.tokenizer, messages), "messages")
-    record = {"messages": [m.model_dump() for m in body.messages]}
-    return await answer(request, state, "chat", body, model, ids, max_tokens, record)
+    messages = history(body)
+    asked = tools_asked(body, model)
+    opening = forced_opening(model, asked)
+
+    def encode() -> list[int]:
+        forced = model.tokenizer(opening, add_special_tokens=False)["input_ids"] if opening else []
+        return prompt_ids(model.tokenizer, messages, asked.rendered_tools) + forced
+
+    ids = await tokenize(encode, "messages")
+    record = {"messages": [m.model_dump(exclude_none=True) for m in body.messages], "tools": list(asked.tools) or None}
+    calls = ToolCalling(asked, model.tool_format if asked.rendered_tools else None, opening)
+    return await answer(request, state, "chat", body, model, ids, max_tokens, record, calls)
 
 
 async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -635,6 +705,19 @@ async def prometheus(request: Request) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+@dataclass(frozen=True)
+class ToolCalling:
+    """How a chat answer is read for calls: what was asked, the template's parser (None: the answer is plain
+    text) and the forced opening the generated text continues."""
+
+    asked: ToolRequest = ToolRequest()
+    parser: str | None = None
+    opening: str = ""
+
+    def splitter(self) -> AnswerSplitter | None:
+        return None if self.parser is None else AnswerSplitter(self.parser, self.opening)
+
+
 @dataclass
 class Generation:
     """One submitted request: where its events arrive, and what its metrics, log row and replies are made of."""
@@ -650,6 +733,7 @@ class Generation:
     loop: asyncio.AbstractEventLoop
     started: float
     include_usage: bool = False  # the stream ends with a usage chunk, as stream_options.include_usage asks
+    calls: ToolCalling = field(default_factory=ToolCalling)
     response_id: str = field(init=False)
     created: int = field(init=False)
 
@@ -661,8 +745,15 @@ class Generation:
     def failed(self) -> str:
         return f"Generation failed; the server's log has the details (request {self.response_id})."
 
-    def finish(self, result: Result | None, status: int, error: str | None = None, output: str | None = None) -> dict:
-        """Count the request in the metrics; the row for the request log."""
+    def finish(
+        self,
+        result: Result | None,
+        status: int,
+        error: str | None = None,
+        output: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> dict:
+        """Count the request in the metrics; the row for the request log (the output with its forced opening)."""
         elapsed = time.perf_counter() - self.started
         metrics, labels = self.state.metrics, (self.endpoint, self.model.name)
         metrics.requests.labels(*labels, str(status)).inc()
@@ -684,9 +775,10 @@ class Generation:
             first_token_ms=None if result is None or result.first_token_s is None else result.first_token_s * 1000,
             prompt_tokens=len(self.ids),
             completion_tokens=None if result is None else result.completion_tokens,
-            output=output if result is None else result.text,
+            output=output if result is None else self.calls.opening + result.text,
             finish_reason=None if result is None else result.finish_reason,
             error=error,
+            tool_calls=tool_calls or None,
             **self.record,
         )
 
@@ -721,24 +813,32 @@ class Generation:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
         return event(self.reply(self.chunk_kind, choice, result))
 
+    def delta_chunk(self, delta: dict[str, Any]) -> str:
+        """A chat stream chunk of any delta (a part of the tool calls)."""
+        return event(self.reply(self.chunk_kind, {"index": 0, "delta": delta, "finish_reason": None}))
+
     def opening(self) -> str:
         """A chat stream's first chunk names the speaker, as OpenAI's do, before any token (there may be none)."""
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         return event(self.reply(self.chunk_kind, choice))
 
-    def ending(self, result: Result) -> list[str]:
+    def ending(self, result: Result, called: bool = False) -> list[str]:
         """The finish chunk, and with include_usage a last chunk of usage with no choices (OpenAI's order);
         without it the finish chunk carries the usage."""
+        finish = reason(result, called)
         if not self.include_usage:
-            return [self.chunk(None, reason(result), result)]
-        return [self.chunk(None, reason(result)), event(self.reply(self.chunk_kind, None, result))]
+            return [self.chunk(None, finish, result)]
+        return [self.chunk(None, finish), event(self.reply(self.chunk_kind, None, result))]
 
 
 def event(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def reason(result: Result) -> str:
+def reason(result: Result, called: bool = False) -> str:
+    """OpenAI's finish_reason: an answer that calls ends with "tool_calls" (a whole call was read, however it ended)."""
+    if called:
+        return "tool_calls"
     return "length" if result.finish_reason == "length" else "stop"  # a cancelled row has no client left
 
 
@@ -751,6 +851,7 @@ async def answer(
     ids: list[int],
     max_tokens: int,
     record: dict,
+    calls: ToolCalling | None = None,
 ) -> Any:
     """Check the prompt fits, submit the job, and answer as a stream or as one reply."""
     check_prompt_length(state.engine, endpoint, ids, max_tokens)
@@ -763,7 +864,9 @@ async def answer(
     job = Job(model, ids, max_tokens, body.temperature, body.top_p, body.stop or [], body.seed, emit, body.stream)
     started = time.perf_counter()
     state.submit(job, endpoint)
-    generation = Generation(state, endpoint, model, ids, record, job, events, loop, started, body.include_usage)
+    generation = Generation(
+        state, endpoint, model, ids, record, job, events, loop, started, body.include_usage, calls or ToolCalling()
+    )
     if body.stream:
         headers = {"Cache-Control": "no-cache"}
         return StreamingResponse(stream_answer(generation), media_type="text/event-stream", headers=headers)
@@ -771,8 +874,10 @@ async def answer(
 
 
 async def stream_answer(generation: Generation) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per delta, then the finish with usage and [DONE], or an error event."""
+    """Server-sent events: one chunk per delta, then the finish with usage and [DONE], or an error event. With
+    tools, text that may be a call waits until the end, when the calls go out as OpenAI streams them."""
     sent, ended = "", False
+    splitter = generation.calls.splitter()
     try:
         if generation.endpoint == "chat":
             yield generation.opening()
@@ -780,10 +885,15 @@ async def stream_answer(generation: Generation) -> AsyncIterator[str]:
             kind, value = await generation.events.get()
             if kind == "delta":
                 sent += value
-                yield generation.chunk(value, None)
+                content = value if splitter is None else splitter.feed(value)
+                if content:
+                    yield generation.chunk(content, None)
                 continue
             ended = True
-            if kind == "done":
+            if kind == "done" and splitter is not None:
+                async for chunk in stream_calls(generation, splitter, value):
+                    yield chunk
+            elif kind == "done":
                 await generation.state.saved(generation.finish(value, 200))
                 for chunk in generation.ending(value):
                     yield chunk
@@ -795,6 +905,43 @@ async def stream_answer(generation: Generation) -> AsyncIterator[str]:
     finally:
         if not ended:  # the client went away mid-stream
             generation.dropped(sent)
+
+
+async def stream_calls(generation: Generation, splitter: AnswerSplitter, result: Result) -> AsyncIterator[str]:
+    """A tool answer's end: the content held back, the calls, the finish; or the error of a call that was required
+    and not made."""
+    answered, rest = splitter.finish()
+    problem = enforcement_error(answered, generation.calls.asked)
+    if problem is not None:
+        await generation.state.saved(generation.finish(result, 500, problem))
+        yield event({"error": {"message": problem, "type": "server_error"}})
+        return
+    calls = wire_calls(answered.calls)
+    await generation.state.saved(generation.finish(result, 200, tool_calls=calls))
+    if rest:
+        yield generation.chunk(rest, None)
+    for delta in call_deltas(calls):
+        yield generation.delta_chunk(delta)
+    for chunk in generation.ending(result, bool(calls)):
+        yield chunk
+    yield "data: [DONE]\n\n"
+
+
+def chat_message(generation: Generation, result: Result) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The answer's message (content without call markup, the calls in OpenAI's shape) and its calls; raises the
+    error of a required call not made."""
+    splitter = generation.calls.splitter()
+    if splitter is None:
+        return {"role": "assistant", "content": result.text}, []
+    splitter.feed(result.text)
+    answered, _ = splitter.finish()
+    problem = enforcement_error(answered, generation.calls.asked)
+    if problem is not None:
+        raise ApiError(500, problem, "tool_choice", "server_error")
+    if not answered.calls:
+        return {"role": "assistant", "content": answered.content}, []
+    calls = wire_calls(answered.calls)  # OpenAI's content is null beside calls when there is no text
+    return {"role": "assistant", "content": answered.content or None, "tool_calls": calls}, calls
 
 
 async def whole_answer(request: Request, generation: Generation) -> Any:
@@ -817,11 +964,16 @@ async def whole_answer(request: Request, generation: Generation) -> Any:
     if kind == "error":
         await generation.state.saved(generation.finish(None, 500, value))
         raise ApiError(500, generation.failed, None, "server_error")
-    await generation.state.saved(generation.finish(value, 200))
     if generation.endpoint == "chat":
-        message = {"role": "assistant", "content": value.text}
-        choice = {"index": 0, "message": message, "finish_reason": reason(value)}
+        try:
+            message, calls = chat_message(generation, value)
+        except ApiError as error:
+            await generation.state.saved(generation.finish(value, error.status, error.message))
+            raise
+        await generation.state.saved(generation.finish(value, 200, tool_calls=calls))
+        choice = {"index": 0, "message": message, "finish_reason": reason(value, bool(calls))}
         return generation.reply("chat.completion", choice, value)
+    await generation.state.saved(generation.finish(value, 200))
     choice = {"index": 0, "text": value.text, "finish_reason": reason(value), "logprobs": None}
     return generation.reply("text_completion", choice, value)
 

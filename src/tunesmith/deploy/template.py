@@ -14,6 +14,7 @@ from typing import Any
 
 from tunesmith.data.formats import Message
 from tunesmith.data.tokenize import render
+from tunesmith.data.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOLS_INTRO, TOOLS_OUTRO
 from tunesmith.errors import TunesmithError
 
 MARK = {"system": "\x01SYS\x01", "user": "\x01USR\x01", "assistant": "\x01AST\x01"}
@@ -160,34 +161,111 @@ def stop_tokens(tokenizer: Any) -> tuple[list[int], list[str]]:
     return ids, [stop] if stop else []
 
 
-GO_LITERALS = {"{{": '{{ "{{" }}', '"': '{{ "\\"" }}'}
+GO_LITERALS = {"{{": '{{ "{{" }}', '"': '{{ "\\"" }}', "{": '{{ "{" }}'}
 
 
 def _go_text(text: str) -> str:
     """Literal Go-template text: everything is literal except the action delimiter, written as an action. Quotes
     are written as actions too, so that no line of the template ends in a quote: Ollama's Modelfile parser, which
-    has no escapes, would end the triple-quoted TEMPLATE there."""
-    return re.sub(r'\{\{|"', lambda found: GO_LITERALS[found.group()], text)
+    has no escapes, would end the triple-quoted TEMPLATE there. A brace before a quote or at the end is an action
+    too: with the action after it, it would read as the opening delimiter."""
+    return re.sub(r'\{\{|"|\{(?="|$)', lambda found: GO_LITERALS[found.group()], text)
 
 
-def go_template(turns: TurnFormat, strip_bos: str = "") -> str:
-    """An Ollama (Go text/template) rendering of `turns`; `strip_bos` is left to the runtime's BOS token."""
+def go_template(turns: TurnFormat, strip_bos: str = "", tools: bool = False) -> str:
+    """An Ollama (Go text/template) rendering of `turns`; `strip_bos` is left to the runtime's BOS token. With
+    `tools` (the run's template is tunesmith's tools block in front of these turns), it renders `.Tools` and the
+    messages' calls and results as that block does (see ToolTurns)."""
 
     def opening(role: str) -> str:
         first = turns.first[role]
         if strip_bos and first.startswith(strip_bos):
             first = first[len(strip_bos) :]
-        return f"{{{{ if eq $i 0 }}}}{_go_text(first)}{{{{ else }}}}{_go_text(turns.prefix[role])}{{{{ end }}}}"
+        return f"{{{{ if not $started }}}}{_go_text(first)}{{{{ else }}}}{_go_text(turns.prefix[role])}{{{{ end }}}}"
 
-    def body(role: str) -> str:
-        return f"{{{{ $m.Content }}}}{_go_text(turns.suffix[role])}"
+    def body(role: str, after: str = "") -> str:
+        return f"{{{{ $m.Content }}}}{after}{_go_text(turns.suffix[role])}"
 
     user_open = f"{{{{ if $sys }}}}{_go_text(turns.after_system_user)}{{{{ else }}}}{opening('user')}{{{{ end }}}}"
+    tool = ToolTurns(opening("system"), user_open, turns) if tools else None
     return (
-        '{{ $sys := false }}{{ $last := "" }}{{ range $i, $m := .Messages }}'
-        f'{{{{ if eq $m.Role "system" }}}}{opening("system")}{body("system")}{{{{ $sys = true }}}}'
+        '{{ $sys := false }}{{ $started := false }}{{ $last := "" }}{{ range $i, $m := .Messages }}'
+        f"{tool.results_end('$m.Role') + tool.block_turn if tool else ''}"
+        f'{{{{ if eq $m.Role "system" }}}}{opening("system")}{body("system", tool.after_system if tool else "")}'
+        "{{ $sys = true }}"
         f'{{{{ else if eq $m.Role "user" }}}}{user_open}{body("user")}{{{{ $sys = false }}}}'
-        f"{{{{ else }}}}{opening('assistant')}{body('assistant')}{{{{ $sys = false }}}}{{{{ end }}}}"
-        "{{ $last = $m.Role }}{{ end }}"
+        f"{tool.result if tool else ''}"
+        f"{{{{ else }}}}{opening('assistant')}{body('assistant', tool.calls if tool else '')}{{{{ $sys = false }}}}"
+        "{{ end }}{{ $started = true }}{{ $last = $m.Role }}{{ end }}"
+        f"{tool.results_end('') if tool else ''}"
         f'{{{{ if ne $last "assistant" }}}}{_go_text(turns.generation)}{{{{ end }}}}'
     )
+
+
+NEWLINE = _go_text("\n")
+
+
+@dataclass(frozen=True)
+class ToolTurns:
+    """Go template pieces that rewrite a tool conversation as data/tools.TOOLS_PREAMBLE does, in Ollama's terms
+    (`.Tools`, a message's `.ToolCalls`, role "tool"): the tools block ends the first system turn (or is one),
+    calls follow the answer text in <tool_call> blocks, consecutive results are one user turn. Ollama writes the
+    JSON of schemas and arguments itself (compact); the markup, order and text around it are training's."""
+
+    system_open: str
+    user_open: str
+    turns: TurnFormat
+
+    @property
+    def block(self) -> str:
+        tool = _go_text('\n{"type": "function", "function": ') + "{{ $t.Function }}" + _go_text("}")
+        return _go_text(TOOLS_INTRO) + "{{ range $j, $t := $.Tools }}" + tool + "{{ end }}" + _go_text(TOOLS_OUTRO)
+
+    @property
+    def after_system(self) -> str:
+        """After the first system message's text: the tools block."""
+        return f"{{{{ if $.Tools }}}}{{{{ if not $started }}}}{NEWLINE}{NEWLINE}{self.block}{{{{ end }}}}{{{{ end }}}}"
+
+    @property
+    def block_turn(self) -> str:
+        """Before a first message that is not the system's: the tools block as a system turn of its own."""
+        suffix = _go_text(self.turns.suffix["system"])
+        return (
+            '{{ if $.Tools }}{{ if not $started }}{{ if ne $m.Role "system" }}'
+            f"{self.system_open}{self.block}{suffix}{{{{ $sys = true }}}}{{{{ $started = true }}}}"
+            "{{ end }}{{ end }}{{ end }}"
+        )
+
+    @property
+    def calls(self) -> str:
+        """After an assistant message's text: each call, on a new line unless it opens the answer."""
+        return (
+            "{{ range $j, $c := $m.ToolCalls }}"
+            f"{{{{ if $m.Content }}}}{NEWLINE}{{{{ else if ne $j 0 }}}}{NEWLINE}{{{{ end }}}}"
+            + _go_text(TOOL_CALL_OPEN + '{"name": "')
+            + "{{ $c.Function.Name }}"
+            + _go_text('", "arguments": ')
+            + "{{ $c.Function.Arguments }}"
+            + _go_text("}" + TOOL_CALL_CLOSE)
+            + "{{ end }}"
+        )
+
+    @property
+    def result(self) -> str:
+        """A tool message: a <tool_response> block, opening the user turn of a run of results."""
+        return (
+            '{{ else if eq $m.Role "tool" }}'
+            f'{{{{ if eq $last "tool" }}}}{NEWLINE}{{{{ else }}}}{self.user_open}{{{{ end }}}}'
+            + _go_text("<tool_response>\n")
+            + "{{ $m.Content }}"
+            + _go_text("\n</tool_response>")
+            + "{{ $sys = false }}"
+        )
+
+    def results_end(self, role: str) -> str:
+        """The end of the user turn of a run of results: before the next message that is not one (`role` its
+        role), or after the last message ('')."""
+        suffix = _go_text(self.turns.suffix["user"])
+        if not role:
+            return f'{{{{ if eq $last "tool" }}}}{suffix}{{{{ end }}}}'
+        return f'{{{{ if eq $last "tool" }}}}{{{{ if ne {role} "tool" }}}}{suffix}{{{{ end }}}}{{{{ end }}}}'

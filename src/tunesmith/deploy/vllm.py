@@ -19,6 +19,8 @@ from tunesmith.deploy.engine import BASE
 from tunesmith.errors import TunesmithError
 from tunesmith.rundir import RunDir
 
+# tunesmith's parser of a template's calls (data/tools.PARSERS) -> vLLM's --tool-call-parser for the same form.
+VLLM_TOOL_PARSERS = {"hermes": "hermes", "mistral": "mistral", "json": "llama3_json"}
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM allocates LoRA slots for
 
 
@@ -51,10 +53,23 @@ def vllm_command(
         command += [str(weights[0]), "--served-model-name", first.name]
     else:
         raise TunesmithError("vLLM serves several runs together only as LoRA adapters over one base model.")
-    command += ["--chat-template", str(RunDir(first).chat_template), "--host", host, "--port", str(port)]
+    command += ["--chat-template", str(RunDir(first).chat_template), *tool_flags(first)]
+    command += ["--host", host, "--port", str(port)]
     command += ["--override-generation-config", f'{{"max_new_tokens": {max_tokens_limit}}}']
     command += ["--allowed-origins", json.dumps(list(cors_origins))]
     return command
+
+
+def tool_flags(run_dir: Path) -> list[str]:
+    """vLLM's tool-call options for the run's template: its parser (the one tunesmith's parser of that template
+    corresponds to) and auto tool choice; none for a template that renders no tools."""
+    from tunesmith.data.tokenize import tool_parser
+    from tunesmith.deploy.export import run_tokenizer
+
+    parser = tool_parser(run_tokenizer(run_dir))
+    if parser is None:
+        return []
+    return ["--enable-auto-tool-choice", "--tool-call-parser", VLLM_TOOL_PARSERS[parser]]
 
 
 def vllm_env(api_key: str | None) -> dict[str, str]:
