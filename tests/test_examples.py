@@ -78,3 +78,14 @@ def test_rl_generator_reproduces_the_shipped_data_with_the_quickstarts_record(tm
     answers = [json.loads(r["messages"][1]["content"]) for r in records]
     assert len(records) >= 600 and all(a.keys() == quickstart.keys() for a in answers)
     assert all(3 <= len(a["medications"]) <= 5 and a["medications"] == sorted(a["medications"]) for a in answers)
+
+
+def test_tools_generator_reproduces_the_shipped_conversations_of_every_kind(tmp_path):
+    records = regenerated_records("tools", "calls.jsonl", tmp_path)
+    assert len(records) >= 500 and len({json.dumps(r["messages"]) for r in records}) == len(records)
+    last = [r["messages"][-1] for r in records]
+    calls = [len(m.get("tool_calls") or []) for m in last]
+    assert {0, 1, 2} <= set(calls)  # no call, one call, parallel calls
+    assert any(m["role"] == "tool" for r in records for m in r["messages"])  # a call that uses a result
+    names = {t["function"]["name"] for t in records[0]["tools"]}
+    assert all(c["function"]["name"] in names for m in last for c in m.get("tool_calls") or [])
