@@ -20,19 +20,10 @@ from pathlib import Path
 import torch
 
 from tunesmith.files import cache_root
+from tunesmith.train.precision import cpu_flags
 
 SOURCE = Path(__file__).with_name("linear_bf16.cpp")
 logger = logging.getLogger("tunesmith.kernels")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is not there."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def pays() -> bool:
