@@ -165,16 +165,8 @@ def runs(tmp_path_factory, tiny_model_dir, lora_run) -> list[Path]:
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
     """`runs` served in a thread with an API key, one server per test module: (url, request log path, app)."""
-    from tests.serve_helpers import KEY, running
+    from tests.serve_helpers import serving
     from tunesmith.deploy.engine import Engine
-    from tunesmith.deploy.requestlog import RequestLog
-    from tunesmith.deploy.serve import create_app
 
-    engine = Engine(runs, queue_size=64)
-    log = RequestLog(tmp_path_factory.mktemp("log") / "requests.sqlite")
-    app = create_app(engine, log, api_key=KEY, max_tokens_limit=64, default_max_tokens=8)
-    try:
-        with running(app) as url:
-            yield url, log.path, app
-    finally:
-        engine.close()
+    with serving(Engine(runs, queue_size=64), tmp_path_factory.mktemp("log")) as live:
+        yield live

@@ -53,6 +53,22 @@ def running(app) -> Iterator[str]:
     assert not thread.is_alive(), "server did not stop"
 
 
+@contextmanager
+def serving(engine: Engine, log_folder: Path) -> Iterator[tuple[str, Path, object]]:
+    """A live server over `engine` with its request log in `log_folder`, for the block: (url, log path, app). The
+    engine is closed when the block ends."""
+    from tunesmith.deploy.requestlog import RequestLog
+    from tunesmith.deploy.serve import create_app
+
+    log = RequestLog(log_folder / "requests.sqlite")
+    app = create_app(engine, log, api_key=KEY, max_tokens_limit=64, default_max_tokens=8)
+    try:
+        with running(app) as url:
+            yield url, log.path, app
+    finally:
+        engine.close()
+
+
 def run_with_template(run: Path, root: Path, name: str, template: Callable[[str], str]) -> Path:
     """A copy of `run` named `name` under `root` whose saved chat template is template(its template): a run as
     training would have saved it with another template (one with a tools block, say)."""

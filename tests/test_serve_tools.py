@@ -13,14 +13,13 @@ import sqlite3
 import pytest
 
 from tests.conftest import build_tokenizer
-from tests.serve_helpers import KEY, client, openai_error, run_with_template, running
+from tests.serve_helpers import KEY, client, openai_error, run_with_template, serving
 from tests.test_tools import BOOK, CANCEL, MISTRAL_CALLS, NATIVE
 from tunesmith.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from tunesmith.data.tools import with_tools_block
 from tunesmith.deploy.engine import Engine, Result
 from tunesmith.deploy.monitor import export_feedback, monitor_report
 from tunesmith.deploy.requestlog import RequestLog
-from tunesmith.deploy.serve import create_app
 from tunesmith.deploy.toolcalls import AnswerSplitter, call_opening
 
 openai = pytest.importorskip("openai")
@@ -39,13 +38,8 @@ def tool_server(runs, tmp_path_factory):
     (url, request log path, engine)."""
     run = run_with_template(runs[0], tmp_path_factory.mktemp("tooled"), "clinic", with_tools_block)
     engine = Engine([run], queue_size=16, context_limit=2048, max_prompt_tokens=1900)  # the tools block is long
-    log = RequestLog(tmp_path_factory.mktemp("log") / "requests.sqlite")
-    app = create_app(engine, log, api_key=KEY, max_tokens_limit=64, default_max_tokens=8)
-    try:
-        with running(app) as url:
-            yield url, log.path, engine
-    finally:
-        engine.close()
+    with serving(engine, tmp_path_factory.mktemp("log")) as (url, log_path, _):
+        yield url, log_path, engine
 
 
 @pytest.fixture
