@@ -22,6 +22,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.generation import Request, take
 from tunesmith.models import resolve_model_path
 from tunesmith.rundir import RunDir
+from tunesmith.train.precision import cpu_flags
 
 INSTALL = "pip install 'tunesmith[llamacpp]' (llama-cpp-python)"
 
@@ -49,10 +50,7 @@ def gguf_export(run_dir: Path, gguf_type: str, say: Callable[[str], None] | None
 
 def amx_cpu() -> bool:
     """Whether this CPU has Intel AMX (its flags in /proc/cpuinfo)."""
-    try:
-        return " amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_int8" in cpu_flags()
 
 
 def load_llama(path: Path, context: int, threads: int | None = None) -> Any:
