@@ -130,3 +130,119 @@ def test_a_model_wrapped_in_another_module_keeps_its_own_forward():
             return self.inner(**kwargs)
 
     assert Decoder.of(Wrapper(_random(FAMILIES["llama"](), 5))) is None
+
+
+# --- The native decode step (kernels.decode_layer) ------------------------------------------------------------
+
+
+def _qwen2_with_bias():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**SHAPE))  # q, k and v carry biases
+
+
+NATIVE = {**FAMILIES, "qwen2": _qwen2_with_bias}
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """The kernel built and used on this CPU whatever its flags (the plain loop where AVX512-BF16 is missing)."""
+    from tunesmith import kernels
+
+    if not kernels.available():
+        pytest.skip("no C++ compiler here: decode steps run the restated forward (tested above)")
+    monkeypatch.setattr(kernels, "pays", lambda: True)
+
+
+def _decoding_engine(model, prompts) -> Engine:
+    """An engine whose rows have all been prefilled (rows at different positions, past Gemma's sliding window)."""
+    engine = Engine(model, max_rows=len(prompts), max_length=48, prefill_chunk=5)
+    for prompt in prompts:
+        engine.submit(Request(prompt, 20))
+    while engine.waiting or any(row.next_token is None for row in engine.rows):
+        engine.step()
+    for _ in range(3):  # a few decode steps so the rows' positions differ by more than their prompts
+        engine.step()
+    return engine
+
+
+def _one_step(engine: Engine, native: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits of one decode step of every row, and the cache it leaves, through the native step or the
+    restated forward (on a copy of the cache, so both start from the same state)."""
+    rows = engine.rows
+    ids = torch.tensor([[row.next_token] for row in rows])
+    positions = torch.tensor([row.position for row in rows])
+    cache = engine.cache
+    saved = [tensor.clone() for tensor in cache.keys + cache.values]
+    cache.rows, cache.start, cache.span = len(rows), positions, int(positions.max()) + 1
+    decoder = engine.decoder
+    if native:
+        logits = decoder.decode(ids, positions[:, None], cache)
+        assert logits is not None, "the native step declined a model it should take"
+    else:
+        logits = decoder(ids, positions[:, None], engine._masks(positions[:, None, None]), cache)
+    after = [tensor.clone() for tensor in cache.keys + cache.values]
+    for tensor, before in zip(cache.keys + cache.values, saved, strict=True):
+        tensor.copy_(before)
+    return logits[:, -1].float(), after
+
+
+@pytest.mark.parametrize("family", sorted(NATIVE))
+@pytest.mark.parametrize("adapter", ["merged", "off"])
+def test_the_native_decode_step_gives_the_restated_logits_and_cache(native, family, adapter):
+    model = _random(NATIVE[family](), 6).to(torch.bfloat16)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[1]]
+    with torch.inference_mode(), generation_view(peft):
+        context = peft.disable_adapter() if adapter == "off" else torch.inference_mode()
+        with context:
+            engine = _decoding_engine(peft, prompts)
+            ours, our_cache = _one_step(engine, native=True)
+            theirs, their_cache = _one_step(engine, native=False)
+    # the same ops rounded at the same points; only the attention's sums run in another order (float32, then one
+    # bf16 rounding of each head's output), which moves a logit by a few bf16 steps at most
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() <= 0.03 * scale, (ours - theirs).abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 2 / 3
+    for mine, expected in zip(our_cache, their_cache, strict=True):  # keys and values written where and as theirs
+        torch.testing.assert_close(mine, expected, rtol=0.02, atol=0.02)
+
+
+def test_the_native_step_follows_the_adapter_switch(native):
+    model = _random(FAMILIES["llama"](), 7).to(torch.bfloat16)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    with torch.inference_mode(), generation_view(peft):
+        engine = _decoding_engine(peft, [PROMPTS[0]])
+        tuned, _ = _one_step(engine, native=True)
+        with peft.disable_adapter():
+            base, _ = _one_step(engine, native=True)
+            base_restated, _ = _one_step(engine, native=False)
+        assert len(engine.decoder.plans) == 2  # one plan a state, made once
+    assert not torch.allclose(tuned, base)
+    assert (base - base_restated).abs().max() <= 0.03 * base_restated.abs().max()
+
+
+def test_the_native_step_declines_weights_it_does_not_compute(native, monkeypatch):
+    from tunesmith import kernels
+
+    model = _random(FAMILIES["gemma3"](), 8).to(torch.bfloat16)
+    with torch.inference_mode():
+        engine = _decoding_engine(model, [PROMPTS[0]])  # no generation_view: nothing packed
+        ids, positions = torch.tensor([[3]]), torch.tensor([[engine.rows[0].position]])
+        assert engine.decoder.decode(ids, positions, engine.cache) is None
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+        with generation_view(peft, merge=False):  # an unmerged adapter: three products a layer, not one
+            assert Decoder.of(peft).decode(ids, positions, engine.cache) is None
+        monkeypatch.setattr(kernels, "pays", lambda: False)  # TUNESMITH_KERNELS=0, or a CPU without AVX512-BF16
+        with generation_view(model):
+            assert Decoder.of(model).decode(ids, positions, engine.cache) is None
+
+
+def test_answers_through_the_native_step_equal_the_restated_forwards(native):
+    model = _random(FAMILIES["gemma3"](), 9).to(torch.bfloat16)
+    with torch.inference_mode(), generation_view(model):
+        native_answers = _answers(model, PROMPTS, 3, restated=True)
+        engine = Engine(model, max_rows=3, max_length=64, prefill_chunk=5)
+        engine.decoder.decode = lambda *args: None  # type: ignore[method-assign]
+        restated = [r.tokens for r in engine.run([Request(p, 10) for p in PROMPTS])]
+    assert sum(a == b for a, b in zip(native_answers, restated, strict=True)) >= 3

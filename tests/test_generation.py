@@ -184,10 +184,10 @@ def test_rows_sharing_a_prompt_prefix_copy_it_and_answer_as_computed_alone(monke
     computed: list[int] = []
     forward = Engine._forward
 
-    def counting(self, ids, *args):
+    def counting(self, ids, *args, **kwargs):
         if self.cache.slot is not None:
             computed.append(ids.shape[1])
-        return forward(self, ids, *args)
+        return forward(self, ids, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "_forward", counting)
     engine = Engine(model, max_rows=3, max_length=96, prefill_chunk=16)

@@ -7,6 +7,9 @@ to the layers. Every projection, norm, embedding and rotary module is called as 
 not, switched off by `disable_adapter`), packed weights and fused norms of `generation_view` act as in the model's
 forward, and the arithmetic is the same ops in the same order: the same logits.
 
+A decode step goes further where the weights are packed for tunesmith's kernel (`decode`): each layer is one call
+of kernels.decode_layer, C++ that rounds where the model rounds, so a step costs the weights' read and little else.
+
 It must never change what is computed: a model whose bypassed modules (the model, its layers, attention, MLP) are of
 another class or carry hooks (bottleneck adapters, FSDP) is not taken, and the engine uses the model's forward.
 """
@@ -21,6 +24,8 @@ from typing import Any
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tunesmith import kernels
+
 # Causal LM class -> its decoder layer, attention and MLP classes: the modules this forward replaces, whose forward
 # it restates. Sandwich norms (Gemma 3's pre/post feed-forward norms) and q/k norms are read off the layer.
 FAMILIES = {
@@ -30,6 +35,13 @@ FAMILIES = {
     "Qwen2ForCausalLM": ("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP"),
     "Qwen3ForCausalLM": ("Qwen3DecoderLayer", "Qwen3Attention", "Qwen3MLP"),
 }
+
+# RMSNorm classes whose forward is known: Gemma's scales by (1 + weight) in float32 before rounding; Llama's (and
+# these others') rounds first, then scales by weight in the model's dtype.
+ONE_PLUS_WEIGHT_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
+WEIGHT_AFTER_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}
+# The activations of the MLP gate that tunesmith's native layer computes: name in the config -> GELU (else SiLU)
+GATE_ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_tanh": True, "silu": False, "swish": False}
 
 
 class Decoder:
@@ -48,6 +60,7 @@ class Decoder:
         self.rotate = sys.modules[type(causal_lm).__module__].apply_rotary_pos_emb
         # Gemma 3 keeps one rotary table per layer type (local and global RoPE bases)
         self.rotary_by_type = "layer_type" in _parameters(self.body.rotary_emb.forward)
+        self.plans: dict[tuple, list[kernels.LayerWeights] | None] = {}  # adapter state -> native layers
 
     @classmethod
     def of(cls, model: Any) -> Decoder | None:
@@ -83,6 +96,86 @@ class Decoder:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor | None:
+        """A decode step (one token a row; row r in slot r of the cache at positions[r]) through tunesmith's native
+        layer (kernels.decode_layer), one call a layer: the logits of each row, as `__call__` gives them up to the
+        order of the attention's sums. None where the model is not in a state the native layer computes (weights
+        not packed for the kernel, per-row adapters, an unmerged adapter, another activation or norm)."""
+        layers = self._plan()
+        if layers is None or cache.keys[0].dtype != torch.bfloat16:
+            return None
+        hidden = self.body.embed_tokens(ids)
+        rows = hidden.shape[0]
+        tables = {}
+        for kind in set(self.layer_types) if self.rotary_by_type else {""}:
+            cos, sin = (
+                self.body.rotary_emb(hidden, positions, kind) if kind else self.body.rotary_emb(hidden, positions)
+            )
+            tables[kind] = (cos.reshape(rows, -1), sin.reshape(rows, -1))
+        flat, where = hidden.reshape(rows, -1), positions.reshape(rows)
+        for index, layer in enumerate(layers):
+            cos, sin = tables[self.layer_types[index] if self.rotary_by_type else ""]
+            flat = kernels.decode_layer(flat, where, cos, sin, cache.keys[index], cache.values[index], layer)
+        logits = self.lm.lm_head(self.body.norm(flat[:, None]))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _plan(self) -> list[kernels.LayerWeights] | None:
+        """The native layers for the adapters as they are set now, made once per adapter state."""
+        first = self.body.layers[0].self_attn.q_proj
+        key: tuple = (id(vars(first).get("forward")), getattr(first, "disable_adapters", None))
+        key += tuple(getattr(first, "active_adapters", ()))
+        if key not in self.plans:
+            self.plans[key] = self._native_layers()
+        return self.plans[key]
+
+    def _native_layers(self) -> list[kernels.LayerWeights] | None:
+        config = self.body.config
+        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        gelu = GATE_ACTIVATIONS.get(str(activation))
+        if gelu is None or getattr(config, "attn_logit_softcapping", None) or not kernels.pays():
+            return None
+        window = int(getattr(config, "sliding_window", None) or 0)
+        layers = []
+        for index, layer in enumerate(self.body.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            projections = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+            packed = [_packed(module) for module in (*projections, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")
+            modules = [
+                layer.input_layernorm,
+                layer.post_attention_layernorm if sandwich else None,
+                layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm,
+                layer.post_feedforward_layernorm if sandwich else None,
+                getattr(attention, "q_norm", None),
+                getattr(attention, "k_norm", None),
+            ]
+            norms = [_norm(module) if module is not None else (None, None, None) for module in modules]
+            present = [norm for norm in norms if norm[0] is not None]
+            if any(entry is None for entry in packed) or len(present) != sum(m is not None for m in modules):
+                return None
+            if len({(eps, after) for _, eps, after in present}) != 1:
+                return None  # one eps and one norm kind in a layer
+            sliding = self.layer_types and self.layer_types[index] == "sliding_attention"
+            layers.append(
+                kernels.LayerWeights(
+                    weights=[weight.data for weight, _ in packed],  # type: ignore[misc]
+                    features=[weight.out_features for weight, _ in packed],  # type: ignore[misc]
+                    biases=[bias for _, bias in packed],  # type: ignore[misc]
+                    norms=[scale for scale, _, _ in norms],
+                    eps=present[0][1],
+                    weight_after=present[0][2],
+                    heads=config.num_attention_heads,
+                    kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                    head_dim=attention.head_dim,
+                    scaling=float(attention.scaling),
+                    window=window if sliding else 0,
+                    gelu=gelu,
+                )
+            )
+        return layers
+
     def _layer(self, layer: Any, hidden: torch.Tensor, rotary: Any, mask: Any, cache: Any) -> torch.Tensor:
         sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma: norms before and after each block
         update = self._attend(layer.self_attn, layer.input_layernorm(hidden), rotary, mask, cache)
@@ -112,17 +205,37 @@ class Decoder:
         return attention.o_proj(output.reshape(*hidden.shape[:-1], -1).contiguous())
 
 
+def _packed(module: Any) -> tuple[Any, torch.Tensor | None] | None:
+    """The kernel-packed weight and bias a linear layer computes with now (`generation_view`'s), or None."""
+    packed = getattr(vars(module).get("forward"), "packed", None)
+    found = packed() if packed is not None and _plain(module, patched=True) else None
+    return found if found is not None and found[0].native else None
+
+
+def _norm(module: Any) -> tuple[torch.Tensor | None, Any, bool]:
+    """A known RMSNorm's float32 scale, eps and kind (True: Llama's weight after rounding); (None, ..) if unknown."""
+    kind, weight = type(module).__name__, getattr(module, "weight", None)
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    if not isinstance(weight, torch.Tensor) or eps is None or not _plain(module, patched=True):
+        return None, None, False
+    if kind in ONE_PLUS_WEIGHT_NORMS:
+        return 1.0 + weight.detach().float(), float(eps), False
+    if kind in WEIGHT_AFTER_NORMS:
+        return weight.detach().float(), float(eps), True
+    return None, None, False
+
+
 def _peft(model: Any) -> bool:
     """A PEFT model (its forward only hands the call to the base model's), not some other wrapper."""
     return any(cls.__name__ == "PeftModel" and cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
-def _plain(module: Any) -> bool:
-    """No hooks that a restated forward would skip."""
+def _plain(module: Any, patched: bool = False) -> bool:
+    """No hooks that a restated forward would skip (`patched`: generation_view's instance-level forward allowed)."""
     return not (
         getattr(module, "_forward_hooks", None)
         or getattr(module, "_forward_pre_hooks", None)
-        or "forward" in vars(module)  # an instance-level forward (patched): not the class's
+        or (not patched and "forward" in vars(module))  # an instance-level forward (patched): not the class's
     )
 
 

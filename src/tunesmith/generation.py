@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from tunesmith import kernels
-from tunesmith.decoder import Decoder
+from tunesmith.decoder import ONE_PLUS_WEIGHT_NORMS, WEIGHT_AFTER_NORMS, Decoder
 
 BASE = "__base__"  # Request.adapter for the base model's answers (PEFT's own name for a base row of a mixed batch)
 
@@ -219,7 +219,7 @@ class Engine:
         cache.rows, cache.start, cache.span = len(self.rows), positions, int(positions.max()) + 1
         adapters = [row.request.adapter for row in self.rows]
         ids = torch.tensor(tokens, device=self.device)[:, None]
-        logits = self._forward(ids, positions[:, None], positions[:, None, None], adapters)
+        logits = self._forward(ids, positions[:, None], positions[:, None, None], adapters, decode=True)
         decoding = [index for index, row in enumerate(self.rows) if row.next_token is not None]
         for index in decoding:
             self.rows[index].position += 1
@@ -227,19 +227,20 @@ class Engine:
         return self._advance(decoding, last)
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor, adapters: list[str | None]
-    ) -> torch.Tensor:
-        """Logits of the last position of each row; `query` holds each query's position ([rows, queries, 1])."""
-        keys = torch.arange(self.cache.span, device=self.device)[None, None, :]
-        visible = keys <= query  # causal: a query sees every key up to its own position
-        # Prefilling rows ride along in a decode step on padding: their keys beyond `position` are never read later.
-        mask: Any = self._mask(visible)
-        if self.layer_types and self.window and "sliding_attention" in self.layer_types:
-            mask = {"full_attention": mask, "sliding_attention": self._mask(visible & (keys > query - self.window))}
+        self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor, adapters: list[str | None],
+        decode: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """Logits of the last position of each row; `query` holds each query's position ([rows, queries, 1]).
+        `decode`: one token a row, row r in slot r (the decoder's native step where it can take the model)."""
         arguments: dict[str, Any] = {self.cache_argument: self.cache}
         with self._adapters(adapters, arguments):
-            if self.decoder is not None and "adapter_names" not in arguments:
-                return self.decoder(ids, positions, mask, self.cache)
+            restated = self.decoder is not None and "adapter_names" not in arguments
+            logits = self.decoder.decode(ids, positions, self.cache) if restated and decode else None  # type: ignore[union-attr]
+            if logits is not None:
+                return logits
+            mask = self._masks(query)
+            if restated:
+                return self.decoder(ids, positions, mask, self.cache)  # type: ignore[misc]
             output = self.model(
                 input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1,
                 **arguments,
@@ -261,6 +262,16 @@ class Engine:
         if active != [names[0]]:
             self.model.set_adapter(names[0])
         return contextlib.nullcontext()
+
+    def _masks(self, query: torch.Tensor) -> Any:
+        """Each query's mask over the cache (a causal one, and a sliding one where the model has such layers)."""
+        keys = torch.arange(self.cache.span, device=self.device)[None, None, :]
+        visible = keys <= query  # causal: a query sees every key up to its own position
+        # Prefilling rows ride along in a decode step on padding: their keys beyond `position` are never read later.
+        mask: Any = self._mask(visible)
+        if self.layer_types and self.window and "sliding_attention" in self.layer_types:
+            mask = {"full_attention": mask, "sliding_attention": self._mask(visible & (keys > query - self.window))}
+        return mask
 
     def _mask(self, visible: torch.Tensor) -> torch.Tensor:
         mask = visible[:, None]  # [rows, 1 (heads), queries, keys]
@@ -436,12 +447,6 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
                 del module.forward  # the class's own forward again
 
 
-# RMSNorm classes whose forward is known: Gemma's scales by (1 + weight) in float32 before rounding; Llama's (and
-# these others') rounds first, then scales by weight in the model's dtype.
-ONE_PLUS_WEIGHT_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
-WEIGHT_AFTER_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}
-
-
 def _fused_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     kind = type(module).__name__
     eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
@@ -521,13 +526,17 @@ def _packed_forward(module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.T
     own = module.forward
     held: list[PackedWeight] = []
 
+    def packed() -> PackedWeight:
+        if not held:
+            held.append(PackedWeight(module.weight))
+        return held[0]
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != module.weight.dtype or torch.is_grad_enabled():
             return own(x)
-        if not held:
-            held.append(PackedWeight(module.weight))
-        return held[0](x, module.bias)
+        return packed()(x, module.bias)
 
+    forward.packed = lambda: (packed(), module.bias)  # type: ignore[attr-defined]  # Decoder's native decode
     return forward
 
 
@@ -535,23 +544,32 @@ def _merged_forward(module: Any, pack: bool) -> Callable[..., torch.Tensor]:
     own = module.forward
     merged: dict[str, Any] = {}  # adapter name -> its merged weight (a PackedWeight when packing)
 
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def single() -> str | None:
+        """The one adapter this layer computes with now (merged), or None where PEFT's own forward must run."""
         active = list(module.active_adapters)
-        if (
-            module.disable_adapters
-            or kwargs.get("adapter_names") is not None
-            or len(active) != 1
-            or active[0] not in module.lora_A
-            or torch.is_grad_enabled()
-            or x.dtype != module.base_layer.weight.dtype
-        ):
+        if module.disable_adapters or len(active) != 1 or active[0] not in module.lora_A:
+            return None
+        if active[0] not in merged:
+            merged[active[0]] = _merge(module, active[0], pack)
+        return active[0]
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        plain = kwargs.get("adapter_names") is None and not torch.is_grad_enabled()
+        name = single() if plain and x.dtype == module.base_layer.weight.dtype else None
+        if name is None:
             return own(x, *args, **kwargs)
-        name = active[0]
-        if name not in merged:
-            merged[name] = _merge(module, name, pack)
         weight, bias = merged[name], module.base_layer.bias
         return weight(x, bias) if pack else torch.nn.functional.linear(x, weight, bias)
 
+    def packed() -> tuple[PackedWeight, torch.Tensor | None] | None:
+        """The packed weight this layer computes with now (its base's where the adapters are off)."""
+        if module.disable_adapters:
+            base = getattr(vars(module.base_layer).get("forward"), "packed", None)
+            return base() if base else None
+        name = single()
+        return (merged[name], module.base_layer.bias) if pack and name is not None else None
+
+    forward.packed = packed  # type: ignore[attr-defined]  # Decoder's native decode
     return forward
 
 

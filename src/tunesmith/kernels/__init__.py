@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,3 +73,34 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, weight_after: boo
     """RMSNorm of bf16 rows in float32: Gemma's bf16(x * r * scale) with scale = 1 + weight (float32), or with
     `weight_after` Llama's bf16(weight * bf16(x * r)); r = 1 / sqrt(mean(x^2) + eps)."""
     return torch.ops.tunesmith_kernels.rms_norm_bf16(x, scale, eps, weight_after)
+
+
+def decode_layer(hidden: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 keys: torch.Tensor, values: torch.Tensor, layer: LayerWeights) -> torch.Tensor:  # fmt: skip
+    """One decoder layer's decode step for rows of one token each (hidden [rows, width] bf16), writing each row's
+    key and value into its slot of the cache at its position; see `decode_layer` in linear_bf16.cpp."""
+    return torch.ops.tunesmith_kernels.decode_layer(
+        hidden, positions, cos, sin, keys, values, layer.weights, layer.features, layer.biases, layer.norms,
+        layer.eps, layer.weight_after, layer.heads, layer.kv_heads, layer.head_dim, layer.scaling, layer.window,
+        layer.gelu,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """What `decode_layer` needs of one layer: the packed q, k, v, o, gate, up and down weights (with their output
+    widths and biases) and the float32 norm scales (input, after attention, before the MLP, after the MLP, q, k;
+    None where the family has none)."""
+
+    weights: list[torch.Tensor]
+    features: list[int]
+    biases: list[torch.Tensor | None]
+    norms: list[torch.Tensor | None]
+    eps: float
+    weight_after: bool  # Llama's norms (weight applied after rounding); else Gemma's (1 + weight)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    window: int  # 0: every earlier position; else the last `window`
+    gelu: bool  # GELU (tanh) on the gate; else SiLU

@@ -11,10 +11,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#if defined(__AVX512BF16__)
+#include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__AVX512BF16__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -23,6 +29,28 @@ namespace {
 constexpr int64_t BLOCK = 16;  // outputs per packed block: one register of float32
 constexpr int64_t ROWS = 8;    // rows of x computed per pass over a block
 
+// An empty bf16 tensor on memory the kernel asks to be backed by 2 MiB pages (Linux's transparent huge pages in
+// `madvise` mode, the common default): a stream of weights then misses the TLB 512 times less often. Measured on
+// Gemma 3's 262k x 640 output layer: 10.8 ms on 4 KiB pages, 9.9 ms on 2 MiB pages. Small weights and systems
+// without madvise get an ordinary tensor.
+at::Tensor huge_pages(at::IntArrayRef shape) {
+  int64_t count = 1;
+  for (const auto size : shape) count *= size;
+  const size_t bytes = size_t(count) * 2;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t PAGE = size_t(2) << 20;
+  if (bytes >= PAGE) {
+    const size_t rounded = (bytes + PAGE - 1) / PAGE * PAGE;
+    void* memory = std::aligned_alloc(PAGE, rounded);
+    if (memory != nullptr) {
+      madvise(memory, rounded, MADV_HUGEPAGE);  // advice only: where refused, the pages are ordinary
+      return at::from_blob(memory, shape, [](void* data) { std::free(data); }, at::TensorOptions().dtype(at::kBFloat16));
+    }
+  }
+#endif
+  return at::empty(shape, at::TensorOptions().dtype(at::kBFloat16));
+}
+
 // [N, K] -> [ceil(N/16), ceil(K/2), 16, 2], zero-padded.
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack: a 2-d bf16 weight");
@@ -30,7 +58,9 @@ at::Tensor pack(const at::Tensor& weight) {
   const int64_t blocks = (N + BLOCK - 1) / BLOCK, pairs = (K + 1) / 2;
   auto padded = at::zeros({blocks * BLOCK, pairs * 2}, weight.options());
   padded.narrow(0, 0, N).narrow(1, 0, K).copy_(weight);
-  return padded.view({blocks, BLOCK, pairs, 2}).permute({0, 2, 1, 3}).contiguous();
+  at::Tensor packed = huge_pages({blocks, pairs, BLOCK, 2});
+  packed.copy_(padded.view({blocks, BLOCK, pairs, 2}).permute({0, 2, 1, 3}));
+  return packed;
 }
 
 inline float to_float(uint16_t value) {
@@ -204,16 +234,168 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& scale, double eps
   return out;
 }
 
+
+// --- One decoder layer's decode step ----------------------------------------------------------------------------
+//
+// A decode step of a small model is ~20 small operations per layer; called one by one from Python they cost as
+// much as reading the weights. Here one call computes a whole layer of the Llama/Gemma family for R rows of one
+// token each, rounding to bf16 where the model's own forward rounds (after every product, norm, RoPE product and
+// residual add), so the answers equal the layer-by-layer ones up to the order of the attention's sums.
+
+#if defined(__AVX512F__)
+inline __m512 load16(const uint16_t* bf16) {  // 16 bf16 values widened to float32 (a shift of each 16-bit pattern)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)bf16)), 16));
+}
+#endif
+
+// sum_i q[i] * k[i], q in float32, k in bf16
+inline float dot(const float* q, const uint16_t* k, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) total += q[i] * to_float(k[i]);
+  return total;
+}
+
+// out[i] += p * v[i], v in bf16
+inline void add_scaled(float* out, float p, const uint16_t* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 scale = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(scale, load16(v + i), _mm512_loadu_ps(out + i)));
+#endif
+  for (; i < n; ++i) out[i] += p * to_float(v[i]);
+}
+
+// RoPE as the families apply it in bf16: x * cos + rotate_half(x) * sin, each product and the sum rounded.
+void rotate(uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  uint16_t rotated[1024];
+  for (int64_t i = 0; i < head_dim; ++i) {
+    const float partner = i < half ? -to_float(x[i + half]) : to_float(x[i - half]);
+    const float first = to_float(to_bf16(to_float(x[i]) * to_float(cos[i])));
+    const float second = to_float(to_bf16(partner * to_float(sin[i])));
+    rotated[i] = to_bf16(first + second);
+  }
+  std::memcpy(x, rotated, size_t(head_dim) * 2);
+}
+
+at::Tensor project(const at::Tensor& x, at::TensorList weights, at::IntArrayRef features,
+                   const c10::List<c10::optional<at::Tensor>>& biases, int64_t which) {
+  const c10::optional<at::Tensor> bias = biases.get(which);
+  return linear(x, weights[which], features[which], bias);
+}
+
+at::Tensor normed(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& norms, int64_t which, double eps,
+                  bool weight_after) {
+  const c10::optional<at::Tensor> scale = norms.get(which);
+  return scale.has_value() ? rms_norm(x, *scale, eps, weight_after) : x;
+}
+
+// hidden [R, D] bf16, each row one token at positions[r] (its slot r of the cache); cos/sin [R, head_dim] bf16;
+// keys/values [slots, kv_heads, length, head_dim] bf16, written at each row's position. weights: q, k, v, o, gate,
+// up, down packed; norms (float32 scales, None where the family has none): input, after attention (Gemma), before
+// the MLP, after the MLP (Gemma), q, k. window > 0: a row sees its last `window` positions only.
+at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
+                        const at::Tensor& sin, at::Tensor keys, at::Tensor values, at::TensorList weights,
+                        at::IntArrayRef features, const c10::List<c10::optional<at::Tensor>>& biases,
+                        const c10::List<c10::optional<at::Tensor>>& norms, double eps, bool weight_after,
+                        int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling, int64_t window, bool gelu) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kBFloat16, "decode_layer: hidden is [rows, width] bf16");
+  TORCH_CHECK(weights.size() == 7 && features.size() == 7 && biases.size() == 7 && norms.size() == 6,
+              "decode_layer: 7 weights and biases, 6 norms");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == at::kBFloat16,
+              "decode_layer: a contiguous bf16 cache");
+  TORCH_CHECK(head_dim <= 1024 && heads % kv_heads == 0, "decode_layer: head_dim <= 1024, heads a multiple of kv heads");
+  const int64_t R = hidden.size(0), length = keys.size(2), group = heads / kv_heads;
+  TORCH_CHECK(keys.size(0) >= R && keys.size(1) == kv_heads && keys.size(3) == head_dim, "decode_layer: cache shape");
+  const at::Tensor x = hidden.contiguous();
+  const at::Tensor where = positions.to(at::kLong).contiguous();
+  const int64_t* pos = where.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(pos[r] >= 0 && pos[r] < length, "decode_layer: position outside cache");
+
+  const at::Tensor in = normed(x, norms, 0, eps, weight_after);
+  at::Tensor q = project(in, weights, features, biases, 0).contiguous();
+  at::Tensor k = project(in, weights, features, biases, 1).contiguous();
+  const at::Tensor v = project(in, weights, features, biases, 2).contiguous();
+  if (norms.get(4).has_value()) q = normed(q.view({R * heads, head_dim}), norms, 4, eps, weight_after).view({R, -1});
+  if (norms.get(5).has_value()) k = normed(k.view({R * kv_heads, head_dim}), norms, 5, eps, weight_after).view({R, -1});
+  auto* Q = reinterpret_cast<uint16_t*>(q.data_ptr());
+  auto* Kn = reinterpret_cast<uint16_t*>(k.data_ptr());
+  const auto* Vn = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const auto* C = reinterpret_cast<const uint16_t*>(c.data_ptr());
+  const auto* S = reinterpret_cast<const uint16_t*>(s.data_ptr());
+  auto* KC = reinterpret_cast<uint16_t*>(keys.data_ptr());
+  auto* VC = reinterpret_cast<uint16_t*>(values.data_ptr());
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t h = 0; h < heads; ++h) rotate(Q + (r * heads + h) * head_dim, C + r * head_dim, S + r * head_dim, head_dim);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      uint16_t* key = Kn + (r * kv_heads + g) * head_dim;
+      rotate(key, C + r * head_dim, S + r * head_dim, head_dim);
+      const int64_t at_ = ((r * kv_heads + g) * length + pos[r]) * head_dim;
+      std::memcpy(KC + at_, key, size_t(head_dim) * 2);
+      std::memcpy(VC + at_, Vn + (r * kv_heads + g) * head_dim, size_t(head_dim) * 2);
+    }
+  }
+
+  at::Tensor attended = at::empty({R, heads * head_dim}, x.options());
+  auto* A = reinterpret_cast<uint16_t*>(attended.data_ptr());
+  at::parallel_for(0, R * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(head_dim), sum(head_dim), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / heads, h = task % heads, g = h / group;
+      const int64_t last = pos[r], first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const uint16_t* q_row = Q + (r * heads + h) * head_dim;
+      for (int64_t i = 0; i < head_dim; ++i) query[i] = to_float(q_row[i]);
+      const uint16_t* key_base = KC + (r * kv_heads + g) * length * head_dim;
+      const uint16_t* value_base = VC + (r * kv_heads + g) * length * head_dim;
+      scores.resize(size_t(last - first + 1));
+      float best = -INFINITY;
+      for (int64_t t = first; t <= last; ++t) {
+        const float score = dot(query.data(), key_base + t * head_dim, head_dim) * float(scaling);
+        scores[t - first] = score;
+        best = std::max(best, score);
+      }
+      float total = 0.f;
+      for (auto& score : scores) total += (score = std::exp(score - best));
+      std::fill(sum.begin(), sum.end(), 0.f);
+      for (int64_t t = first; t <= last; ++t) add_scaled(sum.data(), scores[t - first] / total, value_base + t * head_dim, head_dim);
+      uint16_t* out = A + (r * heads + h) * head_dim;
+      for (int64_t i = 0; i < head_dim; ++i) out[i] = to_bf16(sum[i]);
+    }
+  });
+
+  const at::Tensor attention = normed(project(attended, weights, features, biases, 3), norms, 1, eps, weight_after);
+  const at::Tensor middle = at::add(x, attention);
+  const at::Tensor inner = normed(middle, norms, 2, eps, weight_after);
+  const at::Tensor gate = project(inner, weights, features, biases, 4);
+  const at::Tensor up = project(inner, weights, features, biases, 5);
+  const at::Tensor activated = gelu ? at::gelu(gate, "tanh") : at::silu(gate);
+  const at::Tensor down = project(at::mul(activated, up), weights, features, biases, 6);
+  return at::add(middle, normed(down, norms, 3, eps, weight_after));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tunesmith_kernels, library) {
   library.def("pack_bf16(Tensor weight) -> Tensor");
   library.def("linear_bf16(Tensor input, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   library.def("rms_norm_bf16(Tensor input, Tensor scale, float eps, bool weight_after) -> Tensor");
+  library.def(
+      "decode_layer(Tensor hidden, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
+      "Tensor[] weights, int[] features, Tensor?[] biases, Tensor?[] norms, float eps, bool weight_after, int heads, "
+      "int kv_heads, int head_dim, float scaling, int window, bool gelu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tunesmith_kernels, CPU, library) {
   library.impl("pack_bf16", &pack);
   library.impl("linear_bf16", &linear);
   library.impl("rms_norm_bf16", &rms_norm);
+  library.impl("decode_layer", &decode_layer);
 }
