@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats as scipy_stats
 
 from tunesmith import trust
@@ -218,7 +219,7 @@ def test_wins_come_from_a_per_item_metric_when_a_corpus_metric_comes_first(tmp_p
     ]
     outputs = {"zero-shot": ["a dog"] * 12, "tuned": [r.replace(" mat", "") for r in references]}
     config = build_config({"eval": {"metrics": ["chrf_corpus", "chrf"], "bootstrap": 400}})
-    loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None)
+    loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None, model=torch.nn.Linear(2, 2))
     monkeypatch.setattr(compare, "load_run", lambda run_dir, base=False: loaded)
     monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
     monkeypatch.setattr(
@@ -251,7 +252,7 @@ def _compare_on(tmp_path, monkeypatch, outputs, shots=0):
         for i, ref in enumerate(references)
     ]
     config = build_config({"eval": {"metrics": ["exact_match"], "bootstrap": 200}})
-    loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None)
+    loaded = SimpleNamespace(shares_base=True, config=config, tokenizer=None, model=torch.nn.Linear(2, 2))
     monkeypatch.setattr(compare, "load_run", lambda run_dir, base=False: loaded)
     monkeypatch.setattr(compare, "split_items", lambda run_dir, split, limit: items)
     monkeypatch.setattr(

@@ -217,3 +217,17 @@ def test_a_prefix_is_shared_only_between_rows_of_one_adapter(lora_model):
                 [Request(request.prompt_ids, 6, adapter=request.adapter)]
             )
             assert request.tokens == alone[0].tokens
+
+
+def test_a_view_entered_again_inside_one_is_that_view():
+    from tunesmith.generation import VIEWS
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
+    with generation_view(model, pack=True) as outer:
+        patched = model[0].forward
+        with generation_view(model, pack=True) as inner:
+            assert inner is outer and model[0].forward is patched  # not wrapped twice, packed once
+        assert model[0].forward is patched  # the inner block's end leaves the outer view as it was
+        with pytest.raises(RuntimeError, match="inside one"), generation_view(model, merge=False, pack=False):
+            pass
+    assert "forward" not in vars(model[0]) and id(model) not in VIEWS

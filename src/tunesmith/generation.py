@@ -410,6 +410,9 @@ def packing_pays(model: Any) -> bool:
     return parameter.dtype == torch.float16 and bool(mkldnn._is_mkldnn_fp16_supported())
 
 
+VIEWS: dict[int, tuple[bool, bool]] = {}  # id of a model in a generation_view -> that view's (merge, pack)
+
+
 @contextlib.contextmanager
 def generation_view(model: Any, merge: bool = True, pack: bool | None = None) -> Iterator[Any]:
     """The model as it generates fastest, for the duration of the block; exactly the trained model afterwards.
@@ -426,12 +429,23 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
       (`disable_adapter()`, the base model's answers) or per-row adapters (`adapter_names`), the layer computes as
       PEFT does, over its packed base weight. A merged answer can differ from the unmerged one by bf16 rounding.
 
-    Packed and merged weights are made on first use and dropped when the block ends."""
+    Packed and merged weights are made on first use and dropped when the block ends. A view entered again inside
+    one of the same model (compare's contestants, each generating in its own call) is that view: the weights are
+    packed once for all of them."""
     pack = packing_pays(model) if pack is None else pack
     if _sharded(model):  # FSDP's shards are whole only inside each layer's forward: generate as trained
         pack = merge = False
+    inside = VIEWS.get(id(model))
+    if inside is not None:
+        if inside != (merge, pack):
+            raise RuntimeError(
+                f"generation_view(merge={merge}, pack={pack}) inside one with {inside} of the same model"
+            )
+        yield model
+        return
     patched: list[torch.nn.Module] = []
     with adapter_in_model_dtype(model):
+        VIEWS[id(model)] = (merge, pack)
         try:
             for module in model.modules():
                 norm = _fused_norm(module)
@@ -443,6 +457,7 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
                     _patch(module, _packed_forward(module), patched)
             yield model
         finally:
+            del VIEWS[id(model)]
             for module in patched:
                 del module.forward  # the class's own forward again
 
@@ -536,7 +551,8 @@ def _packed_forward(module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.T
             return own(x)
         return packed()(x, module.bias)
 
-    forward.packed = lambda: (packed(), module.bias)  # type: ignore[attr-defined]  # Decoder's native decode
+    # Decoder's native decode: the weight as it computes (a quantized one is not packed: it keeps its own forward)
+    forward.packed = lambda: (packed(), module.bias) if module.weight.is_floating_point() else None  # type: ignore[attr-defined]
     return forward
 
 
@@ -566,8 +582,8 @@ def _merged_forward(module: Any, pack: bool) -> Callable[..., torch.Tensor]:
         if module.disable_adapters:
             base = getattr(vars(module.base_layer).get("forward"), "packed", None)
             return base() if base else None
-        name = single()
-        return (merged[name], module.base_layer.bias) if pack and name is not None else None
+        name = single() if pack and module.base_layer.weight.is_floating_point() else None
+        return (merged[name], module.base_layer.bias) if name is not None else None
 
     forward.packed = packed  # type: ignore[attr-defined]  # Decoder's native decode
     return forward

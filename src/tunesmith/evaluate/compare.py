@@ -32,6 +32,7 @@ from tunesmith.evaluate.general import general_ability
 from tunesmith.evaluate.generate import generate, load_run
 from tunesmith.evaluate.reward_scores import RewardScores, paired, score_answers
 from tunesmith.files import json_line, own_dir, replacing, write_json
+from tunesmith.generation import generation_view
 from tunesmith.objectives.preference import prefers_chosen, tokenize_preferences
 from tunesmith.objectives.reward_model import fresh_head, load_reward_model
 from tunesmith.rundir import RunDir
@@ -276,7 +277,11 @@ def compare_run(
     references = [str(c.reference) for c in items]
     pool = _shot_pool(run_dir, eval_config)
     prompting = _prompting(loaded, base, items, pool)
-    outputs, seconds = _answers(loaded, base, prompting, items, [c.prompt_messages for c in items], console)
+    with generation_view(loaded.model):  # packed and merged once for every contestant of the same model
+        outputs, seconds = _answers(loaded, base, prompting, items, [c.prompt_messages for c in items], console)
+        start = time.perf_counter()
+        strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, pool, split, limit, console)
+        seconds["choosing the strongest baseline"] = round(time.perf_counter() - start, 2)
     started = _start_answers(loaded, items, console, outputs, seconds)
     base_losses, tuned_losses = _losses_of_both(loaded, base, items)
     scores = {
@@ -296,9 +301,6 @@ def compare_run(
         start_extra = _reward_row(eval_config, rewarded, "start")
         start_versus = _versus(eval_config, started, [started], scores, outputs, references, rows, start_extra)
         start_versus.label = f"start ({loaded.config.init_from})"
-    start = time.perf_counter()
-    strongest, chosen_on = _strongest(run_dir, loaded, base, prompting, pool, split, limit, console)
-    seconds["choosing the strongest baseline"] = round(time.perf_counter() - start, 2)
     primary = eval_config.metrics[0]
     summary = CompareSummary(
         run_dir=str(run_dir),
