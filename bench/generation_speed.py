@@ -3,11 +3,12 @@
     python bench/generation_speed.py [--prompts 16] [--max-new-tokens 96] [--run RUN | --model NAME] [--gguf FILE]
 
 The model is Gemma 3 270M (the embedded default; --model smollm2-135m for the Llama family) in bf16 with a rank-16
-all-linear LoRA, as the quickstart trains
-it (a random adapter unless --run names a finished LoRA run); prompts are quickstart notes in the model's chat
-template; greedy; each answer ends at the end of its turn or the token limit. Printed: the memory-bandwidth bound
-(a read of a 1 GiB float32 tensor) and bf16 matmul peak measured here, tokens/s of each path at batch 1 and 8, how
-many answers the engine and the HF path agree on, and llama.cpp's tokens/s on --gguf FILE when given.
+all-linear LoRA, as the quickstart trains it (a random adapter unless --run names a finished LoRA run); prompts are
+quickstart notes in the model's chat template; greedy; each answer ends at the end of its turn or the token limit.
+Printed: the memory-bandwidth bound (the faster of a 1 GiB float32 sum and a 1 GiB stream through tunesmith's
+kernel) and bf16 matmul peak measured here, tokens/s of each path at batch 1 and 8 (the engine's with and without
+the packing of the weights before, which llama.cpp's load matches), how many answers the engine and the HF path
+agree on, and llama.cpp's tokens/s on --gguf FILE when given.
 """
 
 from __future__ import annotations
@@ -77,11 +78,21 @@ def turn_stop_known(tokenizer) -> bool:
 
 
 def bandwidth_gbs() -> float:
-    """The fastest plain read of 1 GiB measured here (a float32 sum; a bf16 sum converts as it reads, slower)."""
+    """The fastest read of 1 GiB measured here: a float32 sum (a bf16 sum converts as it reads, slower), or, where
+    tunesmith's kernel runs, a stream through it (a 1 GiB bf16 weight on 2 MiB pages times a zero row), whichever
+    is faster. The kernel's read is the faster one on AMD EPYC, so a bound from the sum alone would be too low."""
     data = torch.ones(256 * 2**20, dtype=torch.float32)
     data.sum()
     best = min(_timed(lambda: data.sum()) for _ in range(5))
-    return data.numel() * 4 / best / 1e9
+    rate = data.numel() * 4 / best / 1e9
+    if kernels.pays() and kernels.available():
+        data = torch.empty(0)
+        packed = kernels.pack(torch.randn(2**19, 1024).bfloat16())  # random: pages of zeros can read faster
+        row = torch.randn(1, 1024).bfloat16()
+        kernels.linear(row, packed, 2**19, None)
+        best = min(_timed(lambda: kernels.linear(row, packed, 2**19, None)) for _ in range(5))
+        rate = max(rate, packed.numel() * 2 / best / 1e9)
+    return rate
 
 
 def matmul_gflops() -> float:
@@ -123,15 +134,20 @@ def prompts(count: int, run: str | None = None) -> list[tuple[Message, ...]]:
     return [tuple(Message(m["role"], m["content"]) for m in json.loads(line)["messages"][:-1]) for line in lines]
 
 
-def engine_answers(model, tokenizer, encoded, max_new_tokens, rows, merge=True) -> tuple[list[list[int]], float]:
+def engine_answers(model, tokenizer, encoded, max_new_tokens, rows, merge=True) -> tuple[list[list[int]], float, float]:
+    """The engine's greedy answers, the seconds they took, and the seconds the view took to pack and merge the
+    weights before (timed apart, as llama.cpp's load is: a server or a compare pays it once)."""
     turn_end = tokenizer.convert_tokens_to_ids("<end_of_turn>") if "<end_of_turn>" in tokenizer.get_vocab() else None
     stops = frozenset(t for t in (tokenizer.eos_token_id, turn_end) if t is not None)
-    start = time.perf_counter()  # the view's packing and merging included
+    start = time.perf_counter()
     with generation_view(model, merge=merge):
         engine = Engine(model, max_rows=rows, max_length=max(map(len, encoded)) + max_new_tokens + 1)
+        engine.run([Request(encoded[0][:4], 1)])  # packs and merges every weight the answers use
+        packing = time.perf_counter() - start
+        start = time.perf_counter()
         requests = [Request(ids, max_new_tokens, stop_ids=stops) for ids in encoded]
         engine.run(requests)
-    return [r.tokens for r in requests], time.perf_counter() - start
+    return [r.tokens for r in requests], time.perf_counter() - start, packing
 
 
 def main() -> None:
@@ -157,21 +173,22 @@ def main() -> None:
     results = {}
     batches = [int(b) for b in args.batches.split(",")]
     for rows in batches:
-        tokens, seconds = engine_answers(model, tokenizer, encoded, args.max_new_tokens, rows)
+        tokens, seconds, packing = engine_answers(model, tokenizer, encoded, args.max_new_tokens, rows)
         produced = sum(map(len, tokens))
         results[rows] = tokens
         rate = produced / seconds
         share = f" = {rate / (bound * 1e9 / weights):.0%} of the bound" if rows == 1 else ""
-        print(f"engine   batch {rows}: {rate:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s){share}")
+        print(f"engine   batch {rows}: {rate:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s){share}; "
+              f"with the {packing:.2f} s of packing before: {produced / (seconds + packing):.1f}")  # fmt: skip
     if kernels.pays() and kernels.available():  # the same engine on oneDNN's product, as before the kernel
         os.environ["TUNESMITH_KERNELS"] = "0"
-        tokens, seconds = engine_answers(model, tokenizer, encoded, args.max_new_tokens, 1)
+        tokens, seconds, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, 1)
         del os.environ["TUNESMITH_KERNELS"]
         same = sum(a == b for a, b in zip(tokens, results[batches[0]], strict=True))
         print(f"engine   batch 1 on oneDNN's product: {sum(map(len, tokens)) / seconds:6.1f} tokens/s "
               f"({same} of {len(tokens)} answers identical to the kernel's)")  # fmt: skip
     if not args.skip_hf:
-        unmerged, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, batches[-1], merge=False)
+        unmerged, _, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, batches[-1], merge=False)
         stops = ["<end_of_turn>"] if turn_stop_known(tokenizer) else []
         for rows in batches:
             start = time.perf_counter()

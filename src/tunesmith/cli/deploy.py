@@ -99,17 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         err.print(f"Starting vLLM: {printable}", highlight=False)
         os.execvpe(command[0], command, vllm_env(api_key))
         return 0  # execvpe replaces this process; reached only where it is stubbed (tests)
-    import torch
     import uvicorn
 
     from tunesmith.deploy.engine import Engine
     from tunesmith.deploy.requestlog import RequestLog
     from tunesmith.deploy.serve import create_app, default_log_path
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Leave a core to the event loop: sharing one with torch's intra-op threads makes every parallel op wait
-        # for whichever thread is descheduled, and under a burst of requests generation ran 30x slower.
-        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     sizes = {"queue_size": args.queue_size, "max_prompt_tokens": args.max_prompt_tokens}
     sizes["max_tokens_limit"] = args.max_tokens_limit
     with err.status("Loading the model..."):
