@@ -87,5 +87,36 @@ def test_tools_generator_reproduces_the_shipped_conversations_of_every_kind(tmp_
     calls = [len(m.get("tool_calls") or []) for m in last]
     assert {0, 1, 2} <= set(calls)  # no call, one call, parallel calls
     assert any(m["role"] == "tool" for r in records for m in r["messages"])  # a call that uses a result
+    # the end of a loop: the second call's result, then text for the person
+    assert any([m["role"] for m in r["messages"][-3:]] == ["assistant", "tool", "assistant"] for r in records)
     names = {t["function"]["name"] for t in records[0]["tools"]}
     assert all(c["function"]["name"] in names for m in last for c in m.get("tool_calls") or [])
+
+
+def test_the_tools_agent_loop_counts_a_task_complete_only_for_the_right_two_calls():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples/tools/agent_loop.py"
+    spec = importlib.util.spec_from_file_location("agent_loop", path)
+    assert spec is not None and spec.loader is not None
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    request, name, day = loop.task(__import__("random").Random(3))
+    assert name in request and day.startswith("2027-")
+
+    def calls(*made):
+        clinic = loop.Clinic()
+        for tool, arguments in made:
+            clinic.run(tool, arguments)
+        return clinic
+
+    found = loop.Clinic().ids[name]
+    assert loop.complete(
+        calls(("find_patient", {"name": name}), ("book", {"patient_id": found, "day": day})), name, day
+    )
+    assert not loop.complete(calls(("book", {"patient_id": found, "day": day})), name, day)  # never looked up
+    wrong_id = calls(("find_patient", {"name": name}), ("book", {"patient_id": "P-000", "day": day}))
+    assert not loop.complete(wrong_id, name, day)
+    wrong_day = calls(("find_patient", {"name": name}), ("book", {"patient_id": found, "day": "2027-13-01"}))
+    assert not loop.complete(wrong_day, name, day)
+    assert loop.Clinic().run("find_patient", {"name": "Nobody"}) == {"error": "no such patient"}

@@ -94,3 +94,10 @@ def test_the_kernels_rms_norm_is_the_families_formula(built, family):
     step = own.float().abs() * 2**-7 + 1e-6
     assert got.dtype == torch.bfloat16 and ((got.float() - own.float()).abs() <= step).all()
     assert (got == own).float().mean() > 0.95
+
+
+def test_only_bf16_weights_in_cpu_memory_go_through_the_kernel(built, monkeypatch):
+    monkeypatch.setattr(kernels, "pays", lambda: True)  # a GPU host's CPU often has AVX512-BF16 too
+    assert kernels.takes(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert not kernels.takes(torch.zeros(4, 4, dtype=torch.bfloat16, device="meta"))  # stands in for CUDA's
+    assert not kernels.takes(torch.zeros(4, 4))

@@ -122,9 +122,10 @@ class Decoder:
         return logits
 
     def _plan(self) -> list[kernels.LayerWeights] | None:
-        """The native layers for the adapters as they are set now, made once per adapter state."""
+        """The native layers for the adapters as they are set now, made once per adapter state and view (keyed by
+        the view's patched forward itself, not its id: a later view's could reuse a freed id)."""
         first = self.body.layers[0].self_attn.q_proj
-        key: tuple = (id(vars(first).get("forward")), getattr(first, "disable_adapters", None))
+        key: tuple = (vars(first).get("forward"), getattr(first, "disable_adapters", None))
         key += tuple(getattr(first, "active_adapters", ()))
         if key not in self.plans:
             self.plans[key] = self._native_layers()

@@ -470,7 +470,7 @@ def _fused_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tenso
         return None
     own, shape = module.forward, (weight.shape[0],)
     # bf16 rows through tunesmith's kernel: one call instead of torch.rms_norm's eight ops and two casts
-    native = weight.dtype == torch.bfloat16 and kernels.pays() and kernels.available()
+    native = kernels.takes(weight)
     if kind in ONE_PLUS_WEIGHT_NORMS:
         scale = 1.0 + weight.detach().float()
 
@@ -524,7 +524,7 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor) -> None:
         weight = weight.detach()
         self.out_features = weight.shape[0]
-        self.native = weight.dtype == torch.bfloat16 and kernels.pays() and kernels.available()
+        self.native = kernels.takes(weight)
         if self.native:
             self.data = kernels.pack(weight)
         else:

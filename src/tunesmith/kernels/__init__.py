@@ -32,6 +32,13 @@ def pays() -> bool:
     return os.environ.get("TUNESMITH_KERNELS", "1") != "0" and "avx512_bf16" in cpu_flags()
 
 
+def takes(weight: torch.Tensor) -> bool:
+    """Whether generation computes with this weight through the kernel: bf16 in CPU memory (a CUDA model's
+    weights never: the kernel is a CPU one, even where the host CPU has AVX512-BF16), where the kernel pays and
+    is built."""
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and pays() and available()
+
+
 @functools.cache
 def available() -> bool:
     """Build (once per CPU and source) and load the kernel; False, with the reason logged once, where it cannot be."""
