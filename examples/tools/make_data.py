@@ -4,8 +4,8 @@ appointments and refills prescriptions by calling tools (OpenAI's schema: `tools
     python examples/tools/make_data.py            # writes examples/tools/calls.jsonl
 
 Four kinds of conversation, seeded so the file is the same on every machine: one call; two calls at once (parallel);
-a call, its result and a second call that uses the result (multi-turn); and a question that needs no tool (the
-answer is text). Requests vary in wording, order and date formats, so the model must read the arguments out of
+a call, its result and a second call that uses the result (multi-turn; half of them go on to the second result and
+the answer to the person, the end of the loop); and a question that needs no tool (the answer is text). Requests vary in wording, order and date formats, so the model must read the arguments out of
 them. Evaluation scores the last assistant turn: its calls (tool_args_match, BFCL's rules) or its text.
 """
 
@@ -111,14 +111,26 @@ def parallel(rng: random.Random) -> list[dict]:
 
 
 def multi_turn(rng: random.Random) -> list[dict]:
+    """Find the patient, then book with the id found; in half of them the booking's result comes back too and the
+    turn ends with the answer to the person (without those, a model learns no end to the loop: served, it went on
+    to cancel what it had just booked)."""
     name, patient, (iso, said) = rng.choice(NAMES), _patient(rng), _day(rng)
     ask = rng.choice(["Book {n} on {d}.", "{n} wants an appointment {d}."])
-    return [
+    messages = [
         {"role": "user", "content": ask.format(n=name, d=said)},
         _asks(_call(1, "find_patient", {"name": name})),
         {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"patient_id": patient})},
         _asks(_call(2, "book", {"patient_id": patient, "day": iso})),
     ]
+    if rng.random() < 0.5:
+        appointment = f"A-{rng.randint(1000, 9999)}"
+        booked = {"appointment_id": appointment, "day": iso}
+        done = rng.choice(["{n} is booked on {d} (appointment {a}).", "Done: {n}, {d}, appointment {a}."])
+        messages += [
+            {"role": "tool", "tool_call_id": "call_2", "content": json.dumps(booked)},
+            {"role": "assistant", "content": done.format(n=name, d=iso, a=appointment)},
+        ]
+    return messages
 
 
 def no_call(rng: random.Random) -> list[dict]:
