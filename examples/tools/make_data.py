@@ -5,8 +5,9 @@ appointments and refills prescriptions by calling tools (OpenAI's schema: `tools
 
 Four kinds of conversation, seeded so the file is the same on every machine: one call; two calls at once (parallel);
 a call, its result and a second call that uses the result (multi-turn; half of them go on to the second result and
-the answer to the person, the end of the loop); and a question that needs no tool (the answer is text). Requests vary in wording, order and date formats, so the model must read the arguments out of
-them. Evaluation scores the last assistant turn: its calls (tool_args_match, BFCL's rules) or its text.
+the answer to the person, the end of the loop); and a question that needs no tool (the answer is text). Requests
+vary in wording, order and date formats, so the model must read the arguments out of them. Evaluation scores the
+last assistant turn: its calls (tool_args_match, BFCL's rules) or its text.
 """
 
 from __future__ import annotations
