@@ -87,7 +87,7 @@ def bandwidth_gbs() -> float:
     rate = data.numel() * 4 / best / 1e9
     if kernels.pays() and kernels.available():
         data = torch.empty(0)
-        packed = kernels.pack(torch.randn(2**19, 1024).bfloat16())  # random: pages of zeros can read faster
+        packed = kernels.pack(torch.randn(2**19, 1024).bfloat16())  # values as a real weight has
         row = torch.randn(1, 1024).bfloat16()
         kernels.linear(row, packed, 2**19, None)
         best = min(_timed(lambda: kernels.linear(row, packed, 2**19, None)) for _ in range(5))
