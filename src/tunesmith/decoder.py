@@ -80,18 +80,24 @@ class Decoder:
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, masks: Any, cache: Any) -> torch.Tensor:
         hidden = self.body.embed_tokens(ids)
-        rotary = self.body.rotary_emb
-        # one rotary table per layer type ("" where the model keeps one for all layers)
-        if self.rotary_by_type:
-            tables = {kind: rotary(hidden, positions, kind) for kind in set(self.layer_types)}
-        else:
-            tables = {"": rotary(hidden, positions)}
+        tables = self._rotary(hidden, positions)
         for index, layer in enumerate(self.body.layers):
             kind = self.layer_types[index] if self.layer_types else "full_attention"
             mask = masks.get(kind, masks.get("full_attention")) if isinstance(masks, dict) else masks
             hidden = self._layer(layer, hidden, tables[kind if self.rotary_by_type else ""], mask, cache)
-        hidden = self.body.norm(hidden[:, -1:])
-        logits = self.lm.lm_head(hidden)
+        return self._logits(hidden[:, -1:])
+
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+        """The rotary tables (cos, sin) of these positions: one per layer type, or one under "" where the model
+        keeps one for all layers."""
+        rotary = self.body.rotary_emb
+        if self.rotary_by_type:
+            return {kind: rotary(hidden, positions, kind) for kind in set(self.layer_types)}
+        return {"": rotary(hidden, positions)}
+
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """The output layer over the last positions' hidden states (final norm and Gemma's soft cap included)."""
+        logits = self.lm.lm_head(self.body.norm(last))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -106,20 +112,13 @@ class Decoder:
             return None
         hidden = self.body.embed_tokens(ids)
         rows = hidden.shape[0]
-        tables = {}
-        for kind in set(self.layer_types) if self.rotary_by_type else {""}:
-            cos, sin = (
-                self.body.rotary_emb(hidden, positions, kind) if kind else self.body.rotary_emb(hidden, positions)
-            )
-            tables[kind] = (cos.reshape(rows, -1), sin.reshape(rows, -1))
+        tables = {kind: (cos.reshape(rows, -1), sin.reshape(rows, -1))
+                  for kind, (cos, sin) in self._rotary(hidden, positions).items()}  # fmt: skip
         flat, where = hidden.reshape(rows, -1), positions.reshape(rows)
         for index, layer in enumerate(layers):
             cos, sin = tables[self.layer_types[index] if self.rotary_by_type else ""]
             flat = kernels.decode_layer(flat, where, cos, sin, cache.keys[index], cache.values[index], layer)
-        logits = self.lm.lm_head(self.body.norm(flat[:, None]))
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self._logits(flat[:, None])
 
     def _plan(self) -> list[kernels.LayerWeights] | None:
         """The native layers for the adapters as they are set now, made once per adapter state and view (keyed by
@@ -213,17 +212,24 @@ def _packed(module: Any) -> tuple[Any, torch.Tensor | None] | None:
     return found if found is not None and found[0].native else None
 
 
-def _norm(module: Any) -> tuple[torch.Tensor | None, Any, bool]:
-    """A known RMSNorm's float32 scale, eps and kind (True: Llama's weight after rounding); (None, ..) if unknown."""
+def norm_scale(module: Any) -> tuple[torch.Tensor, float, bool] | None:
+    """A known RMSNorm's float32 scale (Gemma's 1 + weight, Llama's weight), eps, and kind (True: Llama's, the
+    weight applied after rounding); None for any other module."""
     kind, weight = type(module).__name__, getattr(module, "weight", None)
     eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
-    if not isinstance(weight, torch.Tensor) or eps is None or not _plain(module, patched=True):
-        return None, None, False
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+        return None
     if kind in ONE_PLUS_WEIGHT_NORMS:
         return 1.0 + weight.detach().float(), float(eps), False
     if kind in WEIGHT_AFTER_NORMS:
         return weight.detach().float(), float(eps), True
-    return None, None, False
+    return None
+
+
+def _norm(module: Any) -> tuple[torch.Tensor | None, Any, bool]:
+    """norm_scale of a norm the native layer may stand in for (no hooks); (None, None, False) otherwise."""
+    known = norm_scale(module) if _plain(module, patched=True) else None
+    return known if known is not None else (None, None, False)
 
 
 def _peft(model: Any) -> bool:

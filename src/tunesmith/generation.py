@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from tunesmith import kernels
-from tunesmith.decoder import ONE_PLUS_WEIGHT_NORMS, WEIGHT_AFTER_NORMS, Decoder
+from tunesmith.decoder import Decoder, norm_scale
 
 BASE = "__base__"  # Request.adapter for the base model's answers (PEFT's own name for a base row of a mixed batch)
 
@@ -463,16 +463,15 @@ def generation_view(model: Any, merge: bool = True, pack: bool | None = None) ->
 
 
 def _fused_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    kind = type(module).__name__
-    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
-    weight = getattr(module, "weight", None)
-    if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+    known = norm_scale(module)
+    if known is None:
         return None
+    scale, eps, weight_after = known
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]  # norm_scale found it a 1-d tensor
     own, shape = module.forward, (weight.shape[0],)
     # bf16 rows through tunesmith's kernel: one call instead of torch.rms_norm's eight ops and two casts
     native = kernels.takes(weight)
-    if kind in ONE_PLUS_WEIGHT_NORMS:
-        scale = 1.0 + weight.detach().float()
+    if not weight_after:
 
         def gemma(x: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled():
@@ -482,18 +481,15 @@ def _fused_norm(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tenso
             return torch.rms_norm(x.float(), shape, scale, eps).type_as(x)
 
         return gemma
-    if kind in WEIGHT_AFTER_NORMS:
-        values = weight.detach().float()
 
-        def llama(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled():
-                return own(x)
-            if native and x.dtype == torch.bfloat16:
-                return kernels.rms_norm(x, values, eps, weight_after=True)
-            return weight * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+    def llama(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return own(x)
+        if native and x.dtype == torch.bfloat16:
+            return kernels.rms_norm(x, scale, eps, weight_after=True)
+        return weight * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
 
-        return llama
-    return None
+    return llama
 
 
 def _sharded(model: Any) -> bool:

@@ -92,14 +92,10 @@ inline uint16_t to_bf16(float value) {  // round to nearest even, as torch does;
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const uint16_t* bf16) {  // 16 bf16 values widened to float32 (a shift of each 16-bit pattern)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)bf16)), 16));
+inline __m512 widen(__m256i bf16) {  // 16 bf16 values to float32, exactly (a shift of each 16-bit pattern)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
 }
-#endif
-#if defined(__AVX512BF16__)
-inline __m512 widen(__m256bh bf16) {  // bf16 back to float32, exactly
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)bf16), 16));
-}
+inline __m512 load16(const uint16_t* bf16) { return widen(_mm256_loadu_si256((const __m256i*)bf16)); }
 #endif
 
 #if defined(__AVX512BF16__)
@@ -265,7 +261,7 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& scale, double eps
       for (; i + 16 <= D; i += 16) {
         const __m512 normed = _mm512_mul_ps(load16(row + i), r_);
         const __m512 scale = _mm512_loadu_ps(S + i);
-        const __m512 result = weight_after ? _mm512_mul_ps(scale, widen(_mm512_cvtneps_pbh(normed)))
+        const __m512 result = weight_after ? _mm512_mul_ps(scale, widen((__m256i)_mm512_cvtneps_pbh(normed)))
                                            : _mm512_mul_ps(normed, scale);
         _mm256_storeu_si256((__m256i*)(target + i), (__m256i)_mm512_cvtneps_pbh(result));
       }
