@@ -103,22 +103,32 @@ class Decoder:
         return logits
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor | None:
-        """A decode step (one token a row; row r in slot r of the cache at positions[r]) through tunesmith's native
-        layer (kernels.decode_layer), one call a layer: the logits of each row, as `__call__` gives them up to the
-        order of the attention's sums. None where the model is not in a state the native layer computes (weights
-        not packed for the kernel, per-row adapters, an unmerged adapter, another activation or norm)."""
+        """A decode step (one token a row; row r in slot r of the cache at positions[r]) through the native layer:
+        the logits of each row ([rows, 1, vocabulary]), or None where `step` declines."""
+        rows = ids.shape[0]
+        logits = self.step(ids.reshape(rows), torch.arange(rows), positions.reshape(rows), list(range(rows)), cache)
+        return None if logits is None else logits[:, None]
+
+    def step(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, keep: list[int],
+             cache: Any) -> torch.Tensor | None:  # fmt: skip
+        """One engine step through tunesmith's native layer (kernels.decode_layer, one call a layer) over any mix
+        of tokens: ids[i] of the row in cache slot slots[i] at positions[i] (decoding rows' next tokens and a chunk
+        of a prompt, read with the same pass over the weights). Returns the logits of the tokens at `keep`
+        ([len(keep), vocabulary]), as `__call__` gives them up to the order of the attention's sums; None where
+        the model is not in a state the native layer computes (weights not packed for the kernel, per-row
+        adapters, an unmerged adapter, another activation or norm)."""
         layers = self._plan()
         if layers is None or cache.keys[0].dtype != torch.bfloat16:
             return None
-        hidden = self.body.embed_tokens(ids)
-        rows = hidden.shape[0]
-        tables = {kind: (cos.reshape(rows, -1), sin.reshape(rows, -1))
-                  for kind, (cos, sin) in self._rotary(hidden, positions).items()}  # fmt: skip
-        flat, where = hidden.reshape(rows, -1), positions.reshape(rows)
+        hidden = self.body.embed_tokens(ids[None])  # [1, tokens, width]: one sequence of positions for the tables
+        count = ids.shape[0]
+        tables = {kind: (cos.reshape(count, -1), sin.reshape(count, -1))
+                  for kind, (cos, sin) in self._rotary(hidden, positions[None]).items()}  # fmt: skip
+        flat = hidden.reshape(count, -1)
         for index, layer in enumerate(layers):
             cos, sin = tables[self.layer_types[index] if self.rotary_by_type else ""]
-            flat = kernels.decode_layer(flat, where, cos, sin, cache.keys[index], cache.values[index], layer)
-        return self._logits(flat[:, None])
+            flat = kernels.decode_layer(flat, positions, slots, cos, sin, cache.keys[index], cache.values[index], layer)
+        return self._logits(flat[keep] if len(keep) < count else flat)
 
     def _plan(self) -> list[kernels.LayerWeights] | None:
         """The native layers for the adapters as they are set now, made once per adapter state and view (keyed by

@@ -82,12 +82,20 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, weight_after: boo
     return torch.ops.tunesmith_kernels.rms_norm_bf16(x, scale, eps, weight_after)
 
 
-def decode_layer(hidden: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 keys: torch.Tensor, values: torch.Tensor, layer: LayerWeights) -> torch.Tensor:  # fmt: skip
-    """One decoder layer's decode step for rows of one token each (hidden [rows, width] bf16), writing each row's
-    key and value into its slot of the cache at its position; see `decode_layer` in linear_bf16.cpp."""
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value in a [rows, vocabulary] bf16 tensor, as torch.argmax gives it (the
+    first of ties, a NaN's where there is one) without its float32 copy of the logits."""
+    return torch.ops.tunesmith_kernels.argmax_bf16(logits)
+
+
+def decode_layer(hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 layer: LayerWeights) -> torch.Tensor:  # fmt: skip
+    """One decoder layer over a step's tokens (hidden [tokens, width] bf16): token i of the row in cache slot
+    slots[i] at positions[i]; a row's tokens in one call (a chunk of its prompt) attend to each other causally.
+    Writes each token's key and value into the cache; see `decode_layer` in linear_bf16.cpp."""
     return torch.ops.tunesmith_kernels.decode_layer(
-        hidden, positions, cos, sin, keys, values, layer.weights, layer.features, layer.biases, layer.norms,
+        hidden, positions, slots, cos, sin, keys, values, layer.weights, layer.features, layer.biases, layer.norms,
         layer.eps, layer.weight_after, layer.heads, layer.kv_heads, layer.head_dim, layer.scaling, layer.window,
         layer.gelu,
     )  # fmt: skip

@@ -99,6 +99,12 @@ inline __m512 load16(const uint16_t* bf16) { return widen(_mm256_loadu_si256((co
 #endif
 
 #if defined(__AVX512BF16__)
+// How far ahead of the product the weights are asked for (in 64-byte lines, 4 KiB): with several rows the product
+// is compute-bound, and the hardware's own prefetch then leaves the memory idle between bursts. Measured on Gemma 3's
+// output layer for 8 rows (bench/generation_speed.py's machine): 14.9 -> 12.1 ms; one row (a pure stream) unchanged.
+// A prefetch past the end of a weight is harmless (it never faults).
+constexpr int64_t AHEAD = 64;
+
 // One block of 16 outputs for MR rows of x. Two independent accumulators per row (over even and odd pairs) hide
 // the instruction's latency when few rows share each load.
 template <int MR, int C = (MR <= 4 ? 2 : 1)>
@@ -108,6 +114,7 @@ void block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t pairs, con
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   int64_t p = 0;
   for (; p + C <= pairs; p += C) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (p + AHEAD) * 2 * BLOCK), _MM_HINT_T2);
 #pragma GCC unroll 2
     for (int c = 0; c < C; ++c) {
       const __m512bh wc = (__m512bh)_mm512_loadu_si512(w + (p + c) * 2 * BLOCK);
@@ -140,6 +147,8 @@ void block_pair(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t pairs
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const uint16_t* w1 = w + pairs * 2 * BLOCK;
   for (int64_t p = 0; p < pairs; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (p + AHEAD) * 2 * BLOCK), _MM_HINT_T2);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + (p + AHEAD) * 2 * BLOCK), _MM_HINT_T2);
     const __m512bh a = (__m512bh)_mm512_loadu_si512(w + p * 2 * BLOCK);
     const __m512bh b = (__m512bh)_mm512_loadu_si512(w1 + p * 2 * BLOCK);
 #pragma GCC unroll 8
@@ -200,31 +209,119 @@ void two_blocks(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, in
   }
 }
 
-at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
-                  const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "linear: bf16 only");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == BLOCK && packed.is_contiguous(), "linear: weight not packed");
-  const int64_t K = input.size(-1), pairs = packed.size(1), N = out_features;
-  TORCH_CHECK(pairs == (K + 1) / 2 && packed.size(0) * BLOCK >= N, "linear: input and packed weight disagree");
+// One product of a call: its packed weight, output width, float32 bias (or null) and [M, N] output.
+struct Product {
+  const uint16_t* weight;
+  int64_t pairs, out_features;
+  const float* bias;
+  uint16_t* out;
+};
+
+// Several products of the same x in one parallel region (a layer's q, k and v; its gate and up): one fork and one
+// wait instead of one each, and the threads' shares balanced over all of them. Work is split in pairs of blocks.
+void products(const uint16_t* X, int64_t M, int64_t ldx, const std::vector<Product>& jobs) {
+  std::vector<int64_t> first{0};  // first pair of blocks of each job, in one numbering
+  for (const auto& job : jobs) first.push_back(first.back() + ((job.out_features + BLOCK - 1) / BLOCK + 1) / 2);
+  // tasks of at least ~64 KiB of weights: small layers still split across threads, large ones stream in long runs
+  const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(jobs.front().pairs, 1));
+  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
+    size_t j = 0;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      while (unit >= first[j + 1]) ++j;
+      const Product& job = jobs[j];
+      const int64_t blocks = (job.out_features + BLOCK - 1) / BLOCK;
+      two_blocks(X, M, ldx, job.weight, job.pairs, job.bias, job.out, job.out_features, 2 * (unit - first[j]), blocks);
+    }
+  });
+}
+
+// x [..., K] times each packed weight (+ its bias): one output [..., N_i] each, computed in one parallel region.
+std::vector<at::Tensor> linear_many(const at::Tensor& input, const std::vector<at::Tensor>& packed,
+                                    const std::vector<int64_t>& out_features,
+                                    const std::vector<c10::optional<at::Tensor>>& bias) {
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16, "linear: bf16 only");
+  const int64_t K = input.size(-1);
   at::Tensor x = input.reshape({-1, K}).contiguous();
   if (K % 2) x = at::constant_pad_nd(x, {0, 1});  // the pad pairs with a zero weight
   const int64_t M = x.size(0), ldx = x.size(1);
-  at::Tensor out = at::empty({M, N}, x.options());
-  at::Tensor bias32;
-  if (bias.has_value() && bias->defined()) bias32 = bias->to(at::kFloat).contiguous();
-  const float* B = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  std::vector<at::Tensor> outputs, biases;
+  std::vector<Product> jobs;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const at::Tensor& w = packed[i];
+    const int64_t N = out_features[i];
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 4 && w.size(2) == BLOCK && w.is_contiguous(),
+                "linear: weight not packed");
+    TORCH_CHECK(w.size(1) == (K + 1) / 2 && w.size(0) * BLOCK >= N, "linear: input and packed weight disagree");
+    outputs.push_back(at::empty({M, N}, x.options()));
+    biases.push_back(bias[i].has_value() && bias[i]->defined() ? bias[i]->to(at::kFloat).contiguous() : at::Tensor());
+    jobs.push_back({reinterpret_cast<const uint16_t*>(w.data_ptr()), w.size(1), N,
+                    biases.back().defined() ? biases.back().data_ptr<float>() : nullptr,
+                    reinterpret_cast<uint16_t*>(outputs.back().data_ptr())});
+  }
+  products(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, ldx, jobs);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    auto shape = input.sizes().vec();
+    shape.back() = out_features[i];
+    outputs[i] = outputs[i].view(shape);
+  }
+  return outputs;
+}
+
+at::Tensor linear(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
+                  const c10::optional<at::Tensor>& bias) {
+  return linear_many(input, {packed}, {out_features}, {bias}).front();
+}
+
+// The index of each row's largest value (the first where several tie, a NaN's where there is one, as torch's
+// argmax): greedy decoding's pick over a bf16 vocabulary without the float32 copy torch's argmax makes of it.
+at::Tensor argmax_rows(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16, "argmax: [rows, vocabulary] bf16");
+  const at::Tensor x = input.contiguous();
+  const int64_t R = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({R}, at::TensorOptions().dtype(at::kLong));
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const auto* W = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  auto* O = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  // tasks of at least ~64 KiB of weights: small layers still split across threads, large ones stream in long runs
-  const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(pairs, 1));
-  at::parallel_for(0, (blocks + 1) / 2, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) two_blocks(X, M, ldx, W, pairs, B, O, N, 2 * pair, blocks);
+  int64_t* O = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* row = X + r * V;
+      int64_t i = 0, best_index = 0;
+      float best = -INFINITY;
+#if defined(__AVX512F__)
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      __m512i where = _mm512_setzero_si512();
+      __mmask16 nan = 0;
+      const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      for (; i + 16 <= V && !nan; i += 16) {
+        const __m512 v = load16(row + i);
+        const __mmask16 higher = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);
+        top = _mm512_mask_mov_ps(top, higher, v);
+        where = _mm512_mask_mov_epi32(where, higher, _mm512_add_epi32(lanes, _mm512_set1_epi32(int32_t(i))));
+        nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      }
+      if (nan) {
+        i -= 16;  // the scalar loop below finds the NaN
+      } else {
+        alignas(64) float values[16];
+        alignas(64) int32_t indices[16];
+        _mm512_store_ps(values, top);
+        _mm512_store_si512(indices, where);
+        for (int lane = 0; lane < 16; ++lane)
+          if (values[lane] > best || (values[lane] == best && indices[lane] < best_index))
+            best = values[lane], best_index = indices[lane];
+      }
+#endif
+      for (; i < V; ++i) {
+        const float v = to_float(row[i]);
+        if (std::isnan(v)) {
+          best_index = i;
+          break;
+        }
+        if (v > best) best = v, best_index = i;
+      }
+      O[r] = best_index;
+    }
   });
-  auto shape = input.sizes().vec();
-  shape.back() = N;
-  return out.view(shape);
+  return out;
 }
 
 // RMSNorm of bf16 rows in float32, as the model families compute it, in one pass instead of eight small ops:
@@ -276,45 +373,114 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& scale, double eps
 }
 
 
-// --- One decoder layer's decode step ----------------------------------------------------------------------------
+// --- One decoder layer over a step's tokens ----------------------------------------------------------------------
 //
 // A decode step of a small model is ~20 small operations per layer; called one by one from Python they cost as
-// much as reading the weights. Here one call computes a whole layer of the Llama/Gemma family for R rows of one
-// token each, rounding to bf16 where the model's own forward rounds (after every product, norm, RoPE product and
-// residual add), so the answers equal the layer-by-layer ones up to the order of the attention's sums.
+// much as reading the weights. Here one call computes a whole layer of the Llama/Gemma family for a step's tokens:
+// one token of each decoding row and the chunk of a prompt being read, so the weights are read once for both. It
+// rounds to bf16 where the model's own forward rounds (after every product, norm, RoPE product and residual add),
+// so the answers equal the layer-by-layer ones up to the order of the attention's sums.
 
 
 // sum_i q[i] * k[i], q in float32, k in bf16
 inline float dot(const float* q, const uint16_t* k, int64_t n) {
-  int64_t i = 0;
   float total = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (; i + 64 <= n; i += 64)  // four independent sums: the adds' latency hidden
-    for (int a = 0; a < 4; ++a) acc[a] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16 * a), load16(k + i + 16 * a), acc[a]);
-  for (; i + 16 <= n; i += 16) acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc[0]);
-  total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-#endif
-  for (; i < n; ++i) total += q[i] * to_float(k[i]);
+  for (int64_t i = 0; i < n; ++i) total += q[i] * to_float(k[i]);
   return total;
 }
 
-// out[i] += p * v[i], v in bf16
-inline void add_scaled(float* out, float p, const uint16_t* v, int64_t n) {
+// The scores of N query heads that share one key (a group of grouped-query attention), the key read once:
+// scores[h * stride] = scaling * q_h . k, q_h = q + h * D in float32.
+template <int N>
+void dots(const float* q, int64_t D, const uint16_t* k, float scaling, float* scores, int64_t stride) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    __m512 acc[N];
+    for (int h = 0; h < N; ++h) acc[h] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __m512 key = load16(k + i);
+      for (int h = 0; h < N; ++h) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + i), key, acc[h]);
+    }
+    for (int h = 0; h < N; ++h) scores[h * stride] = _mm512_reduce_add_ps(acc[h]) * scaling;
+    return;
+  }
+#endif
+  for (int h = 0; h < N; ++h) scores[h * stride] = dot(q + h * D, k, D) * scaling;
+}
+
+// sums[h * D + i] += p[h * stride] * v[i] for N heads, the value read once.
+template <int N>
+void accumulate(float* sums, int64_t D, const uint16_t* v, const float* p, int64_t stride) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 scale = _mm512_set1_ps(p);
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(scale, load16(v + i), _mm512_loadu_ps(out + i)));
+  __m512 weight[N];
+  for (int h = 0; h < N; ++h) weight[h] = _mm512_set1_ps(p[h * stride]);
+  for (; i + 16 <= D; i += 16) {
+    const __m512 value = load16(v + i);
+    for (int h = 0; h < N; ++h)
+      _mm512_storeu_ps(sums + h * D + i, _mm512_fmadd_ps(weight[h], value, _mm512_loadu_ps(sums + h * D + i)));
+  }
 #endif
-  for (; i < n; ++i) out[i] += p * to_float(v[i]);
+  for (; i < D; ++i)
+    for (int h = 0; h < N; ++h) sums[h * D + i] += p[h * stride] * to_float(v[i]);
+}
+
+using DotsFn = void (*)(const float*, int64_t, const uint16_t*, float, float*, int64_t);
+using AccumulateFn = void (*)(float*, int64_t, const uint16_t*, const float*, int64_t);
+constexpr int GROUP = 8;  // query heads computed together; larger groups in parts of 8
+constexpr DotsFn DOTS[GROUP + 1] = {nullptr, dots<1>, dots<2>, dots<3>, dots<4>, dots<5>, dots<6>, dots<7>, dots<8>};
+constexpr AccumulateFn ACCUMULATE[GROUP + 1] = {nullptr,         accumulate<1>, accumulate<2>,
+                                                accumulate<3>,   accumulate<4>, accumulate<5>,
+                                                accumulate<6>,   accumulate<7>, accumulate<8>};
+
+// e^x in place for x <= 0 (a softmax's scores less their maximum), to float32's precision within a few units in
+// the last place: x = k ln2 + r, e^r by its Taylor polynomial (Cephes' expf), times 2^k.
+void exp_in_place(float* x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), low = _mm512_set1_ps(-87.3f);
+  const __m512 ln2_high = _mm512_set1_ps(0.693359375f), ln2_low = _mm512_set1_ps(-2.12194440e-4f);
+  constexpr float C[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                          4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_max_ps(_mm512_loadu_ps(x + i), low);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_fnmadd_ps(k, ln2_low, _mm512_fnmadd_ps(k, ln2_high, v));
+    __m512 poly = _mm512_set1_ps(C[0]);
+    for (int c = 1; c < 6; ++c) poly = _mm512_fmadd_ps(poly, v, _mm512_set1_ps(C[c]));
+    poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(v, v), v), _mm512_set1_ps(1.f));
+    _mm512_storeu_ps(x + i, _mm512_scalef_ps(poly, k));
+  }
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// float32 -> bf16 (round to nearest even) over n values
+void round_to_bf16(const float* x, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256((__m256i*)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) out[i] = to_bf16(x[i]);
 }
 
 // RoPE as the families apply it in bf16: x * cos + rotate_half(x) * sin, each product and the sum rounded.
 void rotate(uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t head_dim) {
   const int64_t half = head_dim / 2;
   uint16_t rotated[1024];
-  for (int64_t i = 0; i < head_dim; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  const auto rounded = [](__m512 v) { return widen((__m256i)_mm512_cvtneps_pbh(v)); };
+  if (half % 16 == 0)
+    for (; i < head_dim; i += 16) {
+      const __m512 partner = i < half ? _mm512_sub_ps(_mm512_setzero_ps(), load16(x + i + half)) : load16(x + i - half);
+      const __m512 first = rounded(_mm512_mul_ps(load16(x + i), load16(cos + i)));
+      const __m512 second = rounded(_mm512_mul_ps(partner, load16(sin + i)));
+      _mm256_storeu_si256((__m256i*)(rotated + i), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(first, second)));
+    }
+#endif
+  for (; i < head_dim; ++i) {
     const float partner = i < half ? -to_float(x[i + half]) : to_float(x[i - half]);
     const float first = to_float(to_bf16(to_float(x[i]) * to_float(cos[i])));
     const float second = to_float(to_bf16(partner * to_float(sin[i])));
@@ -323,10 +489,17 @@ void rotate(uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t head_
   std::memcpy(x, rotated, size_t(head_dim) * 2);
 }
 
-at::Tensor project(const at::Tensor& x, at::TensorList weights, at::IntArrayRef features,
-                   const c10::List<c10::optional<at::Tensor>>& biases, int64_t which) {
-  const c10::optional<at::Tensor> bias = biases.get(which);
-  return linear(x, weights[which], features[which], bias);
+std::vector<at::Tensor> project(const at::Tensor& x, at::TensorList weights, at::IntArrayRef features,
+                                const c10::List<c10::optional<at::Tensor>>& biases, std::vector<int64_t> which) {
+  std::vector<at::Tensor> chosen;
+  std::vector<int64_t> widths;
+  std::vector<c10::optional<at::Tensor>> chosen_biases;
+  for (const int64_t i : which) {
+    chosen.push_back(weights[i]);
+    widths.push_back(features[i]);
+    chosen_biases.push_back(biases.get(i));
+  }
+  return linear_many(x, chosen, widths, chosen_biases);
 }
 
 at::Tensor normed(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& norms, int64_t which, double eps,
@@ -335,13 +508,14 @@ at::Tensor normed(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>
   return scale.has_value() ? rms_norm(x, *scale, eps, weight_after) : x;
 }
 
-// hidden [R, D] bf16, each row one token at positions[r] (its slot r of the cache); cos/sin [R, head_dim] bf16;
-// keys/values [slots, kv_heads, length, head_dim] bf16, written at each row's position. weights: q, k, v, o, gate,
-// up, down packed; norms (float32 scales, None where the family has none): input, after attention (Gemma), before
-// the MLP, after the MLP (Gemma), q, k. window > 0: a row sees its last `window` positions only.
-at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
-                        const at::Tensor& sin, at::Tensor keys, at::Tensor values, at::TensorList weights,
-                        at::IntArrayRef features, const c10::List<c10::optional<at::Tensor>>& biases,
+// hidden [R, D] bf16: R tokens, token r of the row in slot slots[r] of the cache at positions[r] (several tokens of
+// one row: a chunk of its prompt, which attend to each other causally); cos/sin [R, head_dim] bf16;
+// keys/values [slots, kv_heads, length, head_dim] bf16, written at each token's slot and position. weights: q, k,
+// v, o, gate, up, down packed; norms (float32 scales, None where the family has none): input, after attention
+// (Gemma), before the MLP, after the MLP (Gemma), q, k. window > 0: a token sees its row's last `window` positions.
+at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slots,
+                        const at::Tensor& cos, const at::Tensor& sin, at::Tensor keys, at::Tensor values,
+                        at::TensorList weights, at::IntArrayRef features, const c10::List<c10::optional<at::Tensor>>& biases,
                         const c10::List<c10::optional<at::Tensor>>& norms, double eps, bool weight_after,
                         int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling, int64_t window, bool gelu) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kBFloat16, "decode_layer: hidden is [rows, width] bf16");
@@ -349,18 +523,24 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& positions, c
               "decode_layer: 7 weights and biases, 6 norms");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.scalar_type() == at::kBFloat16,
               "decode_layer: a contiguous bf16 cache");
-  TORCH_CHECK(head_dim <= 1024 && heads % kv_heads == 0, "decode_layer: head_dim <= 1024, heads a multiple of kv heads");
+  TORCH_CHECK(head_dim <= 1024 && heads % kv_heads == 0,
+              "decode_layer: head_dim <= 1024, heads a multiple of kv heads");
   const int64_t R = hidden.size(0), length = keys.size(2), group = heads / kv_heads;
-  TORCH_CHECK(keys.size(0) >= R && keys.size(1) == kv_heads && keys.size(3) == head_dim, "decode_layer: cache shape");
+  TORCH_CHECK(keys.size(1) == kv_heads && keys.size(3) == head_dim, "decode_layer: cache shape");
   const at::Tensor x = hidden.contiguous();
   const at::Tensor where = positions.to(at::kLong).contiguous();
   const int64_t* pos = where.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(pos[r] >= 0 && pos[r] < length, "decode_layer: position outside cache");
+  const at::Tensor owners = slots.to(at::kLong).contiguous();
+  const int64_t* slot = owners.data_ptr<int64_t>();
+  TORCH_CHECK(positions.numel() == R && slots.numel() == R, "decode_layer: a position and a slot for each token");
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < length && slot[r] >= 0 && slot[r] < keys.size(0),
+                "decode_layer: position or slot outside the cache");
 
   const at::Tensor in = normed(x, norms, 0, eps, weight_after);
-  at::Tensor q = project(in, weights, features, biases, 0).contiguous();
-  at::Tensor k = project(in, weights, features, biases, 1).contiguous();
-  const at::Tensor v = project(in, weights, features, biases, 2).contiguous();
+  std::vector<at::Tensor> qkv = project(in, weights, features, biases, {0, 1, 2});
+  at::Tensor q = qkv[0], k = qkv[1];
+  const at::Tensor v = qkv[2];
   if (norms.get(4).has_value()) q = normed(q.view({R * heads, head_dim}), norms, 4, eps, weight_after).view({R, -1});
   if (norms.get(5).has_value()) k = normed(k.view({R * kv_heads, head_dim}), norms, 5, eps, weight_after).view({R, -1});
   auto* Q = reinterpret_cast<uint16_t*>(q.data_ptr());
@@ -371,51 +551,69 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& positions, c
   const auto* S = reinterpret_cast<const uint16_t*>(s.data_ptr());
   auto* KC = reinterpret_cast<uint16_t*>(keys.data_ptr());
   auto* VC = reinterpret_cast<uint16_t*>(values.data_ptr());
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t h = 0; h < heads; ++h) rotate(Q + (r * heads + h) * head_dim, C + r * head_dim, S + r * head_dim, head_dim);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      uint16_t* key = Kn + (r * kv_heads + g) * head_dim;
-      rotate(key, C + r * head_dim, S + r * head_dim, head_dim);
-      const int64_t at_ = ((r * kv_heads + g) * length + pos[r]) * head_dim;
-      std::memcpy(KC + at_, key, size_t(head_dim) * 2);
-      std::memcpy(VC + at_, Vn + (r * kv_heads + g) * head_dim, size_t(head_dim) * 2);
-    }
-  }
-
-  at::Tensor attended = at::empty({R, heads * head_dim}, x.options());
-  auto* A = reinterpret_cast<uint16_t*>(attended.data_ptr());
-  at::parallel_for(0, R * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(head_dim), sum(head_dim), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / heads, h = task % heads, g = h / group;
-      const int64_t last = pos[r], first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      const uint16_t* q_row = Q + (r * heads + h) * head_dim;
-      for (int64_t i = 0; i < head_dim; ++i) query[i] = to_float(q_row[i]);
-      const uint16_t* key_base = KC + (r * kv_heads + g) * length * head_dim;
-      const uint16_t* value_base = VC + (r * kv_heads + g) * length * head_dim;
-      scores.resize(size_t(last - first + 1));
-      float best = -INFINITY;
-      for (int64_t t = first; t <= last; ++t) {
-        const float score = dot(query.data(), key_base + t * head_dim, head_dim) * float(scaling);
-        scores[t - first] = score;
-        best = std::max(best, score);
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t h = 0; h < heads; ++h)
+        rotate(Q + (r * heads + h) * head_dim, C + r * head_dim, S + r * head_dim, head_dim);
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        uint16_t* key = Kn + (r * kv_heads + g) * head_dim;
+        rotate(key, C + r * head_dim, S + r * head_dim, head_dim);
+        const int64_t at_ = ((slot[r] * kv_heads + g) * length + pos[r]) * head_dim;
+        std::memcpy(KC + at_, key, size_t(head_dim) * 2);
+        std::memcpy(VC + at_, Vn + (r * kv_heads + g) * head_dim, size_t(head_dim) * 2);
       }
-      float total = 0.f;
-      for (auto& score : scores) total += (score = std::exp(score - best));
-      std::fill(sum.begin(), sum.end(), 0.f);
-      for (int64_t t = first; t <= last; ++t) add_scaled(sum.data(), scores[t - first] / total, value_base + t * head_dim, head_dim);
-      uint16_t* out = A + (r * heads + h) * head_dim;
-      for (int64_t i = 0; i < head_dim; ++i) out[i] = to_bf16(sum[i]);
     }
   });
 
-  const at::Tensor attention = normed(project(attended, weights, features, biases, 3), norms, 1, eps, weight_after);
+  // Attention: a task is one token's query heads of one key-value group (each key and value read once for them
+  // all), or a part of them where tokens x groups are too few to keep every thread busy (one row of a one-group
+  // model).
+  const int64_t threads = at::get_num_threads(), units = R * kv_heads;
+  const int64_t wanted = units >= 2 * threads ? 1 : std::min(group, (2 * threads + units - 1) / units);
+  const int64_t per = (group + wanted - 1) / wanted, parts = (group + per - 1) / per;
+  at::Tensor attended = at::empty({R, heads * head_dim}, x.options());
+  auto* A = reinterpret_cast<uint16_t*>(attended.data_ptr());
+  at::parallel_for(0, units * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(per * head_dim), sums(per * head_dim), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / (kv_heads * parts), g = task / parts % kv_heads;
+      const int64_t h0 = g * group + task % parts * per, n = std::min(per, (g + 1) * group - h0);
+      const int64_t last = pos[r], first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const int64_t span = last - first + 1;
+      const uint16_t* q_rows = Q + (r * heads + h0) * head_dim;
+      for (int64_t i = 0; i < n * head_dim; ++i) query[i] = to_float(q_rows[i]);
+      const uint16_t* key_base = KC + ((slot[r] * kv_heads + g) * length + first) * head_dim;
+      const uint16_t* value_base = VC + ((slot[r] * kv_heads + g) * length + first) * head_dim;
+      scores.resize(size_t(n * span));
+      for (int64_t t = 0; t < span; ++t)
+        for (int64_t h = 0; h < n; h += GROUP)
+          DOTS[std::min<int64_t>(GROUP, n - h)](query.data() + h * head_dim, head_dim, key_base + t * head_dim,
+                                                float(scaling), scores.data() + h * span + t, span);
+      for (int64_t h = 0; h < n; ++h) {  // softmax of each head's scores
+        float* row = scores.data() + h * span;
+        const float best = *std::max_element(row, row + span);
+        for (int64_t t = 0; t < span; ++t) row[t] -= best;
+        exp_in_place(row, span);
+        float total = 0.f;
+        for (int64_t t = 0; t < span; ++t) total += row[t];
+        for (int64_t t = 0; t < span; ++t) row[t] /= total;
+      }
+      std::fill(sums.begin(), sums.end(), 0.f);
+      for (int64_t t = 0; t < span; ++t)
+        for (int64_t h = 0; h < n; h += GROUP)
+          ACCUMULATE[std::min<int64_t>(GROUP, n - h)](sums.data() + h * head_dim, head_dim, value_base + t * head_dim,
+                                                      scores.data() + h * span + t, span);
+      round_to_bf16(sums.data(), A + (r * heads + h0) * head_dim, n * head_dim);
+    }
+  });
+
+  const at::Tensor attention =
+      normed(project(attended, weights, features, biases, {3}).front(), norms, 1, eps, weight_after);
   const at::Tensor middle = at::add(x, attention);
   const at::Tensor inner = normed(middle, norms, 2, eps, weight_after);
-  const at::Tensor gate = project(inner, weights, features, biases, 4);
-  const at::Tensor up = project(inner, weights, features, biases, 5);
-  const at::Tensor activated = gelu ? at::gelu(gate, "tanh") : at::silu(gate);
-  const at::Tensor down = project(at::mul(activated, up), weights, features, biases, 6);
+  const std::vector<at::Tensor> gate_up = project(inner, weights, features, biases, {4, 5});
+  const at::Tensor activated = gelu ? at::gelu(gate_up[0], "tanh") : at::silu(gate_up[0]);
+  const at::Tensor down = project(at::mul(activated, gate_up[1]), weights, features, biases, {6}).front();
   return at::add(middle, normed(down, norms, 3, eps, weight_after));
 }
 
@@ -425,15 +623,17 @@ TORCH_LIBRARY(tunesmith_kernels, library) {
   library.def("pack_bf16(Tensor weight) -> Tensor");
   library.def("linear_bf16(Tensor input, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   library.def("rms_norm_bf16(Tensor input, Tensor scale, float eps, bool weight_after) -> Tensor");
+  library.def("argmax_bf16(Tensor input) -> Tensor");
   library.def(
-      "decode_layer(Tensor hidden, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, "
-      "Tensor[] weights, int[] features, Tensor?[] biases, Tensor?[] norms, float eps, bool weight_after, int heads, "
-      "int kv_heads, int head_dim, float scaling, int window, bool gelu) -> Tensor");
+      "decode_layer(Tensor hidden, Tensor positions, Tensor slots, Tensor cos, Tensor sin, Tensor(a!) keys, "
+      "Tensor(b!) values, Tensor[] weights, int[] features, Tensor?[] biases, Tensor?[] norms, float eps, "
+      "bool weight_after, int heads, int kv_heads, int head_dim, float scaling, int window, bool gelu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tunesmith_kernels, CPU, library) {
   library.impl("pack_bf16", &pack);
   library.impl("linear_bf16", &linear);
   library.impl("rms_norm_bf16", &rms_norm);
+  library.impl("argmax_bf16", &argmax_rows);
   library.impl("decode_layer", &decode_layer);
 }
