@@ -95,11 +95,10 @@ class SlotCache(Cache):
             keys[target, :, start:end] = keys[source, :, start:end]
             values[target, :, start:end] = values[source, :, start:end]
 
-    def move(self, source: int, target: int) -> None:
-        """Copy one slot's keys and values into another (a finished row's slot takes the last row)."""
-        for keys, values in zip(self.keys, self.values, strict=True):
-            keys[target] = keys[source]
-            values[target] = values[source]
+    def move(self, source: int, target: int, end: int) -> None:
+        """Copy positions 0..end-1 of one slot's keys and values into another (a finished row's slot takes the last
+        row, which has written that far; the rest of a slot is written before it is read)."""
+        self.copy(source, target, 0, end)
 
 
 @dataclass
@@ -366,7 +365,7 @@ class Engine:
             left.append(self.rows[index].request)
             last = len(self.rows) - 1
             if index != last:
-                self.cache.move(last, index)
+                self.cache.move(last, index, self.rows[last].position)
                 self.rows[index] = self.rows[last]
             self.rows.pop()
         return left

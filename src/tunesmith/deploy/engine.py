@@ -140,8 +140,10 @@ class Engine:
         self.max_batch = max_batch
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows in each recent step
         self.on_batch: Callable[[int], None] | None = None  # called with the rows of each step
+        self.warm = threading.Event()  # set once the worker has made the model ready (or given up)
         self.worker = threading.Thread(target=self._work, name="tunesmith-generate", daemon=True)
         self.worker.start()
+        self.warm.wait()  # the server takes requests with the weights packed, as llama.cpp's with them loaded
 
     def _load(self, run_dirs: list[Path], configs: list[Any]) -> Any:
         weights = [RunDir(path).trained_weights(config) for path, config in zip(run_dirs, configs, strict=True)]
@@ -221,9 +223,10 @@ class Engine:
 
     def _work(self) -> None:
         try:
-            if self._admit(None) is None:  # closed before the first request: nothing to set up
-                return
             with self._view():
+                self._warm_up()
+                if self._admit(None) is None:  # closed before the first request
+                    return
                 engine = self._generator()
                 while (joining := self._admit(engine)) is not None:
                     for job in joining:
@@ -232,6 +235,7 @@ class Engine:
                         del engine  # a failed step may have left its rows' state half-written: start afresh
                         engine = self._generator()
         except BaseException as error:  # a bug here must not leave requests hanging: answer them, then stop
+            self.warm.set()
             logger.exception("The generation worker stopped")
             with self.changed:
                 self.closed = True
@@ -241,6 +245,18 @@ class Engine:
                     _fail(job, error if isinstance(error, Exception) else Stopped("the worker stopped"))
             self.running = []
             raise
+
+    def _warm_up(self) -> None:
+        """One token for each served model before the server takes requests: the view packs and merges the
+        weights it computes with (0.65 s for Gemma 3 270M, which the first requests would otherwise wait for) and
+        the kernel is loaded. A small engine of its own: the serving one is made at the first request."""
+        try:
+            warming = generation.Engine(self.model, max_rows=1, max_length=2)
+            for served in self.models.values():  # one at a time: each its own weights (merged, or the base's)
+                token = served.tokenizer.bos_token_id or 0
+                warming.run([generation.Request([token], 1, adapter=self._adapter(served))])
+        finally:
+            self.warm.set()
 
     def _view(self) -> contextlib.AbstractContextManager:
         """The model as the worker generates with it: one adapter (or none) merged into the weights; several share

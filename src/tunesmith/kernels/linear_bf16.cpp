@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -222,15 +223,24 @@ struct Product {
 void products(const uint16_t* X, int64_t M, int64_t ldx, const std::vector<Product>& jobs) {
   std::vector<int64_t> first{0};  // first pair of blocks of each job, in one numbering
   for (const auto& job : jobs) first.push_back(first.back() + ((job.out_features + BLOCK - 1) / BLOCK + 1) / 2);
-  // tasks of at least ~64 KiB of weights: small layers still split across threads, large ones stream in long runs
-  const int64_t grain = std::max<int64_t>(1, 512 / std::max<int64_t>(jobs.front().pairs, 1));
-  at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
+  // Each thread takes the next ~128 KiB of weights until none are left, rather than a fixed share: a thread that
+  // the system parks for a while (a server's event loop on the same cores, a busy neighbour) then delays the step
+  // by one piece, not by its whole share while the other threads wait for it.
+  const int64_t total = first.back();
+  const int64_t piece = std::max<int64_t>(1, 1024 / std::max<int64_t>(jobs.front().pairs, 1));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (total + piece - 1) / piece);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     size_t j = 0;
-    for (int64_t unit = begin; unit < end; ++unit) {
-      while (unit >= first[j + 1]) ++j;
-      const Product& job = jobs[j];
-      const int64_t blocks = (job.out_features + BLOCK - 1) / BLOCK;
-      two_blocks(X, M, ldx, job.weight, job.pairs, job.bias, job.out, job.out_features, 2 * (unit - first[j]), blocks);
+    for (int64_t begin; (begin = next.fetch_add(piece)) < total;) {
+      for (int64_t unit = begin; unit < std::min(begin + piece, total); ++unit) {
+        while (unit >= first[j + 1]) ++j;
+        while (unit < first[j]) --j;
+        const Product& job = jobs[j];
+        const int64_t blocks = (job.out_features + BLOCK - 1) / BLOCK;
+        two_blocks(X, M, ldx, job.weight, job.pairs, job.bias, job.out, job.out_features, 2 * (unit - first[j]),
+                   blocks);
+      }
     }
   });
 }
