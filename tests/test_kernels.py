@@ -101,3 +101,32 @@ def test_only_bf16_weights_in_cpu_memory_go_through_the_kernel(built, monkeypatc
     assert kernels.takes(torch.zeros(4, 4, dtype=torch.bfloat16))
     assert not kernels.takes(torch.zeros(4, 4, dtype=torch.bfloat16, device="meta"))  # stands in for CUDA's
     assert not kernels.takes(torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("width", [2048, 7])  # 16 lanes at a time, and the plain loop of a tail
+def test_the_gated_mlp_input_is_as_exact_as_torchs(built, width):
+    """bf16(bf16(act(gate)) * up): SiLU and GELU (tanh form) within one bf16 step of the float64 result, and as
+    often exact as torch's (whose 1 + tanh cancels where tanh is near -1)."""
+    generator = torch.Generator().manual_seed(width)
+    gate = (torch.randn(64, width, generator=generator) * 3).bfloat16()
+    up = torch.randn(64, width, generator=generator).bfloat16()
+    x = gate.double()
+    for gelu, exact_act, theirs in (
+        (True, 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x**3))),
+         torch.nn.functional.gelu(gate, approximate="tanh")),
+        (False, x * torch.sigmoid(x), torch.nn.functional.silu(gate)),
+    ):  # fmt: skip
+        exact = (exact_act.bfloat16().double() * up.double()).bfloat16()
+        ours = kernels.gated(gate, up, gelu)
+        assert ours.dtype == torch.bfloat16 and ours.shape == gate.shape
+        torch.testing.assert_close(ours.float(), exact.float(), rtol=2**-7, atol=1e-4)
+        assert (ours != exact).sum() <= (theirs * up != exact).sum() + gate.numel() // 100
+
+
+def test_greedy_picks_equal_torchs_argmax_ties_and_nans_included(built):
+    logits = torch.randn(4, 262_147).bfloat16()  # a vocabulary not a multiple of 16
+    logits[1, 5] = logits[1, 70_000] = logits[1].max() + 1  # a tie: the first wins
+    logits[2, 123_456] = float("nan")  # a NaN wins, as in torch
+    logits[3] = float("-inf")
+    assert kernels.argmax(logits).tolist() == logits.argmax(-1).tolist()
+    assert kernels.argmax(logits).tolist()[1:3] == [5, 123_456]

@@ -88,6 +88,11 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.tunesmith_kernels.argmax_bf16(logits)
 
 
+def gated(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """A gated MLP's bf16(bf16(act(gate)) * up), act GELU (tanh form) or else SiLU, in one pass."""
+    return torch.ops.tunesmith_kernels.gated_bf16(gate, up, gelu)
+
+
 def decode_layer(hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  layer: LayerWeights) -> torch.Tensor:  # fmt: skip

@@ -443,26 +443,69 @@ constexpr AccumulateFn ACCUMULATE[GROUP + 1] = {nullptr,         accumulate<1>, 
                                                 accumulate<3>,   accumulate<4>, accumulate<5>,
                                                 accumulate<6>,   accumulate<7>, accumulate<8>};
 
-// e^x in place for x <= 0 (a softmax's scores less their maximum), to float32's precision within a few units in
-// the last place: x = k ln2 + r, e^r by its Taylor polynomial (Cephes' expf), times 2^k.
+#if defined(__AVX512F__)
+// e^x of 16 floats to float32's precision within a few units in the last place (0 below -87.3, infinity above 88.7):
+// x = k ln2 + r, e^r by its Taylor polynomial (Cephes' expf), times 2^k.
+inline __m512 exp16(__m512 x) {
+  const __m512 v0 = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 k =
+      _mm512_roundscale_ps(_mm512_mul_ps(v0, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 v = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v0));
+  constexpr float C[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                          4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  __m512 poly = _mm512_set1_ps(C[0]);
+  for (int c = 1; c < 6; ++c) poly = _mm512_fmadd_ps(poly, v, _mm512_set1_ps(C[c]));
+  poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(v, v), v), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(poly, k);
+}
+#endif
+
+// e^x in place (a softmax's scores less their maximum)
 void exp_in_place(float* x, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), low = _mm512_set1_ps(-87.3f);
-  const __m512 ln2_high = _mm512_set1_ps(0.693359375f), ln2_low = _mm512_set1_ps(-2.12194440e-4f);
-  constexpr float C[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                          4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_max_ps(_mm512_loadu_ps(x + i), low);
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm512_fnmadd_ps(k, ln2_low, _mm512_fnmadd_ps(k, ln2_high, v));
-    __m512 poly = _mm512_set1_ps(C[0]);
-    for (int c = 1; c < 6; ++c) poly = _mm512_fmadd_ps(poly, v, _mm512_set1_ps(C[c]));
-    poly = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(v, v), v), _mm512_set1_ps(1.f));
-    _mm512_storeu_ps(x + i, _mm512_scalef_ps(poly, k));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
 #endif
   for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// The gated MLP's input to its down projection, as the families compute it in bf16: bf16(bf16(act(gate)) * up),
+// act GELU (tanh form) or SiLU, each in float32 from the bf16 gate. One pass instead of two ops and a tensor.
+at::Tensor gated(const at::Tensor& gate_, const at::Tensor& up_, bool gelu) {
+  TORCH_CHECK(gate_.scalar_type() == at::kBFloat16 && up_.sizes() == gate_.sizes(), "gated: bf16 gate and up alike");
+  const at::Tensor gate = gate_.contiguous(), up = up_.to(at::kBFloat16).contiguous();
+  at::Tensor out = at::empty_like(gate);
+  const int64_t n = gate.numel();
+  const auto* G = reinterpret_cast<const uint16_t*>(gate.data_ptr());
+  const auto* U = reinterpret_cast<const uint16_t*>(up.data_ptr());
+  auto* O = reinterpret_cast<uint16_t*>(out.data_ptr());
+  constexpr float ROOT_2_OVER_PI = 0.7978845608028654f, CUBIC = 0.044715f;
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+#if defined(__AVX512BF16__)
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (; i + 16 <= end; i += 16) {
+      const __m512 x = load16(G + i);
+      __m512 activated;
+      if (gelu) {  // 0.5 x (1 + tanh(u)) = x / (1 + e^-2u): no cancellation where tanh(u) is near -1
+        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(ROOT_2_OVER_PI),
+                                       _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(CUBIC), x), _mm512_mul_ps(x, x), x));
+        activated = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), u))));
+      } else {  // x / (1 + e^-x)
+        activated = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+      }
+      const __m512 rounded = widen((__m256i)_mm512_cvtneps_pbh(activated));
+      _mm256_storeu_si256((__m256i*)(O + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(rounded, load16(U + i))));
+    }
+#endif
+    for (; i < end; ++i) {
+      const float x = to_float(G[i]);
+      const float activated = gelu ? x / (1.f + std::exp(-2.f * ROOT_2_OVER_PI * (x + CUBIC * x * x * x)))
+                                   : x / (1.f + std::exp(-x));
+      O[i] = to_bf16(to_float(to_bf16(activated)) * to_float(U[i]));
+    }
+  });
+  return out;
 }
 
 // float32 -> bf16 (round to nearest even) over n values
@@ -622,8 +665,7 @@ at::Tensor decode_layer(const at::Tensor& hidden, const at::Tensor& positions, c
   const at::Tensor middle = at::add(x, attention);
   const at::Tensor inner = normed(middle, norms, 2, eps, weight_after);
   const std::vector<at::Tensor> gate_up = project(inner, weights, features, biases, {4, 5});
-  const at::Tensor activated = gelu ? at::gelu(gate_up[0], "tanh") : at::silu(gate_up[0]);
-  const at::Tensor down = project(at::mul(activated, gate_up[1]), weights, features, biases, {6}).front();
+  const at::Tensor down = project(gated(gate_up[0], gate_up[1], gelu), weights, features, biases, {6}).front();
   return at::add(middle, normed(down, norms, 3, eps, weight_after));
 }
 
@@ -634,6 +676,7 @@ TORCH_LIBRARY(tunesmith_kernels, library) {
   library.def("linear_bf16(Tensor input, Tensor packed, int out_features, Tensor? bias) -> Tensor");
   library.def("rms_norm_bf16(Tensor input, Tensor scale, float eps, bool weight_after) -> Tensor");
   library.def("argmax_bf16(Tensor input) -> Tensor");
+  library.def("gated_bf16(Tensor gate, Tensor up, bool gelu) -> Tensor");
   library.def(
       "decode_layer(Tensor hidden, Tensor positions, Tensor slots, Tensor cos, Tensor sin, Tensor(a!) keys, "
       "Tensor(b!) values, Tensor[] weights, int[] features, Tensor?[] biases, Tensor?[] norms, float eps, "
@@ -645,5 +688,6 @@ TORCH_LIBRARY_IMPL(tunesmith_kernels, CPU, library) {
   library.impl("linear_bf16", &linear);
   library.impl("rms_norm_bf16", &rms_norm);
   library.impl("argmax_bf16", &argmax_rows);
+  library.impl("gated_bf16", &gated);
   library.impl("decode_layer", &decode_layer);
 }
