@@ -4,11 +4,12 @@ Runs that share a base model are served from one copy of it: each PEFT adapter i
 and `base` answers with the adapters off. Generation happens on one worker thread, which owns for its whole life
 one `tunesmith.generation.Engine` (the engine `evaluate`, `compare` and validation generate with: continuous
 batching over one preallocated KV cache, made at the first request) inside `generation_view` (a single adapter
-merged into the weights; several adapters computed per row), whose weights it packs before the server listens. Jobs wait on one bounded list (everything not yet
-generating counts against it; a full list answers "busy"); a waiting job joins the running batch at the next step
-as soon as a row is free, and a finished row leaves at once. Rows of one step may belong to different adapters and
-the base: each row answers with its own (PEFT's per-row adapters), so no request waits for another model's batch.
-Tokens are decoded incrementally and handed back as text deltas for streaming.
+merged into the weights; several adapters computed per row), whose weights it packs before the server listens.
+Jobs wait on one bounded list (everything not yet generating counts against it; a full list answers "busy"); a
+waiting job joins the running batch at the next step as soon as a row is free, and a finished row leaves at once.
+Rows of one step may belong to different adapters and the base: each row answers with its own (PEFT's per-row
+adapters), so no request waits for another model's batch. Tokens are decoded incrementally and handed back as text
+deltas for streaming.
 
 One request must never fail another: an error in one request's sampling, seeding or text handling answers that
 request only. A step that fails as a whole (the forward pass) fails the requests that already streamed text (their
