@@ -122,6 +122,38 @@ def test_an_answer_without_a_call_is_plain_text_streamed_or_not(tool_server, scr
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Which day suits you?"
 
 
+THOUGHT = "P-17 asked for Monday.\nBook it."
+
+
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_an_answers_reasoning_comes_apart_as_reasoning_content_streamed_or_not(tool_server, scripted, tools):
+    """The template writes reasoning as a <think> block (tunesmith's tools block does): the served answer's
+    opening block is its reasoning_content, never content, whole and streamed (in pieces of 3 characters, so the
+    tags arrive split), beside the calls or a plain answer."""
+    url, _, engine = tool_server
+    assert engine.models["clinic"].reasoning
+    answer = CALL_TEXT if tools else "Booked."
+    scripted(f"<think>\n{THOUGHT}\n</think>\n\n{answer}")
+    api = client(url)
+    offered = {"tools": tools} if tools else {}
+    whole = api.chat.completions.create(model="clinic", messages=ASK, **offered).choices[0].message
+    assert whole.reasoning_content == THOUGHT
+    assert whole.content == ("Booking now." if tools else "Booked.")
+    assert bool(whole.tool_calls) == bool(tools)
+    chunks = list(api.chat.completions.create(model="clinic", messages=ASK, stream=True, **offered))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THOUGHT
+    assert "".join(d.content or "" for d in deltas) == ("Booking now." if tools else "Booked.")
+    assert not any("think>" in (d.content or "") for d in deltas)
+
+
+def test_an_answer_cut_off_while_reasoning_has_reasoning_and_no_content(tool_server, scripted):
+    url, _, _ = tool_server
+    scripted("<think>\nStill weighing Monday against")
+    message = client(url).chat.completions.create(model="clinic", messages=ASK).choices[0].message
+    assert message.reasoning_content == "Still weighing Monday against" and not message.content
+
+
 def test_the_prompt_shows_the_tools_and_renders_calls_and_results_of_the_history(tool_server, scripted):
     url, _, engine = tool_server
     jobs = scripted("Booked for Monday 9:00.")

@@ -14,6 +14,7 @@ from tunesmith.data.tokenize import (
     learned_runs,
     prompt_ids,
     render,
+    renders_reasoning,
     segments,
     tokenize_all,
     tokenize_conversation,
@@ -26,9 +27,12 @@ from tunesmith.data.tools import (
     TOOLS_OUTRO,
     TOOLS_PREAMBLE,
     ParsedTurn,
+    ReasoningSplitter,
     ToolCall,
     parse_any,
     parse_hermes,
+    split_reasoning,
+    with_tools_block,
     written_turn,
 )
 from tunesmith.errors import TunesmithError
@@ -625,3 +629,34 @@ def test_a_model_template_without_tools_is_given_them():
     example = tokenize_conversation(tokenizer, BOOKING, reasoning="context")
     learned = "".join(text for text, is_learned in learned_runs(tokenizer, example) if is_learned)
     assert learned == f"{CALL_TEXT}<end_of_turn>\nDone.<end_of_turn>\n</s>"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>\nweigh it\nup\n</think>\n\nThe answer.", ("weigh it\nup", "The answer.")),
+        ("  <think>\ncut off mid", ("cut off mid", "")),
+        ("<think>\n\n</think>\n\nNothing to think.", ("", "Nothing to think.")),
+        ("<think>x</think>y", ("x", "y")),
+        ("<thinking> is not the tag", (None, "<thinking> is not the tag")),
+        (" plain answer", (None, " plain answer")),
+        ("", (None, "")),
+    ],
+)
+def test_reasoning_splits_off_the_same_whole_and_streamed_in_any_pieces(text, expected):
+    assert split_reasoning(text) == expected
+    for size in (1, 2, 3, 7):
+        splitter, reasoning, answer = ReasoningSplitter(), "", ""
+        for start in range(0, len(text), size):
+            more, rest = splitter.feed(text[start : start + size])
+            assert "</think" not in more and (expected[0] is None or "think>" not in rest)  # no tag handed out
+            reasoning, answer = reasoning + more, answer + rest
+        more, rest = splitter.finish()
+        assert ((reasoning + more) if splitter.reasoned else None, answer + rest) == expected
+
+
+def test_a_template_renders_reasoning_where_it_writes_a_think_block():
+    tokenizer = build_tokenizer()
+    assert not renders_reasoning(tokenizer)  # the default template drops reasoning_content
+    tokenizer.chat_template = with_tools_block(tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
+    assert renders_reasoning(tokenizer)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tunesmith.data.formats import Conversation, Message
-from tunesmith.data.tools import PARSERS, ToolCall, with_tools_block
+from tunesmith.data.tools import PARSERS, ToolCall, split_reasoning, with_tools_block
 from tunesmith.errors import TunesmithError
 
 # Used when a tokenizer has no chat template (base models such as the Gemma 3 270M GGUF). Plain text
@@ -122,6 +122,23 @@ def tool_parser(tokenizer: Any) -> str | None:
         if [(c.name, c.arguments) for c in parsed.tool_calls] == [(PROBE_CALL.name, PROBE_CALL.arguments)]:
             return name
     return None
+
+
+def renders_reasoning(tokenizer: Any) -> bool:
+    """Whether the chat template writes an answer's reasoning as a <think> block before its text (tunesmith's tools
+    template, Qwen3, DeepSeek R1): then a served answer's opening block is its reasoning, sent apart as
+    reasoning_content. Found by rendering a probe answer with reasoning and reading it back."""
+    question = (Message("user", "Probe question?"),)
+    answer = Message("assistant", "Probe answer.", reasoning="probe thought 5")
+    try:
+        asked = render(tokenizer, question, generation_prompt=True)
+        full = render(tokenizer, (*question, answer), generation_prompt=False)
+    except Exception:  # a template that cannot render the turn cannot have reasoning in it either
+        return False
+    if not full.startswith(asked):
+        return False
+    thought, rest = split_reasoning(full[len(asked) :])
+    return thought == "probe thought 5" and rest.startswith("Probe answer.")
 
 
 def _without_end(tokenizer: Any, answer: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
+THINK_TAG, THINK_END = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,86 @@ HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 def _reasoning(text: str) -> tuple[str | None, str]:
     found = REASONING.match(text)
     return (found.group(1), text[found.end() :]) if found else (None, text)
+
+
+class ReasoningSplitter:
+    """An answer that may open with a <think> block, read as it is generated: `feed` says which of the new text is
+    reasoning and which is the answer as soon as that is sure (a possible start of the closing tag waits); `finish`
+    gives what is left. An answer that does not open with the block is all answer, as generated; one cut off
+    inside the block is all reasoning. The blank lines between the block and the answer are dropped."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.start: int | None = None  # where the reasoning begins (after "<think>" and its newline)
+        self.sent = 0  # how far the reasoning has been handed out
+        self.answer_from: int | None = None  # where the answer begins
+        self.answer_sent = 0
+        self.answering = False  # the answer's first non-blank character has been handed out
+
+    @property
+    def reasoned(self) -> bool:
+        return self.start is not None
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """(reasoning, answer) ready now."""
+        self.text += delta
+        if self.answer_from is None and self.start is None:
+            head = self.text.lstrip()
+            if not head.startswith(THINK_TAG):
+                if (THINK_TAG + "\n").startswith(head):  # blank so far, or a part of the opening: wait
+                    return "", ""
+                self.answer_from, self.answering = 0, True
+                return "", self._answer()
+            if len(head) == len(THINK_TAG):  # its newline may follow
+                return "", ""
+            at = len(self.text) - len(head) + len(THINK_TAG)
+            self.start = self.sent = at + (self.text[at] == "\n")
+        if self.answer_from is not None:
+            return "", self._answer()
+        assert self.start is not None
+        end = self.text.find(THINK_END, self.start)
+        if end < 0:
+            held = max(_held(self.text, "\n" + THINK_END), _held(self.text, THINK_END))
+            ready = max(self.sent, len(self.text) - held)
+            reasoning, self.sent = self.text[self.sent : ready], ready
+            return reasoning, ""
+        body_end = end - 1 if end > self.start and self.text[end - 1] == "\n" else end
+        reasoning, self.sent = self.text[self.sent : max(self.sent, body_end)], max(self.sent, body_end)
+        self.answer_from = self.answer_sent = end + len(THINK_END)
+        return reasoning, self._answer()
+
+    def _answer(self) -> str:
+        if not self.answering:
+            rest = self.text[self.answer_sent :]
+            self.answer_sent += len(rest) - len(rest.lstrip())
+            self.answering = self.answer_sent < len(self.text)
+        answer, self.answer_sent = self.text[self.answer_sent :], len(self.text)
+        return answer
+
+    def finish(self) -> tuple[str, str]:
+        """(reasoning, answer) not yet handed out, once the answer is whole."""
+        if self.answer_from is None and self.start is None:
+            self.answer_from = 0
+            answer, self.answer_sent = self.text[self.answer_sent :], len(self.text)
+            return "", answer
+        if self.answer_from is None:
+            reasoning, self.sent = self.text[self.sent :], len(self.text)
+            return reasoning, ""
+        return "", self._answer()
+
+
+def _held(text: str, tag: str) -> int:
+    """How many characters `text` ends with that could be the start of `tag`."""
+    return next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """A whole answer's reasoning (None where it opens with no <think> block) and its answer, as ReasoningSplitter
+    reads a streamed one."""
+    splitter = ReasoningSplitter()
+    reasoning, answer = splitter.feed(text)
+    more, rest = splitter.finish()
+    return (reasoning + more if splitter.reasoned else None), answer + rest
 
 
 def parse_hermes(text: str) -> ParsedTurn:

@@ -32,7 +32,7 @@ from typing import Any
 from peft import PeftModel
 
 from tunesmith import generation
-from tunesmith.data.tokenize import tool_parser
+from tunesmith.data.tokenize import renders_reasoning, tool_parser
 from tunesmith.deploy import limits
 from tunesmith.deploy.export import run_tokenizer
 from tunesmith.deploy.template import stop_tokens
@@ -58,6 +58,7 @@ class Served:
     stop_ids: list[int]
     stop_texts: list[str]
     tool_format: str | None = None  # the parser (data/tools.PARSERS) of the template's calls; None: no tools
+    reasoning: bool = False  # the template writes reasoning as a <think> block: answers send it apart
 
 
 @dataclass
@@ -178,7 +179,10 @@ class Engine:
 
     def _register(self, name: str, run_dir: Path | None, tokenizer: Any, adapter: str | None) -> None:
         ids, texts = stop_tokens(tokenizer)
-        self.models[name] = Served(name, run_dir, tokenizer, adapter, ids, texts, tool_parser(tokenizer))
+        served = Served(
+            name, run_dir, tokenizer, adapter, ids, texts, tool_parser(tokenizer), renders_reasoning(tokenizer)
+        )
+        self.models[name] = served
 
     def submit(self, job: Job) -> None:
         """Put a job on the waiting list, or raise Busy (list full) or Stopped (no worker to answer it)."""

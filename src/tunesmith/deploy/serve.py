@@ -22,7 +22,7 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tunesmith.data.formats import Message, chat_messages
 from tunesmith.data.tokenize import prompt_ids
+from tunesmith.data.tools import ReasoningSplitter, split_reasoning
 from tunesmith.deploy import guard, limits
 from tunesmith.deploy.engine import Busy, Engine, Job, Result, Served, Stopped
 from tunesmith.deploy.requestlog import CLIENT_GONE, RequestLog
@@ -873,11 +874,36 @@ async def answer(
     return await whole_answer(request, generation)
 
 
+class AnswerPieces:
+    """A streamed chat answer's text as chunks: its opening <think> block as reasoning_content deltas (where the
+    served template writes reasoning so), the rest as content, or held for the call splitter where tools are on."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation, self.splitter = generation, generation.calls.splitter()
+        chat = generation.endpoint == "chat"
+        self.thinking = ReasoningSplitter() if chat and generation.model.reasoning else None
+
+    def feed(self, delta: str) -> Iterator[str]:
+        return self._chunks(*(self.thinking.feed(delta) if self.thinking else ("", delta)))
+
+    def finish(self) -> Iterator[str]:
+        """What the splitters held back to the end (the call splitter's own end is stream_calls')."""
+        return self._chunks(*self.thinking.finish()) if self.thinking else iter(())
+
+    def _chunks(self, reasoning: str, text: str) -> Iterator[str]:
+        if reasoning:
+            yield self.generation.delta_chunk({"reasoning_content": reasoning})
+        content = text if self.splitter is None else self.splitter.feed(text)
+        if content:
+            yield self.generation.chunk(content, None)
+
+
 async def stream_answer(generation: Generation) -> AsyncIterator[str]:
     """Server-sent events: one chunk per delta, then the finish with usage and [DONE], or an error event. With
     tools, text that may be a call waits until the end, when the calls go out as OpenAI streams them."""
     sent, ended = "", False
-    splitter = generation.calls.splitter()
+    pieces = AnswerPieces(generation)
+    splitter = pieces.splitter
     try:
         if generation.endpoint == "chat":
             yield generation.opening()
@@ -885,11 +911,13 @@ async def stream_answer(generation: Generation) -> AsyncIterator[str]:
             kind, value = await generation.events.get()
             if kind == "delta":
                 sent += value
-                content = value if splitter is None else splitter.feed(value)
-                if content:
-                    yield generation.chunk(content, None)
+                for chunk in pieces.feed(value):
+                    yield chunk
                 continue
             ended = True
+            if kind == "done":
+                for chunk in pieces.finish():
+                    yield chunk
             if kind == "done" and splitter is not None:
                 async for chunk in stream_calls(generation, splitter, value):
                     yield chunk
@@ -930,18 +958,20 @@ async def stream_calls(generation: Generation, splitter: AnswerSplitter, result:
 def chat_message(generation: Generation, result: Result) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The answer's message (content without call markup, the calls in OpenAI's shape) and its calls; raises the
     error of a required call not made."""
+    reasoning, text = split_reasoning(result.text) if generation.model.reasoning else (None, result.text)
+    apart = {} if reasoning is None else {"reasoning_content": reasoning}  # as vLLM's reasoning parsers send it
     splitter = generation.calls.splitter()
     if splitter is None:
-        return {"role": "assistant", "content": result.text}, []
-    splitter.feed(result.text)
+        return {"role": "assistant", "content": text, **apart}, []
+    splitter.feed(text)
     answered, _ = splitter.finish()
     problem = enforcement_error(answered, generation.calls.asked)
     if problem is not None:
         raise ApiError(500, problem, "tool_choice", "server_error")
     if not answered.calls:
-        return {"role": "assistant", "content": answered.content}, []
+        return {"role": "assistant", "content": answered.content, **apart}, []
     calls = wire_calls(answered.calls)  # OpenAI's content is null beside calls when there is no text
-    return {"role": "assistant", "content": answered.content or None, "tool_calls": calls}, calls
+    return {"role": "assistant", "content": answered.content or None, "tool_calls": calls, **apart}, calls
 
 
 async def whole_answer(request: Request, generation: Generation) -> Any:
