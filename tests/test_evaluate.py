@@ -54,6 +54,20 @@ def test_text_metrics_have_known_values():
     assert m.bleu(["a b"], ["c d e f"]) == 0.0
 
 
+def test_json_fields_f1_gives_list_fields_partial_credit_in_any_order():
+    reference = '{"age": 61, "medications": ["aspirin", "lisinopril", "metformin", "warfarin"]}'
+    three = '{"age": 61, "medications": ["warfarin", "aspirin", "metformin"]}'  # three of four, another order
+    assert m.json_fields(three, reference) == 0.5  # an inexact list is simply wrong there
+    assert m.json_fields_f1(three, reference) == pytest.approx((1 + 2 * 1 * 0.75 / 1.75) / 2)
+    empty = '{"age": 61, "medications": []}'
+    assert m.json_fields_f1(empty, reference) == 0.5 < m.json_fields_f1(three, reference)  # [] is worth nothing
+    extra = '{"age": 61, "medications": ["aspirin", "lisinopril", "metformin", "warfarin", "insulin"]}'
+    assert m.json_fields_f1(extra, reference) == pytest.approx((1 + 2 * 0.8 * 1 / 1.8) / 2)  # a wrong extra costs
+    assert m.json_fields_f1('{"age": 60, "medications": "aspirin"}', reference) == 0.0  # not a list: not equal
+    assert m.json_fields_f1(reference, reference) == 1.0 and m.json_fields_f1("not json", reference) == 0.0
+    assert m.json_fields_f1('{"tags": []}', '{"tags": []}') == 1.0
+
+
 def test_structured_and_classification_metrics(tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(

@@ -179,7 +179,8 @@ class TrainConfig(Section):
 # The built-in metrics' names, part of the config's vocabulary as the method names are; evaluate.metrics implements
 # exactly these (it checks so when imported), so a config is validated without importing the metrics.
 METRIC_NAMES = (
-    "accuracy", "bleu", "chrf", "chrf_corpus", "exact_match", "json_fields", "json_schema", "json_valid", "macro_f1",
+    "accuracy", "bleu", "chrf", "chrf_corpus", "exact_match", "json_fields", "json_fields_f1", "json_schema",
+    "json_valid", "macro_f1",
     "no_call_accuracy", "rouge_l", "token_f1", "tool_args_match", "tool_call_exact", "tool_call_parse_rate",
     "tool_name_accuracy",
 )  # fmt: skip
@@ -338,7 +339,8 @@ class RewardConfig(Section):
 
     metric: str | None = Field(
         None,
-        description="A per-item metric of eval.metrics (exact_match, json_valid, json_schema, json_fields, token_f1, "
+        description="A per-item metric of eval.metrics (exact_match, json_valid, json_schema, json_fields, "
+        "json_fields_f1 (list fields scored by the F1 of their items, in any order), token_f1, "
         "chrf, accuracy, rouge_l, tool_args_match and the other tool metrics) scored against the example's reference "
         "answer; json_schema uses eval.schema_path.",
     )
