@@ -229,7 +229,10 @@ class Engine:
     def _work(self) -> None:
         try:
             with self._view():
-                self._warm_up()
+                try:
+                    self._warm_up()
+                finally:
+                    self.warm.set()
                 if self._admit(None) is None:  # closed before the first request
                     return
                 engine = self._generator()
@@ -255,13 +258,10 @@ class Engine:
         """One token for each served model before the server takes requests: the view packs and merges the
         weights it computes with (0.65 s for Gemma 3 270M, which the first requests would otherwise wait for) and
         the kernel is loaded. A small engine of its own: the serving one is made at the first request."""
-        try:
-            warming = generation.Engine(self.model, max_rows=1, max_length=2)
-            for served in self.models.values():  # one at a time: each its own weights (merged, or the base's)
-                token = served.tokenizer.bos_token_id or 0
-                warming.run([generation.Request([token], 1, adapter=self._adapter(served))])
-        finally:
-            self.warm.set()
+        warming = generation.Engine(self.model, max_rows=1, max_length=2)
+        for served in self.models.values():  # one at a time: each its own weights (merged, or the base's)
+            token = served.tokenizer.bos_token_id or 0
+            warming.run([generation.Request([token], 1, adapter=self._adapter(served))])
 
     def _view(self) -> contextlib.AbstractContextManager:
         """The model as the worker generates with it: one adapter (or none) merged into the weights; several share

@@ -184,6 +184,9 @@ class GgufEngine(Engine):
     def _view(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def _warm_up(self) -> None:
+        """Nothing to pack: llama.cpp reads each export when the worker makes its generator."""
+
     def _adapter(self, served: Served) -> str | None:
         return served.name
 
