@@ -184,8 +184,10 @@ def _one_step(engine: Engine, native: bool) -> tuple[torch.Tensor, list[torch.Te
     cache.rows, cache.start, cache.span = len(rows), positions, int(positions.max()) + 1
     decoder = engine.decoder
     if native:
-        logits = decoder.decode(ids, positions[:, None], cache)
+        everyone = list(range(len(rows)))
+        logits = decoder.step(ids[:, 0], torch.tensor(everyone), positions, everyone, cache)
         assert logits is not None, "the native step declined a model it should take"
+        logits = logits[:, None]
     else:
         logits = decoder(ids, positions[:, None], engine._masks(positions[:, None, None]), cache)
     after = [tensor.clone() for tensor in cache.keys + cache.values]
@@ -235,14 +237,14 @@ def test_the_native_step_declines_weights_it_does_not_compute(native, monkeypatc
     model = _random(FAMILIES["gemma3"](), 8).to(torch.bfloat16)
     with torch.inference_mode():
         engine = _decoding_engine(model, [PROMPTS[0]])  # no generation_view: nothing packed
-        ids, positions = torch.tensor([[3]]), torch.tensor([[engine.rows[0].position]])
-        assert engine.decoder.decode(ids, positions, engine.cache) is None
+        step = (torch.tensor([3]), torch.tensor([0]), torch.tensor([engine.rows[0].position]), [0], engine.cache)
+        assert engine.decoder.step(*step) is None
         peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
         with generation_view(peft, merge=False):  # an unmerged adapter: three products a layer, not one
-            assert Decoder.of(peft).decode(ids, positions, engine.cache) is None
+            assert Decoder.of(peft).step(*step) is None
         monkeypatch.setattr(kernels, "pays", lambda: False)  # TUNESMITH_KERNELS=0, or a CPU without AVX512-BF16
         with generation_view(model):
-            assert Decoder.of(model).decode(ids, positions, engine.cache) is None
+            assert Decoder.of(model).step(*step) is None
 
 
 def test_answers_through_the_native_step_equal_the_restated_forwards(native):
@@ -250,7 +252,7 @@ def test_answers_through_the_native_step_equal_the_restated_forwards(native):
     with torch.inference_mode(), generation_view(model):
         native_answers = _answers(model, PROMPTS, 3, restated=True)
         engine = Engine(model, max_rows=3, max_length=64, prefill_chunk=5)
-        engine.decoder.decode = lambda *args: None  # type: ignore[method-assign]
+        engine.decoder.step = lambda *args: None  # type: ignore[method-assign]  # the native layer off
         restated = [r.tokens for r in engine.run([Request(p, 10) for p in PROMPTS])]
     assert sum(a == b for a, b in zip(native_answers, restated, strict=True)) >= 3
 

@@ -7,8 +7,9 @@ to the layers. Every projection, norm, embedding and rotary module is called as 
 not, switched off by `disable_adapter`), packed weights and fused norms of `generation_view` act as in the model's
 forward, and the arithmetic is the same ops in the same order: the same logits.
 
-A decode step goes further where the weights are packed for tunesmith's kernel (`decode`): each layer is one call
-of kernels.decode_layer, C++ that rounds where the model rounds, so a step costs the weights' read and little else.
+An engine step goes further where the weights are packed for tunesmith's kernel (`step`): each layer is one call
+of kernels.decode_layer over the step's tokens (decoding rows and a prompt chunk), C++ that rounds where the model
+rounds, so a step costs the weights' read and little else.
 
 It must never change what is computed: a model whose bypassed modules (the model, its layers, attention, MLP) are of
 another class or carry hooks (bottleneck adapters, FSDP) is not taken, and the engine uses the model's forward.
@@ -101,13 +102,6 @@ class Decoder:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
-
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor | None:
-        """A decode step (one token a row; row r in slot r of the cache at positions[r]) through the native layer:
-        the logits of each row ([rows, 1, vocabulary]), or None where `step` declines."""
-        rows = ids.shape[0]
-        logits = self.step(ids.reshape(rows), torch.arange(rows), positions.reshape(rows), list(range(rows)), cache)
-        return None if logits is None else logits[:, None]
 
     def step(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, keep: list[int],
              cache: Any) -> torch.Tensor | None:  # fmt: skip

@@ -192,19 +192,22 @@ class Engine:
         decoding = [index for index, row in enumerate(self.rows) if row.next_token is not None]
         tokens = [self.rows[index].next_token for index in decoding]
         slots, positions = list(decoding), [self.rows[index].position for index in decoding]
-        reading = [] if prefilling is None else [prefilling]  # the row whose prompt this step reads, if any
+        computed = list(decoding)  # the rows this step computes for, and those of them that pick a token
+        picking = list(decoding)
         chunk: list[int] = []
-        for index in reading:
-            row = self.rows[index]
+        if prefilling is not None:
+            row = self.rows[prefilling]
             chunk = row.pending[: self.prefill_chunk]
             tokens += chunk
-            slots += [index] * len(chunk)
+            slots += [prefilling] * len(chunk)
             positions += range(row.position, row.position + len(chunk))
+            computed.append(prefilling)
+            if len(chunk) == len(row.pending):  # the prompt's last token picks the first of its answer
+                picking.append(prefilling)
         if not tokens:
             return []
-        completes = [index for index in reading if len(chunk) == len(self.rows[index].pending)]
-        keep = list(range(len(decoding))) + ([len(tokens) - 1] if completes else [])
-        adapters = [self.rows[index].request.adapter for index in decoding + reading]
+        keep = list(range(len(decoding))) + ([len(tokens) - 1] if len(picking) > len(decoding) else [])
+        adapters = [self.rows[index].request.adapter for index in computed]
         arguments: dict[str, Any] = {}
         with self._adapters(adapters, arguments):
             if "adapter_names" in arguments:  # rows of several adapters: PEFT's per-row forward
@@ -216,11 +219,11 @@ class Engine:
             return None
         for index in decoding:
             self.rows[index].position += 1
-        for index in reading:
-            row = self.rows[index]
+        if prefilling is not None:
+            row = self.rows[prefilling]
             row.position += len(chunk)
             row.pending = row.pending[len(chunk) :]
-        return self._advance(decoding + completes, logits)
+        return self._advance(picking, logits)
 
     def _prefill(self, index: int) -> list[Request]:
         row = self.rows[index]
@@ -263,7 +266,7 @@ class Engine:
         cache.rows, cache.start, cache.span = len(self.rows), positions, int(positions.max()) + 1
         adapters = [row.request.adapter for row in self.rows]
         ids = torch.tensor(tokens, device=self.device)[:, None]
-        logits = self._forward(ids, positions[:, None], positions[:, None, None], adapters, decode=True)
+        logits = self._forward(ids, positions[:, None], positions[:, None, None], adapters)
         decoding = [index for index, row in enumerate(self.rows) if row.next_token is not None]
         for index in decoding:
             self.rows[index].position += 1
@@ -271,17 +274,13 @@ class Engine:
         return self._advance(decoding, last)
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor, adapters: list[str | None],
-        decode: bool = False,
+        self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor, adapters: list[str | None]
     ) -> torch.Tensor:  # fmt: skip
-        """Logits of the last position of each row; `query` holds each query's position ([rows, queries, 1]).
-        `decode`: one token a row, row r in slot r (the decoder's native step where it can take the model)."""
+        """Logits of the last position of each row through the restated forward or the model's own (where the
+        native step declined); `query` holds each query's position ([rows, queries, 1])."""
         arguments: dict[str, Any] = {self.cache_argument: self.cache}
         with self._adapters(adapters, arguments):
             restated = self.decoder is not None and "adapter_names" not in arguments
-            logits = self.decoder.decode(ids, positions, self.cache) if restated and decode else None  # type: ignore[union-attr]
-            if logits is not None:
-                return logits
             mask = self._masks(query)
             if restated:
                 return self.decoder(ids, positions, mask, self.cache)  # type: ignore[misc]
@@ -378,7 +377,7 @@ MIN_SHARED_PREFIX = 16
 def _argmax(logits: torch.Tensor) -> list[int]:
     """Each row's greedy token: over bf16 logits on a CPU through tunesmith's kernel (torch's own copies 262k logits a
     row to float32 first: ~1 ms a row, against ~0.05 ms), else torch's."""
-    if logits.dtype == torch.bfloat16 and kernels.takes(logits):
+    if kernels.takes(logits):
         return kernels.argmax(logits).tolist()
     return logits.float().argmax(dim=-1).tolist()
 

@@ -56,9 +56,14 @@ def squad_normalise(text: str) -> str:
 
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD F1: token overlap after SQuAD's normalisation (two empty answers agree, as in SQuAD 2.0)."""
-    got, want = squad_normalise(prediction).split(), squad_normalise(reference).split()
+    return overlap_f1(squad_normalise(prediction).split(), squad_normalise(reference).split())
+
+
+def overlap_f1(got: list[Any], want: list[Any]) -> float:
+    """F1 of the items two lists share (each counted as often as both hold it, in any order); two empty lists
+    agree, one empty one does not."""
     if not got or not want:
-        return float(got == want)
+        return float(not got and not want)
     common = sum((Counter(got) & Counter(want)).values())
     if common == 0:
         return 0.0
@@ -120,12 +125,7 @@ def json_fields_f1(prediction: str, reference: str) -> float:
 def _field_f1(got: Any, want: Any) -> float:
     if not (isinstance(got, list) and isinstance(want, list)):
         return float(got == want)
-    mine, theirs = (Counter(json.dumps(item, sort_keys=True) for item in items) for items in (got, want))
-    common = sum((mine & theirs).values())
-    if not mine or not theirs or not common:
-        return float(not mine and not theirs)
-    precision, recall = common / sum(mine.values()), common / sum(theirs.values())
-    return 2 * precision * recall / (precision + recall)
+    return overlap_f1(*([json.dumps(item, sort_keys=True) for item in items] for items in (got, want)))
 
 
 def field_accuracy(predictions: list[str], references: list[str]) -> dict[str, float]:
