@@ -7,8 +7,10 @@ all-linear LoRA, as the quickstart trains it (a random adapter unless --run name
 quickstart notes in the model's chat template; greedy; each answer ends at the end of its turn or the token limit.
 Printed: the memory-bandwidth bound (the faster of a 1 GiB float32 sum and a 1 GiB stream through tunesmith's
 kernel) and bf16 matmul peak measured here, tokens/s of each path at batch 1 and 8 (the engine's with and without
-the packing of the weights before, which llama.cpp's load matches), how many answers the engine and the HF path
-agree on, and llama.cpp's tokens/s on --gguf FILE when given.
+the packing of the weights before, which llama.cpp's load matches; and with every logit computed, the output layer's
+greedy screen off), how many answers the engine and the HF path agree on, and llama.cpp's tokens/s on --gguf FILE
+when given. Where the kernel runs, the batch-1 bound is over what a greedy step reads: the output layer's int8 screen
+(kernels.greedy) in place of its bf16 weights.
 """
 
 from __future__ import annotations
@@ -168,6 +170,12 @@ def main() -> None:
     model, tokenizer = model_and_tokenizer(args.run, args.model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"weights {weights / 1e9:.3f} GB -> batch-1 bound {bound * 1e9 / weights:.0f} tokens/s")
+    head = model.get_output_embeddings().weight
+    screened = kernels.pays() and kernels.available() and head.dtype == torch.bfloat16
+    if screened:  # a greedy step reads the output layer's int8 screen (1 byte a weight, 16 a row) instead
+        weights += head.shape[0] * (head.shape[1] + 16) - head.numel() * head.element_size()
+        print(f"a greedy step reads {weights / 1e9:.3f} GB (the output layer's int8 screen instead of its bf16 "
+              f"weights) -> batch-1 bound {bound * 1e9 / weights:.0f} tokens/s")  # fmt: skip
     conversations = prompts(args.prompts, args.run)
     encoded = [prompt_ids(tokenizer, c) for c in conversations]
     results = {}
@@ -180,6 +188,16 @@ def main() -> None:
         share = f" = {rate / (bound * 1e9 / weights):.0%} of the bound" if rows == 1 else ""
         print(f"engine   batch {rows}: {rate:6.1f} tokens/s ({produced} tokens, {seconds:.1f} s){share}; "
               f"with the {packing:.2f} s of packing before: {produced / (seconds + packing):.1f}")  # fmt: skip
+    if screened:  # the same engine computing every logit (the screen off), as before the screen
+        from tunesmith.decoder import Decoder
+
+        greedy, Decoder.greedy = Decoder.greedy, lambda self, hidden: None  # type: ignore[method-assign]
+        for rows in batches:
+            tokens, seconds, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, rows)
+            same = sum(a == b for a, b in zip(tokens, results[rows], strict=True))
+            print(f"engine   batch {rows} computing every logit (no screen): {sum(map(len, tokens)) / seconds:6.1f} "
+                  f"tokens/s ({same} of {len(tokens)} answers identical to the screened ones)")  # fmt: skip
+        Decoder.greedy = greedy  # type: ignore[method-assign]
     if kernels.pays() and kernels.available():  # the same engine on oneDNN's product, as before the kernel
         os.environ["TUNESMITH_KERNELS"] = "0"
         tokens, seconds, _ = engine_answers(model, tokenizer, encoded, args.max_new_tokens, 1)

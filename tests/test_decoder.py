@@ -252,7 +252,7 @@ def test_answers_through_the_native_step_equal_the_restated_forwards(native):
     with torch.inference_mode(), generation_view(model):
         native_answers = _answers(model, PROMPTS, 3, restated=True)
         engine = Engine(model, max_rows=3, max_length=64, prefill_chunk=5)
-        engine.decoder.step = lambda *args: None  # type: ignore[method-assign]  # the native layer off
+        engine.decoder.run = lambda *args: None  # type: ignore[method-assign]  # the native layer off
         restated = [r.tokens for r in engine.run([Request(p, 10) for p in PROMPTS])]
     assert sum(a == b for a, b in zip(native_answers, restated, strict=True)) >= 3
 
@@ -299,3 +299,26 @@ def _close_to_rounding(mine: torch.Tensor, expected: torch.Tensor) -> None:
     """Equal up to a few bf16 steps of the largest entry (a later layer's keys carry the earlier layers' rounding of
     the attention sums); a key written to the wrong slot or position is off by the entries themselves."""
     torch.testing.assert_close(mine, expected, rtol=0.02, atol=0.01 * float(expected.abs().max()))
+
+
+def test_greedy_picks_through_the_output_layers_screen_are_each_rows_argmax(native, monkeypatch):
+    """The engine's greedy rows pick through the screen (kernels.greedy) without logits: the same tokens as the
+    argmax over each row's logits from the whole output layer, in every batch; sampled rows still get logits."""
+    from tunesmith import kernels
+
+    model = _random(FAMILIES["llama"](), 11).to(torch.bfloat16)  # the test Gemma's soft cap takes no screen
+    calls = []
+    screened = kernels.greedy
+    monkeypatch.setattr(kernels, "greedy", lambda *args: calls.append(1) or screened(*args))
+    with torch.inference_mode(), generation_view(model):
+        answers = _answers(model, PROMPTS, 3, restated=True)
+        assert calls, "the screen was not used"
+        count = len(calls)
+
+        def whole(self, hidden):
+            return [int(kernels.argmax(self.logits(hidden[r : r + 1]))[0]) for r in range(len(hidden))]
+
+        monkeypatch.setattr(Decoder, "greedy", whole)
+        assert _answers(model, PROMPTS, 3, restated=True) == answers
+        sampled = Engine(model, max_rows=2, max_length=64).run([Request(PROMPTS[0], 5, temperature=1.0, seed=3)])
+        assert len(sampled[0].tokens) == 5 and len(calls) == count

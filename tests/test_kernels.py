@@ -130,3 +130,55 @@ def test_greedy_picks_equal_torchs_argmax_ties_and_nans_included(built):
     logits[3] = float("-inf")
     assert kernels.argmax(logits).tolist() == logits.argmax(-1).tolist()
     assert kernels.argmax(logits).tolist()[1:3] == [5, 123_456]
+
+
+def _alone(x: torch.Tensor, weight: torch.Tensor) -> list[int]:
+    """Each row's greedy pick over the bf16 logits the kernel's product gives for that row alone."""
+    packed = kernels.pack(weight)
+    return [int(kernels.argmax(kernels.linear(x[r : r + 1], packed, weight.shape[0], None))[0]) for r in range(len(x))]
+
+
+@pytest.mark.parametrize("vocabulary, width", [(1000, 64), (4099, 130), (517, 7), (2000, 640)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_the_screen_picks_what_argmax_over_the_whole_output_layer_picks(built, vocabulary, width, rows):
+    generator = torch.Generator().manual_seed(vocabulary + rows)
+    weight = (torch.randn(vocabulary, width, generator=generator) * 0.05).bfloat16()
+    weight[9] = weight[4]  # an exact tie with entry 4: the first of them wins
+    weight[12] = weight[4]
+    weight[12, 0] = (weight[4, 0].float() * (1 + 2**-6)).bfloat16()  # a near tie, far below int8's resolution
+    weight[20] = weight[21] = weight[4] * 0.5
+    weight[21, 1] = (weight[21, 1].float() * (1 - 2**-6)).bfloat16()
+    x = torch.randn(rows, width, generator=generator).bfloat16()
+    x[0] = (weight[4].float() * 40).bfloat16()  # confident: 4, 9 and 12 at the top, a rounding apart
+    if rows > 1:
+        x[1] = (weight[20].float() * 40).bfloat16()
+        x[1, 0] = 300.0  # an outlier that coarsens the row's int8 rounding
+    if rows > 2:
+        x[2] = x[2] * 0.01  # small logits, close together
+    got = kernels.greedy(x, weight, kernels.screen(weight))
+    assert got.dtype == torch.long and got.tolist() == _alone(x, weight)
+
+
+def test_the_screen_leaves_rows_it_cannot_narrow_to_the_caller(built):
+    weight = (torch.randn(40_000, 32) * 0.05).bfloat16()
+    x = torch.randn(4, 32).bfloat16()
+    x[1] = 0.0  # every logit 0: all 40,000 tie, more than a full product costs to decide
+    x[2, 3] = float("nan")
+    x[3, 0] = float("inf")
+    got = kernels.greedy(x, weight, kernels.screen(weight))
+    assert got.tolist()[1:] == [-1, -1, -1]
+    assert got[0] == _alone(x[:1], weight)[0]
+    small = weight[:100]
+    assert kernels.greedy(torch.zeros(1, 32).bfloat16(), small, kernels.screen(small)).tolist() == [0]  # all tie
+
+
+def test_the_screen_holds_each_weight_rounded_to_int8_within_its_bound(built):
+    weight = (torch.randn(37, 11) * 0.1).bfloat16()
+    weight[5] = 0.0
+    screen = kernels.screen(weight)
+    assert screen.q.shape == (3, 3, 16, 4) and screen.q.dtype == torch.int8
+    q = screen.q.permute(0, 2, 1, 3).reshape(48, 12)[:37, :11].double()  # back to [out, in]
+    rounded = q * screen.scale.double()[:, None]
+    assert ((weight.double() - rounded).norm(dim=1) <= screen.error.double()).all()
+    assert torch.equal(screen.sums, q.sum(1).int())
+    assert screen.q.abs().max() <= 127 and screen.scale[5] == 0 and not q[5].any()

@@ -111,6 +111,13 @@ class Decoder:
         ([len(keep), vocabulary]), as `__call__` gives them up to the order of the attention's sums; None where
         the model is not in a state the native layer computes (weights not packed for the kernel, per-row
         adapters, an unmerged adapter, another activation or norm)."""
+        hidden = self.run(ids, slots, positions, keep, cache)
+        return None if hidden is None else self._logits(hidden)
+
+    def run(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, keep: list[int],
+            cache: Any) -> torch.Tensor | None:  # fmt: skip
+        """`step` up to the output layer: the last layer's hidden states of the tokens at `keep` (`logits` or
+        `greedy` of them finish the step), or None where the native layer cannot run."""
         layers = self._plan()
         if layers is None or cache.keys[0].dtype != torch.bfloat16:
             return None
@@ -122,7 +129,26 @@ class Decoder:
         for index, layer in enumerate(layers):
             cos, sin = tables[self.layer_types[index] if self.rotary_by_type else ""]
             flat = kernels.decode_layer(flat, positions, slots, cos, sin, cache.keys[index], cache.values[index], layer)
-        return self._logits(flat[keep] if len(keep) < count else flat)
+        return flat[keep] if len(keep) < count else flat
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer over hidden states `run` gave ([rows, width] -> [rows, vocabulary])."""
+        return self._logits(hidden)
+
+    def greedy(self, hidden: torch.Tensor) -> list[int | None] | None:
+        """The greedy pick of each row of `run`'s hidden states without computing its logits, through the output
+        layer's int8 screen (kernels.greedy: the pick torch.argmax gives over that row's logits from the kernel's
+        product for one row); None for a row it cannot decide, or for all where the output layer has no screen (not
+        packed for the kernel, an adapter or hooks on it, Gemma 2's soft cap)."""
+        head = self.lm.lm_head
+        made = getattr(vars(head).get("forward"), "screen", None)
+        if made is None or self.softcap is not None or head.bias is not None or not _plain(head, patched=True):
+            return None
+        screen = made()
+        if screen is None:
+            return None
+        picks = kernels.greedy(self.body.norm(hidden), head.weight, screen).tolist()
+        return [pick if pick >= 0 else None for pick in picks]
 
     def _plan(self) -> list[kernels.LayerWeights] | None:
         """The native layers for the adapters as they are set now, made once per adapter state and view (keyed by

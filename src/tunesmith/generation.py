@@ -212,18 +212,39 @@ class Engine:
         with self._adapters(adapters, arguments):
             if "adapter_names" in arguments:  # rows of several adapters: PEFT's per-row forward
                 return None
-            logits = self.decoder.step(
+            hidden = self.decoder.run(
                 torch.tensor(tokens), torch.tensor(slots), torch.tensor(positions), keep, self.cache
             )  # fmt: skip
-        if logits is None:
-            return None
+            if hidden is None:
+                return None
+            picked = self._pick_native(hidden, [self.rows[index].request for index in picking])
         for index in decoding:
             self.rows[index].position += 1
         if prefilling is not None:
             row = self.rows[prefilling]
             row.position += len(chunk)
             row.pending = row.pending[len(chunk) :]
-        return self._advance(picking, logits)
+        return self._advance(picking, picked)
+
+    def _pick_native(self, hidden: torch.Tensor, requests: list[Request]) -> list[int]:
+        """Each row's next token from the native step's hidden states: greedy rows through the output layer's
+        screen (Decoder.greedy, no logits computed) where it decides; the others, and sampled rows, from logits."""
+        picked: list[int | None] = [None] * len(requests)
+        plain = [row for row, request in enumerate(requests) if request.temperature <= 0 and not request.logprobs]
+        screened = None
+        if plain:
+            screened = self.decoder.greedy(hidden[plain]) if self.decoder is not None else None
+            for row, pick in zip(plain, screened or [], strict=False):
+                picked[row] = pick
+        undecided = [row for row in plain if picked[row] is None]
+        for row in undecided if screened is not None else []:  # alone: the screen's arithmetic for one row
+            picked[row] = _argmax(self.decoder.logits(hidden[row : row + 1]))[0]  # type: ignore[union-attr]
+        rest = [row for row, pick in enumerate(picked) if pick is None]
+        if rest:
+            logits = self.decoder.logits(hidden[rest])  # type: ignore[union-attr]
+            for row, pick in zip(rest, self._pick(logits, [requests[row] for row in rest]), strict=True):
+                picked[row] = pick
+        return picked  # type: ignore[return-value]
 
     def _prefill(self, index: int) -> list[Request]:
         row = self.rows[index]
@@ -237,7 +258,7 @@ class Engine:
         row.position += len(chunk)
         if row.pending:
             return []
-        return self._advance([index], logits[:, -1])
+        return self._advance([index], self._pick(logits[:, -1], [row.request]))
 
     def _reuse_prefix(self, index: int) -> None:
         """Prefix caching: where another live row of the same adapter already holds more of this row's prompt in
@@ -271,7 +292,7 @@ class Engine:
         for index in decoding:
             self.rows[index].position += 1
         last = logits[:, -1] if len(decoding) == len(self.rows) else logits[decoding, -1]
-        return self._advance(decoding, last)
+        return self._advance(decoding, self._pick(last, [self.rows[index].request for index in decoding]))
 
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, query: torch.Tensor, adapters: list[str | None]
@@ -324,9 +345,8 @@ class Engine:
             )
         return mask
 
-    def _advance(self, indices: list[int], logits: torch.Tensor) -> list[Request]:
-        """Pick each row's next token, hand it to its request, and let finished rows leave."""
-        picked = self._pick(logits, [self.rows[index].request for index in indices])
+    def _advance(self, indices: list[int], picked: list[int]) -> list[Request]:
+        """Hand each row its picked next token, and let finished rows leave."""
         done: list[int] = []
         for index, token in zip(indices, picked, strict=True):
             row = self.rows[index]
@@ -598,8 +618,20 @@ def _packed_forward(module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.T
             return own(x)
         return packed()(x, module.bias)
 
+    screens: list[kernels.Screen] = []
+
+    def screen() -> kernels.Screen | None:
+        """The weight's int8 screen for greedy picks (Decoder.greedy), made on first use; None where the kernel
+        does not compute with this weight."""
+        if not kernels.takes(module.weight):
+            return None
+        if not screens:
+            screens.append(kernels.screen(module.weight))
+        return screens[0]
+
     # Decoder's native decode: the weight as it computes (a quantized one is not packed: it keeps its own forward)
     forward.packed = lambda: (packed(), module.bias) if module.weight.is_floating_point() else None  # type: ignore[attr-defined]
+    forward.screen = screen  # type: ignore[attr-defined]
     return forward
 
 

@@ -124,3 +124,29 @@ class LayerWeights:
     scaling: float
     window: int  # 0: every earlier position; else the last `window`
     gelu: bool  # GELU (tanh) on the gate; else SiLU
+
+
+@dataclass
+class Screen:
+    """An output layer's int8 copy for greedy picks (`greedy`): per entry j the rounded weight q_j (packed), its
+    scale, a bound on |w_j - scale_j q_j| (with a margin for float32 sums), |scale_j q_j|, and sum(q_j)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    error: torch.Tensor
+    norm: torch.Tensor
+    sums: torch.Tensor
+
+
+def screen(weight: torch.Tensor) -> Screen:
+    """The screen of a [vocabulary, width] bf16 output layer: half its bytes, made once per generation view."""
+    return Screen(*torch.ops.tunesmith_kernels.screen_pack(weight.detach()))
+
+
+def greedy(x: torch.Tensor, weight: torch.Tensor, made: Screen) -> torch.Tensor:
+    """Each row's greedy pick of x @ weight.T without computing every logit: the int8 screen bounds each logit, and
+    the few that can still be the largest are computed exactly. Equal to torch.argmax over the bf16 logits that
+    `linear` gives for that row alone (the first of ties); -1 for a row it cannot decide (a value not finite)."""
+    return torch.ops.tunesmith_kernels.greedy_bf16(
+        x, weight.detach(), made.q, made.scale, made.error, made.norm, made.sums
+    )
