@@ -442,7 +442,7 @@ constexpr ScreenFn SCREEN_BY_ROWS[ROWS + 1] = {nullptr,          screen_block<1>
                                                screen_block<6>,  screen_block<7>, screen_block<8>};
 
 // A row whose screen leaves more candidates than this (a flat distribution: a model that has not learned to
-// answer such a prompt) is left to the caller, for whom one product of the whole layer then costs less.
+// answer such a prompt) is computed whole, from the row-major weight as the candidates are.
 constexpr int64_t MOST_CANDIDATES = 2048;
 
 // Twice the bf16 spacing just above |value|: two values this far apart round to different bf16 numbers.
@@ -453,7 +453,7 @@ inline float spacing(float value) {
 }
 
 // Each row's greedy pick among x [R, K] . weight [V, K]^T (bf16), as torch.argmax over the bf16 logits that
-// linear_bf16 gives for that row alone; -1 for a row with a value that is not finite (the caller computes its
+// linear_bf16 gives for that row alone; -1 for a row of x with a value that is not finite (the caller computes its
 // logits instead). q, scale, error, norm, sums: screen_pack of the weight.
 at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& q, const at::Tensor& scale,
                   const at::Tensor& error, const at::Tensor& norm, const at::Tensor& sums) {
@@ -566,38 +566,47 @@ at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::T
     }
   });
 
-  // the candidates that reach the best lower bound of all threads, decided exactly
-  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float lower = -INFINITY;
-      for (const Found& f : found) lower = std::max(lower, f.lower[i]);
-      const float cut = lower - spacing(lower);
-      std::vector<int64_t> entries;
-      bool crowded = false;
-      for (const Found& f : found) crowded = crowded || f.crowded[i];
-      if (crowded) continue;
-      for (const Found& f : found)
-        for (const auto& c : f.candidates[i])
-          if (c.second >= cut) entries.push_back(c.first);
-      const int64_t r = live[i];
-      if (int64_t(entries.size()) > MOST_CANDIDATES) continue;  // O[r] stays -1: its logits are cheaper
-      std::sort(entries.begin(), entries.end());
-      float best = -INFINITY;
-      int64_t best_index = -1, computed = -1;
-      uint16_t logits[BLOCK];
-      for (const int64_t entry : entries) {
-        const int64_t first = entry / BLOCK * BLOCK;
-        if (first != computed) exact_block(X + r * K, K, Wt, V, first, logits), computed = first;
-        const float value = to_float(logits[entry - first]);
-        if (std::isnan(value)) {
-          best_index = -1;
-          break;
-        }
-        if (best_index < 0 || value > best) best = value, best_index = entry;
-      }
-      O[r] = best_index;
+  // the entries that reach the best lower bound of all threads (every entry of a row the screen could not narrow),
+  // each block of them computed exactly once: the tasks of all rows in one parallel pass
+  std::vector<std::vector<int64_t>> entries(L);
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (live row, first entry of a block)
+  for (int64_t i = 0; i < L; ++i) {
+    float lower = -INFINITY;
+    bool crowded = false;
+    for (const Found& f : found) lower = std::max(lower, f.lower[i]), crowded = crowded || f.crowded[i];
+    const float cut = lower - spacing(lower);
+    for (const Found& f : found)
+      for (const auto& c : f.candidates[i])
+        if (c.second >= cut) entries[i].push_back(c.first);
+    if (crowded || int64_t(entries[i].size()) > MOST_CANDIDATES) {  // cheaper to compute the whole row
+      entries[i].resize(V);
+      for (int64_t j = 0; j < V; ++j) entries[i][j] = j;
     }
+    std::sort(entries[i].begin(), entries[i].end());
+    for (const int64_t entry : entries[i])
+      if (tasks.empty() || tasks.back() != std::make_pair(i, entry / BLOCK * BLOCK))
+        tasks.push_back({i, entry / BLOCK * BLOCK});
+  }
+  std::vector<uint16_t> logits(tasks.size() * BLOCK);
+  at::parallel_for(0, int64_t(tasks.size()), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      exact_block(X + live[tasks[t].first] * K, K, Wt, V, tasks[t].second, logits.data() + t * BLOCK);
   });
+  for (int64_t i = 0, t = 0; i < L; ++i) {  // tasks run in the rows' order, each row's blocks ascending
+    float best = -INFINITY;
+    int64_t best_index = -1;
+    for (const int64_t entry : entries[i]) {
+      while (tasks[t].first != i || tasks[t].second + BLOCK <= entry) ++t;
+      const float value = to_float(logits[t * BLOCK + entry - tasks[t].second]);
+      if (std::isnan(value)) {  // as torch's argmax: a NaN wins
+        best_index = entry;
+        break;
+      }
+      if (best_index < 0 || value > best) best = value, best_index = entry;
+    }
+    O[live[i]] = best_index;
+    while (t < int64_t(tasks.size()) && tasks[t].first == i) ++t;
+  }
   return out;
 }
 
