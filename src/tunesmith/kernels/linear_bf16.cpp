@@ -391,26 +391,64 @@ std::vector<at::Tensor> screen_pack(const at::Tensor& weight) {
   return {q, scale, error, norm, sums};
 }
 
-// The bf16 logits of entries [first, first + 16) for one row x alone, as linear_bf16 computes them for one row:
-// the block packed on the fly from the row-major weight (one 32-bit pair at a time), then block<1>.
+#if defined(__AVX512BF16__)
+// r[k] = column k of the 16 x 16 matrix of 32-bit values whose rows are r[0..15] (lane i: row i's element k).
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int g = 0; g < 16; g += 8)
+    for (int k = 0; k < 4; ++k) {
+      t[g + k] = _mm512_shuffle_i32x4(u[g + k], u[g + 4 + k], 0x88);
+      t[g + 4 + k] = _mm512_shuffle_i32x4(u[g + k], u[g + 4 + k], 0xdd);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0xdd);
+  }
+}
+#endif
+
+// The bf16 logits of entries [first, first + 16) for one row x alone, as linear_bf16 computes them for one row
+// (block<1>: even and odd pairs in two sums), from the row-major weight: 16 pairs of the 16 entries at a time
+// turned into the lanes the packed layout gives them.
 void exact_block(const uint16_t* x, int64_t K, const uint16_t* W, int64_t V, int64_t first, uint16_t* out) {
   const int64_t pairs = (K + 1) / 2, valid = std::min<int64_t>(BLOCK, V - first);
-  thread_local std::vector<uint32_t> packed, row;
-  packed.assign(size_t(pairs) * BLOCK, 0);
-  for (int64_t j = 0; j < valid; ++j) {
-    const uint16_t* source = W + (first + j) * K;
-    if (K % 2 == 0) {
-      const auto* pair = reinterpret_cast<const uint32_t*>(source);  // bf16 pairs: (k, k+1) as the layout wants
-      for (int64_t p = 0; p < pairs; ++p) packed[p * BLOCK + j] = pair[p];
-    } else {
-      for (int64_t k = 0; k < K; ++k)
-        reinterpret_cast<uint16_t*>(packed.data())[(k / 2 * BLOCK + j) * 2 + k % 2] = source[k];
+#if defined(__AVX512BF16__)
+  if (K % 2 == 0) {
+    const auto* xs = reinterpret_cast<const int32_t*>(x);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const int64_t count = std::min<int64_t>(16, pairs - p0);
+      const __mmask16 mask = count == 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; ++j)
+        r[j] = j < valid ? _mm512_maskz_loadu_epi32(mask, W + (first + j) * K + 2 * p0) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t k = 0; k < count; ++k)
+        acc[(p0 + k) % 2] = _mm512_dpbf16_ps(acc[(p0 + k) % 2], (__m512bh)_mm512_set1_epi32(xs[p0 + k]), (__m512bh)r[k]);
     }
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_setzero_ps());  // as block<1>, no bias
+    const __mmask16 lanes = valid >= BLOCK ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+    _mm256_mask_storeu_epi16(out, lanes, (__m256i)_mm512_cvtneps_pbh(sum));
+    return;
   }
-  row.assign(size_t(pairs), 0);
+#endif
+  thread_local std::vector<uint16_t> packed, row;
+  packed.assign(size_t(pairs) * BLOCK * 2, 0);
+  for (int64_t j = 0; j < valid; ++j)
+    for (int64_t k = 0; k < K; ++k) packed[(k / 2 * BLOCK + j) * 2 + k % 2] = W[(first + j) * K + k];
+  row.assign(size_t(pairs) * 2, 0);
   std::memcpy(row.data(), x, size_t(K) * 2);
-  BY_ROWS[1](reinterpret_cast<const uint16_t*>(row.data()), pairs * 2, reinterpret_cast<const uint16_t*>(packed.data()),
-             pairs, nullptr, out, BLOCK, valid);
+  BY_ROWS[1](row.data(), pairs * 2, packed.data(), pairs, nullptr, out, BLOCK, valid);
 }
 
 // int32 sums of 16 entries for MR rows of unsigned x against one block of q.
@@ -581,8 +619,9 @@ at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::T
     if (crowded || int64_t(entries[i].size()) > MOST_CANDIDATES) {  // cheaper to compute the whole row
       entries[i].resize(V);
       for (int64_t j = 0; j < V; ++j) entries[i][j] = j;
+    } else {
+      std::sort(entries[i].begin(), entries[i].end());
     }
-    std::sort(entries[i].begin(), entries[i].end());
     for (const int64_t entry : entries[i])
       if (tasks.empty() || tasks.back() != std::make_pair(i, entry / BLOCK * BLOCK))
         tasks.push_back({i, entry / BLOCK * BLOCK});
