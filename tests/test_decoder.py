@@ -322,3 +322,35 @@ def test_greedy_picks_through_the_output_layers_screen_are_each_rows_argmax(nati
         assert _answers(model, PROMPTS, 3, restated=True) == answers
         sampled = Engine(model, max_rows=2, max_length=64).run([Request(PROMPTS[0], 5, temperature=1.0, seed=3)])
         assert len(sampled[0].tokens) == 5 and len(calls) == count
+
+
+def test_the_screen_rests_where_it_keeps_computing_rows_whole(native, monkeypatch):
+    """A model with flat distributions leaves rows the screen cannot narrow; after a few such steps the engine
+    computes logits instead (the same answers: up to 4 rows the product sums each row as it does alone) and tries
+    the screen again later."""
+    from tunesmith import decoder as decoder_module
+    from tunesmith import kernels
+
+    model = _random(FAMILIES["llama"](), 11).to(torch.bfloat16)
+    real, steps_screened = kernels.greedy, []
+
+    def flat(*args):
+        steps_screened.append(step)
+        picks, computed = real(*args)
+        return picks, torch.full_like(computed, 10**6)  # as if every row had been computed whole
+
+    with torch.inference_mode(), generation_view(model):
+        answers = _answers(model, PROMPTS, 3, restated=True)
+        monkeypatch.setattr(kernels, "greedy", flat)
+        monkeypatch.setattr(decoder_module, "SCREEN_REST", 4)
+        engine = Engine(model, max_rows=3, max_length=64, prefill_chunk=5)
+        requests = [Request(p, 10) for p in PROMPTS]
+        for request in requests:
+            engine.submit(request)
+        step = 0
+        while engine.busy:
+            engine.step()
+            step += 1
+    rested = [b - a for a, b in zip(steps_screened, steps_screened[1:], strict=False) if b - a > 1]
+    assert rested and all(gap == 5 for gap in rested)  # 4 steps without the screen, then it is tried again
+    assert [r.tokens for r in requests] == answers

@@ -155,8 +155,9 @@ def test_the_screen_picks_what_argmax_over_the_whole_output_layer_picks(built, v
         x[1, 0] = 300.0  # an outlier that coarsens the row's int8 rounding
     if rows > 2:
         x[2] = x[2] * 0.01  # small logits, close together
-    got = kernels.greedy(x, weight, kernels.screen(weight))
+    got, computed = kernels.greedy(x, weight, kernels.screen(weight))
     assert got.dtype == torch.long and got.tolist() == _alone(x, weight)
+    assert (computed >= 1).all() and (computed <= vocabulary).all()
 
 
 def test_the_screen_computes_rows_it_cannot_narrow_whole_and_leaves_non_finite_ones_to_the_caller(built):
@@ -167,9 +168,10 @@ def test_the_screen_computes_rows_it_cannot_narrow_whole_and_leaves_non_finite_o
     x[2] = x[2] * 1e-4  # 40,000 logits within a few bf16 steps of each other
     x[3, 3] = float("nan")
     x[4, 0] = float("inf")
-    got = kernels.greedy(x, weight, kernels.screen(weight))
+    got, computed = kernels.greedy(x, weight, kernels.screen(weight))
     assert got.tolist()[:3] == _alone(x[:3], weight) and got[1] == 0
     assert got.tolist()[3:] == [-1, -1]
+    assert computed[0] < 100 and computed[1] == 40_000  # a confident row: a few entries; the flat one whole
 
 
 def test_the_screen_holds_each_weight_rounded_to_int8_within_its_bound(built):

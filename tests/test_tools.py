@@ -655,6 +655,18 @@ def test_reasoning_splits_off_the_same_whole_and_streamed_in_any_pieces(text, ex
         assert ((reasoning + more) if splitter.reasoned else None, answer + rest) == expected
 
 
+def test_the_call_parser_reads_reasoning_as_the_stream_does():
+    """One reader of <think> blocks: serve's stream and the call parser agree, an unclosed block included (a model
+    cut off while thinking made no call, whatever its thoughts contain)."""
+    call = '<tool_call>\n{"name": "book", "arguments": {"day": "Monday"}}\n</tool_call>'
+    cut_off = f"<think>\nmaybe {call}"
+    assert parse_hermes(cut_off) == ParsedTurn("", (), f"maybe {call}")
+    assert split_reasoning(cut_off) == (f"maybe {call}", "")
+    whole = f"<think>\nbook it\n</think>\n\n{call}"
+    parsed = parse_hermes(whole)
+    assert parsed.reasoning == "book it" and [c.name for c in parsed.tool_calls] == ["book"] and parsed.content == ""
+
+
 def test_a_template_renders_reasoning_where_it_writes_a_think_block():
     tokenizer = build_tokenizer()
     assert not renders_reasoning(tokenizer)  # the default template drops reasoning_content

@@ -41,6 +41,10 @@ FAMILIES = {
 # these others') rounds first, then scales by weight in the model's dtype.
 ONE_PLUS_WEIGHT_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
 WEIGHT_AFTER_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}
+# Decoder.greedy's screen: the weight of each step in the running share of rows computed whole, the share past
+# which the screen rests, and for how many steps
+SCREEN_RATE, SCREEN_MOST_MISSES, SCREEN_REST = 0.1, 0.25, 256
+SCREEN_NARROW = 2048  # the most entries the screen computes exactly before it computes a row whole (the kernel's)
 # The activations of the MLP gate that tunesmith's native layer computes: name in the config -> GELU (else SiLU)
 GATE_ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_tanh": True, "silu": False, "swish": False}
 
@@ -62,6 +66,10 @@ class Decoder:
         # Gemma 3 keeps one rotary table per layer type (local and global RoPE bases)
         self.rotary_by_type = "layer_type" in _parameters(self.body.rotary_emb.forward)
         self.plans: dict[tuple, list[kernels.LayerWeights] | None] = {}  # adapter state -> native layers
+        # the running share of greedy rows the output layer's screen could not narrow (computed whole), and how
+        # many more steps it rests after that share grew too large (`greedy`)
+        self.screen_misses = 0.0
+        self.screen_rest = 0
 
     @classmethod
     def of(cls, model: Any) -> Decoder | None:
@@ -139,16 +147,28 @@ class Decoder:
         """The greedy pick of each row of `run`'s hidden states without computing its logits, through the output
         layer's int8 screen (kernels.greedy: the pick torch.argmax gives over that row's logits from the kernel's
         product for one row); None for a row it cannot decide, or for all where the output layer has no screen (not
-        packed for the kernel, an adapter or hooks on it, Gemma 2's soft cap)."""
+        packed for the kernel, an adapter or hooks on it, Gemma 2's soft cap).
+
+        A model whose distributions are flat (a random adapter, a base model rambling on a prompt it never learned)
+        leaves rows the screen cannot narrow, and a row computed whole from the screen costs more than the whole
+        output layer's product: when more than a quarter of recent rows were, the screen rests for SCREEN_REST
+        steps (None: the caller computes logits) and then tries again."""
         head = self.lm.lm_head
         made = getattr(vars(head).get("forward"), "screen", None)
         if made is None or self.softcap is not None or head.bias is not None or not _plain(head, patched=True):
             return None
+        if self.screen_rest > 0:
+            self.screen_rest -= 1
+            return None
         screen = made()
         if screen is None:
             return None
-        picks = kernels.greedy(self.body.norm(hidden), head.weight, screen).tolist()
-        return [pick if pick >= 0 else None for pick in picks]
+        picks, computed = kernels.greedy(self.body.norm(hidden), head.weight, screen)
+        whole = float((computed > SCREEN_NARROW).float().mean())
+        self.screen_misses += SCREEN_RATE * (whole - self.screen_misses)
+        if self.screen_misses > SCREEN_MOST_MISSES:
+            self.screen_rest, self.screen_misses = SCREEN_REST, SCREEN_MOST_MISSES / 2
+        return [pick if pick >= 0 else None for pick in picks.tolist()]
 
     def _plan(self) -> list[kernels.LayerWeights] | None:
         """The native layers for the adapters as they are set now, made once per adapter state and view (keyed by
@@ -192,7 +212,8 @@ class Decoder:
                 kernels.LayerWeights(
                     weights=[weight.data for weight, _ in packed],  # type: ignore[misc]
                     features=[weight.out_features for weight, _ in packed],  # type: ignore[misc]
-                    biases=[bias for _, bias in packed],  # type: ignore[misc]
+                    # float32 once here: the kernel adds float32 biases and would convert bf16 ones every call
+                    biases=[None if bias is None else bias.detach().float() for _, bias in packed],  # type: ignore[misc]
                     norms=[scale for scale, _, _ in norms],
                     eps=present[0][1],
                     weight_after=present[0][2],

@@ -75,13 +75,7 @@ def _json(text: str) -> Any:
         return None
 
 
-REASONING = re.compile(r"^\s*<think>\n?(.*?)\n?</think>\s*", re.DOTALL)
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-
-
-def _reasoning(text: str) -> tuple[str | None, str]:
-    found = REASONING.match(text)
-    return (found.group(1), text[found.end() :]) if found else (None, text)
 
 
 class ReasoningSplitter:
@@ -165,8 +159,10 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 
 
 def parse_hermes(text: str) -> ParsedTurn:
-    """tunesmith's tools template, Hermes, Qwen 2.5/3: <think>…</think>, text, <tool_call>{json}</tool_call>…"""
-    reasoning, rest = _reasoning(text)
+    """tunesmith's tools template, Hermes, Qwen 2.5/3: <think>…</think>, text, <tool_call>{json}</tool_call>…
+    The reasoning is read as serve's stream reads it (split_reasoning): an answer cut off inside its <think> block is
+    all reasoning, with no calls."""
+    reasoning, rest = split_reasoning(text)
     calls, malformed = [], []
     for body in HERMES_CALL.findall(rest):
         call = decode_call(_json(body))

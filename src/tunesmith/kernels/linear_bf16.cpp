@@ -417,28 +417,48 @@ inline void transpose16(__m512i r[16]) {
 }
 #endif
 
-// The bf16 logits of entries [first, first + 16) for one row x alone, as linear_bf16 computes them for one row
-// (block<1>: even and odd pairs in two sums), from the row-major weight: 16 pairs of the 16 entries at a time
-// turned into the lanes the packed layout gives them.
-void exact_block(const uint16_t* x, int64_t K, const uint16_t* W, int64_t V, int64_t first, uint16_t* out) {
+#if defined(__AVX512BF16__)
+// exact_block's AVX512 path for MR rows (the accumulators in registers)
+template <int MR>
+void exact_rows(const uint16_t* const* xs, int64_t K, const uint16_t* W, int64_t valid, int64_t first, uint16_t* out) {
+  const int64_t pairs = K / 2;
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+    const int64_t width = std::min<int64_t>(16, pairs - p0);
+    const __mmask16 mask = width == 16 ? __mmask16(0xffff) : __mmask16((1u << width) - 1);
+    __m512i r[16];
+    for (int64_t j = 0; j < 16; ++j)
+      r[j] = j < valid ? _mm512_maskz_loadu_epi32(mask, W + (first + j) * K + 2 * p0) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int64_t k = 0; k < width; ++k)
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m)
+        acc[m][(p0 + k) % 2] = _mm512_dpbf16_ps(
+            acc[m][(p0 + k) % 2], (__m512bh)_mm512_set1_epi32(reinterpret_cast<const int32_t*>(xs[m])[p0 + k]),
+            (__m512bh)r[k]);
+  }
+  const __mmask16 lanes = valid >= BLOCK ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+  for (int m = 0; m < MR; ++m) {  // as block<1> sums them, with no bias
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_setzero_ps());
+    _mm256_mask_storeu_epi16(out + m * BLOCK, lanes, (__m256i)_mm512_cvtneps_pbh(sum));
+  }
+}
+using ExactFn = void (*)(const uint16_t* const*, int64_t, const uint16_t*, int64_t, int64_t, uint16_t*);
+constexpr ExactFn EXACT_BY_ROWS[ROWS + 1] = {nullptr,        exact_rows<1>, exact_rows<2>, exact_rows<3>, exact_rows<4>,
+                                             exact_rows<5>, exact_rows<6>, exact_rows<7>, exact_rows<8>};
+#endif
+
+// The bf16 logits of entries [first, first + 16) for each of `rows` rows xs[m] alone (out: [rows, 16]), as
+// linear_bf16 computes them for one row (block<1>: even and odd pairs in two sums), from the row-major weight: 16
+// pairs of the 16 entries at a time turned into the lanes the packed layout gives them, once for all the rows.
+void exact_block(const uint16_t* const* xs, int64_t rows, int64_t K, const uint16_t* W, int64_t V, int64_t first,
+                 uint16_t* out) {
   const int64_t pairs = (K + 1) / 2, valid = std::min<int64_t>(BLOCK, V - first);
 #if defined(__AVX512BF16__)
   if (K % 2 == 0) {
-    const auto* xs = reinterpret_cast<const int32_t*>(x);
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-      const int64_t count = std::min<int64_t>(16, pairs - p0);
-      const __mmask16 mask = count == 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
-      __m512i r[16];
-      for (int64_t j = 0; j < 16; ++j)
-        r[j] = j < valid ? _mm512_maskz_loadu_epi32(mask, W + (first + j) * K + 2 * p0) : _mm512_setzero_si512();
-      transpose16(r);
-      for (int64_t k = 0; k < count; ++k)
-        acc[(p0 + k) % 2] = _mm512_dpbf16_ps(acc[(p0 + k) % 2], (__m512bh)_mm512_set1_epi32(xs[p0 + k]), (__m512bh)r[k]);
-    }
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_setzero_ps());  // as block<1>, no bias
-    const __mmask16 lanes = valid >= BLOCK ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
-    _mm256_mask_storeu_epi16(out, lanes, (__m256i)_mm512_cvtneps_pbh(sum));
+    for (int64_t m0 = 0; m0 < rows; m0 += ROWS)
+      EXACT_BY_ROWS[std::min<int64_t>(ROWS, rows - m0)](xs + m0, K, W, valid, first, out + m0 * BLOCK);
     return;
   }
 #endif
@@ -447,8 +467,10 @@ void exact_block(const uint16_t* x, int64_t K, const uint16_t* W, int64_t V, int
   for (int64_t j = 0; j < valid; ++j)
     for (int64_t k = 0; k < K; ++k) packed[(k / 2 * BLOCK + j) * 2 + k % 2] = W[(first + j) * K + k];
   row.assign(size_t(pairs) * 2, 0);
-  std::memcpy(row.data(), x, size_t(K) * 2);
-  BY_ROWS[1](row.data(), pairs * 2, packed.data(), pairs, nullptr, out, BLOCK, valid);
+  for (int64_t m = 0; m < rows; ++m) {
+    std::memcpy(row.data(), xs[m], size_t(K) * 2);
+    BY_ROWS[1](row.data(), pairs * 2, packed.data(), pairs, nullptr, out + m * BLOCK, BLOCK, valid);
+  }
 }
 
 // int32 sums of 16 entries for MR rows of unsigned x against one block of q.
@@ -491,10 +513,12 @@ inline float spacing(float value) {
 }
 
 // Each row's greedy pick among x [R, K] . weight [V, K]^T (bf16), as torch.argmax over the bf16 logits that
-// linear_bf16 gives for that row alone; -1 for a row of x with a value that is not finite (the caller computes its
-// logits instead). q, scale, error, norm, sums: screen_pack of the weight.
-at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& q, const at::Tensor& scale,
-                  const at::Tensor& error, const at::Tensor& norm, const at::Tensor& sums) {
+// linear_bf16 gives for that row alone, -1 for a row of x with a value that is not finite (the caller computes its
+// logits instead); and how many entries of each row were computed exactly (V: the whole row). q, scale, error,
+// norm, sums: screen_pack of the weight.
+std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& q,
+                                          const at::Tensor& scale, const at::Tensor& error, const at::Tensor& norm,
+                                          const at::Tensor& sums) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16, "greedy: x is [rows, width] bf16");
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const int64_t R = x.size(0), K = x.size(1), V = w.size(0);
@@ -507,7 +531,9 @@ at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::T
   const float *S = scale.data_ptr<float>(), *E = error.data_ptr<float>(), *N = norm.data_ptr<float>();
   const int32_t* Z = sums.data_ptr<int32_t>();
   at::Tensor out = at::full({R}, -1, at::TensorOptions().dtype(at::kLong));
+  at::Tensor computed = at::zeros({R}, at::TensorOptions().dtype(at::kLong));  // entries computed exactly, per row
   int64_t* O = out.data_ptr<int64_t>();
+  int64_t* C = computed.data_ptr<int64_t>();
 
   // each row in unsigned int8 (x~ = step * (u - 128)), its length and the length of its rounding error
   std::vector<uint8_t> U(size_t(R) * quads * 4, 128);
@@ -529,7 +555,7 @@ at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::T
     step[r] = s, length[r] = float(std::sqrt(n) * (1 + 1e-6)), wrong[r] = float(std::sqrt(e) * (1 + 1e-6));
     live.push_back(r);
   }
-  if (live.empty()) return out;
+  if (live.empty()) return {out, computed};
   std::vector<uint8_t> packed_rows;  // the live rows, contiguous
   for (const int64_t r : live) packed_rows.insert(packed_rows.end(), U.begin() + r * quads * 4, U.begin() + (r + 1) * quads * 4);
   const int64_t L = int64_t(live.size()), ldx = quads * 4;
@@ -605,9 +631,9 @@ at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::T
   });
 
   // the entries that reach the best lower bound of all threads (every entry of a row the screen could not narrow),
-  // each block of them computed exactly once: the tasks of all rows in one parallel pass
+  // computed exactly: each block once, for all the rows that need it, in one parallel pass
   std::vector<std::vector<int64_t>> entries(L);
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (live row, first entry of a block)
+  std::vector<std::vector<int64_t>> needing(blocks);  // block -> the live rows that need it, ascending
   for (int64_t i = 0; i < L; ++i) {
     float lower = -INFINITY;
     bool crowded = false;
@@ -623,30 +649,41 @@ at::Tensor greedy(const at::Tensor& input, const at::Tensor& weight, const at::T
       std::sort(entries[i].begin(), entries[i].end());
     }
     for (const int64_t entry : entries[i])
-      if (tasks.empty() || tasks.back() != std::make_pair(i, entry / BLOCK * BLOCK))
-        tasks.push_back({i, entry / BLOCK * BLOCK});
+      if (needing[entry / BLOCK].empty() || needing[entry / BLOCK].back() != i) needing[entry / BLOCK].push_back(i);
   }
-  std::vector<uint16_t> logits(tasks.size() * BLOCK);
+  std::vector<int64_t> tasks, offset(blocks, 0);  // blocks to compute; where each block's [rows, 16] logits start
+  int64_t size = 0;
+  for (int64_t nb = 0; nb < blocks; ++nb)
+    if (!needing[nb].empty()) tasks.push_back(nb), offset[nb] = size, size += int64_t(needing[nb].size()) * BLOCK;
+  std::vector<uint16_t> logits(size_t(std::max<int64_t>(size, 1)));
   at::parallel_for(0, int64_t(tasks.size()), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      exact_block(X + live[tasks[t].first] * K, K, Wt, V, tasks[t].second, logits.data() + t * BLOCK);
-  });
-  for (int64_t i = 0, t = 0; i < L; ++i) {  // tasks run in the rows' order, each row's blocks ascending
-    float best = -INFINITY;
-    int64_t best_index = -1;
-    for (const int64_t entry : entries[i]) {
-      while (tasks[t].first != i || tasks[t].second + BLOCK <= entry) ++t;
-      const float value = to_float(logits[t * BLOCK + entry - tasks[t].second]);
-      if (std::isnan(value)) {  // as torch's argmax: a NaN wins
-        best_index = entry;
-        break;
-      }
-      if (best_index < 0 || value > best) best = value, best_index = entry;
+    std::vector<const uint16_t*> xs;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = tasks[t];
+      xs.clear();
+      for (const int64_t i : needing[nb]) xs.push_back(X + live[i] * K);
+      exact_block(xs.data(), int64_t(xs.size()), K, Wt, V, nb * BLOCK, logits.data() + offset[nb]);
     }
-    O[live[i]] = best_index;
-    while (t < int64_t(tasks.size()) && tasks[t].first == i) ++t;
-  }
-  return out;
+  });
+  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float best = -INFINITY;
+      int64_t best_index = -1;
+      for (const int64_t entry : entries[i]) {
+        const auto& rows = needing[entry / BLOCK];
+        const int64_t slot = std::lower_bound(rows.begin(), rows.end(), i) - rows.begin();
+        const float value = to_float(logits[offset[entry / BLOCK] + slot * BLOCK + entry % BLOCK]);
+        if (std::isnan(value)) {  // as torch's argmax: a NaN wins
+          best_index = entry;
+          break;
+        }
+        if (best_index < 0 || value > best) best = value, best_index = entry;
+      }
+      O[live[i]] = best_index;
+      C[live[i]] = int64_t(entries[i].size());
+    }
+  });
+  return {out, computed};
 }
 
 // RMSNorm of bf16 rows in float32, as the model families compute it, in one pass instead of eight small ops:
@@ -993,7 +1030,7 @@ TORCH_LIBRARY(tunesmith_kernels, library) {
   library.def("argmax_bf16(Tensor input) -> Tensor");
   library.def("gated_bf16(Tensor gate, Tensor up, bool gelu) -> Tensor");
   library.def("screen_pack(Tensor weight) -> Tensor[]");
-  library.def("greedy_bf16(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor error, Tensor norm, Tensor sums) -> Tensor");
+  library.def("greedy_bf16(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor error, Tensor norm, Tensor sums) -> (Tensor, Tensor)");
   library.def(
       "decode_layer(Tensor hidden, Tensor positions, Tensor slots, Tensor cos, Tensor sin, Tensor(a!) keys, "
       "Tensor(b!) values, Tensor[] weights, int[] features, Tensor?[] biases, Tensor?[] norms, float eps, "
