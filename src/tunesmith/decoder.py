@@ -41,10 +41,11 @@ FAMILIES = {
 # these others') rounds first, then scales by weight in the model's dtype.
 ONE_PLUS_WEIGHT_NORMS = {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"}
 WEIGHT_AFTER_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm"}
-# Decoder.greedy's screen: the weight of each step in the running share of rows computed whole, the share past
-# which the screen rests, and for how many steps
-SCREEN_RATE, SCREEN_MOST_MISSES, SCREEN_REST = 0.1, 0.25, 256
-SCREEN_NARROW = 2048  # the most entries the screen computes exactly before it computes a row whole (the kernel's)
+# Decoder.greedy's screen: the weight of each step in the running average of its exact work (the entries it
+# computed exactly, as a share of one whole output layer), the average past which the screen rests, and for how many
+# steps. A step of the screen costs about half a read of the output layer plus its exact work (a row computed whole:
+# a whole read), so it stops paying near 0.4; it rests well before.
+SCREEN_RATE, SCREEN_MOST_WORK, SCREEN_REST = 0.1, 0.2, 256
 # The activations of the MLP gate that tunesmith's native layer computes: name in the config -> GELU (else SiLU)
 GATE_ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_tanh": True, "silu": False, "swish": False}
 
@@ -66,9 +67,9 @@ class Decoder:
         # Gemma 3 keeps one rotary table per layer type (local and global RoPE bases)
         self.rotary_by_type = "layer_type" in _parameters(self.body.rotary_emb.forward)
         self.plans: dict[tuple, list[kernels.LayerWeights] | None] = {}  # adapter state -> native layers
-        # the running share of greedy rows the output layer's screen could not narrow (computed whole), and how
-        # many more steps it rests after that share grew too large (`greedy`)
-        self.screen_misses = 0.0
+        # the running average of the screen's exact work, and how many more steps it rests after that grew too
+        # large (`greedy`)
+        self.screen_work = 0.0
         self.screen_rest = 0
 
     @classmethod
@@ -150,9 +151,10 @@ class Decoder:
         packed for the kernel, an adapter or hooks on it, Gemma 2's soft cap).
 
         A model whose distributions are flat (a random adapter, a base model rambling on a prompt it never learned)
-        leaves rows the screen cannot narrow, and a row computed whole from the screen costs more than the whole
-        output layer's product: when more than a quarter of recent rows were, the screen rests for SCREEN_REST
-        steps (None: the caller computes logits) and then tries again."""
+        leaves rows the screen cannot narrow, and a row computed whole costs a whole read of the output layer on
+        top of the screen's: where the screen's exact work has averaged more than SCREEN_MOST_WORK of the output
+        layer over recent steps, it rests for SCREEN_REST steps (None: the caller computes logits) and then tries
+        again."""
         head = self.lm.lm_head
         made = getattr(vars(head).get("forward"), "screen", None)
         if made is None or self.softcap is not None or head.bias is not None or not _plain(head, patched=True):
@@ -164,10 +166,10 @@ class Decoder:
         if screen is None:
             return None
         picks, computed = kernels.greedy(self.body.norm(hidden), head.weight, screen)
-        whole = float((computed > SCREEN_NARROW).float().mean())
-        self.screen_misses += SCREEN_RATE * (whole - self.screen_misses)
-        if self.screen_misses > SCREEN_MOST_MISSES:
-            self.screen_rest, self.screen_misses = SCREEN_REST, SCREEN_MOST_MISSES / 2
+        work = min(1.0, float(computed.sum()) / head.weight.shape[0])
+        self.screen_work += SCREEN_RATE * (work - self.screen_work)
+        if self.screen_work > SCREEN_MOST_WORK:
+            self.screen_rest, self.screen_work = SCREEN_REST, SCREEN_MOST_WORK / 2
         return [pick if pick >= 0 else None for pick in picks.tolist()]
 
     def _plan(self) -> list[kernels.LayerWeights] | None:
