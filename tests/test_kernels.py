@@ -172,6 +172,8 @@ def test_the_screen_computes_rows_it_cannot_narrow_whole_and_leaves_non_finite_o
     assert got.tolist()[:3] == _alone(x[:3], weight) and got[1] == 0
     assert got.tolist()[3:] == [-1, -1]
     assert computed[0] < 100 and computed[1] == 40_000  # a confident row: a few entries; the flat one whole
+    again, computed = kernels.greedy(x, weight, kernels.screen(weight), whole=True)  # no screen: the same picks
+    assert torch.equal(again, got) and computed.tolist() == [40_000] * 3 + [0, 0]
 
 
 def test_the_screen_holds_each_weight_rounded_to_int8_within_its_bound(built):

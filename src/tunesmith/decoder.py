@@ -46,6 +46,7 @@ WEIGHT_AFTER_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RM
 # steps. A step of the screen costs about half a read of the output layer plus its exact work (a row computed whole:
 # a whole read), so it stops paying near 0.4; it rests well before.
 SCREEN_RATE, SCREEN_MOST_WORK, SCREEN_REST = 0.1, 0.2, 256
+SCREEN_REST_BYTES = 128 * 2**20  # the largest bf16 output layer for which the screen may rest
 # The activations of the MLP gate that tunesmith's native layer computes: name in the config -> GELU (else SiLU)
 GATE_ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_tanh": True, "silu": False, "swish": False}
 
@@ -153,8 +154,10 @@ class Decoder:
         A model whose distributions are flat (a random adapter, a base model rambling on a prompt it never learned)
         leaves rows the screen cannot narrow, and a row computed whole costs a whole read of the output layer on
         top of the screen's: where the screen's exact work has averaged more than SCREEN_MOST_WORK of the output
-        layer over recent steps, it rests for SCREEN_REST steps (None: the caller computes logits) and then tries
-        again."""
+        layer over recent steps, it rests for SCREEN_REST steps (None: the caller computes logits, through a
+        bf16-packed copy of the output layer) and then tries again; only where that copy is small
+        (SCREEN_REST_BYTES: SmolLM2's 57 MB, not Gemma's 335 MB, which would take compare past its memory, and
+        whose rare whole rows cost about what its product does)."""
         head = self.lm.lm_head
         made = getattr(vars(head).get("forward"), "screen", None)
         if made is None or self.softcap is not None or head.bias is not None or not _plain(head, patched=True):
@@ -168,7 +171,7 @@ class Decoder:
         picks, computed = kernels.greedy(self.body.norm(hidden), head.weight, screen)
         work = min(1.0, float(computed.sum()) / head.weight.shape[0])
         self.screen_work += SCREEN_RATE * (work - self.screen_work)
-        if self.screen_work > SCREEN_MOST_WORK:
+        if self.screen_work > SCREEN_MOST_WORK and head.weight.numel() * 2 <= SCREEN_REST_BYTES:
             self.screen_rest, self.screen_work = SCREEN_REST, SCREEN_MOST_WORK / 2
         return [pick if pick >= 0 else None for pick in picks.tolist()]
 

@@ -515,10 +515,11 @@ inline float spacing(float value) {
 // Each row's greedy pick among x [R, K] . weight [V, K]^T (bf16), as torch.argmax over the bf16 logits that
 // linear_bf16 gives for that row alone, -1 for a row of x with a value that is not finite (the caller computes its
 // logits instead); and how many entries of each row were computed exactly (V: the whole row). q, scale, error,
-// norm, sums: screen_pack of the weight.
+// norm, sums: screen_pack of the weight. `whole`: every row computed whole, without the screen (the same picks, at
+// the cost of one read of the bf16 weight for all the rows).
 std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& q,
                                           const at::Tensor& scale, const at::Tensor& error, const at::Tensor& norm,
-                                          const at::Tensor& sums) {
+                                          const at::Tensor& sums, bool whole) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16, "greedy: x is [rows, width] bf16");
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const int64_t R = x.size(0), K = x.size(1), V = w.size(0);
@@ -541,8 +542,13 @@ std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& input, const at::Ten
   std::vector<int64_t> live;  // rows with finite values
   for (int64_t r = 0; r < R; ++r) {
     float top = 0.f;
-    for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(to_float(X[r * K + k])));
-    if (!std::isfinite(top)) continue;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = to_float(X[r * K + k]);
+      finite = finite && std::isfinite(v);  // a NaN slips through std::max
+      top = std::max(top, std::fabs(v));
+    }
+    if (!finite) continue;
     const float s = top / 127.f;
     double e = 0., n = 0.;
     for (int64_t k = 0; k < K; ++k) {
@@ -566,8 +572,10 @@ std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& input, const at::Ten
     std::vector<std::vector<std::pair<int64_t, float>>> candidates;
     std::vector<char> crowded;  // rows given up on
   };
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const int64_t threads = whole ? 0 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<Found> found(threads);
+  if (whole) found.push_back({std::vector<float>(L, -INFINITY), std::vector<std::vector<std::pair<int64_t, float>>>(L),
+                              std::vector<char>(L, 1)});  // no screen: every row computed whole
   const int64_t piece = 64;  // blocks a thread takes at a time (~40 KiB of Gemma's screen)
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
@@ -1030,7 +1038,7 @@ TORCH_LIBRARY(tunesmith_kernels, library) {
   library.def("argmax_bf16(Tensor input) -> Tensor");
   library.def("gated_bf16(Tensor gate, Tensor up, bool gelu) -> Tensor");
   library.def("screen_pack(Tensor weight) -> Tensor[]");
-  library.def("greedy_bf16(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor error, Tensor norm, Tensor sums) -> (Tensor, Tensor)");
+  library.def("greedy_bf16(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor error, Tensor norm, Tensor sums, bool whole) -> (Tensor, Tensor)");
   library.def(
       "decode_layer(Tensor hidden, Tensor positions, Tensor slots, Tensor cos, Tensor sin, Tensor(a!) keys, "
       "Tensor(b!) values, Tensor[] weights, int[] features, Tensor?[] biases, Tensor?[] norms, float eps, "
