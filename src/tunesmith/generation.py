@@ -229,19 +229,17 @@ class Engine:
     def _pick_native(self, hidden: torch.Tensor, requests: list[Request]) -> list[int]:
         """Each row's next token from the native step's hidden states: greedy rows through the output layer's
         screen (Decoder.greedy, no logits computed) where it decides; the others, and sampled rows, from logits."""
+        decoder = self.decoder
+        assert decoder is not None  # the native step runs only through it
         picked: list[int | None] = [None] * len(requests)
         plain = [row for row, request in enumerate(requests) if request.temperature <= 0 and not request.logprobs]
-        screened = None
-        if plain:
-            screened = self.decoder.greedy(hidden[plain]) if self.decoder is not None else None
-            for row, pick in zip(plain, screened or [], strict=False):
-                picked[row] = pick
-        undecided = [row for row in plain if picked[row] is None]
-        for row in undecided if screened is not None else []:  # alone: the screen's arithmetic for one row
-            picked[row] = _argmax(self.decoder.logits(hidden[row : row + 1]))[0]  # type: ignore[union-attr]
+        screened = decoder.greedy(hidden[plain]) if plain else None
+        for row, pick in zip(plain, screened, strict=True) if screened is not None else []:
+            # a row the screen left (values not finite): its logits alone, the screen's arithmetic for one row
+            picked[row] = pick if pick is not None else _argmax(decoder.logits(hidden[row : row + 1]))[0]
         rest = [row for row, pick in enumerate(picked) if pick is None]
         if rest:
-            logits = self.decoder.logits(hidden[rest])  # type: ignore[union-attr]
+            logits = decoder.logits(hidden[rest])
             for row, pick in zip(rest, self._pick(logits, [requests[row] for row in rest]), strict=True):
                 picked[row] = pick
         return picked  # type: ignore[return-value]

@@ -143,16 +143,13 @@ def screen(weight: torch.Tensor) -> Screen:
     return Screen(*torch.ops.tunesmith_kernels.screen_pack(weight.detach()))
 
 
-def greedy(
-    x: torch.Tensor, weight: torch.Tensor, made: Screen, whole: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(x: torch.Tensor, weight: torch.Tensor, made: Screen) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's greedy pick of x @ weight.T without computing every logit: the int8 screen bounds each logit, and
     the few that can still be the largest are computed exactly (a row it cannot narrow, whole). Equal to
     torch.argmax over the bf16 logits that `linear` gives for that row alone (the first of ties); -1 for a row of x
     with a value that is not finite, whose logits the caller computes. Also returns how many entries of each row
-    were computed exactly (the vocabulary's size for a row computed whole). `whole`: every row computed whole
-    without the screen's pass (the same picks, at the cost of one read of the bf16 weight for all the rows)."""
+    were computed exactly (the vocabulary's size for a row computed whole)."""
     picks, computed = torch.ops.tunesmith_kernels.greedy_bf16(
-        x, weight.detach(), made.q, made.scale, made.error, made.norm, made.sums, whole
+        x, weight.detach(), made.q, made.scale, made.error, made.norm, made.sums
     )
     return picks, computed

@@ -52,6 +52,18 @@ at::Tensor huge_pages(at::IntArrayRef shape) {
   return at::empty(shape, at::TensorOptions().dtype(at::kBFloat16));
 }
 
+// Block nb of a row-major [N, K] weight in the packed layout ([ceil(K/2), 16, 2], zero-padded) at `target`.
+void pack_block(const uint16_t* W, int64_t N, int64_t K, int64_t nb, uint16_t* target) {
+  const int64_t pairs = (K + 1) / 2;
+  const uint16_t* rows[BLOCK];
+  for (int64_t j = 0; j < BLOCK; ++j) rows[j] = nb * BLOCK + j < N ? W + (nb * BLOCK + j) * K : nullptr;
+  for (int64_t k = 0; k < pairs * 2; k += 2)
+    for (int64_t j = 0; j < BLOCK; ++j, target += 2) {
+      target[0] = rows[j] ? rows[j][k] : 0;
+      target[1] = rows[j] && k + 1 < K ? rows[j][k + 1] : 0;
+    }
+}
+
 // [N, K] -> [ceil(N/16), ceil(K/2), 16, 2], zero-padded.
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack: a 2-d bf16 weight");
@@ -64,16 +76,7 @@ at::Tensor pack(const at::Tensor& weight) {
   // one pass, a block of 16 rows per task: read 16 rows, write their block (a copy through torch's permute and
   // zero padding took 0.4 s for Gemma's output layer, longer than the generation it serves)
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      uint16_t* target = P + nb * pairs * BLOCK * 2;
-      const uint16_t* rows[BLOCK];
-      for (int64_t j = 0; j < BLOCK; ++j) rows[j] = nb * BLOCK + j < N ? W + (nb * BLOCK + j) * K : nullptr;
-      for (int64_t k = 0; k < pairs * 2; k += 2)
-        for (int64_t j = 0; j < BLOCK; ++j, target += 2) {
-          target[0] = rows[j] ? rows[j][k] : 0;
-          target[1] = rows[j] && k + 1 < K ? rows[j][k + 1] : 0;
-        }
-    }
+    for (int64_t nb = begin; nb < end; ++nb) pack_block(W, N, K, nb, P + nb * pairs * BLOCK * 2);
   });
   return packed;
 }
@@ -345,6 +348,25 @@ at::Tensor argmax_rows(const at::Tensor& input) {
 // the product's own arithmetic for one row, and the first largest of them is the pick: the one torch.argmax gives
 // over that row's logits. On a tuned Gemma 3 a row leaves 1 to 40 such candidates.
 
+// A bf16 row rounded to int8 with one scale (max |v| / 127; 0 for a zero row): take(k, v, q) for each value v and
+// its q in [-127, 127]. False, with nothing taken, where a value is not finite.
+template <typename Take>
+bool round_int8(const uint16_t* row, int64_t K, float& scale, Take take) {
+  float top = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = to_float(row[k]);
+    if (!std::isfinite(v)) return false;  // checked on each value: a NaN would slip through std::max
+    top = std::max(top, std::fabs(v));
+  }
+  scale = top / 127.f;
+  const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = to_float(row[k]);
+    take(k, v, int(std::max(-127.f, std::min(127.f, std::nearbyint(v * inverse)))));
+  }
+  return true;
+}
+
 // [V, K] bf16 -> q int8 [V/16, K/4, 16, 4] (zero-padded), scale, error bound, norm (float32 [V]), and sum of q
 // (int32 [V]; the product's unsigned x is x + 128).
 std::vector<at::Tensor> screen_pack(const at::Tensor& weight) {
@@ -362,23 +384,18 @@ std::vector<at::Tensor> screen_pack(const at::Tensor& weight) {
   int32_t* Z = sums.data_ptr<int32_t>();
   at::parallel_for(0, V, 256, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const uint16_t* row = W + j * K;
-      float top = 0.f;
-      for (int64_t k = 0; k < K; ++k) top = std::max(top, std::fabs(to_float(row[k])));
-      TORCH_CHECK(std::isfinite(top), "screen: a weight that is not finite");
-      const float s = top / 127.f, inverse = s > 0.f ? 1.f / s : 0.f;
+      float s = 0.f;
       double wrong = 0., length = 0.;
       int32_t total = 0;
       int8_t* target = Q + (j / BLOCK) * quads * BLOCK * 4 + (j % BLOCK) * 4;
-      for (int64_t k = 0; k < K; ++k) {
-        const float w = to_float(row[k]);
-        const int value = int(std::max(-127.f, std::min(127.f, std::nearbyint(w * inverse))));
+      const bool finite = round_int8(W + j * K, K, s, [&](int64_t k, float w, int value) {
         target[(k / 4) * BLOCK * 4 + k % 4] = int8_t(value);
         total += value;
         const double rounded = double(s) * value;
         wrong += (w - rounded) * (w - rounded);
         length += rounded * rounded;
-      }
+      });
+      TORCH_CHECK(finite, "screen: a weight that is not finite");
       S[j] = s;
       Z[j] = total;
       // rounded up past float32's own rounding; the 1e-4 |w| covers the float32 sums of the bf16 product (K
@@ -463,9 +480,8 @@ void exact_block(const uint16_t* const* xs, int64_t rows, int64_t K, const uint1
   }
 #endif
   thread_local std::vector<uint16_t> packed, row;
-  packed.assign(size_t(pairs) * BLOCK * 2, 0);
-  for (int64_t j = 0; j < valid; ++j)
-    for (int64_t k = 0; k < K; ++k) packed[(k / 2 * BLOCK + j) * 2 + k % 2] = W[(first + j) * K + k];
+  packed.resize(size_t(pairs) * BLOCK * 2);
+  pack_block(W, V, K, first / BLOCK, packed.data());
   row.assign(size_t(pairs) * 2, 0);
   for (int64_t m = 0; m < rows; ++m) {
     std::memcpy(row.data(), xs[m], size_t(K) * 2);
@@ -515,11 +531,10 @@ inline float spacing(float value) {
 // Each row's greedy pick among x [R, K] . weight [V, K]^T (bf16), as torch.argmax over the bf16 logits that
 // linear_bf16 gives for that row alone, -1 for a row of x with a value that is not finite (the caller computes its
 // logits instead); and how many entries of each row were computed exactly (V: the whole row). q, scale, error,
-// norm, sums: screen_pack of the weight. `whole`: every row computed whole, without the screen (the same picks, at
-// the cost of one read of the bf16 weight for all the rows).
+// norm, sums: screen_pack of the weight.
 std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& q,
                                           const at::Tensor& scale, const at::Tensor& error, const at::Tensor& norm,
-                                          const at::Tensor& sums, bool whole) {
+                                          const at::Tensor& sums) {
   TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kBFloat16, "greedy: x is [rows, width] bf16");
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const int64_t R = x.size(0), K = x.size(1), V = w.size(0);
@@ -536,35 +551,27 @@ std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& input, const at::Ten
   int64_t* O = out.data_ptr<int64_t>();
   int64_t* C = computed.data_ptr<int64_t>();
 
-  // each row in unsigned int8 (x~ = step * (u - 128)), its length and the length of its rounding error
-  std::vector<uint8_t> U(size_t(R) * quads * 4, 128);
+  // the rows with finite values (live), each in unsigned int8 (x~ = step * (u - 128); the live rows contiguous in
+  // packed_rows, zero-padded to whole quads), its length and the length of its rounding error
+  const int64_t ldx = quads * 4;
+  std::vector<uint8_t> packed_rows;
   std::vector<float> step(R), length(R), wrong(R);
-  std::vector<int64_t> live;  // rows with finite values
+  std::vector<int64_t> live;
   for (int64_t r = 0; r < R; ++r) {
-    float top = 0.f;
-    bool finite = true;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = to_float(X[r * K + k]);
-      finite = finite && std::isfinite(v);  // a NaN slips through std::max
-      top = std::max(top, std::fabs(v));
-    }
-    if (!finite) continue;
-    const float s = top / 127.f;
+    std::vector<uint8_t> u(size_t(ldx), 128);
     double e = 0., n = 0.;
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = to_float(X[r * K + k]);
-      const int value = s > 0.f ? int(std::max(-127.f, std::min(127.f, std::nearbyint(v / s)))) : 0;
-      U[r * quads * 4 + k] = uint8_t(value + 128);
-      e += (v - double(s) * value) * (v - double(s) * value);
+    const bool finite = round_int8(X + r * K, K, step[r], [&](int64_t k, float v, int value) {
+      u[k] = uint8_t(value + 128);
+      e += (v - double(step[r]) * value) * (v - double(step[r]) * value);
       n += double(v) * v;
-    }
-    step[r] = s, length[r] = float(std::sqrt(n) * (1 + 1e-6)), wrong[r] = float(std::sqrt(e) * (1 + 1e-6));
+    });
+    if (!finite) continue;
+    length[r] = float(std::sqrt(n) * (1 + 1e-6)), wrong[r] = float(std::sqrt(e) * (1 + 1e-6));
+    packed_rows.insert(packed_rows.end(), u.begin(), u.end());
     live.push_back(r);
   }
   if (live.empty()) return {out, computed};
-  std::vector<uint8_t> packed_rows;  // the live rows, contiguous
-  for (const int64_t r : live) packed_rows.insert(packed_rows.end(), U.begin() + r * quads * 4, U.begin() + (r + 1) * quads * 4);
-  const int64_t L = int64_t(live.size()), ldx = quads * 4;
+  const int64_t L = int64_t(live.size());
 
   // pass over the screen: each thread its own lower bounds and candidates (entry, upper bound) per row
   struct Found {
@@ -572,10 +579,8 @@ std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& input, const at::Ten
     std::vector<std::vector<std::pair<int64_t, float>>> candidates;
     std::vector<char> crowded;  // rows given up on
   };
-  const int64_t threads = whole ? 0 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<Found> found(threads);
-  if (whole) found.push_back({std::vector<float>(L, -INFINITY), std::vector<std::vector<std::pair<int64_t, float>>>(L),
-                              std::vector<char>(L, 1)});  // no screen: every row computed whole
   const int64_t piece = 64;  // blocks a thread takes at a time (~40 KiB of Gemma's screen)
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
@@ -1038,7 +1043,7 @@ TORCH_LIBRARY(tunesmith_kernels, library) {
   library.def("argmax_bf16(Tensor input) -> Tensor");
   library.def("gated_bf16(Tensor gate, Tensor up, bool gelu) -> Tensor");
   library.def("screen_pack(Tensor weight) -> Tensor[]");
-  library.def("greedy_bf16(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor error, Tensor norm, Tensor sums, bool whole) -> (Tensor, Tensor)");
+  library.def("greedy_bf16(Tensor x, Tensor weight, Tensor q, Tensor scale, Tensor error, Tensor norm, Tensor sums) -> (Tensor, Tensor)");
   library.def(
       "decode_layer(Tensor hidden, Tensor positions, Tensor slots, Tensor cos, Tensor sin, Tensor(a!) keys, "
       "Tensor(b!) values, Tensor[] weights, int[] features, Tensor?[] biases, Tensor?[] norms, float eps, "
