@@ -22,7 +22,8 @@ as chat messages; both tools render them with tunesmith's chat template (the mod
 Both sides: prompts_per_step prompts x group_size completions per optimizer step, completions of at most
 --completion-tokens tokens sampled at temperature 1.0, top_p 1; loss_type grpo, group-std advantages, clip 0.2,
 one iteration per rollout, beta 0 (no reference model); LoRA r 16, alpha 32, dropout 0 on all linear layers;
-constant lr without warmup, AdamW without weight decay, gradient clipping at 1.0, gradient checkpointing, fp32,
+constant lr without warmup, AdamW without weight decay, gradient clipping at 1.0, gradient checkpointing, --dtype
+(bf16: the frozen base in bf16, LoRA weights and optimizer in fp32, bf16 autocast; or fp32 throughout),
 --batch completions per forward (TRL: per_device_train_batch_size --batch with gradient accumulation so that one
 optimizer step is one generation batch of prompts_per_step x group_size). tunesmith's dynamic sampling is off and
 truncated completions are scored as cut (overlong: none), as TRL does by default, so both train on every group.
@@ -146,7 +147,7 @@ def tunesmith_config(args: argparse.Namespace, source: str, base: Path) -> dict:
             "rewards": [reward_entry(args.model)],
         },
         "train": {"lr": args.lr, "max_steps": args.steps, "batch_size": args.batch, "warmup_ratio": 0.0,
-                  "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": SEED, "dtype": "fp32",
+                  "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": SEED, "dtype": args.dtype,
                   "gradient_checkpointing": True},
         "validation": {"every": 1000},
         "checkpoint": {"every": 1000},
@@ -224,7 +225,10 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
             Clock.seconds += time.perf_counter() - Clock.started
 
     per_step = args.prompts * args.group
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # bf16: the frozen base in bf16 with the LoRA weights in fp32 (PEFT's default) under bf16 autocast, as tunesmith's
+    # train.dtype bf16 holds it; fp32: everything in fp32
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out,
@@ -250,7 +254,7 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
             save_strategy="no",
             eval_strategy="no",
             report_to="none",
-            bf16=False,  # TRL's own default is bf16=True
+            bf16=args.dtype == "bf16",  # TRL's own default is bf16=True
             use_cpu=True,
             seed=SEED,
             dataloader_num_workers=0,
@@ -285,6 +289,7 @@ def run_trl(args: argparse.Namespace, source: str, base: Path) -> dict:
         sys.executable, __file__, "--worker", "trl", "--dir", str(base), "--source", source, "--model", args.model,
         "--steps", str(args.steps), "--prompts", str(args.prompts), "--group", str(args.group),
         "--completion-tokens", str(args.completion_tokens), "--batch", str(args.batch), "--lr", str(args.lr),
+        "--dtype", args.dtype,
     ]  # fmt: skip
     print("trl: " + shlex.join(command), flush=True)
     log = base / "trl.log"
@@ -355,6 +360,11 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=6, help="Completions per prompt [default: 6].")
     parser.add_argument("--completion-tokens", type=int, default=64, help="Most tokens a completion [default: 64].")
     parser.add_argument("--batch", type=int, default=8, help="Completions per forward of the update [default: 8].")
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default="bf16",
+        help="Both sides' precision: bf16 (the frozen base in bf16, LoRA in fp32, bf16 autocast: each tool's default "
+        "on a CPU with AVX512-BF16) or fp32 [default: bf16].",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-4, help="Constant learning rate [default: 1e-4].")
     parser.add_argument(
         "--src", default=str(ROOT / "src"), help="The tunesmith source tree both sides import [default: src/]."

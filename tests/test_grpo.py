@@ -13,7 +13,7 @@ from tunesmith import trust
 from tunesmith.cli import main
 from tunesmith.config import CheckpointConfig, RewardConfig, RlConfig, RunConfig, TrainConfig
 from tunesmith.data.formats import read_conversations
-from tunesmith.data.tokenize import use_chat_template
+from tunesmith.data.tokenize import TokenizedExample, use_chat_template
 from tunesmith.errors import TrainingInterrupted, TunesmithError
 from tunesmith.methods import METHODS
 from tunesmith.objectives import losses
@@ -95,16 +95,21 @@ def _hand_logps(model, row):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.3])
-def test_the_loss_equals_its_formula_for_every_loss_type(loss_type, beta, tmp_path):
-    tokenizer, model, config, prompts = _setup(tmp_path, loss_type=loss_type, beta=beta, epsilon_high=0.28)
+@pytest.mark.parametrize("share", [True, False])
+def test_the_loss_equals_its_formula_for_every_loss_type(loss_type, beta, share, tmp_path):
+    tokenizer, model, config, prompts = _setup(
+        tmp_path, loss_type=loss_type, beta=beta, epsilon_high=0.28, share_prompts=share
+    )
     rollouts = Rollouts(config, tokenizer, prompts, model, uses_peft=False)
+    assert rollouts.shared is share
     generator = torch.Generator().manual_seed(0)
     rows = []
     for i, length in enumerate([3, 5, 1, 4, 2]):  # 5 completions in micro-batches of 2: one left over
         tokens = torch.randint(3, len(tokenizer), (length,), generator=generator).tolist()
         sampled = (torch.randn(length, generator=generator) * 0.5 - 5).tolist()  # far from the policy: clipping
         reference = (torch.randn(length, generator=generator) * 0.3 - 5.5).tolist()
-        rows.append(Row(prompts[i].ids, tokens, sampled, float(torch.randn(1, generator=generator)), i, reference))
+        prompt = prompts[i // 3].ids  # a group of 3 and one of 2: micro-batches share a prompt, and one does not
+        rows.append(Row(prompt, tokens, sampled, float(torch.randn(1, generator=generator)), i, reference))
     model.eval()
     with torch.no_grad():
         objective = rollouts.objective
@@ -129,6 +134,61 @@ def test_the_loss_equals_its_formula_for_every_loss_type(loss_type, beta, tmp_pa
             else:
                 expected = sum(t.sum() for t in per_row) / sum(len(t) for t in per_row)
             assert total == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+
+
+def _gemma(vocab_size, window):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("family", ["llama-sdpa", "llama-eager", "gemma3-sdpa", "gemma3-eager"])
+def test_shared_prompts_give_each_completions_own_log_probs_and_gradients(family):
+    """One copy of a prompt for several completions (share_prefixes) computes what padded rows with their own
+    copies do: every token's log-prob and the LoRA gradients, for Llama and Gemma 3 (sliding and full layers)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.train.batching import collate, share_prefixes
+    from tunesmith.train.loss import model_token_logps, shares_prefixes
+
+    name, attention = family.split("-")
+    model = build_model(64) if name == "llama" else _gemma(64, window=24)
+    model.config._attn_implementation = attention
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 64, (n,), generator=generator).tolist() for n in (7, 4)]
+    sequences = [(prompts[0], [5, 9, 11]), (prompts[0], [6]), (prompts[0], [7, 8, 12, 13]), (prompts[1], [9, 4])]
+    assert shares_prefixes(model, 11) and (name == "llama" or not shares_prefixes(model, 25))
+    results = []
+    for batch in (
+        share_prefixes(sequences),
+        collate([TokenizedExample(p + c, [0] * len(p) + [1] * len(c)) for p, c in sequences], 0),
+    ):
+        model.zero_grad()
+        logps, entropy = model_token_logps(model, batch)
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((logps.detach(), entropy, grads))
+    (shared, shared_entropy, shared_grads), (padded, padded_entropy, padded_grads) = results
+    assert len(shared) == sum(len(c) for _, c in sequences)
+    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_entropy, padded_entropy, rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared_grads, padded_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the layout itself: the prompt once per run of equal prompts, positions continuing from it
+    batch = share_prefixes(sequences)
+    assert batch["input_ids"].shape[1] == 7 + 3 + 1 + 4 + 4 + 2
+    assert batch["position_ids"][0, 7:10].tolist() == [7, 8, 9] and batch["position_ids"][0, 10] == 7
+    assert batch["sources"][:4].tolist() == [6, 7, 8, 6]
+    assert batch["token_rows"].tolist() == [0] * 3 + [1] + [2] * 4 + [3] * 2
+    mask = batch["attention_mask"][0, 0]
+    assert mask[10, :7].all() and not mask[10, 7:10].any() and not mask[19, :15].any()
 
 
 def test_advantages_follow_group_batch_and_no_scaling_and_rloo():

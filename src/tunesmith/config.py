@@ -451,6 +451,12 @@ class RlConfig(Section):
     overlong_buffer: int | None = Field(
         None, gt=0, description="overlong penalty: the tokens before the limit where it grows; null: a quarter."
     )
+    share_prompts: bool = Field(
+        True,
+        description="In the update, compute each group's prompt once for all its completions in a micro-batch "
+        "(one row, a mask that keeps completions apart) where the model's attention takes such a mask (sdpa, "
+        "eager); false: each completion in its own padded row with its own copy of the prompt.",
+    )
     rewards: list[RewardConfig] = Field(
         [], description="The rewards, summed with their weights: [{metric: exact_match}, {regex: '^{.*}$'}, ...]."
     )

@@ -37,8 +37,8 @@ from tunesmith.evaluate.generate import Asked
 from tunesmith.generation import Engine, generation_view
 from tunesmith.objectives.objective import Objective, StepBatch
 from tunesmith.rewards import Reward, Sample, Scored, build_rewards, score
-from tunesmith.train.batching import collate
-from tunesmith.train.loss import IGNORE, model_token_logps
+from tunesmith.train.batching import collate, share_prefixes
+from tunesmith.train.loss import model_token_logps, shares_prefixes
 
 MAX_ROWS = 64  # engine rows generated at once: a step's whole group set on a small model, bounded for memory
 SAMPLES_LOGGED = 3  # sample completions written into metrics.jsonl per validation
@@ -111,20 +111,18 @@ class GRPO(Objective):
         self, model: Any, batch: dict[str, torch.Tensor], preference: PreferenceConfig | None
     ) -> tuple[torch.Tensor, dict]:
         """The batch's share of the step's loss, and its share of the step's token means (clip ratio, entropy, KL)."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-        logps, entropy = model_token_logps(model, inputs)
-        keep = batch["labels"][:, 1:] != IGNORE
-        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+        logps, entropy = model_token_logps(model, batch)
+        rows = batch["token_rows"]
         # The first iteration on a rollout: the policy IS the sampling policy (ratio 1, its gradient the plain
         # policy gradient); later ones: the ratio against the log-probs the completions were sampled with.
-        old = batch["old_logps"][:, 1:][keep] if "old_logps" in batch else logps.detach()
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
         losses, bound = formulas.clipped_token_losses(
             logps, old, batch["advantages"][rows], self.epsilon_low, self.epsilon_high
         )
         share = batch["token_share"][rows]
         stats = {"clip_ratio": float((bound.float() * share).sum()), "entropy": float((entropy * share).sum())}
         if self.beta > 0:
-            kl = formulas.k3_kl(logps, batch["ref_logps"][:, 1:][keep])
+            kl = formulas.k3_kl(logps, batch["ref_logps"])
             losses = losses + self.beta * kl
             stats["kl"] = float((kl.detach() * share).sum())
         return (losses * batch["token_weight"][rows]).sum(), stats
@@ -293,6 +291,9 @@ class Rollouts:
         self.model = model
         self.switch_off = uses_peft and not config.init_from
         self.start: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        # A group's completions share one copy of their prompt in the update's forward (half the tokens with a
+        # prompt as long as the completions) where the model's attention computes that exactly.
+        self.shared = rl.share_prompts and shares_prefixes(model, max(map(len, prompts)) + rl.max_completion_tokens)
         if rl.beta > 0 and not self.switch_off:
             self.start = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
 
@@ -388,9 +389,8 @@ class Rollouts:
             with self._reference_view(model):
                 for start in range(0, len(rows), self.batch_size):
                     chunk = rows[start : start + self.batch_size]
-                    batch = collate(_examples(chunk), self.tokenizer.pad_token_id)
                     device = next(model.parameters()).device
-                    logps, _ = model_token_logps(model, {k: v.to(device) for k, v in batch.items()})
+                    logps, _ = model_token_logps(model, {k: v.to(device) for k, v in self.layout(chunk).items()})
                     for row, values in zip(chunk, logps.split([len(r.tokens) for r in chunk]), strict=True):
                         row.reference = values.float().tolist()
         finally:
@@ -404,17 +404,27 @@ class Rollouts:
         micro = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            batch = collate(_examples(chunk), self.tokenizer.pad_token_id)
+            batch = self.layout(chunk)
             batch["advantages"] = torch.tensor([r.advantage for r in chunk], dtype=torch.float32)
             batch["token_weight"] = weights[start : start + len(chunk)]
             batch["token_share"] = torch.full((len(chunk),), share, dtype=torch.float32)
             if sampled:
-                batch["old_logps"] = _aligned(chunk, [r.logprobs for r in chunk], batch["input_ids"].shape[1])
+                batch["old_logps"] = _flat([r.logprobs for r in chunk])
             if self.rl.beta > 0:
-                batch["ref_logps"] = _aligned(chunk, [r.reference or [] for r in chunk], batch["input_ids"].shape[1])
+                batch["ref_logps"] = _flat([r.reference or [] for r in chunk])
             micro.append((list(range(start, start + len(chunk))), batch, 1.0))
         tokens = sum(len(r.prompt) + len(r.tokens) for r in rows)
         return StepBatch(micro, 1, tokens, sorted({r.line for r in rows}), advance, logged)
+
+    def layout(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        """A micro-batch's tensors: the group's completions after one copy of their prompt (share_prefixes) where
+        the model computes that exactly, else padded rows; either way `token_rows` names each completion token's
+        row in the order the loss path returns their log-probs."""
+        if self.shared:
+            return share_prefixes([(r.prompt, r.tokens) for r in rows])
+        batch = collate(_examples(rows), self.tokenizer.pad_token_id)
+        lengths = torch.tensor([len(r.tokens) for r in rows])
+        return batch | {"token_rows": torch.arange(len(rows)).repeat_interleave(lengths)}
 
     @staticmethod
     def _freeze(rows: list[Row], logged: dict[str, Any]) -> dict[str, Any]:
@@ -429,13 +439,9 @@ def _examples(rows: list[Row]) -> list[TokenizedExample]:
     return [TokenizedExample(r.prompt + r.tokens, [0] * len(r.prompt) + [1] * len(r.tokens), r.line) for r in rows]
 
 
-def _aligned(rows: list[Row], values: list[list[float]], width: int) -> torch.Tensor:
-    """Per-token values laid out like the batch's labels: a row's completion token c sits at len(prompt) + c."""
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for index, (row, row_values) in enumerate(zip(rows, values, strict=True)):
-        start = len(row.prompt)
-        out[index, start : start + len(row_values)] = torch.tensor(row_values, dtype=torch.float32)
-    return out
+def _flat(values: list[list[float]]) -> torch.Tensor:
+    """Per-token values of a micro-batch's rows end to end, in the order the loss path returns log-probs."""
+    return torch.tensor([v for row in values for v in row], dtype=torch.float32)
 
 
 @contextlib.contextmanager

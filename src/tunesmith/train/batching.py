@@ -83,3 +83,53 @@ def pack(examples: list[TokenizedExample], pad_id: int, row_tokens: int) -> dict
         # Padding forms its own segment (positions restart), so it is never attended to by an example.
         positions[r, start:] = torch.arange(width - start)
     return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "real_tokens": real}
+
+
+def share_prefixes(sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """(prompt, completion) token lists in one row, each run of equal consecutive prompts held once: [p0, c0, c1,
+    p1, c2, ...]. Position ids restart at each prompt and continue from it in each completion; the 4D attention
+    mask lets a completion see its prompt and itself (causally), never another completion. The loss path reads the
+    hidden state that predicts each completion token through `sources` (flat indices into the row: the prompt's
+    last token for a completion's first) with its `targets`, in the order of the sequences, and `token_rows` says
+    which sequence each belongs to. A group's completions then compute their shared prompt once (GRPO's update),
+    and a token's hidden state is the one it has in its own padded row, up to the order of the sums."""
+    ids: list[int] = []
+    positions: list[int] = []
+    blocks: list[int] = []  # which held prompt each token belongs to
+    parts: list[int] = []  # -1 in a prompt, else the completion's index
+    sources: list[int] = []
+    targets: list[int] = []
+    rows: list[int] = []
+    last_prompt: list[int] | None = None
+    prompt_end = 0
+    for index, (prompt, completion) in enumerate(sequences):
+        if not prompt:
+            raise ValueError("share_prefixes: a sequence has an empty prompt")
+        if prompt != last_prompt:
+            block = blocks[-1] + 1 if blocks else 0
+            ids += prompt
+            positions += range(len(prompt))
+            blocks += [block] * len(prompt)
+            parts += [-1] * len(prompt)
+            last_prompt, prompt_end = prompt, len(ids) - 1
+        start = len(ids)
+        ids += completion
+        positions += range(len(prompt), len(prompt) + len(completion))
+        blocks += [blocks[prompt_end]] * len(completion)
+        parts += [index] * len(completion)
+        sources += [prompt_end] + list(range(start, start + len(completion) - 1)) if completion else []
+        targets += completion
+        rows += [index] * len(completion)
+    block = torch.tensor(blocks)
+    part = torch.tensor(parts)
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    same_block = block[:, None] == block[None, :]
+    visible = (part[None, :] == -1) | (part[None, :] == part[:, None])
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "attention_mask": (causal & same_block & visible)[None, None],
+        "sources": torch.tensor(sources, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "token_rows": torch.tensor(rows, dtype=torch.long),
+    }

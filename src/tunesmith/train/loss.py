@@ -37,20 +37,24 @@ def _chunk_loss(
     return F.cross_entropy(_logits(hidden, head, softcap), targets, reduction="sum")
 
 
+def _after(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a label (labels[t + 1] from hidden[t], wherever it is not IGNORE) and those
+    labels, flat in row-major order."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return hidden[:, :-1][keep], targets[keep]
+
+
 def _answer_chunks(
     compute: Any,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
+    selected: torch.Tensor,
+    wanted: torch.Tensor,
     head: torch.nn.Module,
     softcap: float | None,
     chunk_size: int | None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """`compute` (hidden, targets, head, softcap) on each chunk of the positions whose next label is not IGNORE,
-    recomputed in the backward pass when gradients are on; yields (the chunk's slice of those positions, result)."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    selected = hidden[:, :-1][keep]
-    wanted = targets[keep]
+    """`compute` (hidden, targets, head, softcap) on each chunk of the selected hidden states and their targets,
+    recomputed in the backward pass when gradients are on; yields (the chunk's slice of them, result)."""
     chunk_size = chunk_size or chunk_tokens(head.weight.shape[0])
     for start in range(0, wanted.numel(), chunk_size):
         piece = slice(start, start + chunk_size)
@@ -69,18 +73,39 @@ def answer_loss_sum(
 ) -> torch.Tensor:
     """Summed cross-entropy of predicting labels[t + 1] from hidden[t] wherever that label is not IGNORE."""
     total = hidden.new_zeros((), dtype=torch.float32)
-    for _, loss in _answer_chunks(_chunk_loss, hidden, labels, head, softcap, chunk_size):
+    for _, loss in _answer_chunks(_chunk_loss, *_after(hidden, labels), head, softcap, chunk_size):
         total = total + loss
     return total
 
 
 def _decoder_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The decoder's last hidden states for a batch; works for plain and PEFT-wrapped causal LMs."""
-    if "position_ids" in batch:  # packed: no mask, so transformers derives a block-diagonal one from positions
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4:  # shared prefixes (batching.share_prefixes): the mask is the layout
+        inputs = {"attention_mask": _mask_for(model, mask), "position_ids": batch["position_ids"]}
+    elif "position_ids" in batch:  # packed: no mask, so transformers derives a block-diagonal one from positions
         inputs = {"position_ids": batch["position_ids"]}
     else:
-        inputs = {"attention_mask": batch["attention_mask"]}
+        inputs = {"attention_mask": mask}
     return model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
+
+
+SHARED_ATTENTION = ("sdpa", "eager")  # attention kernels that take any 4D mask (flash-attention's varlen path doesn't)
+
+
+def shares_prefixes(model: Any, longest: int) -> bool:
+    """Whether this model computes batching.share_prefixes rows exactly: an attention kernel that takes a 4D
+    mask, and no sliding window shorter than the longest sequence (the mask serves every layer as it is)."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    return getattr(config, "_attn_implementation", None) in SHARED_ATTENTION and (window is None or longest <= window)
+
+
+def _mask_for(model: Any, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask as the model's attention kernel takes it: SDPA the booleans, eager an additive float."""
+    if model.config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
 def model_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -107,7 +132,7 @@ def answer_logps(
     keep = labels[:, 1:] != IGNORE
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
     sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
-    for piece, logps in _answer_chunks(_chunk_logps, hidden, labels, head, softcap, chunk_size):
+    for piece, logps in _answer_chunks(_chunk_logps, *_after(hidden, labels), head, softcap, chunk_size):
         sums = sums.index_add(0, rows[piece], logps)
     return sums, keep.sum(dim=1).float()
 
@@ -129,22 +154,28 @@ def _chunk_token_stats(
 
 
 def token_logps(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
+    selected: torch.Tensor,
+    wanted: torch.Tensor,
     head: torch.nn.Module,
     softcap: float | None = None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 log-probability of every non-IGNORE label given the hidden state before it, and the entropy of
-    that distribution (detached, for logging), flat in the order of `labels[:, 1:] != IGNORE` (row-major); the
-    same selected-positions, chunked, recomputed path as answer_logps, one value per token instead of per row."""
-    parts = [stats for _, stats in _answer_chunks(_chunk_token_stats, hidden, labels, head, softcap, chunk_size)]
-    both = torch.cat(parts) if parts else hidden.new_zeros((0, 2), dtype=torch.float32)
+    """The fp32 log-probability of each wanted token given its selected hidden state, and the entropy of that
+    distribution (detached, for logging), in their order; the same chunked, recomputed path as answer_logps, one
+    value per token instead of per row."""
+    parts = [stats for _, stats in _answer_chunks(_chunk_token_stats, selected, wanted, head, softcap, chunk_size)]
+    both = torch.cat(parts) if parts else selected.new_zeros((0, 2), dtype=torch.float32)
     return both[:, 0], both[:, 1].detach()
 
 
 def model_token_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the decoder as model_loss_sum does, then token_logps: per answer token, its log-probability and the
-    entropy of the model's distribution there."""
+    entropy of the model's distribution there; flat in the order of `labels[:, 1:] != IGNORE` (row-major), or of
+    `targets` for shared-prefix rows (batching.share_prefixes)."""
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    return token_logps(_decoder_hidden(model, batch), batch["labels"], model.get_output_embeddings(), softcap)
+    hidden = _decoder_hidden(model, batch)
+    if "sources" in batch:
+        selected, wanted = hidden.reshape(-1, hidden.shape[-1])[batch["sources"]], batch["targets"]
+    else:
+        selected, wanted = _after(hidden, batch["labels"])
+    return token_logps(selected, wanted, model.get_output_embeddings(), softcap)
