@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunesmith.objectives.losses import dpo, ipo, kto, kto_kl, orpo, reward_stats, simpo
-from tunesmith.train.loss import IGNORE, answer_logps, model_logps
+from tunesmith.train.loss import IGNORE, answer_logps, model_logps, token_logps
 
 from .conftest import build_model, build_tokenizer
 
@@ -201,10 +201,12 @@ def full_logits_logps(logits, labels):
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 64])
-def test_answer_logps_equal_full_logits_values_and_gradients(chunk_size, softcap):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_answer_logps_equal_full_logits_values_and_gradients(chunk_size, softcap, frozen):
+    """Both paths: a trained output layer (recomputed chunks) and a frozen one (FrozenHead)."""
     torch.manual_seed(0)
     hidden = torch.randn(3, 7, 8, requires_grad=True)
-    head = torch.nn.Linear(8, 11, bias=False)
+    head = torch.nn.Linear(8, 11, bias=False).requires_grad_(not frozen)
     weights = t([1.0, -2.0, 0.5])  # any per-row combination, so a row mixed up with another would show
 
     logits = head(hidden)
@@ -212,7 +214,7 @@ def test_answer_logps_equal_full_logits_values_and_gradients(chunk_size, softcap
         logits = torch.tanh(logits / softcap) * softcap
     expected, expected_tokens = full_logits_logps(logits, LABELS)
     (expected * weights).sum().backward()
-    expected_grads = hidden.grad.clone(), head.weight.grad.clone()
+    expected_grads = hidden.grad.clone(), None if frozen else head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
 
     sums, tokens = answer_logps(hidden, LABELS, head, softcap=softcap, chunk_size=chunk_size)
@@ -222,9 +224,46 @@ def test_answer_logps_equal_full_logits_values_and_gradients(chunk_size, softcap
     torch.testing.assert_close(tokens, t([3, 6, 1]))
     torch.testing.assert_close(tokens, expected_tokens)
     torch.testing.assert_close(hidden.grad, expected_grads[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(head.weight.grad, expected_grads[1], rtol=1e-5, atol=1e-6)
+    if not frozen:
+        torch.testing.assert_close(head.weight.grad, expected_grads[1], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(answer_logps(hidden, LABELS, head, softcap, chunk_size)[0], expected.detach())
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_token_logps_through_a_frozen_head_equal_full_logits_values_entropies_and_gradients(
+    chunk_size, softcap, autocast
+):
+    """FrozenHead (the gradient worked out in the forward, no logits kept) gives what the textbook computation
+    does: each token's log-prob, the entropy, and the hidden states' gradient; under bf16 autocast both compute
+    the products in bf16."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
+    targets = torch.tensor([3, 0, 10, 4, 4, 7, 1])
+    weights = torch.randn(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = head(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        every = logits.log_softmax(-1)
+        expected = every.gather(-1, targets[:, None]).squeeze(-1)
+        expected_entropy = -(every.exp() * every).sum(-1)
+        (expected * weights).sum().backward()
+        expected_grad, hidden.grad = hidden.grad.clone(), None
+        logps, entropy = token_logps(hidden, targets, head, softcap, chunk_size)
+        (logps * weights).sum().backward()
+        with torch.no_grad():
+            unrecorded = token_logps(hidden, targets, head, softcap, chunk_size)[0]
+    assert logps.dtype == torch.float32 and not entropy.requires_grad
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
+    # under autocast both round the softmax's gradient to bf16 for the product, but at different points
+    bound = 1e-2 * float(expected_grad.abs().max()) if autocast else 1e-5
+    torch.testing.assert_close(hidden.grad, expected_grad, rtol=1e-4, atol=bound)
+    torch.testing.assert_close(unrecorded, expected.detach())
 
 
 def test_model_logps_on_a_tiny_llama_equal_the_full_logits_computation():

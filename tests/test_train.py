@@ -1,17 +1,18 @@
 import json
 
+import pytest
 import torch
 
 from tunesmith.config import CheckpointConfig, LoraConfig, TrainConfig, ValidationConfig
 from tunesmith.data.formats import read_conversations
-from tunesmith.data.tokenize import tokenize_all, use_chat_template
+from tunesmith.data.tokenize import TokenizedExample, tokenize_all, use_chat_template
 from tunesmith.methods.full import apply_full
 from tunesmith.methods.lora import apply_lora
-from tunesmith.train.batching import batch_order, collate
+from tunesmith.train.batching import batch_order, collate, shared_batch
 from tunesmith.train.loop import Session, fit, overfitting, plan_steps
-from tunesmith.train.loss import answer_loss_sum, model_loss_sum
+from tunesmith.train.loss import answer_loss_sum, model_loss_sum, share_limit
 
-from .conftest import build_model, build_tokenizer
+from .conftest import build_model, build_tokenizer, write_jsonl
 
 
 def examples_for(chat_file, tokenizer):
@@ -25,13 +26,16 @@ def snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def test_chunked_answer_loss_equals_the_full_logits_loss(chat_file):
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_chunked_answer_loss_equals_the_full_logits_loss(chat_file, frozen_head):
+    """Values and every gradient, with the output layer trained (recomputed chunks) or frozen (FrozenHead)."""
     tokenizer = build_tokenizer()
     model = build_model(len(tokenizer))
+    model.get_output_embeddings().requires_grad_(not frozen_head)
     batch = collate(examples_for(chat_file, tokenizer)[:4], tokenizer.pad_token_id)
     reference = model(**batch).loss
     reference.backward()
-    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
     n_loss_tokens = int((batch["labels"][:, 1:] != -100).sum())
@@ -39,10 +43,82 @@ def test_chunked_answer_loss_equals_the_full_logits_loss(chat_file):
     ours = answer_loss_sum(hidden, batch["labels"], model.get_output_embeddings(), chunk_size=7) / n_loss_tokens
     ours.backward()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert len(expected_grads) == len(list(model.parameters())) - frozen_head
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():
         assert torch.allclose(model_loss_sum(model, batch) / n_loss_tokens, reference, rtol=1e-5)
+
+
+def _system_examples(tokenizer, tmp_path, n=6):
+    """Chat examples that all begin with the same long system prompt (a tools block, say) and differ after it."""
+    use_chat_template(tokenizer, None)
+    system = "You are the clinic's assistant. Tools: lookup patient, book visit, move visit, cancel visit. " * 3
+    records = [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"question {i} " * (1 + i)},
+                      {"role": "assistant", "content": f"answer {i} " * (2 + i % 3)}]}
+        for i in range(n)
+    ]  # fmt: skip
+    conversations, _ = read_conversations(write_jsonl(tmp_path / "system.jsonl", records))
+    examples, _ = tokenize_all(tokenizer, conversations, max_length=512)
+    return examples
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_batch_sharing_its_system_prompt_has_the_padded_batchs_loss_and_gradients(attention, tmp_path):
+    tokenizer = build_tokenizer()
+    examples = _system_examples(tokenizer, tmp_path)
+    model = build_model(len(tokenizer))
+    model.config._attn_implementation = attention
+    model.get_output_embeddings().requires_grad_(False)
+    shared = shared_batch(examples, 512)
+    assert shared is not None and shared["input_ids"].shape[1] < sum(map(len, examples)) * 0.75
+    assert len(shared["targets"]) == sum(sum(e.loss_mask[1:]) for e in examples)
+    results = []
+    for batch in (shared, collate(examples, tokenizer.pad_token_id)):
+        model.zero_grad()
+        loss = model_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_shares_only_what_pays_and_what_the_model_computes_exactly(tmp_path):
+    tokenizer = build_tokenizer()
+    examples = _system_examples(tokenizer, tmp_path)
+    longest = max(map(len, examples))
+    assert shared_batch(examples, longest) is not None
+    assert shared_batch(examples, longest - 1) is None  # an example past the sliding window
+    assert shared_batch(examples[:1], longest) is None  # nothing to share with
+    # the shared beginning stops before the first learned token, even where answers begin alike too
+    alike = [TokenizedExample(list(range(3, 43)) + [end], [0] * 30 + [1] * 11) for end in (50, 51, 52)]
+    batch = shared_batch(alike, 64)
+    assert batch["input_ids"].shape[1] == 30 + 3 * 11 and len(batch["targets"]) == 3 * 11
+    assert batch["sources"][:2].tolist() == [29, 30] and batch["sources"][11].tolist() == 29
+    # beginnings that differ early: too little to share
+    other = [TokenizedExample(e.input_ids[::-1], e.loss_mask[::-1]) for e in examples]
+    assert shared_batch(other, longest) is None
+    model = build_model(len(tokenizer))
+    model.config._attn_implementation = "flash_attention_2"
+    assert share_limit(model) is None
+
+
+def test_training_with_shared_prefixes_equals_training_without(tmp_path):
+    tokenizer = build_tokenizer()
+    examples = _system_examples(tokenizer, tmp_path, n=8)
+    assert all(shared_batch(examples[i : i + 4], 512) is not None for i in range(5))  # any 4 of them share
+    losses = []
+    for share in (True, False):
+        model, _ = apply_lora(build_model(len(tokenizer)), LoraConfig(r=4, dropout=0.0))
+        settings = TrainConfig(max_steps=3, batch_size=4, lr=1e-2, share_prefixes=share, seed=0, dtype="fp32")
+        fit(model, examples, settings, tokenizer.pad_token_id, metrics_path=tmp_path / f"{share}.jsonl")
+        rows = [json.loads(line) for line in (tmp_path / f"{share}.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in rows if r.get("type") == "train"])
+    assert len(losses[0]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
 def test_softcap_is_applied():

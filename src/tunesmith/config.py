@@ -131,6 +131,13 @@ class TrainConfig(Section):
         description="Lay a batch's examples end to end in rows of data.max_length tokens, attention kept "
         "inside each example (no padding); pays when lengths vary a lot. False: length-grouped padding.",
     )
+    share_prefixes: bool = Field(
+        True,
+        description="Compute the tokens a micro-batch's examples all begin with (a system prompt, a tools block; "
+        "never a learned token) once, in one row whose attention mask keeps the examples apart, where that leaves "
+        "out at least a quarter of the batch's tokens and the model's attention takes such a mask (sdpa, eager; "
+        "no sliding window shorter than an example). The loss and gradients are the same; false: never.",
+    )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming up the lr.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import PreferenceConfig
-from tunesmith.train.batching import collate, pack
+from tunesmith.train.batching import collate, pack, shared_batch
 from tunesmith.train.loss import model_loss_sum
 
 
@@ -29,7 +29,14 @@ class Objective:
         """What the step's loss is averaged over: answer tokens (the first token of an example never is one)."""
         return sum(example.loss_mask[1:])
 
-    def collate(self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool) -> dict[str, torch.Tensor]:
+    def collate(
+        self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool, share_limit: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The micro-batch's tensors: one shared-prefix row where its examples begin alike enough to pay and the
+        model computes that exactly (share_limit: its longest such sequence; None: never), else packed rows or
+        length-grouped padding."""
+        if share_limit and (shared := shared_batch(examples, share_limit)) is not None:
+            return shared
         return pack(examples, pad_id, row_tokens) if packing else collate(examples, pad_id)
 
     def loss_sum(

@@ -135,7 +135,9 @@ class Preference(Objective):
     def units(self, example: Any) -> int:
         return 1  # the loss is a mean over pairs (rows for KTO)
 
-    def collate(self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool) -> dict[str, torch.Tensor]:
+    def collate(
+        self, examples: list[Any], pad_id: int, row_tokens: int, packing: bool, share_limit: int | None = None
+    ) -> dict[str, torch.Tensor]:
         return collate_preferences(examples, pad_id)  # pairs are never packed: each side is scored on its own
 
     def loss_sum(

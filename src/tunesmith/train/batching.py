@@ -14,7 +14,7 @@ import random
 import torch
 
 from tunesmith.data.tokenize import TokenizedExample
-from tunesmith.train.loss import IGNORE
+from tunesmith.train.loss import IGNORE, MAX_SHARED_ROW
 
 WINDOW_BATCHES = 50
 
@@ -85,14 +85,20 @@ def pack(examples: list[TokenizedExample], pad_id: int, row_tokens: int) -> dict
     return {"input_ids": input_ids, "position_ids": positions, "labels": labels, "real_tokens": real}
 
 
-def share_prefixes(sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+SHARE_SAVES = 0.25  # share a micro-batch's common prefix where that leaves out at least this share of its tokens
+
+
+def share_prefixes(
+    sequences: list[tuple[list[int], list[int]]], masks: list[list[int]] | None = None
+) -> dict[str, torch.Tensor]:
     """(prompt, completion) token lists in one row, each run of equal consecutive prompts held once: [p0, c0, c1,
     p1, c2, ...]. Position ids restart at each prompt and continue from it in each completion; the 4D attention
     mask lets a completion see its prompt and itself (causally), never another completion. The loss path reads the
     hidden state that predicts each completion token through `sources` (flat indices into the row: the prompt's
     last token for a completion's first) with its `targets`, in the order of the sequences, and `token_rows` says
-    which sequence each belongs to. A group's completions then compute their shared prompt once (GRPO's update),
-    and a token's hidden state is the one it has in its own padded row, up to the order of the sums."""
+    which sequence each belongs to; `masks` (per completion token, 1 = learned) keeps only those targets. A group's
+    completions then compute their shared prompt once (GRPO's update; an SFT batch's system prompt and tools
+    block), and a token's hidden state is the one it has in its own padded row, up to the order of the sums."""
     ids: list[int] = []
     positions: list[int] = []
     blocks: list[int] = []  # which held prompt each token belongs to
@@ -117,14 +123,18 @@ def share_prefixes(sequences: list[tuple[list[int], list[int]]]) -> dict[str, to
         positions += range(len(prompt), len(prompt) + len(completion))
         blocks += [blocks[prompt_end]] * len(completion)
         parts += [index] * len(completion)
-        sources += [prompt_end] + list(range(start, start + len(completion) - 1)) if completion else []
-        targets += completion
-        rows += [index] * len(completion)
-    block = torch.tensor(blocks)
-    part = torch.tensor(parts)
+        learned = masks[index] if masks is not None else [1] * len(completion)
+        before = [prompt_end, *range(start, start + len(completion) - 1)][: len(completion)]
+        for source, token, keep in zip(before, completion, learned, strict=True):
+            if keep:
+                sources.append(source)
+                targets.append(token)
+                rows.append(index)
+    block_of = torch.tensor(blocks)
+    part_of = torch.tensor(parts)
     causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
-    same_block = block[:, None] == block[None, :]
-    visible = (part[None, :] == -1) | (part[None, :] == part[:, None])
+    same_block = block_of[:, None] == block_of[None, :]
+    visible = (part_of[None, :] == -1) | (part_of[None, :] == part_of[:, None])
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
@@ -133,3 +143,27 @@ def share_prefixes(sequences: list[tuple[list[int], list[int]]]) -> dict[str, to
         "targets": torch.tensor(targets, dtype=torch.long),
         "token_rows": torch.tensor(rows, dtype=torch.long),
     }
+
+
+def shared_batch(examples: list[TokenizedExample], longest: int) -> dict[str, torch.Tensor] | None:
+    """The examples as one share_prefixes row where they begin alike (the same system prompt and tools block, up
+    to the first learned token of any of them) and holding that beginning once leaves out at least SHARE_SAVES of
+    their tokens; None where it does not pay, or where an example is longer than `longest` (the longest sequence
+    the model computes in such a row exactly) or the row would pass MAX_SHARED_ROW."""
+    if len(examples) < 2 or max(map(len, examples)) > longest:
+        return None
+    first = examples[0].input_ids
+    common = min(len(e) for e in examples) - 1  # every example keeps a token after the prefix
+    for example in examples:
+        learned = next((i for i, m in enumerate(example.loss_mask) if m), len(example))
+        common = min(common, learned)
+        common = next((i for i in range(common) if example.input_ids[i] != first[i]), common)
+    total = sum(map(len, examples))
+    if (
+        common < 1
+        or (len(examples) - 1) * common < SHARE_SAVES * total
+        or total - (len(examples) - 1) * common > MAX_SHARED_ROW
+    ):
+        return None
+    prefix = first[:common]
+    return share_prefixes([(prefix, e.input_ids[common:]) for e in examples], [e.loss_mask[common:] for e in examples])

@@ -34,6 +34,7 @@ from tunesmith.objectives.objective import StepBatch
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import distributed
 from tunesmith.train.batching import batch_order
+from tunesmith.train.loss import share_limit
 from tunesmith.train.precision import Precision, resolve
 from tunesmith.train.speed import memory_releaser, prepare_model
 
@@ -93,6 +94,7 @@ def micro_batches(
     skip: int = 0,
     world: distributed.World | None = None,
     objective: Objective = SFT,
+    share_limit: int | None = None,
 ):
     """Endless stream of (indices, batch, weight), starting after `skip` micro-batches (the resume position).
 
@@ -104,7 +106,7 @@ def micro_batches(
         mine = distributed.shard(indices, world or distributed.World())
         weight = 1.0 if mine else 0.0
         chosen = [examples[i] for i in (mine or indices[:1])]
-        yield indices, objective.collate(chosen, pad_id, row_tokens, settings.packing), weight
+        yield indices, objective.collate(chosen, pad_id, row_tokens, settings.packing, share_limit), weight
 
 
 class LossModel(torch.nn.Module):
@@ -314,9 +316,9 @@ class Trainer:
         if source:
             self.steps: Any = source.stream(self)
         else:
-            stream = micro_batches(
-                examples, settings, pad_id, row_tokens, skip=skip, world=self.world, objective=session.objective
-            )
+            # A micro-batch whose examples begin alike (a system prompt, a tools block) computes that once
+            shares = share_limit(model) if settings.share_prefixes else None
+            stream = micro_batches(examples, settings, pad_id, row_tokens, skip, self.world, session.objective, shares)
             self.steps = self.example_steps(stream)
         self.started = time.perf_counter() - self.state.elapsed_s
         self.skipped = 0
