@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/grpo_speed.py --model llama --steps 2                    # smoke run, both sides
     .venv/bin/python bench/grpo_speed.py --model gemma --steps 5                    # Gemma 3 270M, intake notes
+    .venv/bin/python bench/grpo_speed.py --model gemma --steps 5 --init-from runs/quickstart   # from the SFT run
+    .venv/bin/python bench/grpo_speed.py --model gemma --steps 5 --dtype fp32       # both sides in fp32
     .venv/bin/python bench/grpo_speed.py --model llama --steps 2 --skip-tunesmith   # one side only
     .venv/bin/python bench/grpo_speed.py --src /work/wt/grpo/src ...                # tunesmith from another checkout
 
@@ -15,6 +17,9 @@ function: TRL as its reward function, tunesmith as evaluate/metrics.py's json_fi
 (`code: bench/grpo_speed.py:letter_share`), so both score the same way. TRL stops a completion at EOS only,
 tunesmith also at the chat template's turn stops ("### User:"); TRL's answers are cut there before scoring, but
 their sampled lengths may differ: the table shows each side's mean completion length and completion tokens/s.
+
+`--init-from RUN` starts both sides from a tunesmith LoRA run's adapter (the SFT then RL path: tunesmith's
+init_from, TRL's GRPOTrainer on the PeftModel loaded from RUN/adapter, trainable), so the reward is not 0 from step 1.
 
 Prompts: the intake notes of examples/rl/notes.jsonl (the first steps x prompts_per_step of them, at least 10),
 as chat messages; both tools render them with tunesmith's chat template (the model's own where it has one).
@@ -133,9 +138,10 @@ def with_src(src: str) -> dict[str, str]:
 def tunesmith_config(args: argparse.Namespace, source: str, base: Path) -> dict:
     return {
         "name": "grpo-bench",
-        "model": source,
+        "model": "gemma-3-270m" if args.model == "gemma" else source,  # the embedded model by name, as init_from needs
         "method": "lora",
         "objective": "grpo",
+        **({"init_from": str(Path(args.init_from).resolve())} if args.init_from else {}),
         "out": str(base / "run-tunesmith"),
         "data": {"path": str(base / "prompts.jsonl"), "test_fraction": 0, "val_fraction": 0,
                  "max_length": MAX_LENGTH, "allow_warnings": True},
@@ -196,7 +202,8 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
     from tunesmith.models import load_tokenizer
 
     torch.manual_seed(SEED)
-    tokenizer = load_tokenizer(source)  # pad token as tunesmith sets it
+    start = Path(args.init_from) if args.init_from else None
+    tokenizer = load_tokenizer(str(start / "tokenizer") if start else source)  # pad token as tunesmith sets it
     use_chat_template(tokenizer, None)  # the template tunesmith renders with (Gemma's GGUF tokenizer has none)
     examples = [json.loads(line)["messages"] for line in (base / "prompts.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": [m[0]], "reference": m[1]["content"]} for m in examples])
@@ -229,6 +236,10 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
     # train.dtype bf16 holds it; fp32: everything in fp32
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if start:  # continue the SFT run's adapter, as tunesmith's init_from does
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(start / "adapter"), is_trainable=True)
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out,
@@ -268,7 +279,7 @@ def trl_worker(args: argparse.Namespace, source: str, base: Path) -> None:
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=peft,
+            peft_config=None if start else peft,
             callbacks=[Clock()],
         )
         trainer.train()
@@ -289,7 +300,7 @@ def run_trl(args: argparse.Namespace, source: str, base: Path) -> dict:
         sys.executable, __file__, "--worker", "trl", "--dir", str(base), "--source", source, "--model", args.model,
         "--steps", str(args.steps), "--prompts", str(args.prompts), "--group", str(args.group),
         "--completion-tokens", str(args.completion_tokens), "--batch", str(args.batch), "--lr", str(args.lr),
-        "--dtype", args.dtype,
+        "--dtype", args.dtype, *(["--init-from", args.init_from] if args.init_from else []),
     ]  # fmt: skip
     print("trl: " + shlex.join(command), flush=True)
     log = base / "trl.log"
@@ -364,6 +375,11 @@ def main() -> None:
         "--dtype", choices=("bf16", "fp32"), default="bf16",
         help="Both sides' precision: bf16 (the frozen base in bf16, LoRA in fp32, bf16 autocast: each tool's default "
         "on a CPU with AVX512-BF16) or fp32 [default: bf16].",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init-from", metavar="RUN",
+        help="Start both sides from this tunesmith LoRA run's adapter (the SFT then RL path; its LoRA settings must "
+        "be the bench's: r 16, alpha 32, all-linear), e.g. runs/quickstart, so that rewards are not all 0.",
     )  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-4, help="Constant learning rate [default: 1e-4].")
     parser.add_argument(
