@@ -163,11 +163,12 @@ def answer_logps(
     keep = labels[:, 1:] != IGNORE
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
     sums = hidden.new_zeros(labels.shape[0], dtype=torch.float32)
+    selected, wanted = _after(hidden, labels)
     if _frozen(head):
-        logps = token_logps(*_after(hidden, labels), head, softcap, chunk_size, entropy=False)[0]
-        return sums.index_add(0, rows, logps), keep.sum(dim=1).float()
-    for piece, logps in _answer_chunks(_chunk_logps, *_after(hidden, labels), head, softcap, chunk_size):
-        sums = sums.index_add(0, rows[piece], logps)
+        sums = sums.index_add(0, rows, token_logps(selected, wanted, head, softcap, chunk_size, entropy=False)[0])
+    else:
+        for piece, logps in _answer_chunks(_chunk_logps, selected, wanted, head, softcap, chunk_size):
+            sums = sums.index_add(0, rows[piece], logps)
     return sums, keep.sum(dim=1).float()
 
 
